@@ -1,0 +1,164 @@
+import importlib.util
+import subprocess
+import sys
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from cmt import lpips as cmt_lpips
+from cmt.lpips import FEATURES, LPIPS, cached_lpips, lpips_distance
+
+FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+HAS_LPIPS_PACKAGE = importlib.util.find_spec("lpips") is not None
+needs_heads = pytest.mark.skipif(not HAS_LPIPS_PACKAGE, reason="linear heads need: pip install --no-deps lpips")
+
+
+def formula(shape, i):
+    numel = torch.Size(shape).numel()
+    return (0.05 * torch.sin(0.37 * torch.arange(numel, dtype=torch.float64) + i)).float().reshape(shape)
+
+
+def formula_trunk(net):
+    """torchvision-style state dict: conv k of `features` gets formula(shape, 2k), formula(shape, 2k + 1)."""
+    convs = [(index, layer) for index, layer in enumerate(FEATURES[net]()) if isinstance(layer, torch.nn.Conv2d)]
+    state = {"classifier.1.weight": torch.zeros(2, 2)}  # a full torchvision file also holds the classifier
+    for k, (index, conv) in enumerate(convs):
+        state[f"features.{index}.weight"] = formula(conv.weight.shape, 2 * k)
+        state[f"features.{index}.bias"] = formula(conv.bias.shape, 2 * k + 1)
+    return state
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return load_file(FIXTURES / "lpips_formula.safetensors")
+
+
+@pytest.fixture
+def hub_dir(tmp_path, monkeypatch):
+    """An empty torch hub directory, and no network: downloads fail as they do offline."""
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError("offline")
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    cached_lpips.cache_clear()
+    yield tmp_path
+    cached_lpips.cache_clear()
+
+
+# The lpips package itself, run on this machine with these trunks, gives our numbers bit for bit; the
+# fixture's VGG values carry ~6e-5 of float32 noise from the machine that made them (VGG with formula
+# weights is ill-conditioned: float32-rounding its weights moves the distance by ~1e-5), AlexNet's ~3e-7.
+@needs_heads
+@pytest.mark.parametrize("net, atol", [("vgg", 1e-4), ("alex", 1e-5)])
+def test_matches_lpips_package(reference, net, atol):
+    assert len([key for key in formula_trunk(net) if key.endswith(".bias")]) == reference[f"{net}_conv_count"].item()
+    model = LPIPS(net, trunk_weights=formula_trunk(net))
+    with torch.no_grad():
+        distance = model(reference["x0"], reference["x1"])
+        self_distance = model(reference["x0"], reference["x0"])
+    torch.testing.assert_close(distance, reference[f"{net}_dist"], atol=atol, rtol=0)
+    torch.testing.assert_close(self_distance, reference[f"{net}_dist_self"], atol=1e-7, rtol=0)
+
+
+@needs_heads
+def test_trunk_from_hub_cache_and_file(reference, hub_dir, tmp_path_factory):
+    (hub_dir / "checkpoints").mkdir()
+    torch.save(formula_trunk("alex"), hub_dir / "checkpoints" / "alexnet-owt-7be5be79.pth")
+    from_hub = LPIPS("alex")
+    path = tmp_path_factory.mktemp("weights") / "alex.pth"
+    torch.save(formula_trunk("alex"), path)
+    from_path = LPIPS("alex", trunk_weights=path)
+    with torch.no_grad():
+        for model in (from_hub, from_path):
+            torch.testing.assert_close(model(reference["x0"], reference["x1"]), reference["alex_dist"], atol=1e-5, rtol=0)
+
+
+@needs_heads
+def test_missing_trunk_offline_names_file_and_directory(hub_dir):
+    with pytest.raises(FileNotFoundError, match="vgg16-397923af.pth") as error:
+        LPIPS("vgg")
+    assert str(hub_dir / "checkpoints") in str(error.value)
+
+
+def test_missing_lpips_package(monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "lpips" else find_spec(name, *args))
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps lpips"):
+        LPIPS("alex", trunk_weights=formula_trunk("alex"))
+
+
+@needs_heads
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="squeeze"):
+        LPIPS("squeeze", trunk_weights={})
+    trunk = formula_trunk("alex")
+    del trunk["features.3.bias"]
+    with pytest.raises(ValueError, match="the given state dict"):
+        LPIPS("alex", trunk_weights=trunk)
+    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+        LPIPS("alex", trunk_weights="nowhere.pth")
+    model = LPIPS("alex", trunk_weights=formula_trunk("alex"))
+    with pytest.raises(ValueError, match="resize=224"):
+        model(torch.zeros(2, 3, 28, 28), torch.zeros(2, 3, 28, 28))
+    with pytest.raises(ValueError, match="1 or 3"):
+        model(torch.zeros(2, 2, 32, 32), torch.zeros(2, 2, 32, 32))
+
+
+@needs_heads
+def test_frozen_but_differentiable_in_inputs(reference):
+    model = LPIPS("vgg", trunk_weights=formula_trunk("vgg"))
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    x0 = reference["x0"].clone().requires_grad_(True)
+    distance = model(x0, reference["x1"])
+    distance.sum().backward()
+    assert distance.shape == (4,)
+    assert torch.isfinite(x0.grad).all() and x0.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.parameters())
+    # A small step against the gradient brings the images closer.
+    with torch.no_grad():
+        closer = model(x0 - 1e-2 * x0.grad / x0.grad.norm(), reference["x1"])
+    assert (closer < distance.detach()).all()
+
+
+@needs_heads
+def test_gray_images_and_resize(reference):
+    model = LPIPS("alex", trunk_weights=formula_trunk("alex"), resize=48)
+    gray0, gray1 = reference["x0"][:, :1, :28, :28], reference["x1"][:, :1, :28, :28]
+    with torch.no_grad():
+        distance = model(gray0, gray1)
+        by_hand = LPIPS("alex", trunk_weights=formula_trunk("alex"))(
+            *(F.interpolate(g.repeat(1, 3, 1, 1), size=(48, 48), mode="bilinear", align_corners=False) for g in (gray0, gray1))
+        )
+    torch.testing.assert_close(distance, by_hand, atol=1e-6, rtol=0)
+    assert (distance > 0).all()
+
+
+@needs_heads
+def test_lpips_distance_caches_one_module_per_device(reference, hub_dir):
+    (hub_dir / "checkpoints").mkdir()
+    torch.save(formula_trunk("alex"), hub_dir / "checkpoints" / "alexnet-owt-7be5be79.pth")
+    distance = lpips_distance("alex", resize=None)
+    with torch.no_grad():
+        first = distance(reference["x0"], reference["x1"])
+        second = lpips_distance("alex", resize=None)(reference["x0"], reference["x1"])
+    torch.testing.assert_close(first, reference["alex_dist"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(second, first)
+    assert cached_lpips.cache_info().currsize == 1
+    assert cached_lpips("alex", torch.device("cpu"), None) is cached_lpips("alex", torch.device("cpu"), None)
+
+
+@needs_heads
+def test_lpips_package_is_read_not_imported():
+    code = (
+        "import sys, torch; from cmt.lpips import LPIPS, FEATURES; "
+        "LPIPS('alex', trunk_weights={f'features.{i}.{name}': torch.zeros_like(value) "
+        "for i, layer in enumerate(FEATURES['alex']()) for name, value in layer.state_dict().items()}); "
+        "assert 'lpips' not in sys.modules and 'torchvision' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
