@@ -1,0 +1,57 @@
+"""Guided denoisers: autoguidance and classifier-free guidance, as EDM2's sampler does them.
+
+Both are denoisers `D(x, sigma, labels=None)` that the solvers call like a network:
+`D = D_guide + weight * (D_main - D_guide)`, where the guide is a weaker network (autoguidance,
+Karras et al. 2024) or the same / another network without labels (classifier-free guidance).
+`describe()` returns the settings for the builder's manifest.
+"""
+import torch
+
+
+class GuidedDenoiser(torch.nn.Module):
+    """`guide(x) + weight * (net(x) - guide(x))`; `guide_labels=False` calls the guide without labels."""
+
+    def __init__(self, net, guide, weight, kind, guide_labels=True, guide_identity=None):
+        super().__init__()
+        if guide is not net and tuple(guide.data_shape) != tuple(net.data_shape):
+            raise ValueError(f"guide network data shape {tuple(guide.data_shape)} differs from the main "
+                             f"network's {tuple(net.data_shape)}")
+        self.net, self.guide = net, guide
+        self.weight = float(weight)
+        self.kind = kind
+        self.guide_labels = guide_labels
+        self.guide_identity = guide_identity
+        self.data_shape, self.label_dim, self.sigma_data = net.data_shape, net.label_dim, net.sigma_data
+        self.flow_map = False
+        self.config = net.config
+
+    def forward(self, x, sigma, labels=None):
+        denoised = self.net(x, sigma, labels).to(torch.float32)
+        if self.weight == 1:
+            return denoised
+        reference = self.guide(x, sigma, labels if self.guide_labels else None).to(torch.float32)
+        return reference.lerp(denoised, self.weight)
+
+    def describe(self):
+        guide = self.guide_identity or {}
+        return {"kind": self.kind, "weight": self.weight,
+                "guide": {key: guide.get(key) for key in ("kind", "path", "sha256")} if guide else None}
+
+
+def autoguidance(net, guide, weight, guide_identity=None):
+    """EDM2's autoguidance: a smaller / less trained `guide` of the same task, with labels."""
+    return GuidedDenoiser(net, guide, weight, "autoguidance", guide_labels=True, guide_identity=guide_identity)
+
+
+def classifier_free_guidance(net, weight, uncond=None, uncond_identity=None):
+    """Classifier-free guidance against `uncond` (default: `net` itself with labels=None, which for
+    EDM2 networks is the all-zero label). Needs a class-conditional `net`."""
+    if net.label_dim == 0:
+        raise ValueError("classifier-free guidance needs a class-conditional teacher (label_dim > 0)")
+    return GuidedDenoiser(net, net if uncond is None else uncond, weight, "classifier_free",
+                          guide_labels=False, guide_identity=uncond_identity)
+
+
+def no_guidance(net):
+    """The network itself, with the same `describe()` interface."""
+    return GuidedDenoiser(net, net, 1.0, "none")

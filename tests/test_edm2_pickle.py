@@ -1,0 +1,222 @@
+"""Official EDM2 pickles read without running code: tiny networks saved in that format by the test.
+
+`write_edm2_pickle` emulates NVlabs/edm2's `torch_utils.persistence`: every network module pickles
+as `torch_utils.persistence._reconstruct_persistent_obj(meta)` with meta = {type, version,
+module_src, class_name, state = the module's __dict__ with _init_args/_init_kwargs}, the top
+level is a `dnnlib.util.EasyDict(ema=..., encoder=..., loss_fn=..., dataset_kwargs=...)`, and the
+ema network is float16, as EDM2's training loop and reconstruct_phema.py write it.
+"""
+import json
+import pickle
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cmt.checkpoint import load_network
+from cmt.networks import edm2
+from cmt.networks.edm2_pickle import (PRESETS, UnsafePickleError, convert_main, fetch_checkpoint,
+                                      load_edm2_pickle)
+from cmt.teachers import resolve_teacher
+
+PERSISTENT = (edm2.Precond, edm2.UNet, edm2.Block, edm2.MPConv, edm2.MPFourier)
+INIT_KWARGS = dict(img_resolution=8, img_channels=4, label_dim=3, model_channels=16, channel_mult=[1, 2],
+                   num_blocks=1, attn_resolutions=[4], dropout=0.0, use_fp16=True)
+
+
+def fake_module(monkeypatch, name, **members):
+    module = types.ModuleType(name)
+    for key, value in members.items():
+        value.__module__, value.__qualname__ = name, key
+        setattr(module, key, value)
+    monkeypatch.setitem(sys.modules, name, module)
+    return module
+
+
+class Persistent:
+    """An object EDM2 would pickle through persistence (encoders, the loss)."""
+
+    def __init__(self, class_name, **state):
+        self.class_name, self.state = class_name, state
+
+
+def write_edm2_pickle(path, monkeypatch, data, module_src):
+    def _reconstruct_persistent_obj(meta):
+        raise AssertionError("never called: only its name goes into the pickle")
+
+    class EasyDict(dict):
+        pass
+
+    fake_module(monkeypatch, "torch_utils")
+    fake_module(monkeypatch, "torch_utils.persistence", _reconstruct_persistent_obj=_reconstruct_persistent_obj)
+    fake_module(monkeypatch, "dnnlib")
+    fake_module(monkeypatch, "dnnlib.util", EasyDict=EasyDict)
+
+    class PersistencePickler(pickle.Pickler):
+        def reducer_override(self, obj):
+            if isinstance(obj, PERSISTENT):
+                state = dict(obj.__dict__, _init_args=(), _init_kwargs=getattr(obj, "_edm2_init_kwargs", {}))
+                class_name = type(obj).__name__
+            elif isinstance(obj, Persistent):
+                state, class_name = dict(obj.state, _init_args=(), _init_kwargs={}), obj.class_name
+            else:
+                return NotImplemented
+            meta = dict(type="class", version=6, module_src=module_src, class_name=class_name, state=state)
+            return _reconstruct_persistent_obj, (meta,)
+
+    with open(path, "wb") as handle:
+        PersistencePickler(handle, protocol=pickle.DEFAULT_PROTOCOL).dump(EasyDict(data))
+
+
+def tiny_official_network(**overrides):
+    torch.manual_seed(0)
+    kwargs = dict(INIT_KWARGS, **overrides)
+    net = edm2.Precond(**kwargs)
+    with torch.no_grad():
+        for param in net.parameters():
+            if param.ndim == 0:
+                param.fill_(0.6)
+    net._edm2_init_kwargs = kwargs
+    return net.eval().requires_grad_(False).to(torch.float16)  # as EDM2 stores its ema
+
+
+def vae_encoder():
+    raw_mean, raw_std = np.float32([5.81, 3.25, 0.12, -2.15]), np.float32([4.17, 4.62, 3.71, 3.28])
+    scale = np.float32(0.5) / raw_std
+    return Persistent("StabilityVAEEncoder", vae_name="stabilityai/sd-vae-ft-mse", scale=scale,
+                      bias=np.float32(0) - raw_mean * scale, batch_size=8, _vae=None)
+
+
+@pytest.fixture()
+def tiny_pickle(tmp_path, monkeypatch):
+    marker = tmp_path / "source-ran"
+    net = tiny_official_network()
+    data = dict(ema=net, encoder=vae_encoder(), loss_fn=Persistent("EDM2Loss", P_mean=-0.4, P_std=1.0),
+                dataset_kwargs=dict(class_name="training.dataset.ImageFolderDataset", path="x.zip"))
+    path = tmp_path / "edm2-tiny-0000001-0.100.pkl"
+    # The stored source would leave a marker if anything ever executed it.
+    write_edm2_pickle(path, monkeypatch, data, module_src=f"open({str(marker)!r}, 'w').write('ran')\n")
+    return path, net, marker
+
+
+def reference_outputs(net16):
+    net = edm2.Precond(**net16._edm2_init_kwargs)
+    net.load_state_dict({key: value.float() for key, value in net16.state_dict().items()})
+    torch.manual_seed(1)
+    x, sigma, labels = torch.randn(3, 4, 8, 8), torch.tensor([0.05, 1.0, 20.0]), torch.eye(3)
+    with torch.no_grad():
+        return (x, sigma, labels), net.eval()(x, sigma, labels)
+
+
+def test_tiny_pickle_loads_without_running_code(tiny_pickle):
+    path, net16, marker = tiny_pickle
+    loaded = load_edm2_pickle(path)
+    assert not marker.exists()
+    inputs, expected = reference_outputs(net16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.net(*inputs), expected, rtol=0, atol=0)
+    assert loaded.net.config["use_fp16"] is True and loaded.net.config["model_channels"] == 16
+    assert all(p.dtype == torch.float32 for p in loaded.net.parameters())
+    assert loaded.encoder["kind"] == "stability_vae" and loaded.encoder["vae_name"] == "stabilityai/sd-vae-ft-mse"
+    np.testing.assert_allclose(loaded.encoder["scale"], 0.5 / np.float32([4.17, 4.62, 3.71, 3.28]), rtol=1e-6)
+    np.testing.assert_allclose(loaded.encoder["bias"][0], -5.81 * 0.5 / 4.17, rtol=1e-5)
+    # load_network and resolve_teacher take the same file.
+    with torch.no_grad():
+        torch.testing.assert_close(load_network(path)(*inputs), expected, rtol=0, atol=0)
+    teacher, identity = resolve_teacher("edm2", ckpt=path)
+    assert identity["kind"] == "edm2" and identity["encoder"]["kind"] == "stability_vae"
+    assert len(identity["sha256"]) == 64 and identity["config"]["architecture"] == "edm2"
+    assert not marker.exists()
+
+
+def test_pickle_running_os_system_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            import os
+            return os.system, (f"touch {marker}",)
+
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps({"ema": Exploit()}))
+    with pytest.raises(UnsafePickleError, match=r"refusing global '(posix|os|nt)\.system'"):
+        load_edm2_pickle(path)
+    assert not marker.exists()
+    result = CliRunner().invoke(convert_main, [str(path), str(tmp_path / "out.safetensors")])
+    assert result.exit_code != 0 and "refusing global" in result.output
+    assert not (tmp_path / "out.safetensors").exists() and not marker.exists()
+
+
+def test_code_hidden_inside_a_persistent_state_is_refused(tmp_path, monkeypatch):
+    class Sneaky:
+        def __reduce__(self):
+            return eval, ("__import__('os').getcwd()",)
+
+    data = dict(ema=Persistent("Precond", _parameters={"x": Sneaky()}))
+    path = tmp_path / "sneaky.pkl"
+    write_edm2_pickle(path, monkeypatch, data, module_src="")
+    with pytest.raises(UnsafePickleError, match="refusing global 'builtins.eval'"):
+        load_edm2_pickle(path)
+
+
+def test_not_a_network_pickle(tmp_path, monkeypatch):
+    path = tmp_path / "loss.pkl"
+    write_edm2_pickle(path, monkeypatch, dict(ema=Persistent("EDM2Loss", P_mean=0.0)), module_src="")
+    with pytest.raises(ValueError, match="'ema' is not an EDM2 Precond network \\(found EDM2Loss\\)"):
+        load_edm2_pickle(path)
+
+
+def test_convert_then_load_safetensors(tiny_pickle, tmp_path):
+    path, net16, marker = tiny_pickle
+    out = tmp_path / "tiny.safetensors"
+    result = CliRunner().invoke(convert_main, [str(path), str(out)])
+    assert result.exit_code == 0, result.output
+    inputs, expected = reference_outputs(net16)
+    with torch.no_grad():
+        torch.testing.assert_close(load_network(out)(*inputs), expected, rtol=0, atol=0)
+    extra = json.loads(out.with_suffix(".json").read_text())["extra"]
+    assert extra["encoder"]["kind"] == "stability_vae"
+    _, identity = resolve_teacher("edm2", ckpt=out)
+    assert identity["encoder"] == extra["encoder"]
+
+    before = out.read_bytes()
+    result = CliRunner().invoke(convert_main, [str(path), str(out)])
+    assert result.exit_code != 0 and "--overwrite" in result.output and out.read_bytes() == before
+    assert not marker.exists()
+
+
+def test_presets_use_the_cache_and_fail_clearly_offline(tiny_pickle, tmp_path):
+    path, _, _ = tiny_pickle
+    assert PRESETS["edm2-img64-s"].endswith("/posthoc-reconstructions/edm2-img64-s-1073741-0.075.pkl")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "edm2-img64-s-1073741-0.075.pkl").write_bytes(path.read_bytes())
+    net, identity = resolve_teacher("edm2-img64-s", cache_dir=cache)
+    assert identity["preset"] == "edm2-img64-s" and identity["path"].endswith("edm2-img64-s-1073741-0.075.pkl")
+    with pytest.raises(FileNotFoundError, match=r"edm2-img512-xs-2147483-0.135.pkl by hand and put it at .*cache"):
+        fetch_checkpoint("http://127.0.0.1:9/edm2-img512-xs-2147483-0.135.pkl", cache_dir=cache)
+
+
+def test_guided_teachers_from_pickles(tiny_pickle, tmp_path, monkeypatch):
+    path, net16, _ = tiny_pickle
+    guide_path = tmp_path / "guide.pkl"
+    guide16 = tiny_official_network(model_channels=8)
+    write_edm2_pickle(guide_path, monkeypatch, dict(ema=guide16), module_src="")
+    inputs, expected = reference_outputs(net16)
+    _, weak = reference_outputs(guide16)
+
+    guided, identity = resolve_teacher("edm2", ckpt=path, guidance=1.7, guide_ckpt=guide_path)
+    with torch.no_grad():
+        torch.testing.assert_close(guided(*inputs), weak + 1.7 * (expected - weak), atol=1e-5, rtol=1e-5)
+    assert identity["kind"] == "edm2" and identity["guidance"]["kind"] == "autoguidance"
+    assert identity["guidance"]["weight"] == 1.7 and identity["guidance"]["guide"]["path"] == str(guide_path)
+    assert guided.data_shape == (4, 8, 8) and guided.label_dim == 3
+
+    cfg, identity = resolve_teacher(str(path), guidance=2.0)
+    assert identity["guidance"]["kind"] == "classifier_free" and identity["guidance"]["guide"] is None
+    with torch.no_grad():
+        uncond = load_edm2_pickle(path).net(inputs[0], inputs[1], None)
+        torch.testing.assert_close(cfg(*inputs), uncond + 2.0 * (expected - uncond), atol=1e-5, rtol=1e-5)
