@@ -1,0 +1,194 @@
+"""Batches of trajectory states from a `cmt-build` dataset (zarr or WebDataset shards).
+
+    reader = ShardReader("shards/", batch_size=128, seed=0, num_workers=2)
+    for batch in reader:   # endless; a new order every epoch
+        batch["state"], batch["sigma"], batch["endpoint"], batch["label"], batch["index"]
+
+Each sample is one stored state of one trajectory with that trajectory's endpoint. With
+`pairs=True` a sample is two states of the same trajectory, the second later on the solve
+(smaller sigma), given as `target_state` / `target_sigma` (for flow-map / mean-flow objectives);
+with `with_trajectory=True` every sample also carries its trajectory's `states` / `sigmas`.
+
+Work is split by shards: once per reader (seeded by `seed`), the shards are dealt round-robin to
+every reader process of every rank (`rank * num_workers + worker`); when there are fewer shards
+than reader processes, each shard is dealt in strided parts. A process reads its shards whole (the
+checksum checked on every read from storage), keeps them decoded in memory up to `cache_bytes`,
+and in every epoch (seeded by (seed, epoch)) walks them in a new order, each shard's samples
+shuffled and cut into batches. So each trajectory is seen once per epoch over all processes, the
+cache of all processes together never exceeds the dataset, and the stream depends only on
+(seed, rank, world_size, num_workers): a restarted run sees the same batches.
+"""
+import itertools
+import math
+
+import numpy as np
+import torch
+
+from cmt.builders.manifest import TrajectoryDataset
+
+
+def _default_rank():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class DecodedShards:
+    """Decoded shards kept in memory up to a byte budget: the first ones read stay (evicting would
+    gain nothing, since every epoch walks all of them)."""
+
+    def __init__(self, budget):
+        self.budget, self.used, self.arrays = budget, 0, {}
+
+    def add(self, key, arrays):
+        size = sum(value.nbytes for value in arrays.values())
+        if self.used + size <= self.budget:
+            self.arrays[key] = arrays
+            self.used += size
+
+
+class ShardReader(torch.utils.data.IterableDataset):
+    """An endless (or one-epoch) stream of batches over a trajectory dataset.
+
+    states_per_trajectory: "all" (every stored state of every trajectory, once per epoch) or k
+        (k states drawn per trajectory and epoch; with `pairs`, k pairs; "all" then means all pairs).
+    num_workers: reader processes when iterated directly (a DataLoader is made inside); as the
+        dataset of your own DataLoader, use `batch_size=None` there.
+    cache_bytes: decoded shards each reader process keeps in memory (0: read every epoch again).
+    """
+
+    def __init__(self, path, batch_size, *, seed=0, shuffle=True, states_per_trajectory="all", pairs=False,
+                 with_trajectory=False, rank=None, world_size=None, num_workers=0, endless=True, verify=True,
+                 cache_bytes=4 << 30, dtype=torch.float32):
+        super().__init__()
+        self.dataset = path if isinstance(path, TrajectoryDataset) else TrajectoryDataset(path)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if states_per_trajectory != "all" and (not isinstance(states_per_trajectory, int) or states_per_trajectory < 1):
+            raise ValueError(f"states_per_trajectory must be 'all' or a positive int, got {states_per_trajectory!r}")
+        self.num_states = len(self.dataset.manifest["kept_states"])
+        if pairs and self.num_states < 2:
+            raise ValueError(f"pairs=True needs at least 2 stored states per trajectory; {self.dataset.url} has "
+                             f"{self.num_states}")
+        if rank is None or world_size is None:
+            rank, world_size = _default_rank()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.states_per_trajectory = states_per_trajectory
+        self.pairs = pairs
+        self.with_trajectory = with_trajectory
+        self.rank, self.world_size = rank, world_size
+        self.num_workers = num_workers
+        self.endless = endless
+        self.verify = verify
+        self.cache_bytes = cache_bytes
+        self.dtype = dtype
+
+    # -- which shards this reader process reads ---------------------------------------------------
+    def _units(self, consumer, consumers):
+        """The (shard, part, parts) this consumer reads, the same in every epoch."""
+        num_shards = len(self.dataset.shards)
+        parts = max(1, math.ceil(consumers / num_shards))
+        units = [(shard, part, parts) for shard in range(num_shards) for part in range(parts)]
+        if self.shuffle:
+            order = np.random.default_rng([self.seed]).permutation(len(units))
+            units = [units[k] for k in order]
+        return units[consumer::consumers]
+
+    def _load(self, unit, cache):
+        """The arrays of one unit: its shard's (strided part of) trajectories, decoded."""
+        if unit in cache.arrays:
+            return cache.arrays[unit]
+        shard, part, parts = unit
+        arrays = self.dataset.read_shard(self.dataset.shards[shard], verify=self.verify)
+        if parts > 1:
+            arrays = {key: (value if key == "sigmas" else value[part::parts].copy()) for key, value in arrays.items()}
+        cache.add(unit, arrays)
+        return arrays
+
+    def _samples(self, count, rng):
+        """`(row, position[, target_position])` columns of the samples of `count` trajectories."""
+        if self.pairs:
+            first, second = np.triu_indices(self.num_states, k=1)
+            choices = len(first)
+        else:
+            choices = self.num_states
+        if self.states_per_trajectory == "all" or self.states_per_trajectory >= choices:
+            picks = np.tile(np.arange(choices), (count, 1))
+        else:
+            # k distinct choices per trajectory: the first k of a random permutation of each row
+            picks = np.argsort(rng.random((count, choices)), axis=1)[:, : self.states_per_trajectory]
+        rows = np.repeat(np.arange(count), picks.shape[1])
+        picks = picks.reshape(-1)
+        columns = (rows, first[picks], second[picks]) if self.pairs else (rows, picks)
+        if self.shuffle:
+            order = rng.permutation(len(rows))
+            columns = tuple(column[order] for column in columns)
+        return columns
+
+    def _gather(self, arrays, columns):
+        rows, positions = columns[0], columns[1]
+        sample = {
+            "state": arrays["states"][rows, positions], "sigma": arrays["sigmas"][positions],
+            "endpoint": arrays["endpoint"][rows], "label": arrays["label"][rows], "index": arrays["index"][rows],
+        }
+        if self.pairs:
+            sample["target_state"] = arrays["states"][rows, columns[2]]
+            sample["target_sigma"] = arrays["sigmas"][columns[2]]
+        if self.with_trajectory:
+            sample["states"] = arrays["states"][rows]
+            sample["sigmas"] = np.broadcast_to(arrays["sigmas"], (len(rows), len(arrays["sigmas"])))
+        return sample
+
+    def _to_torch(self, sample):
+        batch = {}
+        for key, value in sample.items():
+            tensor = torch.from_numpy(np.ascontiguousarray(value))
+            batch[key] = tensor.to(torch.int64) if key in ("label", "index") else tensor.to(self.dtype)
+        return batch
+
+    def _stream(self, consumer, consumers):
+        units, cache = self._units(consumer, consumers), DecodedShards(self.cache_bytes)
+        leftover = None  # gathered samples short of a batch, carried into the next shard
+        for epoch in (itertools.count() if self.endless else [0]):
+            order = np.random.default_rng([self.seed, epoch, consumer]).permutation(len(units)) \
+                if self.shuffle else range(len(units))
+            epoch_samples = 0
+            for unit in (units[k] for k in order):
+                arrays = self._load(unit, cache)
+                rng = np.random.default_rng([self.seed, epoch, *unit])
+                columns = self._samples(len(arrays["index"]), rng)
+                count, start = len(columns[0]), 0
+                epoch_samples += count
+                if leftover is not None:
+                    start = min(count, self.batch_size - len(leftover["index"]))
+                    head = self._gather(arrays, tuple(column[:start] for column in columns))
+                    leftover = {key: np.concatenate([leftover[key], head[key]]) for key in head}
+                    if len(leftover["index"]) < self.batch_size:
+                        continue
+                    yield self._to_torch(leftover)
+                    leftover = None
+                while start + self.batch_size <= count:
+                    yield self._to_torch(self._gather(arrays, tuple(column[start:start + self.batch_size]
+                                                                     for column in columns)))
+                    start += self.batch_size
+                if start < count:
+                    leftover = self._gather(arrays, tuple(column[start:] for column in columns))
+            if self.endless and not epoch_samples:
+                raise ValueError(f"{self.dataset.url}: {len(self.dataset)} trajectories are too few for "
+                                 f"{consumers} reader processes (ranks x workers); reader {consumer} gets none")
+        if leftover is not None:
+            yield self._to_torch(leftover)
+
+    def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        if worker is not None:
+            workers = worker.num_workers
+            return self._stream(self.rank * workers + worker.id, self.world_size * workers)
+        if self.num_workers > 0:
+            return iter(torch.utils.data.DataLoader(self, batch_size=None, num_workers=self.num_workers,
+                                                    persistent_workers=False))
+        return self._stream(self.rank, self.world_size)
