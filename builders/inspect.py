@@ -4,6 +4,7 @@
     cmt-inspect shards/ --verify             # every checksum, decode and NaN/inf scan; exit 1 on a fault
     cmt-inspect shards/ --stats              # per state: mean / std against what its sigma predicts
     cmt-inspect shards/ --preview traj.png   # rows are trajectories, columns states (scatter for 2-D)
+    cmt-inspect shards/ --preview traj.png --vae stabilityai/sd-vae-ft-mse   # latent sets: decoded
     cmt-inspect shards/ --json               # the same as one JSON document
 """
 import json
@@ -12,6 +13,7 @@ import sys
 
 import click
 import numpy as np
+import torch
 
 from cmt.builders.formats import ShardError
 from cmt.builders.manifest import BUILD_CONFIG, MANIFEST, TrajectoryDataset, sidecar_name
@@ -102,9 +104,48 @@ def state_statistics(dataset):
     return rows
 
 
-def save_preview(dataset, path, count=8, points=2000):
-    """Images: `count` trajectories as rows, states as columns. 2-D: one scatter panel per state."""
-    from cmt.images import save_scatter, save_trajectory_grid
+def latent_codec(dataset, vae):
+    """The VAE codec of a latent dataset (None for pixels and points); bad or missing --vae: one UsageError."""
+    from cmt.latents import EDM2_VAE, LatentCodec
+
+    encoder = dataset.manifest["teacher"].get("encoder")
+    if encoder is None or encoder.get("kind") == "standard_rgb":
+        if vae is not None:
+            raise click.UsageError("--vae: this dataset's teacher has no latent encoder (it works on pixels or "
+                                   "points); leave --vae out")
+        return None
+    if vae is None:
+        raise click.UsageError(
+            f"--preview: this dataset holds VAE latents {dataset.manifest['data_shape']} ({encoder.get('kind')}); "
+            f"decode them with --vae DIR_OR_HUB_ID: the hub id {encoder.get('vae_name') or EDM2_VAE} (EDM2's VAE) "
+            "or a local diffusers AutoencoderKL directory")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        return LatentCodec.from_encoder_info(encoder, vae=vae, device=device)
+    except (ImportError, OSError, ValueError) as error:
+        raise click.BadParameter(str(error), param_hint="--vae") from None
+
+
+def decoded_trajectories(codec, states, sigmas, sigma_data, max_states=8):
+    """`[N, S', 3, H, W]` images in [-1, 1] of latent trajectories `[N, S, C, h, w]`, at most `max_states`
+    states spread over each (the noise and the endpoint always).
+
+    Each state is divided by sqrt(1 + sigma^2 / sigma_data^2) before decoding, as `save_trajectory_grid`
+    does for pixels: that is the variance-preserving state at the same signal-to-noise ratio, so the VAE
+    sees latents at the data's scale and noise fades into the image along the row. The raw state at
+    sigma = 80 would be 160x too large for the decoder, and a denoised estimate would need the teacher.
+    """
+    columns = np.unique(np.linspace(0, len(sigmas) - 1, min(len(sigmas), max_states)).round().astype(int))
+    scale = torch.tensor([math.sqrt(1 + sigmas[column] ** 2 / sigma_data ** 2) for column in columns])
+    latents = torch.from_numpy(states[:, columns]) / scale.reshape(1, -1, 1, 1, 1)
+    images = codec.decode(latents.flatten(0, 1).to(codec.vae.device)).cpu()
+    return images.reshape(*latents.shape[:2], *images.shape[1:])
+
+
+def save_preview(dataset, path, count=8, points=2000, codec=None):
+    """Images: `count` trajectories as rows, states as columns. 2-D: one scatter panel per state.
+    Latents (`codec`, a `cmt.latents.LatentCodec`): up to 8 states per row, decoded to pixels."""
+    from cmt.images import save_image_grid, save_scatter, save_trajectory_grid
     shape = dataset.manifest["data_shape"]
     wanted = count if len(shape) == 3 else points
     parts, total = [], 0
@@ -115,12 +156,15 @@ def save_preview(dataset, path, count=8, points=2000):
         total += len(parts[-1])
     states = np.concatenate(parts)
     sigmas = dataset.manifest["kept_sigmas"]
+    sigma_data = dataset.manifest["teacher"].get("config", {}).get("sigma_data", SIGMA_DATA)
+    if codec is not None:
+        images = decoded_trajectories(codec, states, sigmas, sigma_data)
+        return save_image_grid(images.flatten(0, 1), path, nrow=images.shape[1])
     if len(shape) == 3:
         return save_trajectory_grid(states, path, sigmas=sigmas)
     if shape == [2]:
         # Like the image grid: each state divided by its expected scale sqrt(1 + sigma^2 / sigma_data^2),
         # so every panel is at the data's scale and shares one set of axes.
-        sigma_data = dataset.manifest["teacher"].get("config", {}).get("sigma_data", SIGMA_DATA)
         columns = np.unique(np.linspace(0, len(sigmas) - 1, min(len(sigmas), 6)).round().astype(int))
         panels = []
         for column in columns:
@@ -158,13 +202,19 @@ def _print_summary(info, echo):
 @click.option("--stats", is_flag=True, help="Per state mean and std against what its sigma predicts.")
 @click.option("--preview", type=click.Path(dir_okay=False), default=None, help="Write a PNG of some trajectories.")
 @click.option("--preview-count", type=int, default=8, show_default=True, help="Trajectories (rows) in an image preview.")
+@click.option("--vae", default=None, metavar="DIR_OR_HUB_ID",
+              help="Latent datasets (EDM2 img512 teachers): the diffusers AutoencoderKL that decodes the preview, "
+                   "a local directory or a hub id such as stabilityai/sd-vae-ft-mse.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
-def main(path, do_verify, stats, preview_count, preview, as_json):
+def main(path, do_verify, stats, preview_count, preview, vae, as_json):
     """Summarise the trajectory dataset at PATH (a directory or fsspec URL)."""
     try:
         dataset = TrajectoryDataset(path)
     except (FileNotFoundError, ValueError, KeyError) as error:
         raise click.ClickException(str(error)) from None
+    if vae is not None and not preview:
+        raise click.UsageError("--vae decodes the --preview of a latent dataset; give --preview OUT.png too")
+    codec = latent_codec(dataset, vae) if preview else None
     echo = (lambda *args, **kwargs: None) if as_json else click.echo
     report = {"summary": summary(dataset)}
     _print_summary(report["summary"], echo)
@@ -176,7 +226,7 @@ def main(path, do_verify, stats, preview_count, preview, as_json):
                 echo(f"  {row['state']:>5} {row['sigma']:>9.4g} {row['mean']:>8.4f} {row['predicted_mean']:>8.4f} "
                      f"{row['std']:>8.4f} {row['predicted_std']:>8.4f} {row['std_ratio']:>8.3f}")
         if preview:
-            report["preview"] = str(save_preview(dataset, preview, count=preview_count))
+            report["preview"] = str(save_preview(dataset, preview, count=preview_count, codec=codec))
             echo(f"  preview   {report['preview']}")
     except ShardError as error:
         raise click.ClickException(f"{error} (run cmt-inspect --verify for every fault)") from None

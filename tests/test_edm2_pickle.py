@@ -1,15 +1,7 @@
-"""Official EDM2 pickles read without running code: tiny networks saved in that format by the test.
-
-`write_edm2_pickle` emulates NVlabs/edm2's `torch_utils.persistence`: every network module pickles
-as `torch_utils.persistence._reconstruct_persistent_obj(meta)` with meta = {type, version,
-module_src, class_name, state = the module's __dict__ with _init_args/_init_kwargs}, the top
-level is a `dnnlib.util.EasyDict(ema=..., encoder=..., loss_fn=..., dataset_kwargs=...)`, and the
-ema network is float16, as EDM2's training loop and reconstruct_phema.py write it.
-"""
+"""Official EDM2 pickles read without running code: tiny networks saved in that format by the test
+(`edm2_fixtures.write_edm2_pickle` emulates EDM2's `torch_utils.persistence`)."""
 import json
 import pickle
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -22,72 +14,7 @@ from cmt.networks.edm2_pickle import (PRESETS, UnsafePickleError, convert_main, 
                                       load_edm2_pickle)
 from cmt.teachers import resolve_teacher
 
-PERSISTENT = (edm2.Precond, edm2.UNet, edm2.Block, edm2.MPConv, edm2.MPFourier)
-INIT_KWARGS = dict(img_resolution=8, img_channels=4, label_dim=3, model_channels=16, channel_mult=[1, 2],
-                   num_blocks=1, attn_resolutions=[4], dropout=0.0, use_fp16=True)
-
-
-def fake_module(monkeypatch, name, **members):
-    module = types.ModuleType(name)
-    for key, value in members.items():
-        value.__module__, value.__qualname__ = name, key
-        setattr(module, key, value)
-    monkeypatch.setitem(sys.modules, name, module)
-    return module
-
-
-class Persistent:
-    """An object EDM2 would pickle through persistence (encoders, the loss)."""
-
-    def __init__(self, class_name, **state):
-        self.class_name, self.state = class_name, state
-
-
-def write_edm2_pickle(path, monkeypatch, data, module_src):
-    def _reconstruct_persistent_obj(meta):
-        raise AssertionError("never called: only its name goes into the pickle")
-
-    class EasyDict(dict):
-        pass
-
-    fake_module(monkeypatch, "torch_utils")
-    fake_module(monkeypatch, "torch_utils.persistence", _reconstruct_persistent_obj=_reconstruct_persistent_obj)
-    fake_module(monkeypatch, "dnnlib")
-    fake_module(monkeypatch, "dnnlib.util", EasyDict=EasyDict)
-
-    class PersistencePickler(pickle.Pickler):
-        def reducer_override(self, obj):
-            if isinstance(obj, PERSISTENT):
-                state = dict(obj.__dict__, _init_args=(), _init_kwargs=getattr(obj, "_edm2_init_kwargs", {}))
-                class_name = type(obj).__name__
-            elif isinstance(obj, Persistent):
-                state, class_name = dict(obj.state, _init_args=(), _init_kwargs={}), obj.class_name
-            else:
-                return NotImplemented
-            meta = dict(type="class", version=6, module_src=module_src, class_name=class_name, state=state)
-            return _reconstruct_persistent_obj, (meta,)
-
-    with open(path, "wb") as handle:
-        PersistencePickler(handle, protocol=pickle.DEFAULT_PROTOCOL).dump(EasyDict(data))
-
-
-def tiny_official_network(**overrides):
-    torch.manual_seed(0)
-    kwargs = dict(INIT_KWARGS, **overrides)
-    net = edm2.Precond(**kwargs)
-    with torch.no_grad():
-        for param in net.parameters():
-            if param.ndim == 0:
-                param.fill_(0.6)
-    net._edm2_init_kwargs = kwargs
-    return net.eval().requires_grad_(False).to(torch.float16)  # as EDM2 stores its ema
-
-
-def vae_encoder():
-    raw_mean, raw_std = np.float32([5.81, 3.25, 0.12, -2.15]), np.float32([4.17, 4.62, 3.71, 3.28])
-    scale = np.float32(0.5) / raw_std
-    return Persistent("StabilityVAEEncoder", vae_name="stabilityai/sd-vae-ft-mse", scale=scale,
-                      bias=np.float32(0) - raw_mean * scale, batch_size=8, _vae=None)
+from edm2_fixtures import Persistent, tiny_official_network, vae_encoder, write_edm2_pickle
 
 
 @pytest.fixture()
