@@ -1,0 +1,264 @@
+import pytest
+import torch
+
+from cmt.edm import flow_map_jump, sigma_grid, sigma_to_t, x_to_z, z_to_x
+from cmt.gmm import gmm_denoiser, random_gmm
+from cmt.networks import build_network
+from cmt.solvers import sample_trajectory
+from cmt.trainers.distances import squared_l2
+from cmt.trainers.loop import Context
+from cmt.trainers.mid import (average_velocity, consistency_output, endpoint_loss, flowmap_loss,
+                              secant_velocity)
+
+MLP = dict(architecture="mlp", data_shape=[2], width=64, num_blocks=2, emb_width=32, fourier_freqs=16)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny networks run fastest on one thread (and the CI machine's cores are shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def context(step=0, seed=0):
+    return Context(step=step, max_steps=1000, generator=torch.Generator().manual_seed(seed),
+                   device=torch.device("cpu"), accelerator=None)
+
+
+def gmm_trajectories(n=256, steps=6, seed=0):
+    """Exact-teacher ODE trajectories of a 2-D mixture: states [S, n, 2] (x_T first), sigmas [S]."""
+    generator = torch.Generator().manual_seed(seed)
+    mu, logw, s = random_gmm(4, 2, std=0.1, generator=generator)
+    noise = torch.randn(n, 2, generator=generator, dtype=torch.float64)
+    trajectory = sample_trajectory(gmm_denoiser(mu, logw, s), noise, sigma_grid("logsnr", steps), solver="dpm++3m")
+    return trajectory.states.float(), trajectory.sigmas.float()
+
+
+def state_batches(states, sigmas):
+    """Every (state, endpoint) sample, as the shard reader gives them."""
+    count, n = states.shape[:2]
+    position = torch.arange(count).repeat_interleave(n)
+    row = torch.arange(n).repeat(count)
+    return {"state": states[position, row], "sigma": sigmas[position], "endpoint": states[-1][row],
+            "label": torch.full((count * n,), -1)}
+
+
+def pair_batches(states, sigmas):
+    """Every (state i, state j) pair with sigma_i > sigma_j, as the reader's `pairs=True`."""
+    count, n = states.shape[:2]
+    first, second = torch.triu_indices(count, count, offset=1)
+    pick_first, pick_second = first.repeat_interleave(n), second.repeat_interleave(n)
+    row = torch.arange(n).repeat(len(first))
+    return {"state": states[pick_first, row], "sigma": sigmas[pick_first],
+            "target_state": states[pick_second, row], "target_sigma": sigmas[pick_second],
+            "endpoint": states[-1][row], "label": torch.full((len(row),), -1)}
+
+
+def train(net, objective, data, steps=120, batch_size=64, lr=3e-3):
+    """Plain Adam on random minibatches; returns the mean loss over all of `data` before and after."""
+    def full_loss():
+        with torch.no_grad():
+            return float(objective(net.eval(), data, context()).mean())
+
+    before = full_loss()
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(1)
+    size = len(data["sigma"])
+    net.train()
+    for step in range(steps):
+        index = torch.randint(size, (batch_size,), generator=generator)
+        loss = objective(net, {key: value[index] for key, value in data.items()}, context(step))
+        optimizer.zero_grad()
+        loss.mean().backward()
+        optimizer.step()
+    return before, full_loss()
+
+
+def test_secant_of_a_straight_line_is_e_minus_x():
+    generator = torch.Generator().manual_seed(0)
+    x0, e = torch.randn(5, 3, generator=generator), torch.randn(5, 3, generator=generator)
+    sigma_i = torch.tensor([80.0, 3.0, 1.0, 0.5, 0.1])
+    sigma_j = torch.tensor([10.0, 1.0, 0.0, 0.1, 0.002])
+    velocity = secant_velocity(x0 + sigma_i[:, None] * e, sigma_i, x0 + sigma_j[:, None] * e, sigma_j)
+    torch.testing.assert_close(velocity, e - x0, atol=1e-5, rtol=1e-5)
+
+
+def test_t_space_jump_equals_sigma_space_jump():
+    torch.manual_seed(0)
+    net = build_network({**MLP, "flow_map": True})
+    torch.nn.init.normal_(net.emb_target.weight)  # make target_sigma matter
+    x = torch.randn(5, 2) * 3
+    sigma = torch.tensor([80.0, 5.0, 1.0, 0.3, 0.05])
+    target_sigma = torch.tensor([2.0, 0.0, 0.5, 0.01, 0.002])
+    t, r = sigma_to_t(sigma), sigma_to_t(target_sigma)
+    with torch.no_grad():
+        u = average_velocity(net, x_to_z(x, sigma), t, r)
+        jump_in_t = z_to_x(x_to_z(x, sigma) - (t - r)[:, None] * u, r)
+        jump_in_sigma = flow_map_jump(x, sigma, target_sigma, net(x, sigma, target_sigma=target_sigma))
+    torch.testing.assert_close(jump_in_t, jump_in_sigma, atol=1e-4, rtol=1e-4)
+
+
+def test_flowmap_loss_in_t_equals_the_scaled_sigma_space_error():
+    """|x_j_pred - x_j| = (1 + sigma_j)(t_i - t_j) |u - secant|: the two forms agree."""
+    states, sigmas = gmm_trajectories(n=8, steps=4)
+    batch = pair_batches(states, sigmas)
+    torch.manual_seed(0)
+    net = build_network({**MLP, "flow_map": True})
+    with torch.no_grad():
+        loss_t = flowmap_loss(net, batch, context(), clean_sigma=0.0)
+        predicted = flow_map_jump(batch["state"], batch["sigma"], batch["target_sigma"],
+                                  net(batch["state"], batch["sigma"], target_sigma=batch["target_sigma"]))
+    scale = (1 + batch["target_sigma"]) * (sigma_to_t(batch["sigma"]) - sigma_to_t(batch["target_sigma"]))
+    torch.testing.assert_close(squared_l2(predicted, batch["target_state"]), scale ** 2 * loss_t, rtol=2e-3, atol=1e-5)
+
+
+def test_flowmap_treats_the_endpoint_as_clean_data():
+    """The solver stops at sigma_min = 0.002: that state is the sample, so the student learns the
+    jump to target_sigma = 0 that 1-step sampling asks for."""
+    states, sigmas = gmm_trajectories(n=8, steps=4)
+    assert float(sigmas[-1]) == pytest.approx(0.002)
+    batch = {"state": states[1], "sigma": sigmas[1].expand(8), "target_state": states[-1],
+             "target_sigma": sigmas[-1].expand(8), "label": torch.full((8,), -1)}
+    torch.manual_seed(0)
+    net = build_network({**MLP, "flow_map": True})
+    torch.nn.init.normal_(net.emb_target.weight)
+    t = sigma_to_t(batch["sigma"])
+    with torch.no_grad():
+        expected = (average_velocity(net, x_to_z(states[1], batch["sigma"]), t, torch.zeros(8))
+                    - (x_to_z(states[1], batch["sigma"]) - states[-1]) / t[:, None]).square().sum(1)
+        torch.testing.assert_close(flowmap_loss(net, batch, context()), expected)
+        assert float((flowmap_loss(net, batch, context(), clean_sigma=0.0) - expected).abs().max()) > 1e-4
+
+
+def test_consistency_boundary_at_sigma_min():
+    torch.manual_seed(0)
+    net = build_network({**MLP, "sigma_min": 0.002})
+    x = torch.randn(4, 2)
+    for sigma in (0.002, 0.0, 1e-4):  # stored endpoints may sit at sigma_min or at 0
+        with torch.no_grad():
+            out = consistency_output(net, net, x, torch.full((4,), sigma), None)
+        torch.testing.assert_close(out, x, atol=0, rtol=0)
+    with torch.no_grad():
+        assert float((consistency_output(net, net, x, torch.full((4,), 1.0), None) - x).abs().max()) > 1e-3
+
+
+def test_endpoint_objective_decreases_the_loss():
+    states, sigmas = gmm_trajectories()
+    torch.manual_seed(0)
+    net = build_network({**MLP, "sigma_min": 0.002})
+    before, after = train(net, lambda n, b, c: endpoint_loss(n, b, c, distance=squared_l2), state_batches(states, sigmas))
+    assert after < 0.3 * before
+
+
+def test_flowmap_objective_decreases_the_loss():
+    states, sigmas = gmm_trajectories()
+    torch.manual_seed(0)
+    net = build_network({**MLP, "flow_map": True})
+    before, after = train(net, flowmap_loss, pair_batches(states, sigmas))
+    assert after < 0.3 * before
+
+
+def test_flowmap_pairs_must_go_down_in_sigma():
+    states, sigmas = gmm_trajectories(n=4, steps=3)
+    batch = pair_batches(states, sigmas)
+    batch["state"], batch["target_state"] = batch["target_state"], batch["state"]
+    batch["sigma"], batch["target_sigma"] = batch["target_sigma"], batch["sigma"]
+    with pytest.raises(ValueError, match="sigma > target_sigma"):
+        flowmap_loss(build_network({**MLP, "flow_map": True}), batch, context())
+
+
+# ---- cmt-train mid ----------------------------------------------------------------------------
+
+TEACHER = dict(architecture="mlp", data_shape=[2], width=32, num_blocks=2, emb_width=16, fourier_freqs=8)
+FAST = ["--batch-size", "16", "--workers", "0", "--no-progress", "--num-samples", "64", "--log-every", "2"]
+
+
+def make_shards(root, name, teacher_config, seed=123):
+    """A random MLP teacher saved as a checkpoint, and a tiny cmt-build dataset of it."""
+    from cmt.builders.build import build, build_config
+    from cmt.builders.cli import load_teacher
+    from cmt.checkpoint import save_network
+
+    torch.manual_seed(seed)
+    path = save_network(root / f"{name}.safetensors", build_network(teacher_config))
+    teacher = load_teacher(str(path), None, None, None, "cpu")
+    config = build_config(teacher, nfe=4, num_trajectories=24, batch_size=8, shard_size=12, labels=None)
+    build(root / f"{name}-shards", teacher, config, progress=False, log=lambda message: None)
+    return path, root / f"{name}-shards"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("mid"), "teacher", TEACHER)
+
+
+def run_mid(*args):
+    from click.testing import CliRunner
+    from cmt.trainers.cli import main
+
+    result = CliRunner().invoke(main, ["mid", *map(str, args)])
+    return result.exit_code, result.output
+
+
+def test_mid_endpoint_writes_a_loadable_student_started_from_the_teacher(shards, tmp_path):
+    from cmt.checkpoint import load_network
+    from cmt.trainers.loop import read_log
+
+    teacher_path, data = shards
+    code, output = run_mid("--data", data, "--out", tmp_path / "run", "--max-steps", 4, "--lr", 1e-12,
+                           "--eval-data", "toy:moons", *FAST)
+    assert code == 0, output
+    checkpoint = torch.load(tmp_path / "run" / "mid.pt", weights_only=True)
+    assert checkpoint["config"]["sigma_min"] == 0.002 and not checkpoint["config"]["flow_map"]
+    assert checkpoint["target"] == "endpoint" and checkpoint["teacher"]["path"] == str(teacher_path)
+    teacher = load_network(teacher_path)
+    for key, value in teacher.state_dict().items():  # lr ~ 0: still the teacher's weights
+        torch.testing.assert_close(checkpoint["net"][key], value, atol=1e-6, rtol=0)
+    for path in ("mid.pt", "mid.safetensors"):
+        assert load_network(tmp_path / "run" / path).sigma_min == 0.002
+    final = read_log(tmp_path / "run")[-1]
+    assert final["step"] == 4 and "energy_distance_1step" in final and "energy_distance_2step" in final
+    assert (tmp_path / "run" / "samples" / "step-0000004-1step.png").is_file()
+
+
+def test_mid_flowmap_random_init_and_k_pairs(shards, tmp_path):
+    from cmt.checkpoint import load_network
+
+    teacher_path, data = shards
+    code, output = run_mid("--data", data, "--out", tmp_path / "run", "--target", "flowmap", "--student-init",
+                           "random", "--states-per-trajectory", 2, "--max-steps", 3, *FAST)
+    assert code == 0, output
+    student = load_network(tmp_path / "run" / "mid.pt")
+    assert student.flow_map and student.sigma_min == 0.0
+    teacher = load_network(teacher_path)
+    assert float((student.inp.weight - teacher.inp.weight).detach().abs().max()) > 1e-3  # not the teacher's weights
+
+
+def test_mid_resume_repeats_an_uninterrupted_run(shards, tmp_path):
+    _, data = shards
+    common = ["--data", data, "--target", "flowmap", "--ckpt-every", 3, "--lr", 1e-3, *FAST]
+    assert run_mid(*common, "--out", tmp_path / "whole", "--max-steps", 6)[0] == 0
+    assert run_mid(*common, "--out", tmp_path / "split", "--max-steps", 3)[0] == 0
+    code, output = run_mid(*common, "--out", tmp_path / "split", "--max-steps", 6, "--resume")
+    assert code == 0, output
+    whole = torch.load(tmp_path / "whole" / "mid.pt", weights_only=True)
+    split = torch.load(tmp_path / "split" / "mid.pt", weights_only=True)
+    for key, value in whole["ema"].items():
+        torch.testing.assert_close(split["ema"][key], value, atol=0, rtol=0)
+
+
+def test_mismatched_data_and_bad_options_fail_before_training(shards, tmp_path):
+    teacher_path, data = shards
+    other_path, _ = make_shards(tmp_path, "other", {**TEACHER, "data_shape": [3]})
+    code, output = run_mid("--data", data, "--teacher", other_path, "--out", tmp_path / "run", *FAST)
+    assert code == 2 and "--data" in output and "shape (2,)" in output and "shape (3,)" in output
+    assert not (tmp_path / "run").exists()
+    code, output = run_mid("--data", tmp_path / "missing", "--out", tmp_path / "run")
+    assert code == 2 and "--data" in output and "manifest.json" in output
+    code, output = run_mid("--data", data, "--out", tmp_path / "run", "--loss", "lpips")
+    assert code == 2 and "--loss" in output and "pixel images" in output
+    code, output = run_mid("--data", data, "--out", tmp_path / "run", "--states-per-trajectory", "0")
+    assert code == 2 and "--states-per-trajectory" in output
+    assert not (tmp_path / "run").exists()

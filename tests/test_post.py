@@ -1,0 +1,285 @@
+import functools
+
+import pytest
+import torch
+
+from cmt.gmm import gmm_denoiser, gmm_sample, random_gmm
+from cmt.networks import build_network
+from cmt.trainers.distances import make_distance
+from cmt.trainers.loop import Context
+from cmt.trainers.mid import average_velocity
+from cmt.trainers.post import (MF_T_MAX, consistency_training_loss, ect_r, ect_stage, meanflow_loss,
+                               meanflow_target, sample_t_r, teacher_heun_step)
+
+MLP = dict(architecture="mlp", data_shape=[2], width=64, num_blocks=2, emb_width=32, fourier_freqs=16)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny networks run fastest on one thread (and the CI machine's cores are shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def context(step=0, seed=0):
+    return Context(step=step, max_steps=1000, generator=torch.Generator().manual_seed(seed),
+                   device=torch.device("cpu"), accelerator=None)
+
+
+def mixture(seed=0):
+    mu, logw, s = random_gmm(4, 2, std=0.1, generator=torch.Generator().manual_seed(seed))
+    return mu.float(), logw.float(), s
+
+
+def points(n, seed=0):
+    mu, logw, s = mixture()
+    x = gmm_sample(mu, logw, s, n, generator=torch.Generator().manual_seed(seed))
+    return {"data": x, "label": torch.full((n,), -1)}
+
+
+def train(net, objective, steps=150, batch_size=64, lr=3e-3, watch=None):
+    """Adam on fresh mixture samples; returns `watch` (default the loss) on held-out data before/after."""
+    def evaluate():
+        with torch.no_grad():
+            result = objective(net.eval(), points(512, seed=99), context(seed=99))
+            return float(watch(result) if watch else (result[0] if isinstance(result, tuple) else result).mean())
+
+    before = evaluate()
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    net.train()
+    for step in range(steps):
+        result = objective(net, points(batch_size, seed=step + 1), context(step, seed=step + 1))
+        loss = result[0] if isinstance(result, tuple) else result
+        optimizer.zero_grad()
+        loss.mean().backward()
+        optimizer.step()
+    return before, evaluate()
+
+
+def test_ect_r_schedule():
+    t = torch.tensor([0.01, 0.5, 2.0, 80.0])
+    # q = 2, stage 0: r = t (1 - (1 + 8 sigmoid(-t)) / 2); n(0.5) = 4.02 > 2 -> clamped to 0
+    assert ect_r(t, stage=0).tolist() == pytest.approx([0.0, 0.0, 0.046377, 40.0], abs=1e-5)
+    later = ect_r(t, stage=11)  # q^12 = 4096: CMT's fixed post-training gap
+    assert (t - later).tolist() == pytest.approx([0.01 * 4.98 / 4096, 0.5 * 4.0203 / 4096, 2.0 * 1.95362 / 4096,
+                                                  80.0 / 4096], rel=1e-3)
+    assert bool((ect_r(t, 3) >= ect_r(t, 2)).all())
+    assert [ect_stage(s, stage_every=100) for s in (0, 99, 100, 250)] == [0, 0, 1, 2]
+    assert ect_stage(250, stage_every=100, stage=11) == 11
+
+
+def test_ect_target_uses_the_same_noise_and_dropout_mask():
+    """With q huge, r = t: the target is the same forward, so the loss is 0 only if the dropout
+    masks (and noise) of the two forwards match."""
+    torch.manual_seed(0)
+    net = build_network({**MLP, "sigma_min": 0.002, "dropout": 0.5}).train()
+    loss, _ = consistency_training_loss(net, points(64), context(), distance=make_distance("l2", (2,)), q=1e12,
+                                        stage=0, weighting="snr")
+    assert float(loss.detach().max()) < 1e-10
+    # Without the RNG fork the masks differ: the same inputs give other outputs.
+    x, sigma = torch.randn(64, 2), torch.full((64,), 1.0)
+    with torch.no_grad():
+        assert float((net(x, sigma) - net(x, sigma)).abs().max()) > 1e-3
+
+
+def test_ect_decreases_the_loss():
+    torch.manual_seed(0)
+    net = build_network({**MLP, "sigma_min": 0.002})
+    objective = functools.partial(consistency_training_loss, distance=make_distance("huber", (2,)), stage=0)
+    before, after = train(net, objective)
+    # Most of this loss is irreducible (at stage 0, r = 0 below t ~ 2: the target is the data).
+    assert after < 0.8 * before
+
+
+def test_ecd_uses_a_teacher_heun_step_and_decreases_the_loss():
+    mu, logw, s = mixture()
+    teacher = gmm_denoiser(mu, logw, s)
+    x = torch.randn(8, 2)
+    sigma, target = torch.full((8,), 2.0), torch.tensor([1.0] * 4 + [0.0] * 4)
+    step = teacher_heun_step(teacher, x, sigma, target)
+    slope = (x - teacher(x, sigma)) / 2.0
+    euler = x - slope * (2.0 - target[:, None])
+    slope_end = (euler[:4] - teacher(euler[:4], target[:4])) / 1.0
+    torch.testing.assert_close(step[:4], x[:4] - (slope[:4] + slope_end) / 2)
+    torch.testing.assert_close(step[4:], euler[4:])  # to sigma = 0: the Euler step (no division by 0)
+    torch.manual_seed(0)
+    net = build_network({**MLP, "sigma_min": 0.002})
+    objective = functools.partial(consistency_training_loss, distance=make_distance("huber", (2,)), teacher=teacher,
+                                  stage=2, weighting="snr")
+    before, after = train(net, objective)
+    assert after < 0.5 * before
+
+
+def test_meanflow_time_sampling():
+    t, r = sample_t_r(1000, torch.Generator().manual_seed(0), "cpu")
+    assert bool((r <= t).all()) and float(t.max()) <= MF_T_MAX and float(t.min()) > 0
+    assert int((r == t).sum()) >= 750 and int((r < t).sum()) > 200
+
+
+def test_meanflow_jvp_target_matches_finite_differences():
+    torch.manual_seed(0)
+    net = build_network({**MLP, "flow_map": True})
+    for parameter in net.parameters():
+        torch.nn.init.normal_(parameter, std=0.3)  # the target embedding too: u must depend on r
+    generator = torch.Generator().manual_seed(1)
+    x, e = torch.randn(16, 2, generator=generator), torch.randn(16, 2, generator=generator)
+    t, r = sample_t_r(16, generator, "cpu", equal_share=0.25)
+    z, v = (1 - t[:, None]) * x + t[:, None] * e, e - x
+    target = meanflow_target(net, z, t, r, v)
+    h = 1e-3
+    with torch.no_grad():
+        du_dt = (average_velocity(net, z + h * v, t + h, r) - average_velocity(net, z - h * v, t - h, r)) / (2 * h)
+    expected = v - (t - r)[:, None] * du_dt
+    assert float((target - expected).abs().max()) < 2e-3 * float(expected.abs().max())
+    assert float((target - v).abs().max()) > 0.1  # the JVP term is not negligible here
+
+
+def test_meanflow_jvp_through_edm2_matches_finite_differences():
+    torch.manual_seed(0)
+    net = build_network(dict(architecture="edm2", img_resolution=8, img_channels=1, model_channels=16,
+                             channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], flow_map=True)).eval()
+    with torch.no_grad():
+        for name, parameter in net.named_parameters():
+            if "gain" in name or "emb_target" in name:  # zero at init: make every path count
+                parameter.normal_(0, 0.5)
+    generator = torch.Generator().manual_seed(1)
+    x, e = torch.randn(4, 1, 8, 8, generator=generator).clamp(-1, 1), torch.randn(4, 1, 8, 8, generator=generator)
+    t = torch.tensor([0.3, 0.5, 0.7, 0.9])
+    r = 0.4 * t
+    z, v = (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * e, e - x
+    target = meanflow_target(net, z, t, r, v)
+    h = 1e-2
+    with torch.no_grad():
+        du_dt = (average_velocity(net, z + h * v, t + h, r) - average_velocity(net, z - h * v, t - h, r)) / (2 * h)
+    expected = v - (t - r).view(-1, 1, 1, 1) * du_dt
+    assert float((target - expected).abs().max()) < 1e-2 * float((expected - v).abs().max())
+
+
+def test_meanflow_needs_a_flow_map_network():
+    with pytest.raises(ValueError, match="flow-map network"):
+        meanflow_loss(build_network(MLP), points(4), context())
+
+
+def test_meanflow_learns_the_exact_velocity():
+    """Its loss is mostly irreducible (the conditional velocity e - x is random), so watch the
+    reducible part: u(z, t, t) against the mixture's exact velocity (z - D*(x, sigma)) / t."""
+    mu, logw, s = mixture()
+    exact_denoiser = gmm_denoiser(mu, logw, s)
+    held_out = points(512, seed=99)["data"]
+    t = torch.linspace(0.05, 0.95, 512)
+    noise = torch.randn(512, 2, generator=torch.Generator().manual_seed(5))
+    z = (1 - t[:, None]) * held_out + t[:, None] * noise
+    exact = (z - exact_denoiser(z / (1 - t[:, None]), t / (1 - t))) / t[:, None]
+
+    def velocity_error(result):
+        return (average_velocity(net, z, t, t) - exact).square().sum(1).mean()
+
+    torch.manual_seed(0)
+    net = build_network({**MLP, "flow_map": True})
+    before, after = train(net, meanflow_loss, steps=200, watch=velocity_error)
+    assert after < 0.5 * before
+
+
+# ---- cmt-train post ---------------------------------------------------------------------------
+
+TEACHER = dict(architecture="mlp", data_shape=[2], width=32, num_blocks=2, emb_width=16, fourier_freqs=8)
+FAST = ["--data", "toy:moons", "--batch-size", "16", "--no-progress", "--num-samples", "64", "--log-every", "2"]
+
+
+def run(command, *args):
+    from click.testing import CliRunner
+    from cmt.trainers.cli import main
+
+    result = CliRunner().invoke(main, [command, *map(str, args)])
+    return result.exit_code, result.output
+
+
+@pytest.fixture(scope="module")
+def students(tmp_path_factory):
+    """A teacher checkpoint, its trajectories, and a mid-trained student of each target."""
+    from cmt.builders.build import build, build_config
+    from cmt.builders.cli import load_teacher
+    from cmt.checkpoint import save_network
+
+    root = tmp_path_factory.mktemp("post")
+    torch.manual_seed(123)  # not the students' seed
+    teacher_path = save_network(root / "teacher.safetensors", build_network(TEACHER))
+    teacher = load_teacher(str(teacher_path), None, None, None, "cpu")
+    build(root / "shards", teacher, build_config(teacher, nfe=4, num_trajectories=16, batch_size=8, labels=None),
+          progress=False, log=lambda message: None)
+    paths = {"teacher": teacher_path}
+    for target in ("endpoint", "flowmap"):
+        code, output = run("mid", "--data", root / "shards", "--out", root / target, "--target", target, "--max-steps", 2,
+                           "--workers", 0, *FAST[2:])
+        assert code == 0, output
+        paths[target] = root / target / "mid.pt"
+    return paths
+
+
+def test_post_ect_from_mid_finds_the_recorded_teacher_for_ecd(students, tmp_path):
+    code, output = run("post", "--init", students["endpoint"], "--method", "ect", "--out", tmp_path / "ect",
+                       "--max-steps", 3, "--stage", 11, *FAST)
+    assert code == 0, output
+    checkpoint = torch.load(tmp_path / "ect" / "post.pt", weights_only=True)
+    assert checkpoint["method"] == "ect" and checkpoint["config"]["sigma_min"] == 0.002
+    assert checkpoint["teacher"] == str(students["teacher"])  # recorded by mid.pt
+    code, output = run("post", "--init", students["endpoint"], "--method", "ecd", "--out", tmp_path / "ecd",
+                       "--max-steps", 2, "--weighting", "snr", *FAST)
+    assert code == 0, output
+
+
+def test_post_meanflow_from_teacher_starts_as_the_teacher(students, tmp_path):
+    from cmt.checkpoint import load_network
+
+    code, output = run("post", "--init", "teacher", "--teacher", students["teacher"], "--method", "meanflow",
+                       "--out", tmp_path / "mf", "--max-steps", 1, "--lr", 1e-12, *FAST)
+    assert code == 0, output
+    student = load_network(tmp_path / "mf" / "post.pt", key="net")
+    teacher = load_network(students["teacher"])
+    assert student.flow_map and not teacher.flow_map
+    z, t = torch.randn(8, 2), torch.linspace(0.1, 0.9, 8)
+    with torch.no_grad():
+        instantaneous = (z - teacher(z / (1 - t[:, None]), t / (1 - t))) / t[:, None]
+        for r in (torch.zeros(8), t / 2, t):  # a new target_sigma input, zero-initialised: u ignores r
+            torch.testing.assert_close(average_velocity(student, z, t, r), instantaneous, atol=1e-5, rtol=1e-5)
+
+
+def test_post_meanflow_from_flowmap_mid_and_ecd_from_random(students, tmp_path):
+    from cmt.checkpoint import load_network
+
+    code, output = run("post", "--init", students["flowmap"], "--method", "meanflow", "--out", tmp_path / "mf",
+                       "--max-steps", 2, *FAST)
+    assert code == 0, output
+    code, output = run("post", "--init", "random", "--teacher", students["teacher"], "--method", "ecd",
+                       "--out", tmp_path / "ecd", "--max-steps", 2, *FAST)
+    assert code == 0, output
+    student, teacher = load_network(tmp_path / "ecd" / "post.pt"), load_network(students["teacher"])
+    assert student.config["width"] == teacher.config["width"]
+    assert float((student.inp.weight - teacher.inp.weight).detach().abs().max()) > 1e-3
+
+
+def test_post_resume_repeats_an_uninterrupted_run(students, tmp_path):
+    common = ["--init", students["endpoint"], "--method", "ect", "--ckpt-every", 2, "--lr", 1e-3, *FAST]
+    assert run("post", *common, "--out", tmp_path / "whole", "--max-steps", 4)[0] == 0
+    assert run("post", *common, "--out", tmp_path / "split", "--max-steps", 2)[0] == 0
+    code, output = run("post", *common, "--out", tmp_path / "split", "--max-steps", 4, "--resume")
+    assert code == 0, output
+    whole = torch.load(tmp_path / "whole" / "post.pt", weights_only=True)["ema"]
+    split = torch.load(tmp_path / "split" / "post.pt", weights_only=True)["ema"]
+    for key, value in whole.items():
+        torch.testing.assert_close(split[key], value, atol=0, rtol=0)
+
+
+def test_post_bad_input_fails_before_training(students, tmp_path):
+    from cmt.checkpoint import save_network
+
+    wide = save_network(tmp_path / "wide.safetensors", build_network({**TEACHER, "data_shape": [3]}))
+    code, output = run("post", "--init", wide, "--method", "ect", "--out", tmp_path / "run", *FAST)
+    assert code == 2 and "--data" in output and "shape (2,)" in output and "shape (3,)" in output
+    code, output = run("post", "--init", "random", "--method", "ecd", "--out", tmp_path / "run", *FAST)
+    assert code == 2 and "--teacher" in output
+    code, output = run("post", "--init", tmp_path / "missing.pt", "--method", "ect", "--out", tmp_path / "run", *FAST)
+    assert code == 2 and "--init" in output and "missing.pt" in output
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,435 @@
+"""The one training loop: Accelerate, optimizer, lr schedule, EMA, guard, checkpoints, logs, samples.
+
+Every phase (diffusion pre-training, CMT mid-training, ECT / ECD / MeanFlow post-training) is an
+objective `loss(net, batch, ctx) -> per-sample loss [B]` (or `(loss, {name: scalar})`) over a
+stream of batches; this module does everything else. See docs/design.md, section "Trainer".
+
+Randomness is derived, not carried: at every optimizer step the objective's generator and torch's
+global generator (dropout) are re-seeded from (seed, rank, step), so a resumed run repeats an
+uninterrupted one exactly as long as the data stream is restored too (its `state_dict`, or by
+replaying the batches it had yielded).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import click
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, gather_object
+from tqdm.auto import tqdm
+
+STATE_FILE = "training-state.pt"
+LOG_FILE = "log.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    out: Path
+    max_steps: int = 1000
+    batch_size: int = 256           # global: images per optimizer step over all ranks and micro-batches
+    lr: float = 1e-3
+    lr_schedule: str = "constant"   # constant | linear | invsqrt
+    lr_ref_steps: int = 1000        # invsqrt: lr / sqrt(max(step / lr_ref_steps, 1))
+    warmup_steps: int = 0
+    optimizer: str = "adam"         # adam | radam
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.0
+    grad_clip: float | None = None
+    ema_halflife_images: float | None = 500_000.0
+    ema_rampup_ratio: float | None = 0.05
+    ema_beta: float | None = None   # a fixed per-step beta; overrides the half-life
+    mixed_precision: str = "auto"   # auto | no | bf16 | fp16
+    grad_accum: int = 1
+    seed: int = 0
+    log_every: int = 100
+    ckpt_every: int = 1000
+    sample_every: int = 0           # 0 = only at the end
+    resume: bool = False
+    tensorboard: bool = False
+    progress: bool = True
+
+
+@dataclass
+class Context:
+    """What an objective sees besides the network and the batch."""
+    step: int                       # the optimizer step being taken, 0-based
+    max_steps: int
+    generator: torch.Generator      # on `device`; re-seeded from (seed, rank, step) every step
+    device: torch.device
+    accelerator: Accelerator
+
+
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed that depends on every key (seed, rank, step, stream, ...)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    lr = config.lr
+    if config.lr_schedule == "linear":
+        lr *= max(1.0 - step / max(config.max_steps, 1), 0.0)
+    elif config.lr_schedule == "invsqrt":
+        lr /= math.sqrt(max(step / max(config.lr_ref_steps, 1), 1.0))
+    elif config.lr_schedule != "constant":
+        raise ValueError(f"lr_schedule must be constant, linear or invsqrt, not {config.lr_schedule!r}")
+    if config.warmup_steps > 0:
+        lr *= min((step + 1) / config.warmup_steps, 1.0)
+    return lr
+
+
+def ema_beta(config: TrainConfig, step: int) -> float:
+    """EMA decay per optimizer step: fixed, or from a half-life in images (EDM's ramp-up)."""
+    if config.ema_beta is not None:
+        return config.ema_beta
+    if config.ema_halflife_images is None:
+        return 0.0
+    halflife = config.ema_halflife_images
+    if config.ema_rampup_ratio is not None:
+        halflife = min(halflife, (step + 1) * config.batch_size * config.ema_rampup_ratio)
+    return 0.5 ** (config.batch_size / max(halflife, 1e-8))
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, net: torch.nn.Module, beta: float) -> None:
+    for p_ema, p_net in zip(ema.parameters(), net.parameters()):
+        p_ema.lerp_(p_net.detach().to(p_ema.dtype), 1.0 - beta)
+    for b_ema, b_net in zip(ema.buffers(), net.buffers()):
+        b_ema.copy_(b_net)
+
+
+class RandomBatches:
+    """An endless stream of batches drawn by `draw(n, generator) -> dict` (fresh samples of a toy
+    distribution, random indices into a data set); resumable through its generator's state."""
+
+    def __init__(self, draw: Callable[[int, torch.Generator], dict], batch_size: int, seed: int):
+        self.draw, self.batch_size = draw, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return self.draw(self.batch_size, self.generator)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+class _Counted:
+    """Wraps a plain iterator without state: resumes by replaying (skipping) the batches it yielded."""
+
+    def __init__(self, iterator: Iterator[dict]):
+        self.iterator, self.count = iterator, 0
+
+    def __next__(self) -> dict:
+        self.count += 1
+        return next(self.iterator)
+
+    def state_dict(self) -> dict:
+        return {"count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        for _ in range(int(state["count"])):
+            next(self)
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _resolve_precision(mixed_precision: str) -> str:
+    if mixed_precision != "auto":
+        return mixed_precision
+    if torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true"):
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+class Trainer:
+    """Create it first (it owns the Accelerator, so callers learn `device`, `rank`, `seed_for`; it
+    seeds torch for the network's initialisation), then `fit(net, objective, batches, ...)`."""
+
+    def __init__(self, config: TrainConfig, find_unused_parameters: bool = True):
+        self.config = config
+        self.out = Path(config.out)
+        self.accelerator = Accelerator(
+            mixed_precision=_resolve_precision(config.mixed_precision),
+            gradient_accumulation_steps=config.grad_accum,
+            # DDP: an objective that leaves some head without gradient (logvar unused) needs True.
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
+        )
+        per_step = self.num_processes * config.grad_accum
+        if config.batch_size % per_step:
+            raise click.BadParameter(
+                f"{config.batch_size} is not divisible by processes x grad-accum = {per_step}",
+                param_hint="--batch-size")
+        self.micro_batch_size = config.batch_size // per_step
+        # Networks built after this line get the same initial weights on every rank and every run.
+        torch.manual_seed(derive_seed(config.seed, 2**32))
+        state_path = self.out / STATE_FILE
+        if config.resume and not state_path.is_file():
+            raise click.UsageError(f"--resume: no {STATE_FILE} in {self.out}")
+        if not config.resume and state_path.exists():
+            raise click.UsageError(
+                f"{state_path} exists; pass --resume to continue that run or choose another --out")
+
+    device = property(lambda self: self.accelerator.device)
+    rank = property(lambda self: self.accelerator.process_index)
+    num_processes = property(lambda self: self.accelerator.num_processes)
+    is_main = property(lambda self: self.accelerator.is_main_process)
+
+    def seed_for(self, stream: int) -> int:
+        """Seed of a per-rank stream (0 = data); streams of different ranks differ."""
+        return derive_seed(self.config.seed, self.rank, 1000 + stream)
+
+    def fit(
+        self,
+        net: torch.nn.Module,
+        objective: Callable[[torch.nn.Module, Any, Context], Any],
+        batches: Iterator[dict],
+        *,
+        sample_fn: Callable[[torch.nn.Module, int, Path], dict] | None = None,
+        save_final: Callable[[torch.nn.Module, torch.nn.Module, Path], None] | None = None,
+        run_info: dict | None = None,
+    ) -> torch.nn.Module:
+        """Train; returns the EMA network. `sample_fn(ema, step, out)` runs on rank 0 every
+        `sample_every` steps and at the end and returns scalars to log; `save_final(ema, net, out)`
+        writes the phase's deliverable on rank 0."""
+        config, acc = self.config, self.accelerator
+        if not hasattr(batches, "state_dict"):
+            batches = _Counted(iter(batches))
+        ema = copy.deepcopy(net).float().eval().requires_grad_(False).to(self.device)
+        opt_class = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}[config.optimizer]
+        optimizer = opt_class(net.parameters(), lr=config.lr, betas=tuple(config.betas),
+                              weight_decay=config.weight_decay)
+        net, optimizer = acc.prepare(net, optimizer)
+        plain_net = acc.unwrap_model(net)
+
+        start_step, skipped = 0, 0
+        if config.resume:
+            state = torch.load(self.out / STATE_FILE, map_location="cpu", weights_only=True)
+            if state["config"] != getattr(plain_net, "config", None):
+                raise click.UsageError(f"--resume: the network in {self.out / STATE_FILE} has another config")
+            plain_net.load_state_dict(state["net"])
+            ema.load_state_dict(state["ema"])
+            optimizer.load_state_dict(state["optimizer"])
+            if acc.scaler is not None and state.get("scaler"):
+                acc.scaler.load_state_dict(state["scaler"])
+            data_states = state["data"]
+            if len(data_states) != self.num_processes:
+                raise click.UsageError(f"--resume: the run used {len(data_states)} processes, not "
+                                       f"{self.num_processes}")
+            batches.load_state_dict(data_states[self.rank])
+            start_step, skipped = int(state["step"]), int(state["skipped"])
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        logger = _Logger(self.out, start_step, config.tensorboard) if self.is_main else None
+        if self.is_main and run_info is not None and not config.resume:
+            info = {"train": {k: (str(v) if isinstance(v, Path) else v)
+                              for k, v in dataclasses.asdict(config).items()}, **run_info}
+            (self.out / "run.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+
+        generator = torch.Generator(self.device)
+        ctx = Context(step=start_step, max_steps=config.max_steps, generator=generator,
+                      device=self.device, accelerator=acc)
+        sums: dict[str, float] = {}
+        count, tick = 0, time.time()
+        bar = tqdm(range(start_step, config.max_steps), initial=start_step, total=config.max_steps,
+                   disable=not (self.is_main and config.progress), dynamic_ncols=True)
+        for step in bar:
+            ctx.step = step
+            generator.manual_seed(derive_seed(config.seed, self.rank, step, 0))
+            torch.manual_seed(derive_seed(config.seed, self.rank, step, 1))
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(config, step)
+            net.train()
+            for _ in range(config.grad_accum):
+                batch = _to_device(next(batches), self.device)
+                with acc.accumulate(net):
+                    with acc.autocast():
+                        result = objective(net, batch, ctx)
+                    per_sample, logs = result if isinstance(result, tuple) else (result, {})
+                    loss = per_sample.float().mean()
+                    acc.backward(loss)
+                    if acc.sync_gradients:
+                        grad_norm = acc.clip_grad_norm_(net.parameters(), config.grad_clip or math.inf)
+                        finite = bool(torch.isfinite(grad_norm))
+                        if finite or acc.scaler is not None:   # fp16: the scaler skips the step itself
+                            optimizer.step()
+                        skipped += int(not finite or acc.optimizer_step_was_skipped)
+                        optimizer.zero_grad(set_to_none=True)
+                for name, value in {"loss": loss, **logs}.items():
+                    sums[name] = sums.get(name, 0.0) + float(torch.as_tensor(value).detach()) / config.grad_accum
+            update_ema(ema, plain_net, ema_beta(config, step))
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
+            count += 1
+            done = step + 1
+
+            if done % config.log_every == 0 or done == config.max_steps:
+                names = sorted(sums)
+                means = acc.reduce(torch.tensor([sums[n] / count for n in names], device=self.device),
+                                   "mean")
+                record = {"step": done, **{n: float(v) for n, v in zip(names, means)},
+                          "lr": learning_rate(config, step), "skipped": skipped,
+                          "images": done * config.batch_size,
+                          "sec_per_step": (time.time() - tick) / count}
+                sums, count, tick = {}, 0, time.time()
+                if self.is_main:
+                    bar.set_postfix(loss=f"{record['loss']:.4g}")
+            else:
+                record = None
+            if sample_fn is not None and (done == config.max_steps or
+                                          (config.sample_every and done % config.sample_every == 0)):
+                if self.is_main:
+                    with torch.no_grad():
+                        record = {**(record or {"step": done}), **sample_fn(ema, done, self.out)}
+                acc.wait_for_everyone()
+            if self.is_main and record is not None:
+                logger.write(record)
+            if done % config.ckpt_every == 0 or done == config.max_steps:
+                self._save_state(done, skipped, plain_net, ema, optimizer, batches)
+
+        if self.is_main:
+            if save_final is not None:
+                save_final(ema, plain_net, self.out)
+            logger.close()
+        acc.wait_for_everyone()
+        return ema
+
+    def _save_state(self, step, skipped, net, ema, optimizer, batches) -> None:
+        data_states = gather_object([batches.state_dict()])
+        if self.is_main:
+            state = {
+                "step": step, "skipped": skipped, "config": getattr(net, "config", None),
+                "net": net.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler else None,
+                "data": data_states,
+            }
+            save_atomic(state, self.out / STATE_FILE)
+        self.accelerator.wait_for_everyone()
+
+
+class _Logger:
+    """log.jsonl (cut back to the resumed step, so a resumed run's log reads as one run) + tensorboard."""
+
+    def __init__(self, out: Path, start_step: int, tensorboard: bool):
+        path = out / LOG_FILE
+        kept = []
+        if start_step > 0 and path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= start_step]
+        path.write_text("".join(line + "\n" for line in kept))
+        self.file = path.open("a")
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as error:
+                raise click.UsageError("--tensorboard needs the tensorboard package "
+                                       "(pip install tensorboard)") from error
+            self.writer = SummaryWriter(str(out / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for name, value in record.items():
+                if name != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(name, value, record["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_log(out: Path) -> list[dict]:
+    path = Path(out) / LOG_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def trainer_options(*, lr: float = 1e-3, lr_schedule: str = "constant", max_steps: int = 1000,
+                    batch_size: int = 256, ema_halflife_images: float = 500_000.0):
+    """The click options every `cmt-train` command shares; `config_from_options(kwargs)` turns them
+    (popping them from kwargs) into a TrainConfig. Defaults differ per phase, hence the arguments."""
+    options = [
+        click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+                     help="Run folder: log.jsonl, training-state.pt, samples/, the final model."),
+        click.option("--max-steps", type=click.IntRange(min=1), default=max_steps, show_default=True,
+                     help="Optimizer steps."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=batch_size, show_default=True,
+                     help="Global batch per optimizer step (all processes and micro-batches)."),
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=lr, show_default=lr is not None,
+                     help="Peak learning rate" + (" (default: per architecture)." if lr is None else ".")),
+        click.option("--lr-schedule", type=click.Choice(["constant", "linear", "invsqrt"]),
+                     default=lr_schedule, show_default=True,
+                     help="linear: decay to 0 at --max-steps; invsqrt: EDM2's lr / sqrt(max(step / "
+                          "--lr-ref-steps, 1))."),
+        click.option("--lr-ref-steps", type=click.IntRange(min=1), default=1000, show_default=True,
+                     help="Steps before the invsqrt decay starts."),
+        click.option("--warmup-steps", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Linear lr warm-up."),
+        click.option("--optimizer", type=click.Choice(["adam", "radam"]), default="adam",
+                     show_default=True),
+        click.option("--betas", type=(float, float), default=(0.9, 0.99), show_default=True,
+                     help="Adam betas (EDM2's)."),
+        click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0, show_default=True),
+        click.option("--grad-clip", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Clip the global gradient norm to this value (default: no clipping)."),
+        click.option("--ema-halflife", "ema_halflife_images", type=click.FloatRange(min=0),
+                     default=ema_halflife_images, show_default=True,
+                     help="EMA half-life in training images (EDM's ramp-up: at most 5% of images seen)."),
+        click.option("--ema-beta", type=click.FloatRange(0, 1, max_open=True), default=None,
+                     help="A fixed per-step EMA decay instead of the half-life."),
+        click.option("--mixed-precision", type=click.Choice(["auto", "no", "bf16", "fp16"]),
+                     default="auto", show_default=True, help="auto: bf16 (or fp16) on GPU, no on CPU."),
+        click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Micro-batches per optimizer step."),
+        click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Seeds the network init, the data stream and every step's noise."),
+        click.option("--log-every", type=click.IntRange(min=1), default=100, show_default=True),
+        click.option("--ckpt-every", type=click.IntRange(min=1), default=1000, show_default=True,
+                     help="Write training-state.pt every this many steps (and at the end)."),
+        click.option("--sample-every", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Sample a grid (and the metric) every this many steps; 0: at the end only."),
+        click.option("--resume", is_flag=True,
+                     help="Continue exactly from --out/training-state.pt (same data order and RNG)."),
+        click.option("--tensorboard", is_flag=True, help="Also log to --out/tensorboard."),
+        click.option("--progress/--no-progress", default=True, show_default=True,
+                     help="tqdm progress bar on rank 0."),
+    ]
+
+    def decorate(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+    return decorate
+
+
+def config_from_options(kwargs: dict) -> TrainConfig:
+    """Pops the trainer_options from a click command's kwargs into a TrainConfig."""
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    return TrainConfig(**{name: kwargs.pop(name) for name in names if name in kwargs})
