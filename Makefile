@@ -30,8 +30,10 @@ demo: install
 demo-toy: install
 	$(BIN)/python -m cmt.demo --data toy:checkerboard --out $(DEMO_OUT)-toy
 
+# The tests train tiny networks, for which one thread per process is faster than two (and the
+# multi-process tests start two of them on two cores).
 test: install
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 bench: install
 	$(BIN)/python benchmarks/run_all.py
