@@ -262,3 +262,27 @@ def test_mismatched_data_and_bad_options_fail_before_training(shards, tmp_path):
     code, output = run_mid("--data", data, "--out", tmp_path / "run", "--states-per-trajectory", "0")
     assert code == 2 and "--states-per-trajectory" in output
     assert not (tmp_path / "run").exists()
+
+
+def test_mid_runs_on_two_cpu_processes(shards, tmp_path):
+    """`accelerate launch` with 2 CPU processes: each rank reads its own part of the shards."""
+    import os
+    import subprocess
+    import sys
+
+    from cmt.checkpoint import load_network
+    from cmt.trainers.loop import STATE_FILE, read_log
+
+    _, data = shards
+    out = tmp_path / "ddp"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "cmt.trainers.cli", "mid", "--data", str(data), "--out", str(out), "--max-steps", "4",
+               "--eval-data", "toy:moons", *map(str, FAST)]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert [record["step"] for record in read_log(out)] == [2, 4]
+    state = torch.load(out / STATE_FILE, weights_only=True)
+    assert len(state["data"]) == 2   # one reader state per rank, gathered on rank 0
+    assert load_network(out / "mid.pt").sigma_min == 0.002
