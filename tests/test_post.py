@@ -157,6 +157,41 @@ def test_meanflow_jvp_through_edm2_matches_finite_differences():
     assert float((target - expected).abs().max()) < 1e-2 * float((expected - v).abs().max())
 
 
+def exact_flow_map(mu, logw, s, steps=64):
+    """The mixture's exact flow map as a flow-map denoiser: Heun in log sigma from sigma to target_sigma,
+    returned in the DDIM form `D = (x_r - (r / sigma) x) / (1 - r / sigma)` (differentiable, for the JVP)."""
+    exact_denoiser = gmm_denoiser(mu, logw, s)
+
+    def net(x, sigma, labels=None, target_sigma=None):
+        start, end = sigma.log()[:, None], target_sigma.log()[:, None]
+        state = x
+        for i in range(steps):
+            here, there = start + (end - start) * i / steps, start + (end - start) * (i + 1) / steps
+            slope = state - exact_denoiser(state, here.exp()[:, 0])  # dx / dlog(sigma)
+            euler = state + (there - here) * slope
+            state = state + (there - here) * (slope + euler - exact_denoiser(euler, there.exp()[:, 0])) / 2
+        ratio = (target_sigma / sigma)[:, None]
+        return (state - ratio * x) / (1 - ratio)
+    return net
+
+
+def test_meanflow_target_of_the_exact_flow_map_is_its_average_velocity():
+    """MeanFlow's identity u = v - (t - r) du/dt holds for the exact flow map with the exact velocity
+    v* = (z - D*) / t: this checks the time conversion, the JVP tangent and the target's sign together."""
+    mu, logw, s = random_gmm(3, 2, std=0.3, generator=torch.Generator().manual_seed(0))
+    net = exact_flow_map(mu, logw, s)
+    generator = torch.Generator().manual_seed(1)
+    x, e = gmm_sample(mu, logw, s, 8, generator), torch.randn(8, 2, generator=generator, dtype=torch.float64)
+    t = torch.linspace(0.2, 0.9, 8, dtype=torch.float64)
+    r = t * torch.linspace(0.1, 0.8, 8, dtype=torch.float64)
+    z = (1 - t[:, None]) * x + t[:, None] * e
+    exact_velocity = (z - gmm_denoiser(mu, logw, s)(z / (1 - t[:, None]), t / (1 - t))) / t[:, None]
+    average = average_velocity(net, z, t, r)
+    target = meanflow_target(net, z, t, r, exact_velocity)
+    assert float((target - average).norm(dim=1).max()) < 1e-2 * float(average.norm(dim=1).mean())
+    assert float((exact_velocity - average).norm(dim=1).mean()) > 0.1 * float(average.norm(dim=1).mean())
+
+
 def test_meanflow_needs_a_flow_map_network():
     with pytest.raises(ValueError, match="flow-map network"):
         meanflow_loss(build_network(MLP), points(4), context())
