@@ -134,13 +134,3 @@ def test_bad_label_for_the_network(tmp_path, image_ckpt):
     result = sample("--ckpt", image_ckpt, "--labels", 12, "--out", tmp_path / "g.png", "--num", 2)
     assert result.exit_code == 2 and "--labels" in result.output
 
-
-def test_demo_with_the_builtin_toy_teacher(tmp_path):
-    from cmt.demo import DemoRun, run_demo
-
-    run = run_demo(DemoRun(out=tmp_path / "demo", data="toy:checkerboard", eval_num=1000))
-    report = (tmp_path / "demo" / "report.md").read_text()
-    assert "toy-checkerboard.safetensors" in report and "![](teacher_dpm++3m_16.png)" in report
-    assert (tmp_path / "demo" / "teacher_dpm++3m_16.png").is_file()
-    metrics = run.metrics["teacher dpm++3m 16 steps"]
-    assert metrics["energy_distance"] < 0.005   # the shipped teacher is close to the data
