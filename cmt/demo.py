@@ -18,7 +18,6 @@ records them), resumes an interrupted one, and runs a stage again from scratch w
 an earlier stage changed; `--fresh` starts over.
 """
 import json
-import os
 import resource
 import shlex
 import shutil
@@ -26,13 +25,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Idle OpenMP threads that spin instead of sleeping make torch many times slower whenever another
-# process shares the cores (measured: 7 s instead of 0.8 s per MNIST step on a busy 2-core machine);
-# this only takes effect when torch is imported after this line, as under `python -m cmt.demo`.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import click  # noqa: E402
-import torch  # noqa: E402
+import click
+import torch
 
 from cmt.datasets import resolve_data
 from cmt.evaluate import evaluate_samples, load_samples
@@ -301,7 +295,8 @@ def report(run):
         values = run.metrics[name]
         lines.append(f"| {TITLES[model]} | {steps} | " + " | ".join(_fmt(values.get(key)) for key in metric_names)
                      + f" | {_fmt(values['rmse_to_teacher'])} |")
-    lines += ["| teacher, other noise (same label) | 16 | " + " | ".join("" for _ in metric_names)
+    other = "teacher, other noise" + (" (same label)" if kind == "mnist" else "")
+    lines += [f"| {other} | 16 | " + " | ".join("" for _ in metric_names)
               + f" | {_fmt(run.metrics['teacher_16step_other_noise']['rmse_to_teacher'])} |",
               f"| real data, {s.eval_num} samples (noise floor) | | "
               + " | ".join(_fmt(run.metrics["real_data"].get(key)) for key in metric_names) + " | |", "",
