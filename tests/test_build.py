@@ -65,13 +65,6 @@ def invoke(*args):
     return result.exit_code, result.output
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def mlp_teacher(tmp_path_factory):

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from cmt import lpips as cmt_lpips
 from cmt.lpips import FEATURES, LPIPS, cached_lpips, lpips_distance
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"

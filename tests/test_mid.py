@@ -13,14 +13,6 @@ from cmt.trainers.mid import (average_velocity, consistency_output, endpoint_los
 MLP = dict(architecture="mlp", data_shape=[2], width=64, num_blocks=2, emb_width=32, fourier_freqs=16)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks run fastest on one thread (and the CI machine's cores are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def context(step=0, seed=0):
     return Context(step=step, max_steps=1000, generator=torch.Generator().manual_seed(seed),

@@ -1,5 +1,4 @@
 """The installed layout: our folders live under the cmt namespace and every console script starts."""
-import importlib.util
 import shutil
 import subprocess
 import sys
