@@ -1,4 +1,3 @@
-import importlib.util
 import math
 import urllib.error
 
@@ -8,8 +7,6 @@ import torch
 from cmt.lpips import FEATURES, cached_lpips
 from cmt.trainers.distances import default_huber_c, make_distance, pseudo_huber, squared_l2
 
-needs_lpips_heads = pytest.mark.skipif(importlib.util.find_spec("lpips") is None,
-                                       reason="LPIPS heads need: pip install --no-deps lpips")
 
 
 def test_l2_is_the_summed_squared_error():
@@ -55,13 +52,11 @@ def offline_hub(tmp_path, monkeypatch):
     cached_lpips.cache_clear()
 
 
-@needs_lpips_heads
 def test_lpips_without_trunk_weights_is_one_clear_error(offline_hub):
     with pytest.raises(FileNotFoundError, match="vgg16-397923af.pth"):
         make_distance("lpips", (1, 16, 16))
 
 
-@needs_lpips_heads
 def test_lpips_distance_with_trunk_weights_gives_gradients(offline_hub):
     # Stand-in trunk weights with torchvision's names, in the hub cache where LPIPS looks.
     generator = torch.Generator().manual_seed(0)

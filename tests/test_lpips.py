@@ -12,8 +12,6 @@ from safetensors.torch import load_file
 from cmt.lpips import FEATURES, LPIPS, cached_lpips, lpips_distance
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
-HAS_LPIPS_PACKAGE = importlib.util.find_spec("lpips") is not None
-needs_heads = pytest.mark.skipif(not HAS_LPIPS_PACKAGE, reason="linear heads need: pip install --no-deps lpips")
 
 
 def formula(shape, i):
@@ -53,7 +51,6 @@ def hub_dir(tmp_path, monkeypatch):
 # The lpips package itself, run on this machine with these trunks, gives our numbers bit for bit; the
 # fixture's VGG values carry ~6e-5 of float32 noise from the machine that made them (VGG with formula
 # weights is ill-conditioned: float32-rounding its weights moves the distance by ~1e-5), AlexNet's ~3e-7.
-@needs_heads
 @pytest.mark.parametrize("net, atol", [("vgg", 1e-4), ("alex", 1e-5)])
 def test_matches_lpips_package(reference, net, atol):
     assert len([key for key in formula_trunk(net) if key.endswith(".bias")]) == reference[f"{net}_conv_count"].item()
@@ -65,7 +62,6 @@ def test_matches_lpips_package(reference, net, atol):
     torch.testing.assert_close(self_distance, reference[f"{net}_dist_self"], atol=1e-7, rtol=0)
 
 
-@needs_heads
 def test_trunk_from_hub_cache_and_file(reference, hub_dir, tmp_path_factory):
     (hub_dir / "checkpoints").mkdir()
     torch.save(formula_trunk("alex"), hub_dir / "checkpoints" / "alexnet-owt-7be5be79.pth")
@@ -78,7 +74,6 @@ def test_trunk_from_hub_cache_and_file(reference, hub_dir, tmp_path_factory):
             torch.testing.assert_close(model(reference["x0"], reference["x1"]), reference["alex_dist"], atol=1e-5, rtol=0)
 
 
-@needs_heads
 def test_missing_trunk_offline_names_file_and_directory(hub_dir):
     with pytest.raises(FileNotFoundError, match="vgg16-397923af.pth") as error:
         LPIPS("vgg")
@@ -92,7 +87,6 @@ def test_missing_lpips_package(monkeypatch):
         LPIPS("alex", trunk_weights=formula_trunk("alex"))
 
 
-@needs_heads
 def test_bad_arguments():
     with pytest.raises(ValueError, match="squeeze"):
         LPIPS("squeeze", trunk_weights={})
@@ -109,7 +103,6 @@ def test_bad_arguments():
         model(torch.zeros(2, 2, 32, 32), torch.zeros(2, 2, 32, 32))
 
 
-@needs_heads
 def test_frozen_but_differentiable_in_inputs(reference):
     model = LPIPS("vgg", trunk_weights=formula_trunk("vgg"))
     assert not model.training and not any(p.requires_grad for p in model.parameters())
@@ -125,7 +118,6 @@ def test_frozen_but_differentiable_in_inputs(reference):
     assert (closer < distance.detach()).all()
 
 
-@needs_heads
 def test_gray_images_and_resize(reference):
     model = LPIPS("alex", trunk_weights=formula_trunk("alex"), resize=48)
     gray0, gray1 = reference["x0"][:, :1, :28, :28], reference["x1"][:, :1, :28, :28]
@@ -138,7 +130,6 @@ def test_gray_images_and_resize(reference):
     assert (distance > 0).all()
 
 
-@needs_heads
 def test_lpips_distance_caches_one_module_per_device(reference, hub_dir):
     (hub_dir / "checkpoints").mkdir()
     torch.save(formula_trunk("alex"), hub_dir / "checkpoints" / "alexnet-owt-7be5be79.pth")
@@ -152,7 +143,6 @@ def test_lpips_distance_caches_one_module_per_device(reference, hub_dir):
     assert cached_lpips("alex", torch.device("cpu"), None) is cached_lpips("alex", torch.device("cpu"), None)
 
 
-@needs_heads
 def test_lpips_package_is_read_not_imported():
     code = (
         "import sys, torch; from cmt.lpips import LPIPS, FEATURES; "
