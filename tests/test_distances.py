@@ -1,10 +1,9 @@
 import math
-import urllib.error
 
 import pytest
 import torch
 
-from cmt.lpips import FEATURES, cached_lpips
+from cmt.lpips import FEATURES
 from cmt.trainers.distances import default_huber_c, make_distance, pseudo_huber, squared_l2
 
 
@@ -41,15 +40,6 @@ def test_bad_distance_requests_fail_clearly():
         make_distance("huber", (2,), huber_c=-1.0)
 
 
-@pytest.fixture
-def offline_hub(tmp_path, monkeypatch):
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("offline")
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    cached_lpips.cache_clear()
-    yield tmp_path
-    cached_lpips.cache_clear()
 
 
 def test_lpips_without_trunk_weights_is_one_clear_error(offline_hub):

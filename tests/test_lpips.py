@@ -1,7 +1,6 @@
 import importlib.util
 import subprocess
 import sys
-import urllib.error
 from pathlib import Path
 
 import pytest
@@ -34,18 +33,6 @@ def reference():
     return load_file(FIXTURES / "lpips_formula.safetensors")
 
 
-@pytest.fixture
-def hub_dir(tmp_path, monkeypatch):
-    """An empty torch hub directory, and no network: downloads fail as they do offline."""
-
-    def offline(url, *args, **kwargs):
-        raise urllib.error.URLError("offline")
-
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    cached_lpips.cache_clear()
-    yield tmp_path
-    cached_lpips.cache_clear()
 
 
 # The lpips package itself, run on this machine with these trunks, gives our numbers bit for bit; the
@@ -62,9 +49,9 @@ def test_matches_lpips_package(reference, net, atol):
     torch.testing.assert_close(self_distance, reference[f"{net}_dist_self"], atol=1e-7, rtol=0)
 
 
-def test_trunk_from_hub_cache_and_file(reference, hub_dir, tmp_path_factory):
-    (hub_dir / "checkpoints").mkdir()
-    torch.save(formula_trunk("alex"), hub_dir / "checkpoints" / "alexnet-owt-7be5be79.pth")
+def test_trunk_from_hub_cache_and_file(reference, offline_hub, tmp_path_factory):
+    (offline_hub / "checkpoints").mkdir()
+    torch.save(formula_trunk("alex"), offline_hub / "checkpoints" / "alexnet-owt-7be5be79.pth")
     from_hub = LPIPS("alex")
     path = tmp_path_factory.mktemp("weights") / "alex.pth"
     torch.save(formula_trunk("alex"), path)
@@ -74,10 +61,10 @@ def test_trunk_from_hub_cache_and_file(reference, hub_dir, tmp_path_factory):
             torch.testing.assert_close(model(reference["x0"], reference["x1"]), reference["alex_dist"], atol=1e-5, rtol=0)
 
 
-def test_missing_trunk_offline_names_file_and_directory(hub_dir):
+def test_missing_trunk_offline_names_file_and_directory(offline_hub):
     with pytest.raises(FileNotFoundError, match="vgg16-397923af.pth") as error:
         LPIPS("vgg")
-    assert str(hub_dir / "checkpoints") in str(error.value)
+    assert str(offline_hub / "checkpoints") in str(error.value)
 
 
 def test_missing_lpips_package(monkeypatch):
@@ -130,9 +117,9 @@ def test_gray_images_and_resize(reference):
     assert (distance > 0).all()
 
 
-def test_lpips_distance_caches_one_module_per_device(reference, hub_dir):
-    (hub_dir / "checkpoints").mkdir()
-    torch.save(formula_trunk("alex"), hub_dir / "checkpoints" / "alexnet-owt-7be5be79.pth")
+def test_lpips_distance_caches_one_module_per_device(reference, offline_hub):
+    (offline_hub / "checkpoints").mkdir()
+    torch.save(formula_trunk("alex"), offline_hub / "checkpoints" / "alexnet-owt-7be5be79.pth")
     distance = lpips_distance("alex", resize=None)
     with torch.no_grad():
         first = distance(reference["x0"], reference["x1"])
