@@ -25,7 +25,7 @@ import torch
 
 from cmt.builders.build import Teacher, build, build_config
 from cmt.builders.inspect import summary
-from cmt.builders.manifest import TrajectoryDataset
+from cmt.manifest import TrajectoryDataset
 from cmt.datasets.shards import ShardReader
 from cmt.networks import build_network
 from cmt.solvers import sample_trajectory

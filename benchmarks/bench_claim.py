@@ -121,7 +121,7 @@ def metric_curve(records, metric):
 def teacher_metric(data, num_samples, steps=16):
     from cmt.datasets import resolve_data
     from cmt.metrics import embedded_metric
-    from cmt.sample import generate, pick_labels
+    from cmt.sampling import generate, pick_labels
     from cmt.teachers import resolve_teacher
 
     net, _ = resolve_teacher(data)
@@ -331,7 +331,7 @@ def sample_figure(data, student_path, path, count=100):
     from cmt.checkpoint import load_network
     from cmt.datasets import resolve_data
     from cmt.images import image_grid, save_scatter
-    from cmt.sample import generate, pick_labels
+    from cmt.sampling import generate, pick_labels
     from cmt.teachers import resolve_teacher
     import matplotlib
     matplotlib.use("Agg")

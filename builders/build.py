@@ -19,9 +19,9 @@ import torch
 import tqdm
 from accelerate import PartialState
 
-from cmt.builders.formats import (FORMATS, ShardError, checksum, encode_shard, open_location, read_files,
+from cmt.formats import (FORMATS, ShardError, checksum, encode_shard, open_location, read_files,
                                   remove_temporaries, shard_name, write_atomic)
-from cmt.builders.manifest import (BUILD_CONFIG, FORMAT_NAME, FORMAT_VERSION, MANIFEST, TrajectoryDataset,
+from cmt.manifest import (BUILD_CONFIG, FORMAT_NAME, FORMAT_VERSION, MANIFEST, TrajectoryDataset,
                                    config_hash, read_json, sidecar_name, write_json)
 from cmt.edm import sigma_grid
 from cmt.solvers import SOLVERS, sample_trajectory

@@ -5,7 +5,7 @@
 """
 import click
 from cmt.builders.build import STORAGE_DTYPES, NonFiniteTrajectories, Teacher, build, build_config, distributed_state
-from cmt.builders.formats import FORMATS
+from cmt.formats import FORMATS
 from cmt.datasets import TOY_NAMES
 from cmt.edm import SIGMA_GRIDS
 from cmt.guidance import autoguidance, classifier_free_guidance, no_guidance

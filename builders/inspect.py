@@ -15,8 +15,8 @@ import click
 import numpy as np
 import torch
 
-from cmt.builders.formats import ShardError
-from cmt.builders.manifest import BUILD_CONFIG, MANIFEST, TrajectoryDataset, sidecar_name
+from cmt.formats import ShardError
+from cmt.manifest import BUILD_CONFIG, MANIFEST, TrajectoryDataset, sidecar_name
 from cmt.edm import SIGMA_DATA
 
 ITEM_BYTES = {"float16": 2, "float32": 4}

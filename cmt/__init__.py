@@ -1,4 +1,16 @@
-"""cmt: consistency mid-training for consistency, mean-flow and flow-map models."""
+"""cmt: consistency mid-training for consistency, mean-flow and flow-map models.
+
+The pipeline's entry points are plain functions, imported lazily so that `import cmt` (and any
+`cmt.edm`-style core import) stays light:
+
+    cmt.train_diffusion(data=..., out=..., ...)      # phase 1: a diffusion teacher
+    cmt.build_trajectories(teacher=..., out=..., ...) # phase 2a: trajectory shards
+    cmt.mid_train(data=..., out=..., target=...)      # phase 2b: CMT mid-training
+    cmt.post_train(init=..., method=..., data=..., out=...)  # phase 3: ECT / ECD / MeanFlow
+    cmt.sample(ckpt=..., ...)                         # samples of a teacher or a student
+    cmt.evaluate(samples=..., data=...)               # the metric of a set of samples
+"""
+import importlib
 import os
 
 # OpenMP threads that spin while waiting make torch many times slower on small CPUs shared with
@@ -7,3 +19,22 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
+
+# name -> module that defines it (PEP 562 lazy attributes, as diffusers does)
+_ENTRY_POINTS = {
+    "train_diffusion": "cmt.trainers.diffusion",
+    "build_trajectories": "cmt.builders.build",
+    "inspect_trajectories": "cmt.builders.inspect",
+    "mid_train": "cmt.trainers.mid",
+    "post_train": "cmt.trainers.post",
+    "sample": "cmt.sampling",
+    "evaluate": "cmt.evaluation",
+    "ArgumentError": "cmt.errors",
+}
+__all__ = sorted(_ENTRY_POINTS)
+
+
+def __getattr__(name):
+    if name in _ENTRY_POINTS:
+        return getattr(importlib.import_module(_ENTRY_POINTS[name]), name)
+    raise AttributeError(f"module 'cmt' has no attribute {name!r}")

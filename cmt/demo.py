@@ -29,7 +29,7 @@ import click
 import torch
 
 from cmt.datasets import resolve_data
-from cmt.evaluate import evaluate_samples, load_samples
+from cmt.evaluation import evaluate_samples, load_samples
 from cmt.images import save_image_grid, save_scatter
 from cmt.metrics import embedded_metric
 from cmt.teachers import BUILTIN_TEACHERS, builtin_teacher_path
@@ -72,7 +72,7 @@ TITLES = {"teacher": "teacher (DPM-Solver++ 3M)", "mid": "mid-trained (CMT)", "p
 def _programs():
     """The click commands the stages call (imported late: each pulls in its own stack)."""
     from cmt.builders.cli import main as build
-    from cmt.sample import main as sample
+    from cmt.sampling import main as sample
     from cmt.trainers.cli import main as train
     return {"cmt-build": build, "cmt-train": train, "cmt-sample": sample}
 

@@ -24,7 +24,7 @@ import math
 import numpy as np
 import torch
 
-from cmt.builders.manifest import TrajectoryDataset
+from cmt.manifest import TrajectoryDataset
 
 
 def _default_rank():

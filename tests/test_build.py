@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from cmt.builders.build import NonFiniteTrajectories, Teacher, build, build_config, draw_inputs, trajectory_seed
 from cmt.builders.cli import main
-from cmt.builders.manifest import TrajectoryDataset
+from cmt.manifest import TrajectoryDataset
 from cmt.checkpoint import save_network
 from cmt.edm import sigma_grid
 from cmt.gmm import gmm_denoiser, random_gmm

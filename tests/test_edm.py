@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from cmt import edm
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 def test_scalings_known_values():

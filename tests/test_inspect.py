@@ -9,9 +9,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cmt.builders.build import Teacher, build, build_config
-from cmt.builders.formats import checksum, encode_shard, open_location, write_atomic
+from cmt.formats import checksum, encode_shard, open_location, write_atomic
 from cmt.builders.inspect import main
-from cmt.builders.manifest import TrajectoryDataset, read_json, write_json
+from cmt.manifest import TrajectoryDataset, read_json, write_json
 from cmt.gmm import gmm_denoiser, random_gmm
 
 

@@ -14,7 +14,7 @@ pytest.importorskip("diffusers")
 from cmt.builders.build import Teacher, build, build_config  # noqa: E402
 from cmt.builders.cli import main as build_main  # noqa: E402
 from cmt.builders.inspect import main as inspect_main  # noqa: E402
-from cmt.builders.manifest import TrajectoryDataset  # noqa: E402
+from cmt.manifest import TrajectoryDataset  # noqa: E402
 from cmt.gmm import gmm_denoiser, random_gmm  # noqa: E402
 from cmt.latents import load_vae  # noqa: E402
 

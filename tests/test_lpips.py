@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from cmt.lpips import FEATURES, LPIPS, cached_lpips, lpips_distance
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 def formula(shape, i):

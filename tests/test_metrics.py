@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from cmt import metrics
 from cmt.datasets import load_mnist, reference_sample, sample_toy
-from cmt.evaluate import evaluate_samples, main
+from cmt.evaluation import evaluate_samples, main
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from cmt.networks import build_network, network_config
 from cmt.networks.edm2 import MPConv, Precond, normalize
 from cmt.networks.mlp import MLPDenoiser
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 def tiny_edm2(**kwargs):

@@ -8,7 +8,7 @@ from PIL import Image
 from cmt.checkpoint import load_network, save_network
 from cmt.edm import flow_map_jump
 from cmt.networks import build_network
-from cmt.sample import flow_map_sample, generate, main, pick_labels
+from cmt.sampling import flow_map_sample, generate, main, pick_labels
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from cmt.builders.build import Teacher, build, build_config
-from cmt.builders.formats import ShardError
-from cmt.builders.manifest import TrajectoryDataset
+from cmt.formats import ShardError
+from cmt.manifest import TrajectoryDataset
 from cmt.datasets.shards import ShardReader
 from cmt.gmm import gmm_denoiser, random_gmm
 

@@ -10,7 +10,7 @@ from cmt.edm import sigma_grid
 from cmt.gmm import gmm_denoiser, gmm_sample, random_gmm
 from cmt.solvers import SOLVERS, dpmpp_update, sample, sample_trajectory
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 @pytest.fixture(scope="module")

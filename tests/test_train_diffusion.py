@@ -14,7 +14,7 @@ from cmt.checkpoint import load_network
 from cmt.datasets import reference_sample, sample_toy
 from cmt.metrics import energy_distance
 from cmt.networks import build_network
-from cmt.sample import generate, pick_labels
+from cmt.sampling import generate, pick_labels
 from cmt.trainers import loop
 from cmt.trainers.cli import main
 from cmt.trainers.diffusion import diffusion_loss

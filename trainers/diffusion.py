@@ -16,7 +16,7 @@ from cmt.edm import sample_lognormal_sigmas
 from cmt.metrics import embedded_metric
 from cmt.networks import build_network
 from cmt.solvers import SOLVERS
-from cmt.sample import generate, pick_labels, save_samples
+from cmt.sampling import generate, pick_labels, save_samples
 from cmt.trainers import loop
 
 P_MEAN, P_STD = -0.4, 1.0   # EDM2's training sigma distribution

@@ -16,14 +16,14 @@ from pathlib import Path
 import click
 import torch
 
-from cmt.builders.manifest import TrajectoryDataset
+from cmt.manifest import TrajectoryDataset
 from cmt.checkpoint import init_student_from_teacher, save_network
 from cmt.datasets import one_hot_labels, resolve_data
 from cmt.datasets.shards import ShardReader
 from cmt.edm import SIGMA_MAX, SIGMA_MIN, broadcast_sigma, sigma_to_t, t_to_sigma, x_to_z, z_to_x
 from cmt.metrics import embedded_metric
 from cmt.networks import build_network, network_config
-from cmt.sample import generate, pick_labels, save_samples
+from cmt.sampling import generate, pick_labels, save_samples
 from cmt.teachers import resolve_teacher
 from cmt.trainers import loop
 from cmt.trainers.distances import DISTANCES, make_distance, squared_l2

@@ -11,7 +11,7 @@ A dataset is complete when its manifest exists; readers use nothing else.
 import hashlib
 import json
 
-from cmt.builders.formats import (EXTENSIONS, ShardError, checksum, decode_shard, files_bytes, open_location, read_files,
+from cmt.formats import (EXTENSIONS, ShardError, checksum, decode_shard, files_bytes, open_location, read_files,
                                   write_atomic)
 
 FORMAT_NAME = "cmt-trajectories"
@@ -80,7 +80,7 @@ class TrajectoryDataset:
         return files
 
     def read_shard(self, entry, verify=True):
-        """The arrays of one shard (see `cmt.builders.formats`), checked against the manifest."""
+        """The arrays of one shard (see `cmt.formats`), checked against the manifest."""
         path = self.shard_path(entry)
         files = self.read_files(entry, verify)
         try:
