@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   install everything, then run the whole pipeline on the embedded MNIST data
 #   make test   install everything, then run the test suite
+#   make bench  install everything, then run every benchmark's quick form
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -25,18 +26,20 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/python -m cmt.demo --out $(DEMO_OUT)
+	$(BIN)/python -m cmt.cli.demo --out $(DEMO_OUT)
 
 demo-toy: install
-	$(BIN)/python -m cmt.demo --data toy:checkerboard --out $(DEMO_OUT)-toy
+	$(BIN)/python -m cmt.cli.demo --data toy:checkerboard --out $(DEMO_OUT)-toy
 
 # The tests train tiny networks, for which one thread per process is faster than two (and the
 # multi-process tests start two of them on two cores).
 test: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
+# Every benchmark's --quick form (a few minutes): the scripts work. The figures in docs/ come from
+# the full commands given there.
 bench: install
-	$(BIN)/python benchmarks/run_all.py
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/run_all.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

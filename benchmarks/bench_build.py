@@ -1,4 +1,5 @@
-"""Benchmark of cmt-build and the shard reader; prints the figures (no pass/fail).
+"""Benchmark of the trajectory builder (`cmt.build_trajectories`, `cmt-build`) and the shard reader;
+prints the figures (no pass/fail).
 
 1. Builder overhead: wall time of a build (draw noises, solve, convert, compress, write, verify,
    manifest) over the wall time of the bare solver loop on the same teacher, trajectories and batch
@@ -10,6 +11,7 @@
    (forward + backward of the teacher-sized network at the same batch size).
 
     python benchmarks/bench_build.py [--teacher PATH|mnist] [--num-trajectories 256] [--batch-size 128]
+    python benchmarks/bench_build.py --quick          # seconds: small sizes, the script works
 
 The default teacher is the built-in `mnist` teacher when it is installed, otherwise the EDM2 network
 that `cmt-train diffusion` builds for MNIST (16x16, 32 channels, 10 classes) with random weights:
@@ -23,7 +25,7 @@ import click
 import numpy as np
 import torch
 
-from cmt.builders.build import Teacher, build, build_config
+from cmt.builders.build import Teacher, build_config, build_trajectories
 from cmt.builders.inspect import summary
 from cmt.manifest import TrajectoryDataset
 from cmt.datasets.shards import ShardReader
@@ -31,6 +33,7 @@ from cmt.networks import build_network
 from cmt.solvers import sample_trajectory
 from cmt.teachers import builtin_teacher_path, resolve_teacher
 
+QUICK = {"num_trajectories": 64, "repeats": 1, "reader_batches": 50}
 MNIST_SIZED = dict(architecture="edm2", img_resolution=16, img_channels=1, label_dim=10, model_channels=32,
                    channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[4], dropout=0.0)
 
@@ -132,7 +135,14 @@ def training_step_rate(net_config, batch_size, steps=3):
     return steps / sum(timed(step) for _ in range(steps))
 
 
+def quick_sizes(ctx, param, value):
+    if value:
+        ctx.default_map = {**QUICK, **(ctx.default_map or {})}
+
+
 @click.command()
+@click.option("--quick", is_flag=True, is_eager=True, expose_value=False, callback=quick_sizes,
+              help="Small sizes (" + ", ".join(f"{key}={value}" for key, value in QUICK.items()) + ") unless given.")
 @click.option("--teacher", default=None, help="A teacher path or built-in name (default: see the module doc).")
 @click.option("--num-trajectories", type=int, default=256)
 @click.option("--batch-size", type=int, default=64)
@@ -145,8 +155,9 @@ def training_step_rate(net_config, batch_size, steps=3):
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Where to build (default: a temporary folder).")
 def main(teacher, num_trajectories, batch_size, nfe, shard_size, fmt, repeats, reader_batches, reader_batch_size, out):
     net, model = load(teacher)
-    config = build_config(model, nfe=nfe, num_trajectories=num_trajectories, batch_size=batch_size,
-                          shard_size=shard_size, fmt=fmt)
+    options = dict(nfe=nfe, num_trajectories=num_trajectories, batch_size=batch_size, shard_size=shard_size,
+                   format=fmt)
+    config = build_config(model, **options)
     print(f"teacher {model.identity.get('name') or model.identity.get('path')}, data {list(model.data_shape)}, "
           f"{num_trajectories} trajectories, batch {batch_size}, nfe {nfe}, {fmt} shards of {shard_size}, "
           f"{torch.get_num_threads()} threads")
@@ -161,7 +172,8 @@ def main(teacher, num_trajectories, batch_size, nfe, shard_size, fmt, repeats, r
         bare_times.append((timed(lambda: bare_loop(timed_net, config)), timed_net.seconds))
         model.denoiser = timed_net = TimedDenoiser(net)
         target = root / f"run{repeat}"
-        wall = timed(lambda: build(str(target), model, config, progress=False, log=lambda message: None))
+        wall = timed(lambda: build_trajectories(teacher=model, out=str(target), **options, progress=False,
+                                                log=lambda message: None))
         build_times.append((wall, timed_net.seconds))
         ratios.append(build_times[-1][0] / bare_times[-1][0])
         print(f"  run {repeat}: bare solver loop {bare_times[-1][0]:.2f} s ({bare_times[-1][1]:.2f} s in the teacher), "

@@ -3,9 +3,9 @@ fewer steps than post-training from the teacher or from scratch? Prints the figu
 
 For each data set (built-in teachers only) and seed, with one fixed post-training budget:
 1. the teacher's 16-step DPM-Solver++(3M) metric;
-2. `cmt-build` (16-step trajectories), `cmt-train mid --target endpoint` (for ECT) and
-   `--target flowmap` (for MeanFlow);
-3. `cmt-train post`: ECT from random weights, from the teacher and from the CMT endpoint weights;
+2. `cmt.build_trajectories` (16-step trajectories), `cmt.mid_train(target="endpoint")` (for ECT)
+   and `target="flowmap"` (for MeanFlow);
+3. `cmt.post_train`: ECT from random weights, from the teacher and from the CMT endpoint weights;
    MeanFlow from random weights and from the CMT flow-map weights; the 1- and 2-step metric every
    `--sample-every` steps (the loop's `sample_fn` scalars in log.jsonl) and at step 0 (here).
 The table gives, per run, the post-training steps (and wall seconds, building and mid-training
@@ -15,36 +15,52 @@ the teacher's 16-step metric.
 
     python benchmarks/bench_claim.py --out runs/claim                      # toy:checkerboard x 3 seeds, mnist x 1
     python benchmarks/bench_claim.py --out runs/claim --data toy:moons --seeds 0,1,2 --post-steps 1000
+    python benchmarks/bench_claim.py --out /tmp/claim --quick             # a few minutes: the script works
 
-Every command runs as a subprocess with `OMP_NUM_THREADS=--threads` (1 by default: on a small shared
-CPU two threads per process are many times slower than one). Results go to OUT/claim_<data>.json
+Every stage calls the library in this process with `--threads` torch threads (1 by default: on a
+small shared CPU two threads per process are many times slower than one), its output into a log
+file; the results record the equivalent command of each. Results go to OUT/claim_<data>.json
 after every stage (a rerun with the same --out skips the stages done); OUT/table_<data>.md holds the
 table, OUT/claim_<data>.png the curves, OUT/claim_<data>_samples.png the teacher's and the CMT-started
 student's samples. Two --data values can run as two processes with the same --out.
 """
+import contextlib
 import json
 import os
+import shlex
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import click
 import torch
 
-BIN = Path(sys.executable).parent
-# name: (post method, init, extra `cmt-train post` options); "mid-endpoint" / "mid-flowmap" are the
+from cmt.builders.build import build_trajectories
+from cmt.checkpoint import load_network
+from cmt.cli.train import main as train_command
+from cmt.datasets import resolve_data
+from cmt.flags import command_words
+from cmt.edm import SIGMA_MIN, TWO_STEP_SIGMA
+from cmt.images import image_grid, save_scatter
+from cmt.metrics import embedded_metric
+from cmt.sampling import generate, pick_labels
+from cmt.teachers import BUILTIN_TEACHERS, builtin_teacher_path, resolve_teacher
+from cmt.trainers.loop import read_log
+from cmt.trainers.mid import mid_train
+from cmt.trainers.post import load_init, post_train
+from cmt.trainers.students import build_student, sampling_report, student_config
+
+# name: (post method, init, extra `post_train` keywords); "mid-endpoint" / "mid-flowmap" are the
 # CMT weights. ECT from random or teacher weights runs ECT's curriculum (the gap shrinks 8 times over
 # the run); from CMT weights the paper post-trains at one late stage (a small gap from the start),
 # and "ect-cmt-schedule" shows what ECT's curriculum does to those weights instead.
 RUNS = {
-    "ect-random": ("ect", "random", []),
-    "ect-teacher": ("ect", "teacher", []),
-    "ect-cmt": ("ect", "mid-endpoint", ["--stage", "11"]),
-    "ect-cmt-schedule": ("ect", "mid-endpoint", []),
-    "meanflow-random": ("meanflow", "random", []),
-    "meanflow-cmt": ("meanflow", "mid-flowmap", []),
+    "ect-random": ("ect", "random", {}),
+    "ect-teacher": ("ect", "teacher", {}),
+    "ect-cmt": ("ect", "mid-endpoint", {"stage": 11}),
+    "ect-cmt-schedule": ("ect", "mid-endpoint", {}),
+    "meanflow-random": ("meanflow", "random", {}),
+    "meanflow-cmt": ("meanflow", "mid-flowmap", {}),
 }
 REFERENCE_RUN, CMT_RUN = "ect-teacher", "ect-cmt"
 QUALITY_FACTOR = 1.25        # the target: a 2-step metric within 1.25x the teacher's 16-step metric
@@ -56,7 +72,10 @@ PRESETS = {
                   post_batch=64, sample_every=50, log_every=10, num_samples=500,
                   runs=[name for name in RUNS if name != "ect-cmt-schedule"]),
 }
-SAMPLE_SEEDS_START = 10**6   # trainers.mid.sampling_report's seeds: the same noise at every evaluation
+# --quick: a smoke run of every stage in a few minutes (the figures mean nothing at this size)
+QUICK = {"datas": ["toy:checkerboard"], "seeds": "0", "run_names": "ect-teacher,ect-cmt,meanflow-cmt",
+         "post_steps": 40, "mid_steps": 40, "num_trajectories": 200, "sample_every": 20, "num_samples": 256}
+SAMPLE_SEEDS_START = 10**6   # trainers.students.sampling_report's seeds: the same noise at every evaluation
 
 
 def data_kind(data):
@@ -86,22 +105,26 @@ class Results:
         os.replace(tmp, self.path)
 
 
-def run_command(args, threads, log_path):
-    """Run one cmt command; returns its wall seconds. Output goes to `log_path`."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    click.echo("  $ " + " ".join(args))
+def run_call(program, function, kwargs, log_path):
+    """Call one entry point, its printed output into `log_path`; returns (wall seconds, the
+    equivalent command's words)."""
+    command = command_words(program, kwargs)
+    click.echo("  $ " + shlex.join(command))
     start = time.perf_counter()
-    with open(log_path, "w") as log:
-        done = subprocess.run(args, env=env, stdout=log, stderr=subprocess.STDOUT)
-    seconds = time.perf_counter() - start
-    if done.returncode:
-        raise click.ClickException(f"{args[0]} failed (exit {done.returncode}); see {log_path}")
-    return seconds
+    try:
+        with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            function(**kwargs)
+    except Exception as error:
+        raise click.ClickException(f"{program} failed ({type(error).__name__}: {error}); see {log_path}") from error
+    return time.perf_counter() - start, command
 
 
-def read_log(folder):
-    path = Path(folder) / "log.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def post_options(options):
+    """`cmt-train post` options (a --post-args value) as `post_train` keywords, read by the command itself."""
+    command = train_command.commands["post"]
+    with command.make_context("cmt-train post", list(options), resilient_parsing=True) as ctx:
+        return {name: value for name, value in ctx.params.items()
+                if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
 
 
 def train_seconds_per_step(records, log_every, sample_every):
@@ -119,11 +142,6 @@ def metric_curve(records, metric):
 
 @torch.no_grad()
 def teacher_metric(data, num_samples, steps=16):
-    from cmt.datasets import resolve_data
-    from cmt.metrics import embedded_metric
-    from cmt.sampling import generate, pick_labels
-    from cmt.teachers import resolve_teacher
-
     net, _ = resolve_teacher(data)
     seeds = list(range(SAMPLE_SEEDS_START, SAMPLE_SEEDS_START + num_samples))
     samples = generate(net, seeds, pick_labels("random", num_samples, net.label_dim, seed=0), solver="dpm++3m",
@@ -133,12 +151,7 @@ def teacher_metric(data, num_samples, steps=16):
 
 @torch.no_grad()
 def initial_metric(data, method, init, seed, num_samples, out):
-    """The 1-/2-step metric of the student `cmt-train post` starts from (its step 0)."""
-    from cmt.datasets import resolve_data
-    from cmt.edm import SIGMA_MIN
-    from cmt.trainers.mid import build_student, sampling_report, student_config
-    from cmt.trainers.post import load_init
-
+    """The 1-/2-step metric of the student `post_train` starts from (its step 0)."""
     teacher = None if Path(init).is_file() else data
     config, state, _, _ = load_init(init, teacher, resolve_data(data), None)
     meanflow = method == "meanflow"
@@ -170,9 +183,10 @@ def run_seed(results, data, seed, settings, out, threads):
 
     build = folder / "trajectories"
     if "build" not in node:
-        args = [str(BIN / "cmt-build"), "--teacher", data, "--out", str(build), "--num-trajectories",
-                str(settings["num_trajectories"]), "--nfe", "16", "--seed", str(seed), "--no-progress"]
-        node["build"] = {"seconds": run_command(args, threads, folder / "build.log"), "command": args}
+        kwargs = dict(teacher=data, out=str(build), num_trajectories=settings["num_trajectories"], nfe=16, seed=seed,
+                      progress=False)
+        seconds, command = run_call("cmt-build", build_trajectories, kwargs, folder / "build.log")
+        node["build"] = {"seconds": seconds, "command": command}
         results.save()
 
     mids = {}
@@ -181,14 +195,12 @@ def run_seed(results, data, seed, settings, out, threads):
         mids[f"mid-{target}"] = mid / "mid.pt"
         if not any(RUNS[name][1] == f"mid-{target}" for name in settings["runs"]) or f"mid-{target}" in node:
             continue
-        args = [str(BIN / "cmt-train"), "mid", "--data", str(build), "--target", target, "--out", str(mid),
-                "--max-steps", str(settings["mid_steps"]), "--batch-size", str(settings["mid_batch"]),
-                "--seed", str(seed), "--workers", "0", "--num-samples", str(settings["num_samples"]),
-                "--log-every", str(settings["log_every"]), "--ckpt-every", str(settings["mid_steps"]),
-                "--no-progress"]
-        seconds = run_command(args, threads, folder / f"mid-{target}.log")
+        kwargs = dict(data=str(build), target=target, out=str(mid), max_steps=settings["mid_steps"],
+                      batch_size=settings["mid_batch"], seed=seed, workers=0, num_samples=settings["num_samples"],
+                      log_every=settings["log_every"], ckpt_every=settings["mid_steps"], progress=False)
+        seconds, command = run_call("cmt-train mid", mid_train, kwargs, folder / f"mid-{target}.log")
         records = read_log(mid)
-        node[f"mid-{target}"] = {"seconds": seconds, "command": args, "final": metric_curve(records, metric)[-1],
+        node[f"mid-{target}"] = {"seconds": seconds, "command": command, "final": metric_curve(records, metric)[-1],
                                  "sec_per_step": train_seconds_per_step(records, settings["log_every"], 10**9)}
         results.save()
 
@@ -198,20 +210,17 @@ def run_seed(results, data, seed, settings, out, threads):
             continue
         post = folder / name
         init_arg = str(mids[init]) if init.startswith("mid-") else init
-        args = [str(BIN / "cmt-train"), "post", "--init", init_arg, "--method", method, "--data", data,
-                "--max-steps", str(settings["post_steps"]), "--batch-size", str(settings["post_batch"]),
-                "--seed", str(seed), "--sample-every", str(settings["sample_every"]),
-                "--log-every", str(settings["log_every"]), "--num-samples", str(settings["num_samples"]),
-                "--ckpt-every", str(settings["post_steps"]), "--out", str(post), "--no-progress",
-                *extra, *settings["post_args"].get(name, [])]
-        if not init.startswith("mid-"):
-            args[args.index("--data"):args.index("--data")] = ["--teacher", data]
-        seconds = run_command(args, threads, folder / f"{name}.log")
+        kwargs = dict(init=init_arg, method=method, **({} if init.startswith("mid-") else {"teacher": data}), data=data,
+                      max_steps=settings["post_steps"], batch_size=settings["post_batch"], seed=seed,
+                      sample_every=settings["sample_every"], log_every=settings["log_every"],
+                      num_samples=settings["num_samples"], ckpt_every=settings["post_steps"], out=str(post),
+                      progress=False, **extra, **post_options(settings["post_args"].get(name, [])))
+        seconds, command = run_call("cmt-train post", post_train, kwargs, folder / f"{name}.log")
         start = initial_metric(data, method, init_arg, seed, settings["num_samples"], post)
         records = read_log(post)
         curve = [(0, start[f"{metric}_1step"], start[f"{metric}_2step"]), *metric_curve(records, metric)]
         node.setdefault("runs", {})[name] = {
-            "method": method, "init": init, "command": args, "seconds": seconds, "curve": curve,
+            "method": method, "init": init, "command": command, "seconds": seconds, "curve": curve,
             "sec_per_step": train_seconds_per_step(records, settings["log_every"], settings["sample_every"]),
             "final_metrics": {key: value for key, value in records[-1].items() if key.endswith("step") and key != "step"}}
         results.save()
@@ -328,11 +337,6 @@ def plot(results, data, settings, path):
 @torch.no_grad()
 def sample_figure(data, student_path, path, count=100):
     """Teacher 16 steps next to the CMT-started ECT student's 1 and 2 steps, same noise."""
-    from cmt.checkpoint import load_network
-    from cmt.datasets import resolve_data
-    from cmt.images import image_grid, save_scatter
-    from cmt.sampling import generate, pick_labels
-    from cmt.teachers import resolve_teacher
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -346,7 +350,7 @@ def sample_figure(data, student_path, path, count=100):
     panels = [("teacher, DPM-Solver++(3M) 16 steps", generate(teacher, seeds, labels, steps=16))]
     for steps in (1, 2):
         panels.append((f"CMT + ECT student, {steps} step{'s' if steps > 1 else ''}",
-                       generate(student, seeds, labels, sampler="flowmap", steps=steps, mid_sigma=0.821)))
+                       generate(student, seeds, labels, sampler="flowmap", steps=steps, mid_sigma=TWO_STEP_SIGMA)))
     if points:
         save_scatter([(samples, title) for title, samples in panels], path, reference=resolve_data(data).reference())
         return
@@ -367,7 +371,14 @@ def parse_ints(ctx, param, value):
         raise click.BadParameter(f"comma-separated integers, got {value!r}") from None
 
 
+def quick_sizes(ctx, param, value):
+    if value:
+        ctx.default_map = {**QUICK, **(ctx.default_map or {})}
+
+
 @click.command(context_settings={"show_default": True})
+@click.option("--quick", is_flag=True, is_eager=True, expose_value=False, callback=quick_sizes,
+              help="Small sizes (" + ", ".join(f"{key}={value}" for key, value in QUICK.items()) + ") unless given.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--data", "datas", multiple=True, default=["toy:checkerboard", "mnist"],
               help="Built-in data with a built-in teacher (toy:NAME, mnist); repeat for several.")
@@ -388,8 +399,6 @@ def parse_ints(ctx, param, value):
 def main(out, datas, seeds, mnist_seeds, run_names, post_steps, mid_steps, num_trajectories, sample_every, num_samples,
          post_args, threads, figures):
     """Measure the paper's claim on built-in data and print the table."""
-    from cmt.teachers import BUILTIN_TEACHERS, builtin_teacher_path
-
     if run_names is not None:
         run_names = [name.strip() for name in run_names.split(",") if name.strip()]
         unknown = sorted(set(run_names) - set(RUNS))
@@ -402,6 +411,10 @@ def main(out, datas, seeds, mnist_seeds, run_names, post_steps, mid_steps, num_t
             raise click.BadParameter(f"{item!r}: expected RUN=OPTIONS with RUN one of {', '.join(RUNS)}",
                                      param_hint="--post-args")
         extra_args[name] = options.split()
+        try:
+            post_options(extra_args[name])
+        except click.ClickException as error:
+            raise click.BadParameter(f"{item!r}: {error.format_message()}", param_hint="--post-args") from None
     torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
     overrides = dict(post_steps=post_steps, mid_steps=mid_steps, num_trajectories=num_trajectories,

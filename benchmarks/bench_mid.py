@@ -9,11 +9,13 @@
    default reader workers of `cmt-train mid`. Target < 5%.
 
     python benchmarks/bench_mid.py [--teacher PATH|mnist] [--batch-size 128] [--steps 20] [--device cpu]
+    python benchmarks/bench_mid.py --quick            # seconds: small sizes, the script works
 
 The default teacher is the built-in `mnist` teacher when it is installed, otherwise the EDM2 network
 that `cmt-train diffusion` builds for MNIST (16x16, 32 channels, 10 classes) with random weights:
 only its cost per call matters here.
 """
+import inspect
 import tempfile
 import time
 from pathlib import Path
@@ -21,19 +23,21 @@ from pathlib import Path
 import click
 import torch
 
-from cmt.builders.build import Teacher, build, build_config
+from cmt.builders.build import Teacher, build_trajectories
 from cmt.datasets import one_hot_labels
 from cmt.datasets.shards import ShardReader
-from cmt.edm import sigma_grid
+from cmt.edm import SIGMA_MIN, sigma_grid
 from cmt.networks import build_network
 from cmt.solvers import sample_trajectory
 from cmt.teachers import builtin_teacher_path, resolve_teacher
 from cmt.trainers.distances import squared_l2
-from cmt.trainers.mid import SIGMA_MIN, endpoint_loss, student_config
+from cmt.trainers.mid import endpoint_loss, mid_train
+from cmt.trainers.students import student_config
 
 MNIST_SIZED = dict(architecture="edm2", img_resolution=16, img_channels=1, label_dim=10, model_channels=32,
                    channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[4], dropout=0.0)
-DEFAULT_WORKERS = 2  # cmt-train mid --workers
+DEFAULT_WORKERS = inspect.signature(mid_train).parameters["workers"].default   # mid-training's reader workers
+QUICK = {"steps": 3, "warmup": 1, "num_trajectories": 64}
 
 
 def load_teacher(spec):
@@ -94,7 +98,14 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
+def quick_sizes(ctx, param, value):
+    if value:
+        ctx.default_map = {**QUICK, **(ctx.default_map or {})}
+
+
 @click.command()
+@click.option("--quick", is_flag=True, is_eager=True, expose_value=False, callback=quick_sizes,
+              help="Small sizes (" + ", ".join(f"{key}={value}" for key, value in QUICK.items()) + ") unless given.")
 @click.option("--teacher", default=None, help="Teacher name or checkpoint [default: mnist, or an MNIST-sized EDM2].")
 @click.option("--batch-size", type=click.IntRange(min=16), default=128, help="Targets (states) per step.")
 @click.option("--nfe", type=click.IntRange(min=1), default=16, help="Teacher solver steps (the official design's).")
@@ -118,10 +129,9 @@ def main(teacher, batch_size, nfe, steps, warmup, num_trajectories, workers, dev
         started = time.perf_counter()
         builder_teacher = Teacher(teacher, teacher.data_shape, teacher.label_dim, {**identity, "path": "benchmark"},
                                   device=device)
-        build(shards, builder_teacher, build_config(builder_teacher, nfe=nfe, num_trajectories=num_trajectories,
-                                                    batch_size=256, shard_size=128,
-                                                    labels="random" if teacher.label_dim else None),
-              progress=False, log=lambda message: None)
+        build_trajectories(teacher=builder_teacher, out=shards, nfe=nfe, num_trajectories=num_trajectories,
+                           batch_size=256, shard_size=128, labels="random" if teacher.label_dim else None,
+                           progress=False, log=lambda message: None)
         print(f"built {num_trajectories} trajectories x {nfe + 1} states in {time.perf_counter() - started:.1f} s "
               "(once, before training)")
         batches = iter(ShardReader(shards, batch_size, seed=0, num_workers=workers))

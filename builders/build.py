@@ -8,29 +8,41 @@ fsync'ed and renamed, then a small sidecar JSON records its count and checksum. 
 manifest from the sidecars once every rank is done. A re-run keeps every shard whose sidecar
 checksum verifies and rebuilds the rest; `build-config.json`, written first, makes a re-run with
 another configuration fail before anything is touched.
+
+`build_trajectories(teacher=..., out=..., ...)` is the entry point (the `cmt-build` command calls
+it); `build_config` and `build` are its two halves: the configuration that fixes every byte, and
+the writing of a configured dataset.
 """
 import concurrent.futures
+import inspect
 import os
-import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import tqdm
 from accelerate import PartialState
 
-from cmt.formats import (FORMATS, ShardError, checksum, encode_shard, open_location, read_files,
-                                  remove_temporaries, shard_name, write_atomic)
+from cmt.datasets import TOY_NAMES
+from cmt.edm import RHO, SIGMA_GRIDS, SIGMA_MAX, SIGMA_MIN, sigma_grid
+from cmt.errors import ArgumentError
+from cmt.formats import (FORMATS, ShardError, checksum, encode_shard, files_bytes, open_location, read_files,
+                         remove_temporaries, shard_name, write_atomic)
 from cmt.manifest import (BUILD_CONFIG, FORMAT_NAME, FORMAT_VERSION, MANIFEST, TrajectoryDataset,
-                                   config_hash, read_json, sidecar_name, write_json)
-from cmt.edm import sigma_grid
+                          config_hash, read_json, sidecar_name, write_json)
+from cmt.metrics import embedded_metric
 from cmt.solvers import SOLVERS, sample_trajectory
+from cmt.teachers import resolve_teacher
 
 STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
-# Crash test hook: SIGKILL the build right after this many shards are renamed into place, before
-# their sidecars are written (the worst moment for a resume).
-KILL_AFTER_SHARDS = "CMT_BUILD_KILL_AFTER_SHARDS"
 DERIVED_KEYS = ("sigmas", "kept_sigmas", "steps")
+# The options that fix the dataset's bytes (`build_config`); the others say where it goes and how
+# the build runs.
+CONFIG_OPTIONS = ("solver", "nfe", "grid", "sigma_max", "sigma_min", "rho", "num_trajectories", "batch_size", "seed",
+                  "labels", "format", "shard_size", "dtype", "states")
+# Data sets with an embedded-data metric (`cmt.metrics.embedded_metric`), for eval_teacher.
+EVAL_DATA = ("mnist", *(f"toy:{name}" for name in TOY_NAMES))
 
 
 class NonFiniteTrajectories(RuntimeError):
@@ -41,8 +53,8 @@ class Teacher:
     """What the builder needs of a teacher: `denoiser(x, sigma, labels_one_hot)`, shapes, identity.
 
     identity: JSON-able description stored in the manifest (`name`, `path`, `sha256`, `config`...);
-    everything but `path` is part of the build configuration, as is `guidance` (`describe()` of a
-    `cmt.guidance` denoiser, or None).
+    everything but `path` is part of the build configuration, as is `guidance` (the record
+    `cmt.guidance.apply_guidance` returns with the denoiser: None when unguided).
     """
 
     def __init__(self, denoiser, data_shape, label_dim, identity, dtype=torch.float32, device="cpu", guidance=None):
@@ -53,6 +65,97 @@ class Teacher:
         self.identity = dict(identity)
         self.dtype = dtype
         self.device = torch.device(device)
+
+
+def build_trajectories(*, teacher, out, teacher_ckpt=None, guidance=None, guide_ckpt=None, solver="dpm++3m", nfe=16,
+                       grid="logsnr", sigma_max=SIGMA_MAX, sigma_min=SIGMA_MIN, rho=RHO, num_trajectories=1000,
+                       batch_size=256, seed=0, labels=None, format="zarr", shard_size=1000, dtype="float16",
+                       states="all", eval_teacher=False, eval_data=None, progress=True, log=print,
+                       on_shard_written=None):
+    """Build (or resume) a dataset of teacher ODE trajectories at `out`; the `cmt-build` options as keywords.
+
+    teacher: a checkpoint path, a built-in name (mnist, toy:NAME), 'edm2' with `teacher_ckpt`, an EDM2
+        preset, or a `Teacher` (an in-memory denoiser with its shape and identity; then no
+        teacher_ckpt / guidance / guide_ckpt).
+    guidance, guide_ckpt: `cmt.guidance.apply_guidance` (autoguidance by guide_ckpt, else
+        classifier-free; weight 1 is no guidance).
+    labels: "random" (per trajectory), a class, "none"; None: random for a conditional teacher, else none.
+    format: "zarr" or "wds". states: "all" or grid indices "0,4,8" (noise and endpoint are always kept).
+    eval_teacher: score the endpoints with the embedded-data metric of `eval_data` (default: the
+        built-in teacher's name) into the manifest.
+    log: where the summary lines go. on_shard_written(shard): called (from the writer thread) once
+        shard number `shard` is in place, before its sidecar is written.
+
+    Returns `{"out", "manifest", "build_config", "shards" (locations), "count", "teacher_eval"}`:
+    `Path`s for a local `out`, URL strings otherwise; `teacher_eval` (rank 0) is the figure stored
+    in the manifest, or None. Bad input raises `ArgumentError` naming the keyword; a teacher that
+    produces NaN or inf raises `NonFiniteTrajectories`.
+    """
+    if not str(out or ""):
+        raise ArgumentError("out", "give an output directory or fsspec URL")
+    state = distributed_state()
+    if isinstance(teacher, Teacher):
+        for name, value in (("teacher_ckpt", teacher_ckpt), ("guidance", guidance), ("guide_ckpt", guide_ckpt)):
+            if value is not None:
+                raise ArgumentError(name, "applies to a teacher given by path or name, not to an in-memory Teacher")
+        model = teacher
+    else:
+        model = load_teacher(teacher, teacher_ckpt=teacher_ckpt, guidance=guidance, guide_ckpt=guide_ckpt,
+                             device=state.device)
+    if eval_teacher:
+        eval_data = eval_data or model.identity.get("name")
+        if eval_data not in EVAL_DATA:
+            raise ArgumentError("eval_data", f"the embedded-data metric exists for {', '.join(EVAL_DATA)}; give one "
+                                             f"of them (got {eval_data!r})")
+    config = build_config(model, solver=solver, nfe=nfe, grid=grid, sigma_max=sigma_max, sigma_min=sigma_min, rho=rho,
+                          num_trajectories=num_trajectories, batch_size=batch_size, seed=seed, labels=labels,
+                          format=format, shard_size=shard_size, dtype=dtype, states=states)
+    manifest = build(out, model, config, eval_data=eval_data if eval_teacher else None, progress=progress, log=log,
+                     on_shard_written=on_shard_written)
+    return {"out": _location(out), "manifest": _location(out, MANIFEST), "build_config": _location(out, BUILD_CONFIG),
+            "shards": [_location(out, name) for _, name, _, _ in shard_plan(config)], "count": config["count"],
+            "teacher_eval": (manifest or {}).get("teacher_eval")}
+
+
+# The one place the defaults of the build options are written: build_trajectories' signature
+# (build_config and the cmt-build command read them from here).
+DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(build_trajectories).parameters.items()
+            if parameter.default is not inspect.Parameter.empty}
+
+
+def _location(out, name=None):
+    """`out` (or `out/name`) as a `Path` when it is local, as the URL string otherwise."""
+    text = str(out).rstrip("/")
+    if "://" in text:
+        return f"{text}/{name}" if name else text
+    return Path(text) / name if name else Path(text)
+
+
+def load_teacher(teacher, teacher_ckpt=None, guidance=None, guide_ckpt=None, device="cpu"):
+    """The `Teacher` the builder needs for a teacher named as `cmt-build --teacher` takes it, guided
+    as `cmt.guidance.apply_guidance` does it (through `resolve_teacher`); errors name the keyword at
+    fault (teacher, teacher_ckpt, guidance, guide_ckpt)."""
+    if teacher is None or not str(teacher):
+        raise ArgumentError("teacher", "give a checkpoint path, a built-in name, 'edm2' with teacher_ckpt, or a preset")
+    try:
+        net, identity = resolve_teacher(str(teacher), ckpt=teacher_ckpt, device=device, guidance=guidance,
+                                        guide_ckpt=guide_ckpt)
+    except ArgumentError as error:
+        if error.argument in ("guidance", "guide_ckpt"):
+            raise
+        raise ArgumentError(_teacher_argument(teacher, teacher_ckpt), error.message) from None
+    except (ValueError, OSError) as error:
+        raise ArgumentError(_teacher_argument(teacher, teacher_ckpt), str(error)) from None
+    net.requires_grad_(False)
+    identity = dict(identity)
+    record = identity.pop("guidance", None)
+    return Teacher(net, net.data_shape, net.label_dim, identity, dtype=next(net.parameters()).dtype, device=device,
+                   guidance=record)
+
+
+def _teacher_argument(teacher, teacher_ckpt):
+    """Which keyword a teacher that cannot be loaded is named by: 'edm2' needs its checkpoint."""
+    return "teacher_ckpt" if teacher_ckpt is not None or str(teacher) == "edm2" else "teacher"
 
 
 def trajectory_seed(seed, index):
@@ -80,78 +183,96 @@ def draw_inputs(indices, seed, data_shape, label_dim, labels):
 def solver_steps(solver, nfe, grid):
     """Solver steps for `nfe` denoiser calls (Heun: 2 per step, 1 for a final step to sigma = 0)."""
     if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; valid: {', '.join(SOLVERS)}")
+        raise ArgumentError("solver", f"unknown solver {solver!r}; valid: {', '.join(SOLVERS)}")
     if nfe < 1:
-        raise ValueError(f"--nfe must be >= 1, got {nfe}")
+        raise ArgumentError("nfe", f"must be >= 1, got {nfe}")
     if solver != "heun":
         return nfe
     steps = (nfe + 1) // 2 if grid == "karras" else nfe // 2
     if steps < 1 or (2 * steps - (grid == "karras")) != nfe:
         parity = "odd (2 * steps - 1)" if grid == "karras" else "even (2 * steps)"
-        raise ValueError(f"heun on the {grid} grid makes an {parity} number of calls; --nfe {nfe} is not possible")
+        raise ArgumentError("nfe", f"heun on the {grid} grid makes an {parity} number of calls; {nfe} is not possible")
     return steps
 
 
 def parse_states(states, steps):
-    """`--states all|LIST` -> sorted grid indices in [0, steps] (negative ones count from the end)."""
+    """`states`: "all" or a list "0,4,8" -> sorted grid indices in [0, steps] (negative ones count from the end)."""
     if states == "all":
         return list(range(steps + 1))
     try:
         indices = {int(item) for item in str(states).split(",") if item.strip()}
     except ValueError:
-        raise ValueError(f"--states must be 'all' or a comma-separated list of state indices, got {states!r}") from None
+        raise ArgumentError("states", f"must be 'all' or a comma-separated list of state indices, got {states!r}") \
+            from None
     bad = [index for index in indices if not -steps - 1 <= index <= steps]
     if not indices or bad:
-        raise ValueError(f"--states {states!r}: indices must lie in [0, {steps}] (or count back from -1); bad: {bad}")
+        raise ArgumentError("states", f"{states!r}: indices must lie in [0, {steps}] (or count back from -1); "
+                                      f"bad: {bad}")
     return sorted({index % (steps + 1) for index in indices})
 
 
 def parse_labels(labels, label_dim):
-    """`--labels random|none|CLASS` -> "random", None or an int, checked against the teacher."""
-    if labels in (None, "none"):
+    """`labels`: "random", "none", a class, or None (random if conditional, else none) -> "random",
+    None or an int, checked against the teacher."""
+    if labels is None:
+        labels = "random" if label_dim else "none"
+    if labels == "none":
         if label_dim:
-            raise ValueError(f"the teacher is class-conditional ({label_dim} classes): give --labels random or a class")
+            raise ArgumentError("labels", f"the teacher is class-conditional ({label_dim} classes): give 'random' or a "
+                                          "class")
         return None
     if not label_dim:
-        raise ValueError(f"--labels {labels}: the teacher is unconditional; leave --labels out")
+        raise ArgumentError("labels", f"{labels}: the teacher is unconditional; leave labels out")
     if labels == "random":
         return "random"
     try:
         label = int(labels)
     except ValueError:
-        raise ValueError(f"--labels must be 'random', 'none' or a class in [0, {label_dim}), got {labels!r}") from None
+        raise ArgumentError("labels", f"must be 'random', 'none' or a class in [0, {label_dim}), got {labels!r}") \
+            from None
     if not 0 <= label < label_dim:
-        raise ValueError(f"--labels {label}: class out of range [0, {label_dim})")
+        raise ArgumentError("labels", f"{label}: class out of range [0, {label_dim})")
     return label
 
 
-def build_config(teacher, *, solver="dpm++3m", nfe=16, grid="logsnr", sigma_min=0.002, sigma_max=80.0, rho=7.0,
-                 num_trajectories, batch_size, seed=0, labels="random", fmt="zarr", shard_size=1000, dtype="float16",
-                 states="all"):
-    """The JSON configuration that fixes every byte of the dataset (checked, with clear errors)."""
-    if fmt not in FORMATS:
-        raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    if dtype not in STORAGE_DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
-    for flag, value in (("--num-trajectories", num_trajectories), ("--batch-size", batch_size),
-                        ("--shard-size", shard_size)):
-        if value < 1:
-            raise ValueError(f"{flag} must be >= 1, got {value}")
-    if seed < 0:
-        raise ValueError(f"--seed must be >= 0, got {seed}")
+def build_config(teacher, **options):
+    """The JSON configuration that fixes every byte of the dataset (checked, with clear errors).
+
+    options: any of `CONFIG_OPTIONS` (the `build_trajectories` keywords of the same names); the
+    ones left out take `build_trajectories`' defaults."""
+    unknown = sorted(set(options) - set(CONFIG_OPTIONS))
+    if unknown:
+        raise TypeError(f"build_config() got unexpected options {unknown}; it takes {', '.join(CONFIG_OPTIONS)}")
+    settings = {name: DEFAULTS[name] for name in CONFIG_OPTIONS} | options
+    solver, nfe, grid, states = settings["solver"], settings["nfe"], settings["grid"], settings["states"]
+    sigma_min, sigma_max, rho = settings["sigma_min"], settings["sigma_max"], settings["rho"]
+    if settings["format"] not in FORMATS:
+        raise ArgumentError("format", f"must be one of {', '.join(FORMATS)}, got {settings['format']!r}")
+    if settings["dtype"] not in STORAGE_DTYPES:
+        raise ArgumentError("dtype", f"must be one of {', '.join(STORAGE_DTYPES)}, got {settings['dtype']!r}")
+    for name in ("num_trajectories", "batch_size", "shard_size"):
+        if settings[name] < 1:
+            raise ArgumentError(name, f"must be >= 1, got {settings[name]}")
+    if settings["seed"] < 0:
+        raise ArgumentError("seed", f"must be >= 0, got {settings['seed']}")
+    if grid not in SIGMA_GRIDS:
+        raise ArgumentError("grid", f"unknown sigma grid {grid!r}; valid: {', '.join(SIGMA_GRIDS)}")
+    if not 0 < sigma_min < sigma_max:
+        raise ArgumentError("sigma_min", f"need 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
     steps = solver_steps(solver, nfe, grid)
     sigmas = sigma_grid(grid, steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
     kept = parse_states(states, steps)
     return {
-        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "layout": fmt,
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "layout": settings["format"],
         "teacher": {key: value for key, value in teacher.identity.items() if key != "path"},
         "guidance": teacher.guidance,
         "solver": solver, "nfe": nfe, "steps": steps, "grid": grid, "sigma_min": sigma_min, "sigma_max": sigma_max,
         **({"rho": rho} if grid == "karras" else {}),
         "sigmas": sigmas.tolist(), "kept_states": kept, "kept_sigmas": [float(sigmas[index]) for index in kept],
-        "seed": seed, "labels": parse_labels(labels, teacher.label_dim), "label_dim": teacher.label_dim,
-        "data_shape": list(teacher.data_shape), "dtype": dtype,
-        "count": num_trajectories, "shard_size": shard_size, "batch_size": batch_size,
+        "seed": settings["seed"], "labels": parse_labels(settings["labels"], teacher.label_dim),
+        "label_dim": teacher.label_dim, "data_shape": list(teacher.data_shape), "dtype": settings["dtype"],
+        "count": settings["num_trajectories"], "shard_size": settings["shard_size"],
+        "batch_size": settings["batch_size"],
     }
 
 
@@ -183,12 +304,12 @@ def check_output(fs, root, url, config):
             # derived values (the grid, the kept sigmas) only repeat what the options already say
             stated = [change for change in changes if change.split(":")[0] not in DERIVED_KEYS] or changes
             changes = "; ".join(stated[:8])
-            raise ValueError(f"{url} holds a dataset built with another configuration ({changes}); "
-                             "re-run with the same options to resume it, or choose a new --out")
+            raise ArgumentError("out", f"{url} holds a dataset built with another configuration ({changes}); "
+                                       "re-run with the same options to resume it, or choose a new output")
         return True
     if fs.exists(root) and fs.ls(root, detail=False):
-        raise ValueError(f"{url} exists, is not empty and holds no {BUILD_CONFIG}: not a cmt-build output; "
-                         "choose a new --out")
+        raise ArgumentError("out", f"{url} exists, is not empty and holds no {BUILD_CONFIG}: not a cmt-build "
+                                   "output; choose a new output")
     return False
 
 
@@ -247,15 +368,17 @@ def make_shard(teacher, config, first, count, progress=None):
     return arrays
 
 
-def write_shard(fs, root, name, first, arrays, config, shards_written):
-    """Encode, place atomically, then record the sidecar; returns the sidecar entry."""
+def write_shard(fs, root, shard, name, first, arrays, config, on_shard_written=None):
+    """Encode, place atomically, then record the sidecar; returns the sidecar entry.
+
+    on_shard_written(shard) runs between the two: the moment a crash is worst for a resume (the
+    shard in place, no sidecar to vouch for it), where the resume test kills the build."""
     files = encode_shard(arrays, config["layout"], {"first_index": first, "count": len(arrays["index"])})
     write_atomic(fs, f"{root}/{name}", files)
-    shards_written.append(name)
-    if os.environ.get(KILL_AFTER_SHARDS) and len(shards_written) >= int(os.environ[KILL_AFTER_SHARDS]):
-        os.kill(os.getpid(), signal.SIGKILL)
+    if on_shard_written is not None:
+        on_shard_written(shard)
     entry = {"name": name, "first_index": first, "count": len(arrays["index"]), "sha256": checksum(files),
-             "bytes": sum(len(data) for data in files.values())}
+             "bytes": files_bytes(files)}
     write_json(fs, f"{root}/{sidecar_name(name)}", entry)
     return entry
 
@@ -268,8 +391,10 @@ def distributed_state():
     return PartialState(cpu=use_cpu or (launched and not torch.cuda.is_available()))
 
 
-def build(out, teacher, config, *, eval_data=None, progress=True, log=print):
-    """Build (or finish) the dataset `config` of `teacher` at `out`; returns the manifest (rank 0) or None."""
+def build(out, teacher, config, *, eval_data=None, progress=True, log=print, on_shard_written=None):
+    """Build (or finish) the dataset `config` of `teacher` at `out`; returns the manifest (rank 0) or None.
+
+    The writing half of `build_trajectories` (see there for eval_data, log and on_shard_written)."""
     state = distributed_state()
     fs, root = open_location(out)
     started = time.time()
@@ -287,16 +412,15 @@ def build(out, teacher, config, *, eval_data=None, progress=True, log=print):
     bar = tqdm.tqdm(total=sum(item[3] for item in mine), initial=sum(item[3] for item in mine if item not in todo),
                     unit="traj", desc=f"cmt-build rank {state.process_index}/{state.num_processes}",
                     disable=not (progress and state.is_main_process), dynamic_ncols=True)
-    shards_written = []
     # Encoding and writing a shard overlaps with the teacher's work on the next one.
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as writer:
         pending = None
-        for _, name, first, count in todo:
+        for shard, name, first, count in todo:
             remove_temporaries(fs, f"{root}/{name}")
             arrays = make_shard(teacher, config, first, count, progress=bar)
             if pending is not None:
                 pending.result()
-            pending = writer.submit(write_shard, fs, root, name, first, arrays, config, shards_written)
+            pending = writer.submit(write_shard, fs, root, shard, name, first, arrays, config, on_shard_written)
         if pending is not None:
             pending.result()
     bar.close()
@@ -335,11 +459,10 @@ def build(out, teacher, config, *, eval_data=None, progress=True, log=print):
 
 def evaluate_endpoints(out, data):
     """The embedded-data metric (`cmt.metrics.embedded_metric`) of every endpoint in the dataset."""
-    from cmt.metrics import embedded_metric
     dataset = TrajectoryDataset(out)
     endpoints = torch.cat([torch.from_numpy(dataset.read_shard(entry)["endpoint"].astype(np.float32))
                            for entry in dataset.shards])
     metrics = embedded_metric(data, endpoints)
     if not metrics:
-        raise ValueError(f"--eval-teacher: no built-in metric for data {data!r} (toy:NAME and mnist have one)")
+        raise ArgumentError("eval_data", f"no built-in metric for data {data!r} (toy:NAME and mnist have one)")
     return {"data": str(data), "count": len(endpoints), "metrics": {key: float(value) for key, value in metrics.items()}}

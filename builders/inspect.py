@@ -1,28 +1,65 @@
-"""cmt-inspect: summarise, verify, preview and measure a trajectory dataset made by cmt-build.
+"""Summarise, verify, preview and measure a trajectory dataset made by `build_trajectories` (cmt-build).
 
-    cmt-inspect shards/                      # teacher, solver, grid, count, shapes, bytes, compression
-    cmt-inspect shards/ --verify             # every checksum, decode and NaN/inf scan; exit 1 on a fault
-    cmt-inspect shards/ --stats              # per state: mean / std against what its sigma predicts
-    cmt-inspect shards/ --preview traj.png   # rows are trajectories, columns states (scatter for 2-D)
-    cmt-inspect shards/ --preview traj.png --vae stabilityai/sd-vae-ft-mse   # latent sets: decoded
-    cmt-inspect shards/ --json               # the same as one JSON document
+    inspect_trajectories("shards/")                     # {"summary": teacher, solver, grid, count, shapes, bytes}
+    inspect_trajectories("shards/", verify=True)        # + every checksum, decode and NaN/inf scan
+    inspect_trajectories("shards/", stats=True)         # + per state: mean / std against what its sigma predicts
+    inspect_trajectories("shards/", preview="t.png")    # + a PNG: rows trajectories, columns states
+    inspect_trajectories("shards/", preview="t.png", vae="stabilityai/sd-vae-ft-mse")  # latent sets: decoded
+
+The `cmt-inspect` command prints the same report (or, with --json, the dict as JSON).
 """
-import json
 import math
-import sys
+from pathlib import Path
 
-import click
 import numpy as np
 import torch
 
-from cmt.formats import ShardError
-from cmt.manifest import BUILD_CONFIG, MANIFEST, TrajectoryDataset, sidecar_name
 from cmt.edm import SIGMA_DATA
+from cmt.errors import ArgumentError
+from cmt.formats import ShardError
+from cmt.images import save_image_grid, save_scatter, save_trajectory_grid
+from cmt.latents import EDM2_VAE, LatentCodec
+from cmt.manifest import BUILD_CONFIG, MANIFEST, TrajectoryDataset, sidecar_name
 
 ITEM_BYTES = {"float16": 2, "float32": 4}
 
 
+def inspect_trajectories(path, *, verify=False, stats=False, preview=None, preview_count=8, vae=None):
+    """The report on the trajectory dataset at `path` (a directory or fsspec URL) as a dict.
+
+    Always `{"summary": {...}}` (see `summary`); with `stats`, `"stats"`: per kept state its mean and
+    std against the prediction; with `preview` (a .png path), `"preview"`: the `Path` written, with
+    `preview_count` trajectories as rows (images) or a scatter of 2-D points; latent datasets decode
+    through `vae` (a diffusers AutoencoderKL directory or hub id); with `verify`, `"verify"`:
+    `{"ok", "faults", "shards"}` after every checksum, decode and NaN/inf scan.
+
+    Raises `ArgumentError` naming `path` (not a finished dataset), `preview`, `preview_count` or
+    `vae`; `cmt.formats.ShardError` when a shard that stats or preview reads is broken (verify
+    collects those as faults instead).
+    """
+    try:
+        dataset = TrajectoryDataset(path)
+    except (FileNotFoundError, ValueError, KeyError) as error:
+        raise ArgumentError("path", str(error)) from None
+    if vae is not None and not preview:
+        raise ArgumentError("preview", "the vae decodes the preview of a latent dataset; give a preview path "
+                                       "(OUT.png) too")
+    if preview_count < 1:
+        raise ArgumentError("preview_count", f"must be >= 1, got {preview_count}")
+    codec = latent_codec(dataset, vae) if preview else None
+    report = {"summary": summary(dataset)}
+    if stats:
+        report["stats"] = state_statistics(dataset)
+    if preview:
+        report["preview"] = Path(save_preview(dataset, preview, count=preview_count, codec=codec))
+    if verify:
+        faults = find_faults(dataset)
+        report["verify"] = {"ok": not faults, "faults": faults, "shards": len(dataset.shards)}
+    return report
+
+
 def summary(dataset):
+    """What the dataset holds and how it is stored (the report's "summary"), from its manifest and file sizes."""
     manifest, fs = dataset.manifest, dataset.fs
     count, shape, kept = manifest["count"], manifest["data_shape"], manifest["kept_states"]
     stored_states = count * (len(kept) + 2)  # the kept states, the noise, the endpoint
@@ -53,7 +90,7 @@ def summary(dataset):
     }
 
 
-def verify(dataset):
+def find_faults(dataset):
     """Every fault found: unreadable shards, checksum or count mismatches, wrong indices, NaN/inf."""
     faults = []
     for entry in dataset.shards:
@@ -105,25 +142,23 @@ def state_statistics(dataset):
 
 
 def latent_codec(dataset, vae):
-    """The VAE codec of a latent dataset (None for pixels and points); bad or missing --vae: one UsageError."""
-    from cmt.latents import EDM2_VAE, LatentCodec
-
+    """The VAE codec of a latent dataset (None for pixels and points); a bad or missing `vae`: ArgumentError."""
     encoder = dataset.manifest["teacher"].get("encoder")
     if encoder is None or encoder.get("kind") == "standard_rgb":
         if vae is not None:
-            raise click.UsageError("--vae: this dataset's teacher has no latent encoder (it works on pixels or "
-                                   "points); leave --vae out")
+            raise ArgumentError("vae", "this dataset's teacher has no latent encoder (it works on pixels or points); "
+                                       "leave the vae out")
         return None
     if vae is None:
-        raise click.UsageError(
-            f"--preview: this dataset holds VAE latents {dataset.manifest['data_shape']} ({encoder.get('kind')}); "
-            f"decode them with --vae DIR_OR_HUB_ID: the hub id {encoder.get('vae_name') or EDM2_VAE} (EDM2's VAE) "
-            "or a local diffusers AutoencoderKL directory")
+        raise ArgumentError(
+            "vae", f"this dataset holds VAE latents {dataset.manifest['data_shape']} ({encoder.get('kind')}); the "
+                   f"preview decodes them with a VAE: the hub id {encoder.get('vae_name') or EDM2_VAE} (EDM2's VAE) "
+                   "or a local diffusers AutoencoderKL directory")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         return LatentCodec.from_encoder_info(encoder, vae=vae, device=device)
     except (ImportError, OSError, ValueError) as error:
-        raise click.BadParameter(str(error), param_hint="--vae") from None
+        raise ArgumentError("vae", str(error)) from None
 
 
 def decoded_trajectories(codec, states, sigmas, sigma_data, max_states=8):
@@ -145,7 +180,6 @@ def decoded_trajectories(codec, states, sigmas, sigma_data, max_states=8):
 def save_preview(dataset, path, count=8, points=2000, codec=None):
     """Images: `count` trajectories as rows, states as columns. 2-D: one scatter panel per state.
     Latents (`codec`, a `cmt.latents.LatentCodec`): up to 8 states per row, decoded to pixels."""
-    from cmt.images import save_image_grid, save_scatter, save_trajectory_grid
     shape = dataset.manifest["data_shape"]
     wanted = count if len(shape) == 3 else points
     parts, total = [], 0
@@ -172,76 +206,4 @@ def save_preview(dataset, path, count=8, points=2000, codec=None):
             title = f"sigma = {sigmas[column]:.3g}" + (f" (/ {scale:.3g})" if scale > 1.01 else "")
             panels.append((states[:, column] / scale, title))
         return save_scatter(panels, path)
-    raise click.UsageError(f"--preview draws images [C, H, W] or 2-D points; this dataset holds shape {shape}")
-
-
-def _print_summary(info, echo):
-    teacher = info["teacher"]
-    echo(f"{info['path']}  ({info['layout']}, format version {info['format_version']})")
-    echo(f"  teacher   {teacher.get('name') or teacher.get('path')} ({teacher.get('kind')}, "
-         f"{teacher.get('architecture')}, sha256 {str(teacher.get('sha256'))[:12]})")
-    echo(f"  solver    {info['solver']}, nfe {info['nfe']}, {info['grid']} grid from sigma {info['sigma_max']:g} "
-         f"to {info['sigma_min']:g} ({len(info['sigmas'])} sigmas)")
-    echo(f"  kept      {len(info['kept_states'])} states {info['kept_states']}")
-    echo("  sigmas    " + ", ".join(f"{sigma:.4g}" for sigma in info["kept_sigmas"]))
-    labels = "none" if info["labels"] is None else info["labels"]
-    echo(f"  count     {info['count']} trajectories in {info['shards']} shards; seed {info['seed']}; "
-         f"labels {labels} ({info['label_dim']} classes)")
-    for name, shape in info["shapes"].items():
-        echo(f"  {name:<9} {shape} {info['dtypes'][name]}")
-    echo(f"  on disk   {info['bytes_on_disk']:,} bytes, {info['bytes_per_stored_state']:.1f} bytes per stored state; "
-         f"compression {info['compression_ratio']:.2f}x, {info['size_vs_float16']:.3f} of raw float16")
-    if info["teacher_eval"]:
-        metrics = ", ".join(f"{key} {value:.5g}" for key, value in info["teacher_eval"]["metrics"].items())
-        echo(f"  teacher   baseline on {info['teacher_eval']['data']}: {metrics}")
-
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("path")
-@click.option("--verify", "do_verify", is_flag=True, help="Check every checksum and scan for NaN/inf; exit 1 on any fault.")
-@click.option("--stats", is_flag=True, help="Per state mean and std against what its sigma predicts.")
-@click.option("--preview", type=click.Path(dir_okay=False), default=None, help="Write a PNG of some trajectories.")
-@click.option("--preview-count", type=int, default=8, show_default=True, help="Trajectories (rows) in an image preview.")
-@click.option("--vae", default=None, metavar="DIR_OR_HUB_ID",
-              help="Latent datasets (EDM2 img512 teachers): the diffusers AutoencoderKL that decodes the preview, "
-                   "a local directory or a hub id such as stabilityai/sd-vae-ft-mse.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
-def main(path, do_verify, stats, preview_count, preview, vae, as_json):
-    """Summarise the trajectory dataset at PATH (a directory or fsspec URL)."""
-    try:
-        dataset = TrajectoryDataset(path)
-    except (FileNotFoundError, ValueError, KeyError) as error:
-        raise click.ClickException(str(error)) from None
-    if vae is not None and not preview:
-        raise click.UsageError("--vae decodes the --preview of a latent dataset; give --preview OUT.png too")
-    codec = latent_codec(dataset, vae) if preview else None
-    echo = (lambda *args, **kwargs: None) if as_json else click.echo
-    report = {"summary": summary(dataset)}
-    _print_summary(report["summary"], echo)
-    try:
-        if stats:
-            report["stats"] = state_statistics(dataset)
-            echo("  state  sigma      mean   (pred)     std   (pred)  std/pred")
-            for row in report["stats"]:
-                echo(f"  {row['state']:>5} {row['sigma']:>9.4g} {row['mean']:>8.4f} {row['predicted_mean']:>8.4f} "
-                     f"{row['std']:>8.4f} {row['predicted_std']:>8.4f} {row['std_ratio']:>8.3f}")
-        if preview:
-            report["preview"] = str(save_preview(dataset, preview, count=preview_count, codec=codec))
-            echo(f"  preview   {report['preview']}")
-    except ShardError as error:
-        raise click.ClickException(f"{error} (run cmt-inspect --verify for every fault)") from None
-    if do_verify:
-        faults = verify(dataset)
-        report["verify"] = {"ok": not faults, "faults": faults, "shards": len(dataset.shards)}
-        for fault in faults:
-            echo(f"  FAULT     {fault}", err=True)
-        echo(f"  verify    {len(dataset.shards)} shards: " + ("all checksums match, no NaN/inf" if not faults
-                                                              else f"{len(faults)} faults"))
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
-    if do_verify and report["verify"]["faults"]:
-        sys.exit(1)
-
-
-if __name__ == "__main__":
-    main()
+    raise ArgumentError("preview", f"draws images [C, H, W] or 2-D points; this dataset holds shape {shape}")

@@ -14,7 +14,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from cmt.networks import ARCHITECTURES, build_network, network_config
+from cmt.networks import ARCHITECTURES, build_network, load_state_dict_strict_or_explain, network_config
+from cmt.networks.edm2_pickle import load_edm2_pickle
 
 
 def save_network(path, net, extra_config=None):
@@ -48,31 +49,6 @@ def read_safetensors(path):
         raise ValueError(f"{path}: no network config in its metadata and no {path.with_suffix('.json').name} "
                          "beside it; write it with cmt.checkpoint.save_network or cmt-convert")
     return state_dict, config, extra
-
-
-def load_state_dict_strict_or_explain(net, state_dict, source="state dict", allow_missing=()):
-    """Load `state_dict` into `net`; on any mismatch raise one ValueError that names the keys.
-
-    `allow_missing`: keys `net` has that may be absent from `state_dict` (they keep their
-    initial values), e.g. a flow-map student's extra embedding when loading its teacher.
-    """
-    expected = net.state_dict()
-    mismatched = [f"'{key}': file has {list(value.shape)}, network expects {list(expected[key].shape)}"
-                  for key, value in state_dict.items() if key in expected and value.shape != expected[key].shape]
-    missing = sorted(set(expected) - set(state_dict) - set(allow_missing))
-    unexpected = sorted(set(state_dict) - set(expected))
-    problems = []
-    if mismatched:
-        problems.append("shape mismatch: " + "; ".join(mismatched))
-    if missing:
-        problems.append(f"missing keys ({len(missing)}): " + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else ""))
-    if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): " + ", ".join(unexpected[:20])
-                        + (" ..." if len(unexpected) > 20 else ""))
-    if problems:
-        raise ValueError(f"{source} does not fit the network ({net.config.get('architecture')}): " + " | ".join(problems))
-    net.load_state_dict(state_dict, strict=False)
-    return net
 
 
 def _network_config_of(checkpoint, path):
@@ -109,7 +85,6 @@ def load_network(path, key="ema", device="cpu"):
             raise ValueError(f"{path}: no weights under {key!r}; it has {', '.join(sorted(checkpoint))}")
         state_dict = checkpoint[key]
     elif path.suffix == ".pkl":
-        from cmt.networks.edm2_pickle import load_edm2_pickle
         return load_edm2_pickle(path).net.to(device).eval()
     else:
         raise ValueError(f"{path}: unknown network file type {path.suffix!r}; expected .safetensors, .pt or .pkl")

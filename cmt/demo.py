@@ -1,43 +1,53 @@
-"""The whole pipeline on built-in data: `python -m cmt.demo --out runs/demo [--data mnist|toy:NAME]`.
+"""The whole pipeline on built-in data: `run_demo(out=..., data="mnist" | "toy:NAME")`, the library of
+`python -m cmt.cli.demo`.
 
-Stages, each one or more of the project's own commands run in this process (the report lists them,
-so any stage can be re-run by hand):
+Stages, each one or more calls of the project's entry points (the report lists the equivalent
+commands, so any stage can be re-run by hand):
 
-1. teacher: the built-in one, or `cmt-train diffusion` with its recipe (`--train-teacher`);
-2. build: `cmt-build`, DPM-Solver++(3M) trajectories of 16 steps into OUT/shards;
-3. mid: `cmt-train mid --target endpoint` from the teacher's weights (CMT-CM) into OUT/mid;
-4. post: `cmt-train post --method ect` from the mid-trained weights, at one fixed late curriculum
+1. teacher: the built-in one, or `cmt.train_diffusion` with its recipe (`train_teacher=True`);
+2. build: `cmt.build_trajectories`, DPM-Solver++(3M) trajectories of 16 steps into OUT/shards;
+3. mid: `cmt.mid_train(target="endpoint")` from the teacher's weights (CMT-CM) into OUT/mid;
+4. post: `cmt.post_train(method="ect")` from the mid-trained weights, at one fixed late curriculum
    stage as the paper does, into OUT/post;
-5. sample: `cmt-sample` for the teacher (16 steps, and 1 and 2 steps for scale) and both students
+5. sample: `cmt.sample` for the teacher (16 steps, and 1 and 2 steps for scale) and both students
    (1 and 2 steps), all from the same noise and labels, into OUT/samples/*.npz;
-6. evaluate + report: the built-in metric (`cmt-eval`'s `evaluate_samples`), the per-sample distance
-   of every sample to the teacher's 16-step sample from the same noise, OUT/report.md.
+6. evaluate + report: `cmt.evaluate` (the built-in metric), the per-sample distance of every sample
+   to the teacher's 16-step sample from the same noise, OUT/report.md.
 
-A re-run with the same OUT reuses every finished stage whose commands are unchanged (OUT/stages.json
-records them), resumes an interrupted one, and runs a stage again from scratch when its commands or
-an earlier stage changed; `--fresh` starts over.
+A re-run with the same OUT reuses every finished stage whose calls are unchanged (OUT/stages.json
+records them as commands), resumes an interrupted one, and runs a stage again from scratch when its
+calls or an earlier stage changed; `fresh=True` starts over.
 """
+import inspect
 import json
 import resource
 import shlex
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
-import click
 import torch
 
+from cmt.builders.build import build_trajectories
 from cmt.datasets import resolve_data
-from cmt.evaluation import evaluate_samples, load_samples
+from cmt.edm import TWO_STEP_SIGMA
+from cmt.errors import ArgumentError
+from cmt.evaluation import evaluate, load_samples
+from cmt.flags import command_words
 from cmt.images import save_image_grid, save_scatter
 from cmt.metrics import embedded_metric
+from cmt.sampling import sample
 from cmt.teachers import BUILTIN_TEACHERS, builtin_teacher_path
-from cmt.trainers.diffusion import TEACHER_RECIPES
+from cmt.trainers.diffusion import TEACHER_RECIPES, train_diffusion
+from cmt.trainers.loop import STATE_FILE
+from cmt.trainers.mid import mid_train
+from cmt.trainers.post import post_train
 
 DATA_CHOICES = [name for name in BUILTIN_TEACHERS if name in TEACHER_RECIPES]
 STAGES_FILE = "stages.json"
-MID_SIGMA = 0.821     # the 2-step samplers' intermediate sigma (the trainers' default)
+DEMO_COMMAND = "python -m cmt.cli.demo"
 
 
 @dataclass
@@ -61,6 +71,7 @@ SETTINGS = {
     "toy": Settings(trajectories=4000, mid_steps=1000, mid_batch=256, mid_lr=2e-4, post_steps=500, post_batch=256,
                     post_lr=3e-5, ect_stage=11, eval_num=4096, log_every=100),
 }
+MIN_EVAL_NUM = 20
 # (name in files, model, sampler steps): the teacher's 16-step samples are the reference of the
 # distance column; its 1- and 2-step samples show what the students improve on.
 SAMPLES = [("teacher_16step", "teacher", 16), ("teacher_1step", "teacher", 1), ("teacher_2step", "teacher", 2),
@@ -69,12 +80,23 @@ GRIDS = ["teacher_16step", "mid_1step", "mid_2step", "post_1step", "post_2step"]
 TITLES = {"teacher": "teacher (DPM-Solver++ 3M)", "mid": "mid-trained (CMT)", "post": "post-trained (ECT)"}
 
 
-def _programs():
-    """The click commands the stages call (imported late: each pulls in its own stack)."""
-    from cmt.builders.cli import main as build
-    from cmt.sampling import main as sample
-    from cmt.trainers.cli import main as train
-    return {"cmt-build": build, "cmt-train": train, "cmt-sample": sample}
+@dataclass
+class Call:
+    """One step of a stage: an entry point, its keyword arguments, the file that shows it finished,
+    and the command (`program`) that does the same by hand."""
+    program: str
+    function: Callable
+    kwargs: dict
+    output: Path
+    trains: bool = False        # a training run, which `resume=True` continues from its saved state
+
+    def command(self, **extra):
+        return shlex.join(command_words(self.program, {**self.kwargs, **extra}))
+
+    def run(self, log):
+        extra = {"resume": True} if self.trains and (Path(self.kwargs["out"]) / STATE_FILE).exists() else {}
+        log(self.command(**extra))
+        return self.function(**self.kwargs, **extra)
 
 
 def _cpu_seconds():
@@ -93,8 +115,9 @@ class DemoRun:
     threads: int | None = None
     fresh: bool = False
     progress: bool = True
-    command: str = "python -m cmt.demo"               # how the demo was called, for the report
-    teacher: str = ""                                 # what --teacher / --ckpt takes
+    command: str = DEMO_COMMAND                       # how the demo was called, for the report
+    log: Callable = print
+    teacher: str = ""                                 # what the build's `teacher` / sampling's `ckpt` take
     records: dict = field(default_factory=dict)       # {stage: {"commands", "wall_s", "cpu_s", "reused"}}
     changed: bool = False                             # an earlier stage ran: later ones must run again
     metrics: dict = field(default_factory=dict)       # {sample name: {metric: value}}
@@ -102,24 +125,29 @@ class DemoRun:
     def __post_init__(self):
         self.out = Path(self.out)
         if self.settings is None:
-            self.settings = SETTINGS["toy" if self.data.startswith("toy:") else "mnist"]
+            self.settings = SETTINGS[data_kind(self.data)]
 
     def path(self, *parts):
         return self.out.joinpath(*parts)
 
 
-def run_stage(run, name, commands, folder, outputs):
-    """Run `commands` ([program, *args] lists) unless `outputs` exist from the same commands.
+def data_kind(data):
+    return "toy" if data.startswith("toy:") else "mnist"
 
-    Commands that differ from the recorded ones, or an earlier stage that ran, clear `folder` first;
-    otherwise an unfinished stage resumes (the builder by itself, trainers with --resume).
+
+def run_stage(run, name, calls, folder):
+    """Make each call unless the outputs of all of them exist from the same calls.
+
+    Calls that differ from the recorded ones, or an earlier stage that ran, clear `folder` first;
+    otherwise an unfinished stage resumes (the builder by itself, trainers with `resume=True`).
     """
-    lines = [shlex.join(command) for command in commands]
+    lines = [call.command() for call in calls]
     record = run.records.get(name, {})
     same = record.get("commands") == lines
-    if same and not run.changed and all(Path(path).exists() for path in outputs):
-        click.echo(f"[demo] {name}: reusing {', '.join(str(path) for path in outputs[:2])}"
-                   + (" ..." if len(outputs) > 2 else ""))
+    outputs = [call.output for call in calls]
+    if same and not run.changed and all(path.exists() for path in outputs):
+        run.log(f"[demo] {name}: reusing {', '.join(str(path) for path in outputs[:2])}"
+                + (" ..." if len(outputs) > 2 else ""))
         record["reused"] = True
         return
     resumed = same and not run.changed and folder is not None and folder.exists()
@@ -127,16 +155,11 @@ def run_stage(run, name, commands, folder, outputs):
         shutil.rmtree(folder)
     run.records[name] = record = {"commands": lines, "reused": False, "resumed": resumed}
     save_records(run)
-    programs = _programs()
     wall, cpu = time.time(), _cpu_seconds()
-    for command, output in zip(commands, outputs):
-        if Path(output).exists():
+    for call in calls:
+        if call.output.exists():
             continue
-        args = list(command[1:])
-        if command[0] == "cmt-train" and (Path(args[args.index("--out") + 1]) / "training-state.pt").exists():
-            args.append("--resume")
-        click.echo(f"[demo] {name}: {shlex.join([command[0], *args])}")
-        programs[command[0]].main(args, prog_name=command[0], standalone_mode=False)
+        call.run(lambda command: run.log(f"[demo] {name}: {command}"))
     record.update(wall_s=time.time() - wall, cpu_s=_cpu_seconds() - cpu)
     run.changed = True
     save_records(run)
@@ -149,68 +172,62 @@ def save_records(run):
 # ---- stages -----------------------------------------------------------------------------------
 
 def teacher_stage(run):
-    """The built-in teacher, or one pre-trained here with the same recipe (`--train-teacher`)."""
+    """The built-in teacher, or one pre-trained here with the same recipe (`train_teacher`)."""
     if not run.train_teacher:
         run.teacher = run.data
         run.records["teacher"] = {"commands": [], "reused": True, "builtin": str(builtin_teacher_path(run.data))}
         return
     folder = run.path("teacher")
-    command = ["cmt-train", "diffusion", *TEACHER_RECIPES[run.data], "--out", str(folder), "--eval-num", "0",
-               "--seed", str(run.seed), *_progress(run)]
+    kwargs = {**TEACHER_RECIPES[run.data], "out": str(folder), "eval_num": 0, "seed": run.seed, **_progress(run)}
     run.teacher = str(folder / "teacher.safetensors")
-    run_stage(run, "teacher", [command], folder, [run.teacher])
+    call = Call("cmt-train diffusion", train_diffusion, kwargs, Path(run.teacher), trains=True)
+    run_stage(run, "teacher", [call], folder)
 
 
 def build_stage(run):
     """Teacher trajectories: DPM-Solver++(3M), 16 steps on the log-SNR grid, every state kept."""
     folder = run.path("shards")
-    command = ["cmt-build", "--teacher", run.teacher, "--out", str(folder), "--solver", "dpm++3m", "--nfe", "16",
-               "--num-trajectories", str(run.settings.trajectories), "--shard-size", "1000", "--seed", str(run.seed),
-               *_progress(run)]
-    run_stage(run, "build", [command], folder, [folder / "manifest.json"])
+    kwargs = dict(teacher=run.teacher, out=str(folder), solver="dpm++3m", nfe=16,
+                  num_trajectories=run.settings.trajectories, shard_size=1000, seed=run.seed, **_progress(run))
+    run_stage(run, "build", [Call("cmt-build", build_trajectories, kwargs, folder / "manifest.json")], folder)
 
 
 def mid_stage(run):
     """CMT mid-training: the student (the teacher's weights) jumps from any state to its endpoint."""
     s, folder = run.settings, run.path("mid")
-    command = ["cmt-train", "mid", "--data", str(run.path("shards")), "--target", "endpoint", "--out", str(folder),
-               "--max-steps", str(s.mid_steps), "--batch-size", str(s.mid_batch), "--lr", str(s.mid_lr),
-               "--workers", "0", "--num-samples", "100", "--log-every", str(s.log_every),
-               "--ckpt-every", str(max(s.mid_steps // 4, 1)), "--seed", str(run.seed), *_progress(run)]
-    run_stage(run, "mid", [command], folder, [folder / "mid.pt"])
+    kwargs = dict(data=str(run.path("shards")), target="endpoint", out=str(folder), max_steps=s.mid_steps,
+                  batch_size=s.mid_batch, lr=s.mid_lr, workers=0, num_samples=100, log_every=s.log_every,
+                  ckpt_every=max(s.mid_steps // 4, 1), seed=run.seed, **_progress(run))
+    run_stage(run, "mid", [Call("cmt-train mid", mid_train, kwargs, folder / "mid.pt", trains=True)], folder)
 
 
 def post_stage(run):
     """ECT from the mid-trained weights at one fixed late stage (a small gap t - r from the start)."""
     s, folder = run.settings, run.path("post")
-    command = ["cmt-train", "post", "--init", str(run.path("mid", "mid.pt")), "--method", "ect", "--data", run.data,
-               "--stage", str(s.ect_stage), "--out", str(folder), "--max-steps", str(s.post_steps),
-               "--batch-size", str(s.post_batch), "--lr", str(s.post_lr), "--num-samples", "100",
-               "--log-every", str(s.log_every), "--ckpt-every", str(max(s.post_steps // 4, 1)),
-               "--seed", str(run.seed), *_progress(run)]
-    run_stage(run, "post", [command], folder, [folder / "post.pt"])
+    kwargs = dict(init=str(run.path("mid", "mid.pt")), method="ect", data=run.data, stage=s.ect_stage,
+                  out=str(folder), max_steps=s.post_steps, batch_size=s.post_batch, lr=s.post_lr, num_samples=100,
+                  log_every=s.log_every, ckpt_every=max(s.post_steps // 4, 1), seed=run.seed, **_progress(run))
+    run_stage(run, "post", [Call("cmt-train post", post_train, kwargs, folder / "post.pt", trains=True)], folder)
 
 
-def sample_commands(run):
-    """One cmt-sample per row of SAMPLES: the same seeds and (cycling) labels for every model."""
+def sample_calls(run):
+    """One `sample` per row of SAMPLES: the same seeds and (cycling) labels for every model."""
     checkpoints = {"teacher": run.teacher, "mid": str(run.path("mid", "mid.safetensors")),
                    "post": str(run.path("post", "post.safetensors"))}
-    commands, outputs = [], []
+    calls = []
     for name, model, steps in SAMPLES:
-        sampler = ["--steps", str(steps)]
+        sampler = {"steps": steps}
         if model != "teacher":
-            sampler = ["--sampler", "flowmap", *sampler] + (["--mid-sigma", str(MID_SIGMA)] if steps == 2 else [])
+            sampler = {"sampler": "flowmap", **sampler, "mid_sigma": TWO_STEP_SIGMA if steps == 2 else None}
         npz = run.path("samples", f"{name}.npz")
-        commands.append(["cmt-sample", "--ckpt", checkpoints[model], *sampler, "--num", str(run.settings.eval_num),
-                         "--seed", str(run.seed), "--labels", "cycle", "--out", str(npz.with_suffix(".png")),
-                         "--npz", str(npz)])
-        outputs.append(npz)
-    return commands, outputs
+        kwargs = dict(ckpt=checkpoints[model], **sampler, num=run.settings.eval_num, seed=run.seed, labels="cycle",
+                      out=str(npz.with_suffix(".png")), npz=str(npz))
+        calls.append(Call("cmt-sample", sample, kwargs, npz))
+    return calls
 
 
 def sample_stage(run):
-    commands, outputs = sample_commands(run)
-    run_stage(run, "sample", commands, run.path("samples"), outputs)
+    run_stage(run, "sample", sample_calls(run), run.path("samples"))
 
 
 def evaluate_stage(run):
@@ -220,8 +237,11 @@ def evaluate_stage(run):
     loaded = {name: load_samples(run.path("samples", f"{name}.npz")) for name, _, _ in SAMPLES}
     samples = {name: values for name, (values, _) in loaded.items()}
     reference, labels = loaded["teacher_16step"]
+    commands = []
     for name, _, _ in SAMPLES:
-        run.metrics[name] = {**evaluate_samples(samples[name], data),
+        kwargs = dict(samples=str(run.path("samples", f"{name}.npz")), data=run.data)
+        commands.append(shlex.join([*command_words("cmt-eval", kwargs), "--json"]))   # --json: the command's output
+        run.metrics[name] = {**evaluate(**kwargs)["metrics"],
                              "rmse_to_teacher": per_sample_rmse(samples[name], reference)}
     # Scale of the distance: the teacher's own samples from other noise (same label when conditional).
     shift = int(labels.max()) + 1 if labels is not None and bool((labels >= 0).any()) else 1
@@ -238,10 +258,8 @@ def evaluate_stage(run):
             save_scatter(samples[name], run.path(f"demo_{name}.png"), reference=data.reference())
         else:
             save_image_grid(samples[name][:100].clamp(-1, 1), run.path(f"demo_{name}.png"), nrow=10)
-    commands = [shlex.join(["cmt-eval", "--samples", str(run.path("samples", f"{name}.npz")), "--data", run.data,
-                            "--json"]) for name, _, _ in SAMPLES]
-    run.records["evaluate"] = {"commands": commands, "wall_s": time.time() - wall, "cpu_s": _cpu_seconds() - cpu,
-                               "reused": False}
+    run.records["evaluate"] = {"commands": commands, "wall_s": time.time() - wall,
+                               "cpu_s": _cpu_seconds() - cpu, "reused": False}
     save_records(run)
     run.path("metrics.json").write_text(json.dumps(run.metrics, indent=2) + "\n")
 
@@ -252,7 +270,7 @@ def per_sample_rmse(samples, reference):
 
 
 def _progress(run):
-    return [] if run.progress else ["--no-progress"]
+    return {} if run.progress else {"progress": False}
 
 
 STAGES = [teacher_stage, build_stage, mid_stage, post_stage, sample_stage, evaluate_stage]
@@ -266,7 +284,7 @@ def _fmt(value):
 
 def report(run):
     """OUT/report.md: the grids side by side, the metrics, the time and the command of every stage."""
-    s, kind = run.settings, "toy" if run.data.startswith("toy:") else "mnist"
+    s, kind = run.settings, data_kind(run.data)
     metric_names = [name for name in run.metrics["teacher_16step"] if name != "rmse_to_teacher"]
     heading = {name: f"{TITLES[model]}, {steps} step{'s' * (steps > 1)}" for name, model, steps in SAMPLES}
     timed = [record for record in run.records.values() if "wall_s" in record]
@@ -287,8 +305,9 @@ def report(run):
              f"{s.eval_num} samples per row. {METRIC_NOTES[kind]} `rmse_to_teacher`: the mean over samples of the "
              "root-mean-square distance between a sample and the teacher's 16-step sample from the same noise and "
              "label. The students' 2-step sampler re-noises the first jump's output to sigma "
-             f"{MID_SIGMA} with fresh noise (multistep consistency sampling), so it leaves the teacher's ODE path "
-             "on purpose; the 1-step distance is the one that measures how well a student copies the teacher.", "",
+             f"{TWO_STEP_SIGMA} with fresh noise (multistep consistency sampling), so it leaves the teacher's ODE "
+             "path on purpose; the 1-step distance is the one that measures how well a student copies the teacher.",
+             "",
              "| model | steps | " + " | ".join(metric_names) + " | rmse_to_teacher |",
              "|---|---|" + "---|" * (len(metric_names) + 1)]
     for name, model, steps in SAMPLES:
@@ -324,7 +343,8 @@ METRIC_NOTES = {
 }
 
 
-def run_demo(run, stages=None):
+def run_stages(run, stages=None):
+    """Run `stages` (default: all) over `run` and write its report."""
     run.out.mkdir(parents=True, exist_ok=True)
     if run.fresh:
         for name in ("teacher", "shards", "mid", "post", "samples", STAGES_FILE):
@@ -343,57 +363,47 @@ def run_demo(run, stages=None):
     return run
 
 
-@click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"),
-              help="Demo folder: shards/, mid/, post/, samples/, report.md.")
-@click.option("--data", type=click.Choice(DATA_CHOICES), default="mnist",
-              help="A built-in data set with a built-in teacher.")
-@click.option("--train-teacher", is_flag=True,
-              help="Pre-train the teacher here with the built-in one's recipe instead of reusing it "
-                   "(MNIST: ~12 CPU minutes).")
-@click.option("--trajectories", type=click.IntRange(min=1), default=None,
-              help="Teacher trajectories [default: per data].")
-@click.option("--mid-steps", type=click.IntRange(min=1), default=None, help="Mid-training steps [default: per data].")
-@click.option("--post-steps", type=click.IntRange(min=1), default=None, help="Post-training steps [default: per data].")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None,
-              help="Mid- and post-training batch [default: per data].")
-@click.option("--eval-num", type=click.IntRange(min=20), default=None,
-              help="Samples per model for the metrics [default: per data].")
-@click.option("--seed", type=click.IntRange(min=0), default=0)
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="torch threads [default: torch's, one per core].")
-@click.option("--fresh", is_flag=True, help="Start over: remove the stages of an earlier run in --out.")
-@click.option("--progress/--no-progress", default=True)
-def main(out, data, train_teacher, trajectories, mid_steps, post_steps, batch_size, eval_num, seed, threads, fresh,
-         progress):
-    """Run the whole pipeline on built-in data (teacher, trajectories, mid-training, ECT post-training,
-    1- and 2-step samples, metrics) and write OUT/report.md."""
-    defaults = SETTINGS["toy" if data.startswith("toy:") else "mnist"]
+def run_demo(*, out="runs/demo", data="mnist", train_teacher=False, trajectories=None, mid_steps=None, post_steps=None,
+             batch_size=None, eval_num=None, seed=0, threads=None, fresh=False, progress=True, log=print):
+    """Run the whole pipeline on built-in data and write OUT/report.md; `python -m cmt.cli.demo`.
+
+    out: the demo folder (shards/, mid/, post/, samples/, report.md). data: a built-in data set with a
+    built-in teacher (`DATA_CHOICES`). train_teacher: pre-train the teacher with the built-in one's
+    recipe instead of reusing it (MNIST: ~12 CPU minutes). trajectories, mid_steps, post_steps,
+    batch_size (mid- and post-training), eval_num (samples per model for the metrics, at least 20):
+    None takes `SETTINGS` of the data kind. threads: torch threads (None: torch's). fresh: remove
+    the stages of an earlier run in `out` first. log: where progress lines go.
+
+    Returns `{"out", "report", "stages", "metrics" (file), "figures": [Path, ...], "values":
+    {sample set: {metric: value}}, "wall_s", "cpu_s"}`.
+    """
+    if data not in DATA_CHOICES:
+        raise ArgumentError("data", f"{data!r} has no built-in teacher; choose one of {', '.join(DATA_CHOICES)}")
+    for name, value, least in (("trajectories", trajectories, 1), ("mid_steps", mid_steps, 1),
+                               ("post_steps", post_steps, 1), ("batch_size", batch_size, 1),
+                               ("eval_num", eval_num, MIN_EVAL_NUM), ("threads", threads, 1), ("seed", seed, 0)):
+        if value is not None and (not isinstance(value, int) or value < least):
+            raise ArgumentError(name, f"must be an integer >= {least}, got {value!r}")
     overrides = {"trajectories": trajectories, "mid_steps": mid_steps, "post_steps": post_steps,
                  "mid_batch": batch_size, "post_batch": batch_size, "eval_num": eval_num}
-    settings = Settings(**{**defaults.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
     started, cpu = time.time(), _cpu_seconds()
-    run = run_demo(DemoRun(out=out, data=data, settings=settings, train_teacher=train_teacher, seed=seed,
-                           threads=threads, fresh=fresh, progress=progress, command=_command_line()))
-    click.echo(run.path("report.md").read_text())
-    click.echo(f"[demo] done in {time.time() - started:.0f} s ({_cpu_seconds() - cpu:.0f} CPU s): "
-               f"{run.path('report.md')}")
+    settings = replace(SETTINGS[data_kind(data)], **{k: v for k, v in overrides.items() if v is not None})
+    arguments = dict(out=out, data=data, train_teacher=train_teacher, trajectories=trajectories, mid_steps=mid_steps,
+                     post_steps=post_steps, batch_size=batch_size, eval_num=eval_num, seed=seed, threads=threads,
+                     fresh=fresh, progress=progress)
+    run = run_stages(DemoRun(out=out, data=data, settings=settings, train_teacher=train_teacher, seed=seed,
+                             threads=threads, fresh=fresh, progress=progress, command=demo_command(arguments),
+                             log=log))
+    return {"out": run.out, "report": run.path("report.md"), "stages": run.path(STAGES_FILE),
+            "metrics": run.path("metrics.json"), "figures": [run.path(f"demo_{name}.png") for name in GRIDS],
+            "values": run.metrics, "wall_s": time.time() - started, "cpu_s": _cpu_seconds() - cpu}
 
 
-def _command_line():
-    """`python -m cmt.demo` with the options given (not their defaults), for the report."""
-    ctx = click.get_current_context()
-    words = ["python", "-m", "cmt.demo"]
-    for param in ctx.command.params:
-        if ctx.get_parameter_source(param.name) != click.core.ParameterSource.COMMANDLINE:
-            continue
-        value = ctx.params[param.name]
-        if param.is_flag:
-            words.append(param.opts[0] if value else param.secondary_opts[0])
-        else:
-            words += [param.opts[0], str(value)]
-    return shlex.join(words)
+DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(run_demo).parameters.items()
+            if name != "log"}
 
 
-if __name__ == "__main__":
-    main()
+def demo_command(arguments):
+    """`python -m cmt.cli.demo` with the arguments that differ from the defaults, for the report."""
+    given = {name: value for name, value in arguments.items() if str(value) != str(DEFAULTS[name])}
+    return shlex.join(command_words(DEMO_COMMAND, given))

@@ -8,10 +8,15 @@ import math
 
 import torch
 
+# EDM's settings (Karras et al. 2022, Table 1), the defaults of every trainer, builder and sampler.
 SIGMA_DATA = 0.5
 SIGMA_MIN = 0.002
 SIGMA_MAX = 80.0
 RHO = 7.0
+# The intermediate sigma of 2-step consistency sampling (jump to 0, re-noise to it, jump again): the
+# `mid_t=[0.821]` default of ECT's evaluation script (locuslab/ect ct_eval.py), as used for iCT/ECT's
+# CIFAR-10 2-step figures. The training reports and `cmt-sample --sampler flowmap --steps 2` use it.
+TWO_STEP_SIGMA = 0.821
 
 
 def broadcast_sigma(sigma, x):

@@ -1,24 +1,18 @@
-"""cmt-eval: score generated samples against a data set.
-
-\b
-    cmt-eval --samples samples.npz --data toy:checkerboard
-    cmt-eval --samples samples.npz --data mnist --json
-    cmt-eval --samples samples.npz --data images.zip --fid --detector inception-2015-12-05.pt [--ref refs.npz]
+"""Evaluation: the metrics of a set of samples against a data set; `evaluate` is `cmt-eval`.
 
 Toy data: energy distance and sliced Wasserstein against the fixed reference sample. mnist:
-FD-MNIST (features of a small MNIST classifier, not Inception FID). --fid: Inception FID against
-the --ref statistics, or against statistics of the --data images when --ref is not given.
+FD-MNIST (features of a small MNIST classifier, not Inception FID). Inception FID on request,
+against EDM-format reference statistics or statistics of the data set's images.
 """
-
-import json
 import zipfile
+from pathlib import Path
 
-import click
 import numpy as np
 import torch
 
 from cmt.datasets import resolve_data
-from cmt.metrics import InceptionFID, embedded_metric, frechet_distance, INCEPTION_URL
+from cmt.errors import ArgumentError
+from cmt.metrics import INCEPTION_URL, InceptionFID, embedded_metric, frechet_distance, load_reference_statistics
 
 
 def load_samples(path):
@@ -61,47 +55,57 @@ def evaluate_samples(samples, data, fid=None):
     return results
 
 
-@click.command(help=__doc__)
-@click.option("--samples", "samples_path", required=True, type=click.Path(exists=True, dir_okay=False), help="Samples .npz (key 'samples', optional 'labels'), e.g. from cmt-sample.")
-@click.option("--data", "data_spec", required=True, help="mnist | toy:NAME | PATH (image folder, .npz, EDM dataset .zip).")
-@click.option("--fid", is_flag=True, help="Also compute Inception FID (needs --detector).")
-@click.option("--detector", default=None, help=f"TorchScript inception-2015-12-05.pt: a path, or its URL {INCEPTION_URL}.")
-@click.option("--ref", default=None, help="EDM-format FID reference statistics .npz (mu, sigma), path or URL; default: computed from --data.")
-@click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", show_default=True, help="Device for the Inception detector.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def main(samples_path, data_spec, fid, detector, ref, device, as_json):
-    try:
-        samples, _ = load_samples(samples_path)
-    except ValueError as error:
-        raise click.BadParameter(str(error), param_hint="--samples") from None
-    try:
-        data = resolve_data(data_spec)
-    except ValueError as error:
-        raise click.BadParameter(str(error), param_hint="--data") from None
-    if not fid and (detector or ref):
-        raise click.UsageError("--detector and --ref are only used with --fid")
-    if fid and detector is None:
-        raise click.UsageError(f"--fid needs --detector: the TorchScript inception-2015-12-05.pt (download it from {INCEPTION_URL})")
-    if fid and data.kind != "images":
-        raise click.UsageError(f"--fid needs image data; {data.name} holds 2-D points")
-    if not fid and data.kind == "images" and data.name != "mnist":
-        raise click.UsageError(f"{data.name} has no built-in metric; pass --fid --detector PATH [--ref PATH]")
-    try:
-        _check_shape(samples, data)
-    except ValueError as error:
-        raise click.BadParameter(str(error), param_hint="--samples") from None
-    try:
-        detector_net = InceptionFID(detector, reference=ref, device=device) if fid else None
-    except ValueError as error:
-        raise click.BadParameter(str(error), param_hint="--detector/--ref") from None
-    results = evaluate_samples(samples, data, fid=detector_net)
-    if as_json:
-        click.echo(json.dumps({"samples": str(samples_path), "data": data.name, "count": len(samples), **results}))
+def evaluate(*, samples, data, fid=False, detector=None, ref=None, device=None):
+    """Score `samples` against `data`; the entry point behind `cmt-eval`.
+
+    samples: an .npz from cmt-sample (key `samples`, optional `labels`), or the samples themselves
+    (a tensor or array). data: mnist | toy:NAME | PATH (image folder, .npz, EDM dataset .zip).
+    Toy data get energy distance and sliced Wasserstein against the fixed reference sample; mnist
+    gets FD-MNIST (features of a small MNIST classifier, not Inception FID). fid: also Inception
+    FID with `detector` (the TorchScript inception-2015-12-05.pt, path or URL) against the `ref`
+    statistics (EDM-format .npz, path or URL), or against statistics of the `data` images when
+    `ref` is None. device: for the detector (default cuda if available, else cpu).
+
+    Returns `{"samples": Path or None, "data": name, "count": int, "metrics": {name: float}}`.
+    """
+    if isinstance(samples, (str, Path)):
+        samples_path = Path(samples)
+        if not samples_path.is_file():
+            raise ArgumentError("samples", f"{samples_path} does not exist")
+        try:
+            values, _ = load_samples(samples_path)
+        except ValueError as error:
+            raise ArgumentError("samples", str(error)) from None
     else:
-        click.echo(f"{len(samples)} samples from {samples_path} vs {data.name}")
-        for name, value in results.items():
-            click.echo(f"  {name}: {value:.6g}")
-
-
-if __name__ == "__main__":
-    main()
+        samples_path, values = None, torch.as_tensor(np.asarray(samples), dtype=torch.float32)
+    try:
+        data = resolve_data(data)
+    except ValueError as error:
+        raise ArgumentError("data", str(error)) from None
+    if not fid and (detector or ref):
+        raise ArgumentError("detector" if detector else "ref", "only used with --fid (fid=True)")
+    if fid and detector is None:
+        raise ArgumentError("detector", "--fid needs --detector (fid=True needs a detector): the TorchScript "
+                                        f"inception-2015-12-05.pt, a path or its URL {INCEPTION_URL}")
+    if fid and data.kind != "images":
+        raise ArgumentError("data", f"Inception FID needs image data; {data.name} holds 2-D points")
+    if not fid and data.kind == "images" and data.name != "mnist":
+        raise ArgumentError("data", f"{data.name} has no built-in metric; ask for Inception FID "
+                                    "(--fid --detector PATH [--ref PATH])")
+    try:
+        _check_shape(values, data)
+    except ValueError as error:
+        raise ArgumentError("samples", str(error)) from None
+    scorer = None
+    if fid:
+        try:
+            reference = None if ref is None else load_reference_statistics(ref)
+        except ValueError as error:
+            raise ArgumentError("ref", str(error)) from None
+        try:
+            scorer = InceptionFID(detector, reference=reference,
+                                  device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        except ValueError as error:
+            raise ArgumentError("detector", str(error)) from None
+    metrics = evaluate_samples(values, data, fid=scorer)
+    return {"samples": samples_path, "data": data.name, "count": len(values), "metrics": metrics}

@@ -3,9 +3,14 @@
 Both are denoisers `D(x, sigma, labels=None)` that the solvers call like a network:
 `D = D_guide + weight * (D_main - D_guide)`, where the guide is a weaker network (autoguidance,
 Karras et al. 2024) or the same / another network without labels (classifier-free guidance).
-`describe()` returns the settings for the builder's manifest.
+
+`apply_guidance` is the one way the rest of the package guides a network (the builder and the
+teacher loader both call it): it picks the kind and returns the one record of what it did, so the
+same request is recorded, and hashed into a build configuration, the same way everywhere.
 """
 import torch
+
+from cmt.errors import ArgumentError
 
 
 class GuidedDenoiser(torch.nn.Module):
@@ -52,6 +57,29 @@ def classifier_free_guidance(net, weight, uncond=None, uncond_identity=None):
                           guide_labels=False, guide_identity=uncond_identity)
 
 
-def no_guidance(net):
-    """The network itself, with the same `describe()` interface."""
-    return GuidedDenoiser(net, net, 1.0, "none")
+def apply_guidance(net, guidance=None, guide=None, guide_identity=None):
+    """`(denoiser, record)`: `net` guided with weight `guidance`, and the one record of the guidance.
+
+    - `guidance` None or 1: no guidance, `(net, None)`. At weight 1 every guided denoiser is `net`
+      itself, so "no guidance" and "weight 1" (with or without a guide) are one teacher and one
+      record: None, what a dataset built without guidance has always recorded.
+    - `guide` (a network, `guide_identity` its `resolve_teacher` identity): autoguidance by it.
+    - otherwise: classifier-free guidance against `net` without labels (class-conditional nets only).
+
+    record: `{"kind": "autoguidance" | "classifier_free", "weight": w, "guide": {"kind", "path",
+    "sha256"} or None}`. Bad input raises `ArgumentError` naming `guidance` or `guide`.
+    """
+    if guidance is None:
+        if guide is not None:
+            raise ArgumentError("guidance", "a guide network needs a guidance weight (EDM2 uses about 1.4 to 2.5)")
+        return net, None
+    if float(guidance) == 1:
+        return net, None
+    try:
+        if guide is not None:
+            guided = autoguidance(net, guide, guidance, guide_identity=guide_identity)
+        else:
+            guided = classifier_free_guidance(net, guidance)
+    except ValueError as error:
+        raise ArgumentError("guide" if guide is not None else "guidance", str(error)) from None
+    return guided.eval(), guided.describe()

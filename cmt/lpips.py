@@ -20,7 +20,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
+
+from cmt.download import DownloadError, fetch
 
 TRUNK_URLS = {
     "vgg": "https://download.pytorch.org/models/vgg16-397923af.pth",
@@ -71,28 +74,26 @@ def _check_net(net: str) -> None:
         raise ValueError(f"LPIPS net must be one of {sorted(FEATURES)}, got {net!r}")
 
 
-def hub_trunk_weights(net: str) -> dict:
-    """torchvision's ImageNet weights for `net`, from the torch hub cache or downloaded into it."""
+def trunk_weights_path(net: str) -> Path:
+    """torchvision's ImageNet weights file for `net`: from the cmt cache (`$CMT_CACHE/lpips`), from
+    torch hub's `checkpoints/` if torchvision already put it there, else downloaded into the cache."""
     _check_net(net)
     url = TRUNK_URLS[net]
     file_name = url.rsplit("/", 1)[-1]
-    directory = Path(torch.hub.get_dir()) / "checkpoints"
+    hub_checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
+    # torch hub names carry the first 8 hex digits of the file's sha256 (`vgg16-397923af.pth`).
+    digest_prefix = file_name.rsplit("-", 1)[-1].split(".")[0]
     try:
-        return torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=True, weights_only=True)
-    except OSError as error:  # urllib's URLError and socket errors are OSErrors
-        raise FileNotFoundError(
-            f"LPIPS ({net}) needs torchvision's ImageNet weights {file_name}, which are not in {directory} "
-            f"and could not be downloaded from {url} ({error}). Put {file_name} in {directory}/ "
-            f"or pass trunk_weights=PATH."
-        ) from error
+        return fetch(url, subdir="lpips", sha256=digest_prefix, also_look_in=[hub_checkpoints])
+    except DownloadError as error:
+        raise DownloadError(f"LPIPS ({net}) needs torchvision's ImageNet weights {file_name}: {error}, "
+                            "or pass trunk_weights=PATH") from error
 
 
 def _read_weights(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"LPIPS trunk weights file not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(path)
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -120,7 +121,7 @@ def unit_channels(features: torch.Tensor) -> torch.Tensor:
 class LPIPS(nn.Module):
     """Frozen LPIPS distance; gradients flow to the inputs only, so it serves as a training loss.
 
-    net: "vgg" or "alex". trunk_weights: None (torch hub cache / download), a `.pth` or `.safetensors`
+    net: "vgg" or "alex". trunk_weights: None (`trunk_weights_path`: cache or download), a `.pth` or `.safetensors`
     path, or a state dict, torchvision-style (`features.0.weight`, ...; other keys are ignored).
     resize: None, or a side length the inputs are bilinearly resized to before the trunk.
     """
@@ -147,7 +148,8 @@ class LPIPS(nn.Module):
 
     def _load_trunk(self, trunk_weights) -> None:
         if trunk_weights is None:
-            source, state = f"torch hub {TRUNK_URLS[self.net].rsplit('/', 1)[-1]}", hub_trunk_weights(self.net)
+            path = trunk_weights_path(self.net)
+            source, state = str(path), _read_weights(path)
         elif isinstance(trunk_weights, Mapping):
             source, state = "the given state dict", trunk_weights
         else:

@@ -12,7 +12,7 @@ import hashlib
 import json
 
 from cmt.formats import (EXTENSIONS, ShardError, checksum, decode_shard, files_bytes, open_location, read_files,
-                                  write_atomic)
+                         write_atomic)
 
 FORMAT_NAME = "cmt-trajectories"
 FORMAT_VERSION = 1
@@ -90,7 +90,3 @@ class TrajectoryDataset:
         if len(arrays["index"]) != entry["count"]:
             raise ShardError(f"shard {path} holds {len(arrays['index'])} trajectories, the manifest says {entry['count']}")
         return arrays
-
-
-def open_dataset(url):
-    return TrajectoryDataset(url)

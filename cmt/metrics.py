@@ -11,8 +11,6 @@
 """
 
 import functools
-import urllib.parse
-import urllib.request
 import warnings
 from pathlib import Path
 
@@ -23,10 +21,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from cmt.datasets import TOY_NAMES, load_mnist, reference_sample
+from cmt.download import DownloadError, cache_dir, fetch
+
 MNIST_CLASSIFIER = Path(__file__).resolve().parent / "assets" / "mnist_classifier.safetensors"
 MNIST_RESOLUTION = 16
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
-EDM_REFS_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/"  # e.g. cifar10-32x32.npz, imagenet-64x64.npz
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,8 +160,6 @@ def mnist_features(images, batch_size=1000):
 
 @functools.cache
 def mnist_reference_statistics():
-    from cmt.datasets import load_mnist
-
     images, _ = load_mnist(MNIST_RESOLUTION)
     return feature_statistics(mnist_features(images))
 
@@ -183,8 +181,6 @@ def embedded_metric(data, samples):
     `sliced_wasserstein` against the fixed reference sample, `mnist` gives `fd_mnist`; other data
     sets have no built-in metric (empty dict; use `InceptionFID`).
     """
-    from cmt.datasets import TOY_NAMES, reference_sample
-
     name = data if isinstance(data, str) else data.name
     if name.startswith("toy:") and name[4:] in TOY_NAMES:
         if samples.ndim != 2 or samples.shape[1] != 2:
@@ -201,21 +197,12 @@ def embedded_metric(data, samples):
 
 
 def _local_file(path_or_url, what):
-    """A local path as is; an http(s) URL downloaded once into ~/.cache/cmt."""
-    text = str(path_or_url)
-    if not text.startswith(("http://", "https://")):
-        if not Path(text).expanduser().is_file():
-            raise ValueError(f"{what}: no such file {text}")
-        return Path(text).expanduser()
-    cached = Path.home() / ".cache" / "cmt" / Path(urllib.parse.urlparse(text).path).name
-    if not cached.is_file():
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            urllib.request.urlretrieve(text, cached.with_suffix(".part"))
-        except OSError as error:
-            raise ValueError(f"{what}: cannot download {text} ({error}); download it elsewhere and pass its local path") from None
-        cached.with_suffix(".part").rename(cached)
-    return cached
+    """A local path as is; an http(s) URL fetched once into the cache (`$CMT_CACHE/fid`, see cmt.download)."""
+    try:
+        # Earlier versions downloaded these files into the cache root: a copy there is used in place.
+        return fetch(path_or_url, subdir="fid", also_look_in=[cache_dir()])
+    except DownloadError as error:
+        raise ValueError(f"{what}: {error}") from None
 
 
 def load_reference_statistics(path_or_url):

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import tqdm
 
+from cmt.edm import broadcast_sigma
+
 
 @dataclass
 class Trajectory:
@@ -32,8 +34,33 @@ class Trajectory:
         return self.states[-1]
 
 
+def _batch_sigma(sigma, x):
+    """A python-float sigma as the `[B]` tensor the denoisers take; tensors pass through."""
+    return sigma if torch.is_tensor(sigma) else torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)
+
+
 def _call(denoiser, x, sigma, labels):
-    return denoiser(x, torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device), labels)
+    return denoiser(x, _batch_sigma(sigma, x), labels)
+
+
+def heun_step(denoiser, x, sigma, next_sigma, labels=None):
+    """One step of EDM's Heun sampler (no churn) from `sigma` to `next_sigma`: Euler where `next_sigma` is 0.
+
+    `denoiser(x, sigma [B], labels) -> D`. `sigma` and `next_sigma` are python floats (one grid
+    step of the solvers below) or `[B]` tensors (one pair per sample, as ECD's teacher step); with
+    tensors, samples whose `next_sigma` is 0 take the Euler step (their second call is evaluated at
+    `sigma` and discarded, so every sigma the denoiser sees is positive).
+    """
+    sigma_b, next_b = broadcast_sigma(sigma, x), broadcast_sigma(next_sigma, x)
+    slope = (x - _call(denoiser, x, sigma, labels)) / sigma_b
+    x_euler = x + (next_b - sigma_b) * slope
+    per_sample = torch.is_tensor(next_sigma)
+    if not per_sample and next_sigma == 0:
+        return x_euler
+    second_sigma = torch.where(next_sigma > 0, next_sigma, sigma) if per_sample else next_sigma
+    slope_next = (x_euler - _call(denoiser, x_euler, second_sigma, labels)) / broadcast_sigma(second_sigma, x)
+    x_heun = x + (next_b - sigma_b) * (0.5 * slope + 0.5 * slope_next)
+    return torch.where(next_b > 0, x_heun, x_euler) if per_sample else x_heun
 
 
 def euler(denoiser, x, sigmas, labels):
@@ -45,15 +72,8 @@ def euler(denoiser, x, sigmas, labels):
 
 def heun(denoiser, x, sigmas, labels):
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        slope = (x - _call(denoiser, x, sigma, labels)) / sigma
-        x_euler = x + (sigma_next - sigma) * slope
-        if sigma_next == 0:
-            x = x_euler
-            yield x, 1
-            continue
-        slope_next = (x_euler - _call(denoiser, x_euler, sigma_next, labels)) / sigma_next
-        x = x + (sigma_next - sigma) * (0.5 * slope + 0.5 * slope_next)
-        yield x, 2
+        x = heun_step(denoiser, x, sigma, sigma_next, labels)
+        yield x, 1 if sigma_next == 0 else 2
 
 
 def dpmpp_update(x, sigmas, denoised, sigma_next):

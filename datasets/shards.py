@@ -24,6 +24,7 @@ import math
 import numpy as np
 import torch
 
+from cmt.errors import ArgumentError
 from cmt.manifest import TrajectoryDataset
 
 
@@ -63,17 +64,18 @@ class ShardReader(torch.utils.data.IterableDataset):
         super().__init__()
         self.dataset = path if isinstance(path, TrajectoryDataset) else TrajectoryDataset(path)
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise ArgumentError("batch_size", f"must be >= 1, got {batch_size}")
         if states_per_trajectory != "all" and (not isinstance(states_per_trajectory, int) or states_per_trajectory < 1):
-            raise ValueError(f"states_per_trajectory must be 'all' or a positive int, got {states_per_trajectory!r}")
+            raise ArgumentError("states_per_trajectory",
+                                f"must be 'all' or a positive int, got {states_per_trajectory!r}")
         self.num_states = len(self.dataset.manifest["kept_states"])
         if pairs and self.num_states < 2:
-            raise ValueError(f"pairs=True needs at least 2 stored states per trajectory; {self.dataset.url} has "
-                             f"{self.num_states}")
+            raise ArgumentError("pairs", f"pairs of states need at least 2 stored states per trajectory; "
+                                         f"{self.dataset.url} has {self.num_states}")
         if rank is None or world_size is None:
             rank, world_size = _default_rank()
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+            raise ArgumentError("rank", f"{rank} is not in [0, {world_size})")
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle

@@ -11,7 +11,8 @@ import math
 
 import torch
 
-SIGMA_DATA = 0.5
+from cmt.edm import SIGMA_DATA
+
 REFERENCE_SEED = 20250929
 REFERENCE_SIZE = 4096
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cmt.checkpoint import load_network, load_state_dict_strict_or_explain, read_safetensors, save_network
-from cmt.networks import build_network
+from cmt.checkpoint import load_network, read_safetensors, save_network
+from cmt.networks import build_network, load_state_dict_strict_or_explain
 from cmt.networks.edm2 import Precond
 
 MLP_CONFIG = {"architecture": "mlp", "data_shape": [2], "label_dim": 2, "width": 32, "num_blocks": 1}

@@ -1,12 +1,21 @@
-"""python -m cmt.demo: every stage runs, the report holds the grids, metrics and commands, a re-run
-reuses finished stages (and resumes or redoes only what it must), bad arguments fail cleanly."""
+"""python -m cmt.cli.demo: every stage runs, the report holds the grids, metrics and commands (which
+the real commands accept), a re-run reuses finished stages (and resumes or redoes only what it
+must), bad arguments fail cleanly."""
 import json
 import math
+import shlex
 
 import pytest
 from click.testing import CliRunner
 
-from cmt.demo import main
+from cmt.cli.build import main as build_command
+from cmt.cli.demo import main
+from cmt.cli.evaluate import main as evaluate_command
+from cmt.cli.sample import main as sample_command
+from cmt.cli.train import main as train_command
+from cmt.demo import DATA_CHOICES
+from cmt.flags import command_words
+from cmt.trainers.diffusion import TEACHER_RECIPES
 
 TINY = ["--data", "toy:checkerboard", "--trajectories", "64", "--mid-steps", "4", "--batch-size", "32",
         "--eval-num", "1000", "--threads", "1", "--no-progress"]
@@ -18,6 +27,19 @@ def demo(*args):
     result = CliRunner().invoke(main, [str(arg) for arg in args], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return result
+
+
+def parsed_options(line):
+    """The options (by parameter name) that the real command makes of a command line of the report;
+    a misspelt flag or a bad value fails here as it would for a user."""
+    program, *args = shlex.split(line)
+    if program == "cmt-train":
+        command, args = train_command.commands[args[0]], args[1:]
+    else:
+        command = {"cmt-build": build_command, "cmt-sample": sample_command, "cmt-eval": evaluate_command}[program]
+    with command.make_context(program, args) as ctx:
+        return {name: value for name, value in ctx.params.items()
+                if ctx.get_parameter_source(name).name == "COMMANDLINE"}
 
 
 def mtimes(out):
@@ -58,6 +80,25 @@ def test_every_stage_runs_and_the_report_shows_them(first_run):
     # A student started from the teacher is nearer its samples from the same noise than other
     # teacher samples are.
     assert metrics["mid_1step"]["rmse_to_teacher"] < metrics["teacher_16step_other_noise"]["rmse_to_teacher"]
+
+
+def test_the_recorded_commands_are_what_the_commands_accept(first_run):
+    records = json.loads((first_run / "stages.json").read_text())
+    lines = [line for stage in ("build", "mid", "post", "sample", "evaluate") for line in records[stage]["commands"]]
+    assert len(lines) == 1 + 1 + 1 + 7 + 7
+    for line in lines:
+        assert parsed_options(line)
+    mid = parsed_options(records["mid"]["commands"][0])
+    assert mid["max_steps"] == 4 and mid["target"] == "endpoint" and mid["progress"] is False
+
+
+@pytest.mark.parametrize("data", DATA_CHOICES)
+def test_the_teacher_recipes_spell_as_cmt_train_diffusion(tmp_path, data):
+    # --train-teacher reports `cmt-train diffusion` with the recipe's keywords as options.
+    recipe = {**TEACHER_RECIPES[data], "out": str(tmp_path), "eval_num": 0, "seed": 0}
+    options = parsed_options(shlex.join(command_words("cmt-train diffusion", recipe)))
+    assert {name: options[name] for name in recipe} == {**recipe, "out": options["out"]}
+    assert str(options["out"]) == str(tmp_path)
 
 
 def test_a_rerun_reuses_finished_stages_and_redoes_only_changed_ones(first_run):

@@ -1,13 +1,11 @@
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from cmt import edm
-
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+from conftest import FIXTURES
 
 
 def test_scalings_known_values():

@@ -9,10 +9,12 @@ import torch
 from click.testing import CliRunner
 
 from cmt.checkpoint import load_network
+from cmt.cli.convert import main as convert_main
+from cmt.errors import ArgumentError
 from cmt.networks import edm2
-from cmt.networks.edm2_pickle import (PRESETS, UnsafePickleError, convert_main, fetch_checkpoint,
-                                      load_edm2_pickle)
-from cmt.teachers import resolve_teacher
+from cmt.networks.edm2_pickle import UnsafePickleError, load_edm2_pickle
+from cmt.teachers import EDM2_PRESETS as PRESETS
+from cmt.teachers import convert_checkpoint, fetch_edm2_checkpoint, resolve_teacher
 
 from edm2_fixtures import Persistent, tiny_official_network, vae_encoder, write_edm2_pickle
 
@@ -115,16 +117,36 @@ def test_convert_then_load_safetensors(tiny_pickle, tmp_path):
     assert not marker.exists()
 
 
-def test_presets_use_the_cache_and_fail_clearly_offline(tiny_pickle, tmp_path):
+def test_presets_use_the_cache_and_fail_clearly_offline(tiny_pickle, tmp_path, monkeypatch):
     path, _, _ = tiny_pickle
     assert PRESETS["edm2-img64-s"].endswith("/posthoc-reconstructions/edm2-img64-s-1073741-0.075.pkl")
     cache = tmp_path / "cache"
-    cache.mkdir()
-    (cache / "edm2-img64-s-1073741-0.075.pkl").write_bytes(path.read_bytes())
-    net, identity = resolve_teacher("edm2-img64-s", cache_dir=cache)
+    monkeypatch.setenv("CMT_CACHE", str(cache))   # the one cache setting (cmt.download)
+    (cache / "edm2").mkdir(parents=True)
+    (cache / "edm2" / "edm2-img64-s-1073741-0.075.pkl").write_bytes(path.read_bytes())
+    net, identity = resolve_teacher("edm2-img64-s")
     assert identity["preset"] == "edm2-img64-s" and identity["path"].endswith("edm2-img64-s-1073741-0.075.pkl")
+    assert identity["path"] == str(cache / "edm2" / "edm2-img64-s-1073741-0.075.pkl")
     with pytest.raises(FileNotFoundError, match=r"edm2-img512-xs-2147483-0.135.pkl by hand and put it at .*cache"):
-        fetch_checkpoint("http://127.0.0.1:9/edm2-img512-xs-2147483-0.135.pkl", cache_dir=cache)
+        fetch_edm2_checkpoint("http://127.0.0.1:9/edm2-img512-xs-2147483-0.135.pkl")
+    assert not list((cache / "edm2").glob("*.part"))   # nothing half-written is left behind
+
+
+def test_convert_checkpoint_library(tiny_pickle, tmp_path):
+    path, net16, marker = tiny_pickle
+    written = convert_checkpoint(source=path, out=tmp_path / "tiny.safetensors")
+    assert written["out"] == tmp_path / "tiny.safetensors" and written["source"] == path
+    assert written["encoder"]["kind"] == "stability_vae" and written["parameters"] > 0
+    inputs, expected = reference_outputs(net16)
+    with torch.no_grad():
+        torch.testing.assert_close(load_network(written["out"])(*inputs), expected, rtol=0, atol=0)
+    for kwargs, argument in [({"out": tmp_path / "tiny.safetensors"}, "out"), ({"out": tmp_path / "x.pt"}, "out"),
+                             ({"source": tmp_path / "missing.pkl"}, "source")]:
+        with pytest.raises(ArgumentError) as error:
+            convert_checkpoint(**{"source": path, "out": tmp_path / "new.safetensors", **kwargs})
+        assert error.value.argument == argument
+    assert convert_checkpoint(source=path, out=tmp_path / "tiny.safetensors", overwrite=True)["out"].is_file()
+    assert not marker.exists()
 
 
 def test_guided_teachers_from_pickles(tiny_pickle, tmp_path, monkeypatch):

@@ -1,28 +1,24 @@
-"""cmt-inspect: summary, --json, --verify (checksums and NaN/inf), --stats, --preview."""
+"""inspect_trajectories / cmt-inspect: summary, --json, --verify (checksums and NaN/inf), --stats, --preview."""
+import functools
 import json
 import shutil
 
 import numpy as np
 import pytest
-import torch
-from click.testing import CliRunner
 from PIL import Image
 
-from cmt.builders.build import Teacher, build, build_config
+from cmt.builders.build import build_trajectories
+from cmt.builders.inspect import inspect_trajectories
+from cmt.cli.inspect import main
+from cmt.errors import ArgumentError
 from cmt.formats import checksum, encode_shard, open_location, write_atomic
-from cmt.builders.inspect import main
 from cmt.manifest import TrajectoryDataset, read_json, write_json
-from cmt.gmm import gmm_denoiser, random_gmm
+from conftest import gmm_teacher, invoke_command
 
 
 def make(out, data_shape=(2,), count=300, fmt="zarr", nfe=6):
-    dim = int(np.prod(data_shape))
-    mu, logw, s = random_gmm(4, dim, std=0.2, generator=torch.Generator().manual_seed(2))
-    teacher = Teacher(gmm_denoiser(mu, logw, s), data_shape, 0,
-                      {"kind": "gmm", "name": "gmm-test", "sha256": "2" * 64, "config": {"architecture": "gmm"}},
-                      dtype=torch.float64)
-    config = build_config(teacher, num_trajectories=count, batch_size=100, shard_size=100, nfe=nfe, labels=None, fmt=fmt)
-    build(out, teacher, config, progress=False, log=lambda message: None)
+    build_trajectories(teacher=gmm_teacher(data_shape, seed=2), out=out, num_trajectories=count, batch_size=100, shard_size=100, nfe=nfe,
+                       format=fmt, progress=False, log=lambda message: None)
     return out
 
 
@@ -31,11 +27,7 @@ def points(tmp_path_factory):
     return make(tmp_path_factory.mktemp("inspect") / "points")
 
 
-def inspect(*args):
-    result = CliRunner().invoke(main, list(map(str, args)))
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.output
+inspect = functools.partial(invoke_command, main)   # cmt-inspect in this process: `(exit code, output)`
 
 
 def test_summary_and_json(points):
@@ -51,6 +43,7 @@ def test_summary_and_json(points):
     assert info["size_vs_float16"] == pytest.approx(on_disk / (300 * 9 * 2 * 2))
     assert info["shapes"]["states"] == [300, 7, 2] and info["dtypes"]["states"] == "float16"
     assert info["kept_sigmas"][0] == 80 and info["count"] == 300
+    assert inspect_trajectories(points) == {"summary": info}
 
 
 def test_verify_finds_corrupt_shards_and_non_finite_values(points, tmp_path):
@@ -65,6 +58,9 @@ def test_verify_finds_corrupt_shards_and_non_finite_values(points, tmp_path):
     chunk.write_bytes(bytes(content))
     code, text = inspect(corrupt, "--verify")
     assert code == 1 and "shard-000001.zarr is corrupt" in text and "1 faults" in text
+    checked = inspect_trajectories(corrupt, verify=True)["verify"]
+    assert not checked["ok"] and checked["shards"] == 3 and "shard-000001.zarr is corrupt" in checked["faults"][0]
+    assert inspect_trajectories(points, verify=True)["verify"] == {"ok": True, "faults": [], "shards": 3}
 
     # NaN written with a matching checksum: only the scan can find it.
     poisoned = tmp_path / "poisoned"
@@ -87,14 +83,15 @@ def test_verify_finds_corrupt_shards_and_non_finite_values(points, tmp_path):
 def test_stats_match_what_the_sigmas_predict_for_an_exact_teacher(points, tmp_path):
     # The exact probability-flow ODE keeps the marginals, std(x_sigma) = sqrt(std(x0)^2 + sigma^2):
     # 16 steps of DPM-Solver++ follow it closely, 6 steps visibly do not.
-    code, text = inspect(make(tmp_path / "fine", nfe=16), "--stats", "--json")
-    rows = json.loads(text)["stats"]
+    fine = make(tmp_path / "fine", nfe=16)
+    rows = inspect_trajectories(fine, stats=True)["stats"]
+    code, text = inspect(fine, "--stats", "--json")
+    assert code == 0 and json.loads(text)["stats"] == rows
     assert [row["state"] for row in rows] == list(range(17))
     for row in rows:
         assert row["std_ratio"] == pytest.approx(1, abs=0.05), row
     assert rows[-1]["mean"] == pytest.approx(rows[-1]["predicted_mean"])
-    code, text = inspect(points, "--stats", "--json")
-    assert max(abs(row["std_ratio"] - 1) for row in json.loads(text)["stats"]) > 0.1
+    assert max(abs(row["std_ratio"] - 1) for row in inspect_trajectories(points, stats=True)["stats"]) > 0.1
     code, text = inspect(points, "--stats")
     assert code == 0 and "std/pred" in text
 
@@ -102,9 +99,10 @@ def test_stats_match_what_the_sigmas_predict_for_an_exact_teacher(points, tmp_pa
 def test_preview_draws_images_and_scatter_plots(points, tmp_path):
     code, text = inspect(points, "--preview", tmp_path / "points.png")
     assert code == 0 and Image.open(tmp_path / "points.png").size[0] > 3 * Image.open(tmp_path / "points.png").size[1]
+    assert f"preview   {tmp_path / 'points.png'}" in text
     images = make(tmp_path / "images", data_shape=(1, 4, 4), count=12, fmt="wds")
-    code, text = inspect(images, "--preview", tmp_path / "images.png", "--preview-count", "5")
-    assert code == 0
+    report = inspect_trajectories(images, preview=tmp_path / "images.png", preview_count=5)
+    assert report["preview"] == tmp_path / "images.png"
     assert Image.open(tmp_path / "images.png").size == (7 * (4 + 2) + 2, 5 * (4 + 2) + 2)  # 7 states x 5 trajectories
 
 
@@ -116,3 +114,11 @@ def test_unfinished_or_foreign_directories_are_refused(tmp_path, points):
     assert code == 1 and "has not finished" in text
     code, text = inspect(tmp_path)
     assert code == 1 and "no manifest.json" in text
+    with pytest.raises(ArgumentError, match="has not finished") as error:
+        inspect_trajectories(unfinished)
+    assert error.value.argument == "path"
+    for options, argument in ((dict(vae="some-vae"), "preview"), (dict(preview="p.png", preview_count=0), "preview_count"),
+                              (dict(preview=tmp_path / "p.png", vae="some-vae"), "vae")):
+        with pytest.raises(ArgumentError) as error:
+            inspect_trajectories(points, **options)
+        assert error.value.argument == argument, options

@@ -1,5 +1,6 @@
 """cmt-inspect --preview on a latent dataset: cmt-build from a tiny official-format EDM2 latent pickle,
 then the preview decoded through a tiny diffusers AutoencoderKL (8x down, as the SD VAE)."""
+import functools
 import json
 import math
 
@@ -11,13 +12,16 @@ from PIL import Image
 
 pytest.importorskip("diffusers")
 
-from cmt.builders.build import Teacher, build, build_config  # noqa: E402
-from cmt.builders.cli import main as build_main  # noqa: E402
-from cmt.builders.inspect import main as inspect_main  # noqa: E402
-from cmt.manifest import TrajectoryDataset  # noqa: E402
+from cmt.builders.build import Teacher, build_trajectories  # noqa: E402
+from cmt.builders.inspect import inspect_trajectories  # noqa: E402
+from cmt.cli.build import main as build_main  # noqa: E402
+from cmt.cli.inspect import main as inspect_main  # noqa: E402
+from cmt.errors import ArgumentError  # noqa: E402
 from cmt.gmm import gmm_denoiser, random_gmm  # noqa: E402
 from cmt.latents import load_vae  # noqa: E402
+from cmt.manifest import TrajectoryDataset  # noqa: E402
 
+from conftest import invoke_command  # noqa: E402
 from edm2_fixtures import Persistent, save_tiny_vae, tiny_official_network, vae_encoder, write_edm2_pickle  # noqa: E402
 
 TRAJECTORIES, STATES, LATENT, PIXELS = 4, 5, 8, 64  # nfe 4 keeps 5 states; 8x8 latents decode to 64x64
@@ -37,11 +41,7 @@ def latent_set(tmp_path_factory):
     return root / "shards", save_tiny_vae(root / "vae")
 
 
-def inspect(*args):
-    result = CliRunner().invoke(inspect_main, list(map(str, args)))
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.output
+inspect = functools.partial(invoke_command, inspect_main)   # cmt-inspect in this process
 
 
 def tile(png, row, column):
@@ -80,13 +80,16 @@ def test_latent_preview_needs_a_vae(latent_set, tmp_path):
     shards, _ = latent_set
     out = tmp_path / "preview.png"
     code, text = inspect(shards, "--preview", out)
-    assert code == 2 and "--vae DIR_OR_HUB_ID: the hub id stabilityai/sd-vae-ft-mse" in text
+    assert code == 2 and "--vae: this dataset holds VAE latents" in text and "the hub id stabilityai/sd-vae-ft-mse" in text
     assert not out.exists()
+    with pytest.raises(ArgumentError, match="the hub id stabilityai/sd-vae-ft-mse") as error:
+        inspect_trajectories(shards, preview=out)
+    assert error.value.argument == "vae" and not out.exists()
     (tmp_path / "empty").mkdir()
     code, text = inspect(shards, "--preview", out, "--vae", tmp_path / "empty")
     assert code == 2 and "--vae" in text and "no config.json" in text and not out.exists()
     code, text = inspect(shards, "--vae", tmp_path / "empty")
-    assert code == 2 and "give --preview OUT.png too" in text
+    assert code == 2 and "--preview: the vae decodes the preview" in text and "(OUT.png) too" in text
     code, text = inspect(shards)  # the summary alone needs no VAE
     assert code == 0 and "states    [4, 5, 4, 8, 8] float16" in text
 
@@ -97,7 +100,7 @@ def test_vae_is_refused_for_pixel_datasets(latent_set, tmp_path):
     teacher = Teacher(gmm_denoiser(mu, logw, s), (3, 4, 4), 0,
                       {"kind": "gmm", "name": "gmm-pixels", "sha256": "0" * 64, "config": {"architecture": "gmm"}},
                       dtype=torch.float64)
-    config = build_config(teacher, num_trajectories=2, batch_size=2, shard_size=2, nfe=2, labels=None)
-    build(tmp_path / "pixels", teacher, config, progress=False, log=lambda message: None)
+    build_trajectories(teacher=teacher, out=tmp_path / "pixels", num_trajectories=2, batch_size=2, shard_size=2, nfe=2,
+                       progress=False, log=lambda message: None)
     code, text = inspect(tmp_path / "pixels", "--preview", tmp_path / "pixels.png", "--vae", vae_dir)
     assert code == 2 and "no latent encoder" in text and not (tmp_path / "pixels.png").exists()

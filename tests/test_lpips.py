@@ -1,7 +1,6 @@
 import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -9,8 +8,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from cmt.lpips import FEATURES, LPIPS, cached_lpips, lpips_distance
-
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+from conftest import FIXTURES
 
 
 def formula(shape, i):
@@ -31,8 +29,6 @@ def formula_trunk(net):
 @pytest.fixture(scope="module")
 def reference():
     return load_file(FIXTURES / "lpips_formula.safetensors")
-
-
 
 
 # The lpips package itself, run on this machine with these trunks, gives our numbers bit for bit; the
@@ -65,6 +61,15 @@ def test_missing_trunk_offline_names_file_and_directory(offline_hub):
     with pytest.raises(FileNotFoundError, match="vgg16-397923af.pth") as error:
         LPIPS("vgg")
     assert str(offline_hub / "checkpoints") in str(error.value)
+    assert str(offline_hub / "cmt-cache" / "lpips" / "vgg16-397923af.pth") in str(error.value)
+
+
+def test_trunk_from_the_cmt_cache(reference, offline_hub):
+    (offline_hub / "cmt-cache" / "lpips").mkdir(parents=True)
+    torch.save(formula_trunk("alex"), offline_hub / "cmt-cache" / "lpips" / "alexnet-owt-7be5be79.pth")
+    with torch.no_grad():
+        distance = LPIPS("alex")(reference["x0"], reference["x1"])
+    torch.testing.assert_close(distance, reference["alex_dist"], atol=1e-5, rtol=0)
 
 
 def test_missing_lpips_package(monkeypatch):

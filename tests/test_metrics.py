@@ -9,7 +9,10 @@ from click.testing import CliRunner
 
 from cmt import metrics
 from cmt.datasets import load_mnist, reference_sample, sample_toy
-from cmt.evaluation import evaluate_samples, main
+import cmt
+from cmt.cli.evaluate import main
+from cmt.errors import ArgumentError
+from cmt.evaluation import evaluate_samples
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,3 +250,35 @@ def test_cmt_eval_errors_exit_2_with_a_clear_message(tmp_path, arguments, match)
     result = CliRunner().invoke(main, [argument.format(**paths) for argument in arguments])
     assert result.exit_code == 2
     assert re.search(match, result.output), result.output
+
+
+def test_evaluate_entry_point(tmp_path, detector_path):
+    points = sample_toy("moons", 2048, torch.Generator().manual_seed(1))
+    path = _write_samples(tmp_path / "good.npz", points)
+    result = cmt.evaluate(samples=path, data="toy:moons")
+    assert result["count"] == 2048 and result["data"] == "toy:moons" and str(result["samples"]) == path
+    assert set(result["metrics"]) == {"energy_distance", "sliced_wasserstein"}
+    assert cmt.evaluate(samples=points, data="toy:moons")["metrics"] == result["metrics"]   # samples in memory
+    data = tmp_path / "data.npz"
+    np.savez(data, x=_images(0).numpy())
+    fid = cmt.evaluate(samples=_images(1), data=str(data), fid=True, detector=str(detector_path))["metrics"]["fid"]
+    scorer = metrics.InceptionFID(detector_path)
+    assert fid == pytest.approx(metrics.frechet_distance(*scorer.statistics(_images(1)), *scorer.statistics(_images(0))))
+
+
+@pytest.mark.parametrize("kwargs, argument", [
+    ({"samples": "missing.npz"}, "samples"),
+    ({"data": "toy:nope"}, "data"),
+    ({"fid": True}, "detector"),
+    ({"ref": "r.npz"}, "ref"),
+    ({"data": "toy:moons", "fid": True, "detector": "x.pt"}, "data"),
+    ({"fid": True, "detector": "missing.pt"}, "detector"),
+])
+def test_evaluate_errors_name_the_argument(tmp_path, kwargs, argument):
+    images = _write_samples(tmp_path / "images.npz", np.zeros((8, 1, 16, 16), np.float32))
+    options = {"samples": images, "data": "mnist", **kwargs}
+    if options["samples"] == "missing.npz":
+        options["samples"] = tmp_path / "missing.npz"
+    with pytest.raises(ArgumentError) as error:
+        cmt.evaluate(**options)
+    assert error.value.argument == argument

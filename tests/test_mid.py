@@ -1,22 +1,23 @@
+import subprocess
+
 import pytest
 import torch
+from click.testing import CliRunner
+from conftest import FAST, MLP, TEACHER, TWO_CPU_ENV, TWO_CPU_PROCESSES, command_line, context, make_shards
 
+from cmt.checkpoint import load_network
+from cmt.cli.train import main
 from cmt.edm import flow_map_jump, sigma_grid, sigma_to_t, x_to_z, z_to_x
+from cmt.errors import ArgumentError
 from cmt.gmm import gmm_denoiser, random_gmm
 from cmt.networks import build_network
 from cmt.solvers import sample_trajectory
 from cmt.trainers.distances import squared_l2
-from cmt.trainers.loop import Context
-from cmt.trainers.mid import (average_velocity, consistency_output, endpoint_loss, flowmap_loss,
-                              secant_velocity)
+from cmt.trainers.loop import STATE_FILE, read_log
+from cmt.trainers.mid import endpoint_loss, flowmap_loss, mid_train, secant_velocity
+from cmt.trainers.students import average_velocity, consistency_output
 
-MLP = dict(architecture="mlp", data_shape=[2], width=64, num_blocks=2, emb_width=32, fourier_freqs=16)
-
-
-
-def context(step=0, seed=0):
-    return Context(step=step, max_steps=1000, generator=torch.Generator().manual_seed(seed),
-                   device=torch.device("cpu"), accelerator=None)
+MID_FAST = dict(FAST, workers=0)
 
 
 def gmm_trajectories(n=256, steps=6, seed=0):
@@ -161,25 +162,7 @@ def test_flowmap_pairs_must_go_down_in_sigma():
         flowmap_loss(build_network({**MLP, "flow_map": True}), batch, context())
 
 
-# ---- cmt-train mid ----------------------------------------------------------------------------
-
-TEACHER = dict(architecture="mlp", data_shape=[2], width=32, num_blocks=2, emb_width=16, fourier_freqs=8)
-FAST = ["--batch-size", "16", "--workers", "0", "--no-progress", "--num-samples", "64", "--log-every", "2"]
-
-
-def make_shards(root, name, teacher_config, seed=123):
-    """A random MLP teacher saved as a checkpoint, and a tiny cmt-build dataset of it."""
-    from cmt.builders.build import build, build_config
-    from cmt.builders.cli import load_teacher
-    from cmt.checkpoint import save_network
-
-    torch.manual_seed(seed)
-    path = save_network(root / f"{name}.safetensors", build_network(teacher_config))
-    teacher = load_teacher(str(path), None, None, None, "cpu")
-    config = build_config(teacher, nfe=4, num_trajectories=24, batch_size=8, shard_size=12, labels=None)
-    build(root / f"{name}-shards", teacher, config, progress=False, log=lambda message: None)
-    return path, root / f"{name}-shards"
-
+# ---- mid_train and cmt-train mid --------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
@@ -187,21 +170,15 @@ def shards(tmp_path_factory):
 
 
 def run_mid(*args):
-    from click.testing import CliRunner
-    from cmt.trainers.cli import main
-
     result = CliRunner().invoke(main, ["mid", *map(str, args)])
     return result.exit_code, result.output
 
 
 def test_mid_endpoint_writes_a_loadable_student_started_from_the_teacher(shards, tmp_path):
-    from cmt.checkpoint import load_network
-    from cmt.trainers.loop import read_log
-
     teacher_path, data = shards
-    code, output = run_mid("--data", data, "--out", tmp_path / "run", "--max-steps", 4, "--lr", 1e-12,
-                           "--eval-data", "toy:moons", *FAST)
-    assert code == 0, output
+    result = mid_train(data=data, out=tmp_path / "run", max_steps=4, lr=1e-12, eval_data="toy:moons", **MID_FAST)
+    assert result["checkpoint"] == tmp_path / "run" / "mid.pt" and result["model"] == tmp_path / "run" / "mid.safetensors"
+    assert result["metrics"]["step"] == 4 and "energy_distance_1step" in result["metrics"]
     checkpoint = torch.load(tmp_path / "run" / "mid.pt", weights_only=True)
     assert checkpoint["config"]["sigma_min"] == 0.002 and not checkpoint["config"]["flow_map"]
     assert checkpoint["target"] == "endpoint" and checkpoint["teacher"]["path"] == str(teacher_path)
@@ -216,12 +193,9 @@ def test_mid_endpoint_writes_a_loadable_student_started_from_the_teacher(shards,
 
 
 def test_mid_flowmap_random_init_and_k_pairs(shards, tmp_path):
-    from cmt.checkpoint import load_network
-
     teacher_path, data = shards
-    code, output = run_mid("--data", data, "--out", tmp_path / "run", "--target", "flowmap", "--student-init",
-                           "random", "--states-per-trajectory", 2, "--max-steps", 3, *FAST)
-    assert code == 0, output
+    mid_train(data=data, out=tmp_path / "run", target="flowmap", student_init="random", states_per_trajectory=2,
+              max_steps=3, **MID_FAST)
     student = load_network(tmp_path / "run" / "mid.pt")
     assert student.flow_map and student.sigma_min == 0.0
     teacher = load_network(teacher_path)
@@ -230,11 +204,10 @@ def test_mid_flowmap_random_init_and_k_pairs(shards, tmp_path):
 
 def test_mid_resume_repeats_an_uninterrupted_run(shards, tmp_path):
     _, data = shards
-    common = ["--data", data, "--target", "flowmap", "--ckpt-every", 3, "--lr", 1e-3, *FAST]
-    assert run_mid(*common, "--out", tmp_path / "whole", "--max-steps", 6)[0] == 0
-    assert run_mid(*common, "--out", tmp_path / "split", "--max-steps", 3)[0] == 0
-    code, output = run_mid(*common, "--out", tmp_path / "split", "--max-steps", 6, "--resume")
-    assert code == 0, output
+    common = dict(data=data, target="flowmap", ckpt_every=3, lr=1e-3, **MID_FAST)
+    mid_train(**common, out=tmp_path / "whole", max_steps=6)
+    mid_train(**common, out=tmp_path / "split", max_steps=3)
+    mid_train(**common, out=tmp_path / "split", max_steps=6, resume=True)
     whole = torch.load(tmp_path / "whole" / "mid.pt", weights_only=True)
     split = torch.load(tmp_path / "split" / "mid.pt", weights_only=True)
     for key, value in whole["ema"].items():
@@ -244,7 +217,7 @@ def test_mid_resume_repeats_an_uninterrupted_run(shards, tmp_path):
 def test_mismatched_data_and_bad_options_fail_before_training(shards, tmp_path):
     teacher_path, data = shards
     other_path, _ = make_shards(tmp_path, "other", {**TEACHER, "data_shape": [3]})
-    code, output = run_mid("--data", data, "--teacher", other_path, "--out", tmp_path / "run", *FAST)
+    code, output = run_mid("--data", data, "--teacher", other_path, "--out", tmp_path / "run")
     assert code == 2 and "--data" in output and "shape (2,)" in output and "shape (3,)" in output
     assert not (tmp_path / "run").exists()
     code, output = run_mid("--data", tmp_path / "missing", "--out", tmp_path / "run")
@@ -253,25 +226,21 @@ def test_mismatched_data_and_bad_options_fail_before_training(shards, tmp_path):
     assert code == 2 and "--loss" in output and "pixel images" in output
     code, output = run_mid("--data", data, "--out", tmp_path / "run", "--states-per-trajectory", "0")
     assert code == 2 and "--states-per-trajectory" in output
+    for options, argument in ((dict(target="flowmap", loss="lpips"), "loss"), (dict(target="x"), "target"),
+                              (dict(states_per_trajectory=1.5), "states_per_trajectory"), (dict(max_steps=0), "max_steps")):
+        with pytest.raises(ArgumentError) as error:
+            mid_train(data=data, out=tmp_path / "run", **options)
+        assert error.value.argument == argument
     assert not (tmp_path / "run").exists()
 
 
 def test_mid_runs_on_two_cpu_processes(shards, tmp_path):
     """`accelerate launch` with 2 CPU processes: each rank reads its own part of the shards."""
-    import os
-    import subprocess
-    import sys
-
-    from cmt.checkpoint import load_network
-    from cmt.trainers.loop import STATE_FILE, read_log
-
     _, data = shards
     out = tmp_path / "ddp"
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "cmt.trainers.cli", "mid", "--data", str(data), "--out", str(out), "--max-steps", "4",
-               "--eval-data", "toy:moons", *map(str, FAST)]
+    env = TWO_CPU_ENV
+    command = [*TWO_CPU_PROCESSES, "-m", "cmt.cli.train", "mid", "--data", str(data), "--out", str(out), "--max-steps", "4",
+               "--eval-data", "toy:moons", *command_line(MID_FAST)]
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert [record["step"] for record in read_log(out)] == [2, 4]

@@ -1,6 +1,5 @@
 """EDM2 U-Net + Precond against the reference fixtures; flow-map students; jvp; the MLP."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,8 +9,7 @@ from cmt.checkpoint import init_student_from_teacher
 from cmt.networks import build_network, network_config
 from cmt.networks.edm2 import MPConv, Precond, normalize
 from cmt.networks.mlp import MLPDenoiser
-
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+from conftest import FIXTURES
 
 
 def tiny_edm2(**kwargs):
@@ -203,7 +201,7 @@ def test_mlp_denoises_images_shaped_data_and_logvar():
 
 
 def test_guided_denoisers():
-    from cmt.guidance import autoguidance, classifier_free_guidance, no_guidance
+    from cmt.guidance import apply_guidance, autoguidance, classifier_free_guidance
 
     torch.manual_seed(0)
     net = MLPDenoiser(label_dim=3, width=32, num_blocks=1)
@@ -215,10 +213,11 @@ def test_guided_denoisers():
         torch.testing.assert_close(auto(x, sigma, labels), weak + 2.5 * (main - weak))
         cfg = classifier_free_guidance(net, 1.5)
         torch.testing.assert_close(cfg(x, sigma, labels), uncond + 1.5 * (main - uncond))
-        torch.testing.assert_close(no_guidance(net)(x, sigma, labels), main)
+        unguided, record = apply_guidance(net, 1.0)   # weight 1 is no guidance, recorded as such (None)
+        torch.testing.assert_close(unguided(x, sigma, labels), main)
     assert auto.describe() == {"kind": "autoguidance", "weight": 2.5,
                                "guide": {"kind": "checkpoint", "path": "g.pt", "sha256": "ab"}}
-    assert cfg.describe()["kind"] == "classifier_free" and no_guidance(net).describe()["weight"] == 1.0
+    assert cfg.describe()["kind"] == "classifier_free" and unguided is net and record is None
     assert auto.data_shape == (2,) and auto.label_dim == 3
     with pytest.raises(ValueError, match="class-conditional"):
         classifier_free_guidance(MLPDenoiser(width=8, num_blocks=1), 2.0)

@@ -2,22 +2,22 @@ import functools
 
 import pytest
 import torch
+from click.testing import CliRunner
+from conftest import FAST, MLP, TEACHER, command_line, context, make_shards
 
+from cmt.checkpoint import load_network, save_network
+from cmt.cli.train import main
+from cmt.errors import ArgumentError
 from cmt.gmm import gmm_denoiser, gmm_sample, random_gmm
 from cmt.networks import build_network
+from cmt.solvers import heun_step
 from cmt.trainers.distances import make_distance
-from cmt.trainers.loop import Context
-from cmt.trainers.mid import average_velocity
+from cmt.trainers.mid import mid_train
 from cmt.trainers.post import (MF_T_MAX, consistency_training_loss, ect_r, ect_stage, meanflow_loss,
-                               meanflow_target, sample_t_r, teacher_heun_step)
+                               meanflow_target, post_train, sample_t_r)
+from cmt.trainers.students import average_velocity
 
-MLP = dict(architecture="mlp", data_shape=[2], width=64, num_blocks=2, emb_width=32, fourier_freqs=16)
-
-
-
-def context(step=0, seed=0):
-    return Context(step=step, max_steps=1000, generator=torch.Generator().manual_seed(seed),
-                   device=torch.device("cpu"), accelerator=None)
+POST_FAST = dict(FAST, data="toy:moons")
 
 
 def mixture(seed=0):
@@ -90,7 +90,7 @@ def test_ecd_uses_a_teacher_heun_step_and_decreases_the_loss():
     teacher = gmm_denoiser(mu, logw, s)
     x = torch.randn(8, 2)
     sigma, target = torch.full((8,), 2.0), torch.tensor([1.0] * 4 + [0.0] * 4)
-    step = teacher_heun_step(teacher, x, sigma, target)
+    step = heun_step(teacher, x, sigma, target)   # what ECD takes as x_r
     slope = (x - teacher(x, sigma)) / 2.0
     euler = x - slope * (2.0 - target[:, None])
     slope_end = (euler[:4] - teacher(euler[:4], target[:4])) / 1.0
@@ -209,16 +209,9 @@ def test_meanflow_learns_the_exact_velocity():
     assert after < 0.5 * before
 
 
-# ---- cmt-train post ---------------------------------------------------------------------------
-
-TEACHER = dict(architecture="mlp", data_shape=[2], width=32, num_blocks=2, emb_width=16, fourier_freqs=8)
-FAST = ["--data", "toy:moons", "--batch-size", "16", "--no-progress", "--num-samples", "64", "--log-every", "2"]
-
+# ---- post_train and cmt-train post ------------------------------------------------------------
 
 def run(command, *args):
-    from click.testing import CliRunner
-    from cmt.trainers.cli import main
-
     result = CliRunner().invoke(main, [command, *map(str, args)])
     return result.exit_code, result.output
 
@@ -226,43 +219,29 @@ def run(command, *args):
 @pytest.fixture(scope="module")
 def students(tmp_path_factory):
     """A teacher checkpoint, its trajectories, and a mid-trained student of each target."""
-    from cmt.builders.build import build, build_config
-    from cmt.builders.cli import load_teacher
-    from cmt.checkpoint import save_network
-
     root = tmp_path_factory.mktemp("post")
-    torch.manual_seed(123)  # not the students' seed
-    teacher_path = save_network(root / "teacher.safetensors", build_network(TEACHER))
-    teacher = load_teacher(str(teacher_path), None, None, None, "cpu")
-    build(root / "shards", teacher, build_config(teacher, nfe=4, num_trajectories=16, batch_size=8, labels=None),
-          progress=False, log=lambda message: None)
+    teacher_path, shards = make_shards(root, "teacher", TEACHER, num_trajectories=16, shard_size=1000)
     paths = {"teacher": teacher_path}
     for target in ("endpoint", "flowmap"):
-        code, output = run("mid", "--data", root / "shards", "--out", root / target, "--target", target, "--max-steps", 2,
-                           "--workers", 0, *FAST[2:])
-        assert code == 0, output
-        paths[target] = root / target / "mid.pt"
+        paths[target] = mid_train(data=shards, out=root / target, target=target, max_steps=2, workers=0,
+                                  **FAST)["checkpoint"]
     return paths
 
 
 def test_post_ect_from_mid_finds_the_recorded_teacher_for_ecd(students, tmp_path):
-    code, output = run("post", "--init", students["endpoint"], "--method", "ect", "--out", tmp_path / "ect",
-                       "--max-steps", 3, "--stage", 11, *FAST)
-    assert code == 0, output
+    result = post_train(init=students["endpoint"], method="ect", out=tmp_path / "ect", max_steps=3, stage=11,
+                        **POST_FAST)
+    assert result["checkpoint"] == tmp_path / "ect" / "post.pt" and result["metrics"]["step"] == 3
     checkpoint = torch.load(tmp_path / "ect" / "post.pt", weights_only=True)
     assert checkpoint["method"] == "ect" and checkpoint["config"]["sigma_min"] == 0.002
     assert checkpoint["teacher"] == str(students["teacher"])  # recorded by mid.pt
-    code, output = run("post", "--init", students["endpoint"], "--method", "ecd", "--out", tmp_path / "ecd",
-                       "--max-steps", 2, "--weighting", "snr", *FAST)
-    assert code == 0, output
+    post_train(init=students["endpoint"], method="ecd", out=tmp_path / "ecd", max_steps=2, weighting="snr",
+               **POST_FAST)
 
 
 def test_post_meanflow_from_teacher_starts_as_the_teacher(students, tmp_path):
-    from cmt.checkpoint import load_network
-
-    code, output = run("post", "--init", "teacher", "--teacher", students["teacher"], "--method", "meanflow",
-                       "--out", tmp_path / "mf", "--max-steps", 1, "--lr", 1e-12, *FAST)
-    assert code == 0, output
+    post_train(init="teacher", teacher=students["teacher"], method="meanflow", out=tmp_path / "mf", max_steps=1,
+               lr=1e-12, **POST_FAST)
     student = load_network(tmp_path / "mf" / "post.pt", key="net")
     teacher = load_network(students["teacher"])
     assert student.flow_map and not teacher.flow_map
@@ -274,25 +253,19 @@ def test_post_meanflow_from_teacher_starts_as_the_teacher(students, tmp_path):
 
 
 def test_post_meanflow_from_flowmap_mid_and_ecd_from_random(students, tmp_path):
-    from cmt.checkpoint import load_network
-
-    code, output = run("post", "--init", students["flowmap"], "--method", "meanflow", "--out", tmp_path / "mf",
-                       "--max-steps", 2, *FAST)
-    assert code == 0, output
-    code, output = run("post", "--init", "random", "--teacher", students["teacher"], "--method", "ecd",
-                       "--out", tmp_path / "ecd", "--max-steps", 2, *FAST)
-    assert code == 0, output
+    post_train(init=students["flowmap"], method="meanflow", out=tmp_path / "mf", max_steps=2, **POST_FAST)
+    post_train(init="random", teacher=students["teacher"], method="ecd", out=tmp_path / "ecd", max_steps=2,
+               **POST_FAST)
     student, teacher = load_network(tmp_path / "ecd" / "post.pt"), load_network(students["teacher"])
     assert student.config["width"] == teacher.config["width"]
     assert float((student.inp.weight - teacher.inp.weight).detach().abs().max()) > 1e-3
 
 
 def test_post_resume_repeats_an_uninterrupted_run(students, tmp_path):
-    common = ["--init", students["endpoint"], "--method", "ect", "--ckpt-every", 2, "--lr", 1e-3, *FAST]
-    assert run("post", *common, "--out", tmp_path / "whole", "--max-steps", 4)[0] == 0
-    assert run("post", *common, "--out", tmp_path / "split", "--max-steps", 2)[0] == 0
-    code, output = run("post", *common, "--out", tmp_path / "split", "--max-steps", 4, "--resume")
-    assert code == 0, output
+    common = dict(init=students["endpoint"], method="ect", ckpt_every=2, lr=1e-3, **POST_FAST)
+    post_train(**common, out=tmp_path / "whole", max_steps=4)
+    post_train(**common, out=tmp_path / "split", max_steps=2)
+    post_train(**common, out=tmp_path / "split", max_steps=4, resume=True)
     whole = torch.load(tmp_path / "whole" / "post.pt", weights_only=True)["ema"]
     split = torch.load(tmp_path / "split" / "post.pt", weights_only=True)["ema"]
     for key, value in whole.items():
@@ -300,13 +273,17 @@ def test_post_resume_repeats_an_uninterrupted_run(students, tmp_path):
 
 
 def test_post_bad_input_fails_before_training(students, tmp_path):
-    from cmt.checkpoint import save_network
-
     wide = save_network(tmp_path / "wide.safetensors", build_network({**TEACHER, "data_shape": [3]}))
-    code, output = run("post", "--init", wide, "--method", "ect", "--out", tmp_path / "run", *FAST)
+    fast = command_line(POST_FAST)
+    code, output = run("post", "--init", wide, "--method", "ect", "--out", tmp_path / "run", *fast)
     assert code == 2 and "--data" in output and "shape (2,)" in output and "shape (3,)" in output
-    code, output = run("post", "--init", "random", "--method", "ecd", "--out", tmp_path / "run", *FAST)
+    code, output = run("post", "--init", "random", "--method", "ecd", "--out", tmp_path / "run", *fast)
     assert code == 2 and "--teacher" in output
-    code, output = run("post", "--init", tmp_path / "missing.pt", "--method", "ect", "--out", tmp_path / "run", *FAST)
+    code, output = run("post", "--init", tmp_path / "missing.pt", "--method", "ect", "--out", tmp_path / "run", *fast)
     assert code == 2 and "--init" in output and "missing.pt" in output
+    for options, argument in ((dict(init="teacher", method="ect"), "teacher"), (dict(init=wide, method="ect"), "data"),
+                              (dict(init=students["endpoint"], method="ctm"), "method")):
+        with pytest.raises(ArgumentError) as error:
+            post_train(out=tmp_path / "run", **{**POST_FAST, **options})
+        assert error.value.argument == argument
     assert not (tmp_path / "run").exists()

@@ -1,14 +1,18 @@
-"""cmt-sample: PNG + npz outputs, per-sample seeds, labels, the flow-map sampler, clean errors."""
+"""Sampling (`cmt.sampling`, `cmt-sample`): PNG + npz outputs, per-sample seeds, labels, the flow-map
+sampler, clean errors."""
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
 
+import cmt
 from cmt.checkpoint import load_network, save_network
+from cmt.cli.sample import main
 from cmt.edm import flow_map_jump
+from cmt.errors import ArgumentError
 from cmt.networks import build_network
-from cmt.sampling import flow_map_sample, generate, main, pick_labels
+from cmt.sampling import flow_map_sample, generate, pick_labels
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +138,34 @@ def test_bad_label_for_the_network(tmp_path, image_ckpt):
     result = sample("--ckpt", image_ckpt, "--labels", 12, "--out", tmp_path / "g.png", "--num", 2)
     assert result.exit_code == 2 and "--labels" in result.output
 
+
+
+def test_sample_entry_point_returns_what_it_wrote(tmp_path, points_ckpt):
+    written = cmt.sample(ckpt=points_ckpt, out=tmp_path / "p.png", npz=tmp_path / "p.npz", num=20, steps=3, seed=4)
+    assert written["out"] == tmp_path / "p.png" and written["out"].is_file()
+    assert written["npz"] == tmp_path / "p.npz" and written["seeds"] == list(range(4, 24))
+    saved = np.load(written["npz"])
+    np.testing.assert_array_equal(saved["samples"], written["samples"].numpy())
+    assert written["identity"]["path"] == str(points_ckpt)
+    # The command writes the same samples from the same options.
+    assert sample("--ckpt", points_ckpt, "--out", tmp_path / "q.png", "--npz", tmp_path / "q.npz", "--num", 20,
+                  "--steps", 3, "--seed", 4).exit_code == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "q.npz")["samples"], saved["samples"])
+
+
+@pytest.mark.parametrize("kwargs, argument", [
+    ({"out": "grid.jpg"}, "out"),
+    ({"npz": "s.txt"}, "npz"),
+    ({"ckpt": "no/such.safetensors"}, "ckpt"),
+    ({"sampler": "flowmap", "steps": 2}, "mid_sigma"),
+    ({"sampler": "flowmap", "steps": 3}, "steps"),
+    ({"solver": "rk4"}, "solver"),
+    ({"sigma_min": 90.0}, "sigma_min"),
+    ({"labels": 12}, "labels"),
+])
+def test_sample_errors_name_the_argument(tmp_path, image_ckpt, kwargs, argument):
+    options = {"ckpt": image_ckpt, "out": tmp_path / "grid.png", "num": 2, "steps": 1, **kwargs}
+    with pytest.raises(ArgumentError) as error:
+        cmt.sample(**options)
+    assert error.value.argument == argument
+    assert not (tmp_path / "grid.png").exists()

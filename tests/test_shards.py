@@ -7,25 +7,19 @@ import numpy as np
 import pytest
 import torch
 
-from cmt.builders.build import Teacher, build, build_config
+from cmt.builders.build import build_trajectories
 from cmt.formats import ShardError
 from cmt.manifest import TrajectoryDataset
 from cmt.datasets.shards import ShardReader
-from cmt.gmm import gmm_denoiser, random_gmm
-
-
-def gmm_teacher():
-    mu, logw, s = random_gmm(3, 2, std=0.2, generator=torch.Generator().manual_seed(1))
-    return Teacher(gmm_denoiser(mu, logw, s), (2,), 4, {"kind": "gmm", "sha256": "1" * 64}, dtype=torch.float64)
+from conftest import gmm_teacher
 
 
 @pytest.fixture(scope="module", params=["zarr", "wds"])
 def dataset(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param) / "shards"
-    teacher = gmm_teacher()
-    config = build_config(teacher, num_trajectories=30, batch_size=8, shard_size=7, nfe=4, fmt=request.param,
-                          labels="random", dtype="float32")
-    build(out, teacher, config, progress=False, log=lambda message: None)
+    teacher = gmm_teacher(label_dim=4, components=3, seed=1)
+    build_trajectories(teacher=teacher, out=out, num_trajectories=30, batch_size=8, shard_size=7, nfe=4,
+                       format=request.param, labels="random", dtype="float32", progress=False, log=lambda message: None)
     return out
 
 

@@ -1,5 +1,4 @@
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,9 +7,8 @@ from safetensors.torch import load_file
 
 from cmt.edm import sigma_grid
 from cmt.gmm import gmm_denoiser, gmm_sample, random_gmm
-from cmt.solvers import SOLVERS, dpmpp_update, sample, sample_trajectory
-
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+from cmt.solvers import SOLVERS, dpmpp_update, heun_step, sample, sample_trajectory
+from conftest import FIXTURES
 
 
 @pytest.fixture(scope="module")
@@ -190,3 +188,23 @@ def test_bad_arguments():
         sample(denoiser, noise, [0.5, 1.0, 0.0], "euler")
     with pytest.raises(ValueError, match="at least 2 sigmas"):
         sample(denoiser, noise, [1.0], "euler")
+
+
+def test_heun_step_is_the_heun_solver_step_and_works_per_sample():
+    generator = torch.Generator().manual_seed(0)
+    mu, logw, s = random_gmm(3, 2, 0.3, 1.0, generator)
+    denoiser = gmm_denoiser(mu, logw, s)
+    x = torch.randn(4, 2, generator=generator, dtype=torch.float64) * 5
+    sigmas = [5.0, 1.0, 0.0]
+    solved = sample(denoiser, x / 5.0, sigmas, solver="heun")
+    stepped = heun_step(denoiser, heun_step(denoiser, x, 5.0, 1.0), 1.0, 0.0)
+    torch.testing.assert_close(solved, stepped, rtol=0, atol=0)
+    # [B] sigmas: each sample takes its own step; next sigma 0 is an Euler step.
+    sigma = torch.tensor([5.0, 5.0, 2.0, 2.0], dtype=torch.float64)
+    next_sigma = torch.tensor([1.0, 0.0, 0.5, 0.0], dtype=torch.float64)
+    per_sample = heun_step(denoiser, x, sigma, next_sigma)
+    for i in range(4):
+        alone = heun_step(denoiser, x[i:i + 1], float(sigma[i]), float(next_sigma[i]))
+        torch.testing.assert_close(per_sample[i:i + 1], alone)
+    euler = x[1:2] - 5.0 * (x[1:2] - denoiser(x[1:2], torch.tensor([5.0], dtype=torch.float64))) / 5.0
+    torch.testing.assert_close(per_sample[1:2], euler)

@@ -1,8 +1,8 @@
-"""cmt-train diffusion and the shared loop: learning, exact resume, 2 processes, clean errors."""
+"""train_diffusion, the shared loop and the cmt-train command: learning, exact resume, 2 processes,
+clean errors, one source of defaults."""
+import inspect
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -10,24 +10,23 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from conftest import TWO_CPU_ENV, TWO_CPU_PROCESSES, command_line
+
 from cmt.checkpoint import load_network
+from cmt.cli.train import main
 from cmt.datasets import reference_sample, sample_toy
+from cmt.errors import ArgumentError
 from cmt.metrics import energy_distance
 from cmt.networks import build_network
 from cmt.sampling import generate, pick_labels
 from cmt.trainers import loop
-from cmt.trainers.cli import main
-from cmt.trainers.diffusion import diffusion_loss
+from cmt.trainers.diffusion import DIFFUSION_DEFAULTS, diffusion_loss, train_diffusion
+from cmt.trainers.mid import MID_DEFAULTS, mid_train
+from cmt.trainers.post import POST_DEFAULTS, post_train
 
-TINY_EDM2 = ["--data", "mnist", "--resolution", "8", "--channels", "8", "--channel-mult", "1,2",
-             "--num-blocks", "1", "--attn-res", "", "--batch-size", "8", "--eval-num", "0", "--no-progress"]
-TINY_MLP = ["--channels", "64", "--num-blocks", "2", "--no-progress"]
-
-
-def train(args):
-    result = CliRunner().invoke(main, ["diffusion", *args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result
+TINY_EDM2 = dict(data="mnist", resolution=8, channels=8, channel_mult=(1, 2), num_blocks=1, attn_res=(), batch_size=8,
+                 eval_num=0, progress=False)
+TINY_MLP = dict(channels=64, num_blocks=2, progress=False)
 
 
 def losses(out):
@@ -44,8 +43,11 @@ def fixed_batch_loss(net, data="8gaussians", n=4096):
 
 def test_loss_decreases_and_samples_improve_on_8gaussians(tmp_path):
     out = tmp_path / "run"
-    train(["--data", "toy:8gaussians", "--out", str(out), *TINY_MLP, "--max-steps", "300",
-           "--batch-size", "256", "--lr", "3e-3", "--log-every", "1", "--eval-num", "2000"])
+    result = train_diffusion(data="toy:8gaussians", out=out, **TINY_MLP, max_steps=300, batch_size=256, lr=3e-3,
+                             log_every=1, eval_num=2000)
+    assert result["model"] == out / "teacher.safetensors" and result["log"] == out / loop.LOG_FILE
+    assert result["state"] == out / loop.STATE_FILE and result["state"].is_file()
+    assert result["metrics"] == loop.read_log(out)[-1]
     history = torch.tensor(losses(out))
     assert len(history) == 300 and torch.isfinite(history).all()
     assert history[-100:].mean() < history[:25].mean() - 0.04, history
@@ -66,13 +68,12 @@ def test_loss_decreases_and_samples_improve_on_8gaussians(tmp_path):
 
 def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path):
     # Dropout and label dropout draw from the per-step generators, data from the stream's state.
-    common = [*TINY_EDM2, "--dropout", "0.2", "--label-dropout", "0.2", "--log-every", "1",
-              "--lr-schedule", "invsqrt", "--lr-ref-steps", "3"]
+    common = dict(TINY_EDM2, dropout=0.2, label_dropout=0.2, log_every=1, lr_schedule="invsqrt", lr_ref_steps=3)
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    train(["--out", str(straight), "--max-steps", "8", "--ckpt-every", "4", *common])
-    train(["--out", str(interrupted), "--max-steps", "4", *common])
+    train_diffusion(out=straight, max_steps=8, ckpt_every=4, **common)
+    train_diffusion(out=interrupted, max_steps=4, **common)
     first_half = losses(interrupted)
-    train(["--out", str(interrupted), "--max-steps", "8", "--resume", *common])
+    train_diffusion(out=interrupted, max_steps=8, resume=True, **common)
     assert losses(interrupted) == losses(straight)
     assert losses(interrupted)[:4] == first_half
     a = load_network(straight / "teacher.safetensors").state_dict()
@@ -84,13 +85,16 @@ def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path):
 
 def test_existing_run_is_not_overwritten_and_resume_needs_a_state(tmp_path):
     out = tmp_path / "run"
-    train(["--out", str(out), "--max-steps", "2", *TINY_EDM2])
+    train_diffusion(out=out, max_steps=2, **TINY_EDM2)
     before = (out / loop.STATE_FILE).read_bytes()
-    again = CliRunner().invoke(main, ["diffusion", "--out", str(out), "--max-steps", "2", *TINY_EDM2])
+    with pytest.raises(ArgumentError) as error:
+        train_diffusion(out=out, max_steps=2, **TINY_EDM2)
+    assert error.value.argument == "resume"
+    args = command_line(dict(TINY_EDM2, max_steps=2))
+    again = CliRunner().invoke(main, ["diffusion", "--out", str(out), *args])
     assert again.exit_code == 2 and "--resume" in again.output
     assert (out / loop.STATE_FILE).read_bytes() == before
-    missing = CliRunner().invoke(main, ["diffusion", "--out", str(tmp_path / "none"), "--resume",
-                                        "--max-steps", "2", *TINY_EDM2])
+    missing = CliRunner().invoke(main, ["diffusion", "--out", str(tmp_path / "none"), "--resume", *args])
     assert missing.exit_code == 2 and "no training-state.pt" in missing.output
 
 
@@ -110,6 +114,37 @@ def test_bad_batch_split_is_a_clean_error(tmp_path):
     assert result.exit_code == 2 and "--batch-size" in result.output
 
 
+def test_bad_trainer_options_name_their_keyword(tmp_path):
+    for options, argument in ((dict(max_steps=0), "max_steps"), (dict(lr_schedule="cosine"), "lr_schedule"),
+                              (dict(batch_size=9, grad_accum=2), "batch_size"), (dict(arch="vit"), "arch")):
+        with pytest.raises(ArgumentError) as error:
+            train_diffusion(data="toy:moons", out=tmp_path / "x", **options)
+        assert error.value.argument == argument
+    with pytest.raises(TypeError, match="max_step"):
+        train_diffusion(data="toy:moons", out=tmp_path / "x", max_step=3)
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("command, function, phase_defaults", [("diffusion", train_diffusion, DIFFUSION_DEFAULTS),
+                                                                ("mid", mid_train, MID_DEFAULTS),
+                                                                ("post", post_train, POST_DEFAULTS)])
+def test_command_options_are_the_entry_point_keywords_with_its_defaults(command, function, phase_defaults):
+    """One source of defaults: every cmt-train flag is a keyword of the library function (or a
+    TrainConfig field) and defaults to what the function does without it."""
+    params = {param.name: param for param in main.commands[command].params if param.name != "help"}
+    keywords = {name: parameter for name, parameter in inspect.signature(function).parameters.items()
+                if parameter.kind is inspect.Parameter.KEYWORD_ONLY}
+    assert set(params) == set(keywords) | set(loop.TRAIN_DEFAULTS) | {"out"}
+    train_defaults = {**loop.TRAIN_DEFAULTS, **phase_defaults}
+    for name, param in params.items():
+        if name in keywords and keywords[name].default is inspect.Parameter.empty:
+            assert param.required, name
+        else:
+            default = keywords[name].default if name in keywords else train_defaults[name]
+            assert param.default == default, name
+            assert not param.required, name
+
+
 def test_schedules_and_ema():
     config = loop.TrainConfig(out=Path("."), lr=1.0, max_steps=100, lr_schedule="invsqrt", lr_ref_steps=10,
                               warmup_steps=4, batch_size=10, ema_halflife_images=100, ema_rampup_ratio=None)
@@ -121,11 +156,9 @@ def test_schedules_and_ema():
 
 def test_two_cpu_processes(tmp_path):
     out = tmp_path / "ddp"
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "cmt.trainers.cli", "diffusion", "--data", "toy:moons", "--out", str(out),
-               "--max-steps", "6", "--batch-size", "32", "--log-every", "2", "--eval-num", "64", *TINY_MLP]
+    env = TWO_CPU_ENV
+    command = [*TWO_CPU_PROCESSES, "-m", "cmt.cli.train", "diffusion", "--data", "toy:moons", "--out", str(out),
+               "--max-steps", "6", "--batch-size", "32", "--log-every", "2", "--eval-num", "64", *command_line(TINY_MLP)]
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     records = loop.read_log(out)

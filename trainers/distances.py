@@ -9,6 +9,8 @@ import math
 
 import torch
 
+from cmt.lpips import lpips_distance
+
 DISTANCES = ("l2", "huber", "lpips")
 # iCT's pseudo-Huber constant for CIFAR-10 (0.03 at dim = 3 * 32 * 32), scaled with sqrt(dim).
 HUBER_C_PER_SQRT_DIM = 0.00054
@@ -53,6 +55,5 @@ def make_distance(name, data_shape, huber_c=None, lpips_resize=None):
             raise ValueError(
                 f"LPIPS compares pixel images [1 or 3 channels, H, W]; this data has shape {data_shape}. "
                 "Use l2 or huber for points and latents.")
-        from cmt.lpips import lpips_distance
         return lpips_distance("vgg", resize=lpips_resize)
     raise ValueError(f"unknown distance {name!r}; valid: {', '.join(DISTANCES)}")

@@ -21,19 +21,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import click
 import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, gather_object
 from tqdm.auto import tqdm
 
+from cmt.errors import ArgumentError
+
 STATE_FILE = "training-state.pt"
 LOG_FILE = "log.jsonl"
+LR_SCHEDULES = ("constant", "linear", "invsqrt")
+OPTIMIZERS = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}
+MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
 
 
 @dataclass
 class TrainConfig:
+    """The options every phase shares. Its field defaults are the one source of the trainer's
+    defaults (`TRAIN_DEFAULTS`); a phase overrides a few (`MID_DEFAULTS` etc.), the commands read both."""
     out: Path
     max_steps: int = 1000
     batch_size: int = 256           # global: images per optimizer step over all ranks and micro-batches
@@ -58,6 +64,56 @@ class TrainConfig:
     tensorboard: bool = False
     progress: bool = True
 
+    def __post_init__(self):
+        self.out = Path(self.out)
+        for name in ("max_steps", "batch_size", "lr_ref_steps", "grad_accum", "log_every", "ckpt_every"):
+            if getattr(self, name) < 1:
+                raise ArgumentError(name, f"must be at least 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "sample_every", "seed", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ArgumentError(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.lr is None or not self.lr > 0:
+            raise ArgumentError("lr", f"must be > 0, got {self.lr}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ArgumentError("grad_clip", f"must be > 0 (None: no clipping), got {self.grad_clip}")
+        for name in ("ema_halflife_images", "ema_rampup_ratio"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ArgumentError(name, f"must be >= 0 (None: off), got {getattr(self, name)}")
+        if self.ema_beta is not None and not 0 <= self.ema_beta < 1:
+            raise ArgumentError("ema_beta", f"must be in [0, 1), got {self.ema_beta}")
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
+        self.betas = tuple(self.betas)
+
+
+TRAIN_DEFAULTS = {field.name: field.default for field in dataclasses.fields(TrainConfig)
+                  if field.default is not dataclasses.MISSING}
+
+
+def check_choice(argument: str, value, choices) -> None:
+    if value not in choices:
+        raise ArgumentError(argument, f"{value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def train_config(out, phase_defaults: dict, options: dict, *, default_lr: float | None = None) -> TrainConfig:
+    """The TrainConfig of a phase's entry point: its `**options` (TrainConfig's field names) over the
+    phase's defaults over `TRAIN_DEFAULTS`; an lr of None (the phases' default) is `default_lr`, the
+    phase's rate for the network at hand. An unknown name is a TypeError, as for any keyword."""
+    unknown = sorted(set(options) - set(TRAIN_DEFAULTS))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument{'s' * (len(unknown) > 1)}: {', '.join(unknown)}")
+    values = {**TRAIN_DEFAULTS, **phase_defaults, **options}
+    if values["lr"] is None:
+        values["lr"] = default_lr
+    return TrainConfig(out=out, **values)
+
+
+def final_metrics(out) -> dict:
+    """The last record of a run's log: its step and every scalar logged then."""
+    records = read_log(out)
+    return records[-1] if records else {}
+
 
 @dataclass
 class Context:
@@ -81,7 +137,7 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     elif config.lr_schedule == "invsqrt":
         lr /= math.sqrt(max(step / max(config.lr_ref_steps, 1), 1.0))
     elif config.lr_schedule != "constant":
-        raise ValueError(f"lr_schedule must be constant, linear or invsqrt, not {config.lr_schedule!r}")
+        check_choice("lr_schedule", config.lr_schedule, LR_SCHEDULES)
     if config.warmup_steps > 0:
         lr *= min((step + 1) / config.warmup_steps, 1.0)
     return lr
@@ -183,18 +239,18 @@ class Trainer:
         )
         per_step = self.num_processes * config.grad_accum
         if config.batch_size % per_step:
-            raise click.BadParameter(
-                f"{config.batch_size} is not divisible by processes x grad-accum = {per_step}",
-                param_hint="--batch-size")
+            raise ArgumentError("batch_size", f"{config.batch_size} is not divisible by processes x grad_accum = "
+                                              f"{self.num_processes} x {config.grad_accum}")
         self.micro_batch_size = config.batch_size // per_step
         # Networks built after this line get the same initial weights on every rank and every run.
         torch.manual_seed(derive_seed(config.seed, 2**32))
         state_path = self.out / STATE_FILE
         if config.resume and not state_path.is_file():
-            raise click.UsageError(f"--resume: no {STATE_FILE} in {self.out}")
+            raise ArgumentError("resume", f"no {STATE_FILE} in {self.out} to resume from")
         if not config.resume and state_path.exists():
-            raise click.UsageError(
-                f"{state_path} exists; pass --resume to continue that run or choose another --out")
+            raise ArgumentError("resume", f"{state_path} exists: resume that run, or choose another out folder")
+        if config.tensorboard:
+            _summary_writer()   # fail before training, not at the first log
 
     device = property(lambda self: self.accelerator.device)
     rank = property(lambda self: self.accelerator.process_index)
@@ -222,7 +278,7 @@ class Trainer:
         if not hasattr(batches, "state_dict"):
             batches = _Counted(iter(batches))
         ema = copy.deepcopy(net).float().eval().requires_grad_(False).to(self.device)
-        opt_class = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}[config.optimizer]
+        opt_class = OPTIMIZERS[config.optimizer]
         optimizer = opt_class(net.parameters(), lr=config.lr, betas=tuple(config.betas),
                               weight_decay=config.weight_decay)
         net, optimizer = acc.prepare(net, optimizer)
@@ -232,7 +288,7 @@ class Trainer:
         if config.resume:
             state = torch.load(self.out / STATE_FILE, map_location="cpu", weights_only=True)
             if state["config"] != getattr(plain_net, "config", None):
-                raise click.UsageError(f"--resume: the network in {self.out / STATE_FILE} has another config")
+                raise ArgumentError("resume", f"the network in {self.out / STATE_FILE} has another config")
             plain_net.load_state_dict(state["net"])
             ema.load_state_dict(state["ema"])
             optimizer.load_state_dict(state["optimizer"])
@@ -240,8 +296,8 @@ class Trainer:
                 acc.scaler.load_state_dict(state["scaler"])
             data_states = state["data"]
             if len(data_states) != self.num_processes:
-                raise click.UsageError(f"--resume: the run used {len(data_states)} processes, not "
-                                       f"{self.num_processes}")
+                raise ArgumentError("resume", f"the run used {len(data_states)} processes, not "
+                                              f"{self.num_processes}")
             batches.load_state_dict(data_states[self.rank])
             start_step, skipped = int(state["step"]), int(state["skipped"])
 
@@ -332,6 +388,15 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
 
+def _summary_writer():
+    """tensorboard's SummaryWriter class (an optional dependency, imported only when asked for)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:
+        raise ArgumentError("tensorboard", "needs the tensorboard package (pip install tensorboard)") from error
+    return SummaryWriter
+
+
 class _Logger:
     """log.jsonl (cut back to the resumed step, so a resumed run's log reads as one run) + tensorboard."""
 
@@ -345,12 +410,7 @@ class _Logger:
         self.file = path.open("a")
         self.writer = None
         if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as error:
-                raise click.UsageError("--tensorboard needs the tensorboard package "
-                                       "(pip install tensorboard)") from error
-            self.writer = SummaryWriter(str(out / "tensorboard"))
+            self.writer = _summary_writer()(str(out / "tensorboard"))
 
     def write(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
@@ -369,67 +429,3 @@ class _Logger:
 def read_log(out: Path) -> list[dict]:
     path = Path(out) / LOG_FILE
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def trainer_options(*, lr: float = 1e-3, lr_schedule: str = "constant", max_steps: int = 1000,
-                    batch_size: int = 256, ema_halflife_images: float = 500_000.0):
-    """The click options every `cmt-train` command shares; `config_from_options(kwargs)` turns them
-    (popping them from kwargs) into a TrainConfig. Defaults differ per phase, hence the arguments."""
-    options = [
-        click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
-                     help="Run folder: log.jsonl, training-state.pt, samples/, the final model."),
-        click.option("--max-steps", type=click.IntRange(min=1), default=max_steps, show_default=True,
-                     help="Optimizer steps."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=batch_size, show_default=True,
-                     help="Global batch per optimizer step (all processes and micro-batches)."),
-        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=lr, show_default=lr is not None,
-                     help="Peak learning rate" + (" (default: per architecture)." if lr is None else ".")),
-        click.option("--lr-schedule", type=click.Choice(["constant", "linear", "invsqrt"]),
-                     default=lr_schedule, show_default=True,
-                     help="linear: decay to 0 at --max-steps; invsqrt: EDM2's lr / sqrt(max(step / "
-                          "--lr-ref-steps, 1))."),
-        click.option("--lr-ref-steps", type=click.IntRange(min=1), default=1000, show_default=True,
-                     help="Steps before the invsqrt decay starts."),
-        click.option("--warmup-steps", type=click.IntRange(min=0), default=0, show_default=True,
-                     help="Linear lr warm-up."),
-        click.option("--optimizer", type=click.Choice(["adam", "radam"]), default="adam",
-                     show_default=True),
-        click.option("--betas", type=(float, float), default=(0.9, 0.99), show_default=True,
-                     help="Adam betas (EDM2's)."),
-        click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0, show_default=True),
-        click.option("--grad-clip", type=click.FloatRange(min=0, min_open=True), default=None,
-                     help="Clip the global gradient norm to this value (default: no clipping)."),
-        click.option("--ema-halflife", "ema_halflife_images", type=click.FloatRange(min=0),
-                     default=ema_halflife_images, show_default=True,
-                     help="EMA half-life in training images (EDM's ramp-up: at most 5% of images seen)."),
-        click.option("--ema-beta", type=click.FloatRange(0, 1, max_open=True), default=None,
-                     help="A fixed per-step EMA decay instead of the half-life."),
-        click.option("--mixed-precision", type=click.Choice(["auto", "no", "bf16", "fp16"]),
-                     default="auto", show_default=True, help="auto: bf16 (or fp16) on GPU, no on CPU."),
-        click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True,
-                     help="Micro-batches per optimizer step."),
-        click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
-                     help="Seeds the network init, the data stream and every step's noise."),
-        click.option("--log-every", type=click.IntRange(min=1), default=100, show_default=True),
-        click.option("--ckpt-every", type=click.IntRange(min=1), default=1000, show_default=True,
-                     help="Write training-state.pt every this many steps (and at the end)."),
-        click.option("--sample-every", type=click.IntRange(min=0), default=0, show_default=True,
-                     help="Sample a grid (and the metric) every this many steps; 0: at the end only."),
-        click.option("--resume", is_flag=True,
-                     help="Continue exactly from --out/training-state.pt (same data order and RNG)."),
-        click.option("--tensorboard", is_flag=True, help="Also log to --out/tensorboard."),
-        click.option("--progress/--no-progress", default=True, show_default=True,
-                     help="tqdm progress bar on rank 0."),
-    ]
-
-    def decorate(command):
-        for option in reversed(options):
-            command = option(command)
-        return command
-    return decorate
-
-
-def config_from_options(kwargs: dict) -> TrainConfig:
-    """Pops the trainer_options from a click command's kwargs into a TrainConfig."""
-    names = [f.name for f in dataclasses.fields(TrainConfig)]
-    return TrainConfig(**{name: kwargs.pop(name) for name in names if name in kwargs})

@@ -14,24 +14,27 @@ import contextlib
 import functools
 from pathlib import Path
 
-import click
 import torch
 
 from cmt.checkpoint import read_safetensors
-from cmt.datasets import resolve_data
-from cmt.edm import SIGMA_MAX, SIGMA_MIN, broadcast_sigma, sample_lognormal_sigmas
-from cmt.teachers import resolve_teacher
+from cmt.edm import SIGMA_MAX, SIGMA_MIN, TWO_STEP_SIGMA, broadcast_sigma, sample_lognormal_sigmas
+from cmt.errors import ArgumentError
+from cmt.solvers import heun_step
 from cmt.trainers import loop
-from cmt.trainers.diffusion import data_batches, network_for
+from cmt.trainers.data import ARCHITECTURES, data_batches, default_arch, network_for, training_data
 from cmt.trainers.distances import DISTANCES, make_distance, squared_l2
-from cmt.trainers.mid import (average_velocity, build_student, consistency_output, manifest_teacher_spec,
-                              network_labels, plain_network, sampling_report, save_student, student_config)
+from cmt.trainers.students import (average_velocity, build_student, consistency_output, network_labels,
+                                   plain_network, recorded_teacher_spec, resolve_teacher_or_fail, sampling_report,
+                                   save_student, student_config, student_result)
 
 # ECT's defaults (CIFAR-10 ECM, locuslab/ect ct_train.py).
 ECT_P_MEAN, ECT_P_STD = -1.1, 2.0
 ECT_Q, ECT_K, ECT_B = 2.0, 8.0, 1.0
 WEIGHTINGS = ("gap", "snr")
+# lr=None: per architecture, a tenth of the diffusion phase's.
 POST_LR = {"edm2": 1e-3, "mlp": 1e-4}
+# The trainer options whose defaults differ from loop.TRAIN_DEFAULTS in this phase.
+POST_DEFAULTS = {"max_steps": 2000, "batch_size": 128, "lr": None}
 # MeanFlow's defaults (Gsunshine/meanflow configs/default.py).
 MF_P_MEAN, MF_P_STD = -0.4, 1.0
 MF_EQUAL_SHARE = 0.75          # share of samples with r = t (plain flow matching)
@@ -76,18 +79,6 @@ def ect_weight(t, r, weighting, sigma_data):
     raise ValueError(f"unknown weighting {weighting!r}; valid: {', '.join(WEIGHTINGS)}")
 
 
-@torch.no_grad()
-def teacher_heun_step(teacher, x, sigma, target_sigma, labels=None):
-    """One EDM Heun step of the teacher's ODE from sigma to target_sigma (Euler where target is 0)."""
-    sigma_b, target_b = broadcast_sigma(sigma, x), broadcast_sigma(target_sigma, x)
-    slope = (x - teacher(x, sigma, labels)) / sigma_b
-    euler = x + (target_b - sigma_b) * slope
-    safe_target = torch.where(target_sigma > 0, target_sigma, sigma)
-    slope_end = (euler - teacher(euler, safe_target, labels)) / broadcast_sigma(safe_target, x)
-    heun = x + (target_b - sigma_b) * (slope + slope_end) / 2
-    return torch.where(target_b > 0, heun, euler)
-
-
 def consistency_training_loss(net, batch, ctx, *, distance, teacher=None, stage=None, stage_every=None,
                               q=ECT_Q, k=ECT_K, b=ECT_B, p_mean=ECT_P_MEAN, p_std=ECT_P_STD, weighting="gap"):
     """ECT (teacher None) or ECD (a frozen teacher makes x_r): per-sample weighted distance."""
@@ -102,7 +93,8 @@ def consistency_training_loss(net, batch, ctx, *, distance, teacher=None, stage=
     if teacher is None:
         x_r = x + broadcast_sigma(r, x) * noise
     else:
-        x_r = teacher_heun_step(teacher, x_t, t, r, labels)
+        with torch.no_grad():   # one Heun step of the frozen teacher's ODE (Euler where r = 0)
+            x_r = heun_step(teacher, x_t, t, r, labels)
     with frozen_weight_norm(plain):
         with same_dropout(x.device):
             prediction = consistency_output(net, plain, x_t, t, labels)
@@ -165,7 +157,7 @@ def meanflow_loss(net, batch, ctx, *, p_mean=MF_P_MEAN, p_std=MF_P_STD, equal_sh
 OBJECTIVES = {"ect": consistency_training_loss, "ecd": consistency_training_loss, "meanflow": meanflow_loss}
 
 
-# ---- cmt-train post ---------------------------------------------------------------------------
+# ---- post_train -------------------------------------------------------------------------------
 
 def recorded_teacher(path):
     """The teacher identity a mid.pt / post.pt (or its .safetensors export) records, if any."""
@@ -177,35 +169,29 @@ def recorded_teacher(path):
     return None
 
 
-def resolve_or_fail(spec, flag):
-    try:
-        return resolve_teacher(spec)
-    except (ValueError, FileNotFoundError, OSError) as error:
-        raise click.BadParameter(str(error), param_hint=flag) from None
-
-
 def load_init(init, teacher, data, arch):
     """`(config, state_dict or None, identity, teacher)` of the network post-training starts from;
-    `teacher` is the --teacher spec, else the one recorded in --init, else --init itself when it
+    `teacher` is the given teacher spec, else the one recorded in `init`, else `init` itself when it
     is a plain diffusion model.
 
-    init: a checkpoint (mid.pt, ...) or built-in name; "teacher" (the --teacher weights); "random"
-    (the --teacher architecture, or the diffusion command's default network for `data`).
+    init: a checkpoint (mid.pt, ...) or built-in name; "teacher" (the teacher's weights); "random"
+    (the teacher's architecture, or the diffusion phase's default network of `arch` for `data`).
     """
     if init == "random":
         if teacher is not None:
-            net, identity = resolve_or_fail(teacher, "--teacher")
+            net, identity = resolve_teacher_or_fail(teacher, "teacher")
             return net.config, None, {"kind": "random", "like": identity}, teacher
-        return network_for(data, arch, None, None, None, None, 0.0, True).config, None, {"kind": "random"}, None
+        return network_for(data, arch).config, None, {"kind": "random"}, None
     if init == "teacher":
         if teacher is None:
-            raise click.UsageError("--init teacher needs --teacher (a built-in name or a checkpoint)")
+            raise ArgumentError("teacher", "init 'teacher' starts from the teacher: name one (a built-in name or "
+                                           "a checkpoint)")
         init = teacher
-    net, identity = resolve_or_fail(init, "--init")
+    net, identity = resolve_teacher_or_fail(init, "init")
     if teacher is None:
         recorded = recorded_teacher(init) if Path(init).is_file() else None
         if recorded:
-            teacher = manifest_teacher_spec(recorded)
+            teacher = recorded_teacher_spec(recorded)
         elif not (net.sigma_min or net.flow_map):
             teacher = init
     return net.config, net.state_dict(), identity, teacher
@@ -213,70 +199,58 @@ def load_init(init, teacher, data, arch):
 
 def check_data_fits(data, net):
     if tuple(data.data_shape) != tuple(net.data_shape) or (net.label_dim and data.label_dim != net.label_dim):
-        raise click.BadParameter(
-            f"{data.name} holds data of shape {tuple(data.data_shape)} with {data.label_dim} classes; the network "
-            f"takes shape {tuple(net.data_shape)} with {net.label_dim} classes", param_hint="--data")
+        raise ArgumentError(
+            "data", f"{data.name} holds data of shape {tuple(data.data_shape)} with {data.label_dim} classes; the "
+                    f"network takes shape {tuple(net.data_shape)} with {net.label_dim} classes")
 
 
-@click.command("post", context_settings={"show_default": True})
-@click.option("--init", required=True,
-              help="mid.pt (or another checkpoint of ours, or a built-in teacher name), 'teacher' (the --teacher "
-                   "weights) or 'random'.")
-@click.option("--method", type=click.Choice(list(OBJECTIVES)), required=True)
-@click.option("--data", "data_spec", required=True, help="mnist, toy:NAME, or an image folder / .npz / EDM .zip.")
-@click.option("--teacher", default=None,
-              help="Diffusion teacher (name or checkpoint): ECD's solver, and what 'teacher' / 'random' inits "
-                   "copy [default: the teacher recorded in --init].")
-@click.option("--arch", type=click.Choice(["edm2", "mlp"]), default=None,
-              help="--init random without --teacher: the diffusion command's default network of this kind.")
-@click.option("--stage", type=click.IntRange(min=0), default=None,
-              help="ECT/ECD: a fixed curriculum stage (CMT post-training: 11, i.e. q^12 = 4096 with q = 2).")
-@click.option("--stage-every", type=click.IntRange(min=1), default=None,
-              help="ECT/ECD: advance the stage every this many steps [default: max-steps / 8].")
-@click.option("--q", type=click.FloatRange(min=1, min_open=True), default=ECT_Q, help="ECT: gap decay per stage.")
-@click.option("--k", type=float, default=ECT_K, help="ECT: n(t) = 1 + k sigmoid(-b t).")
-@click.option("--b", type=float, default=ECT_B, help="ECT: n(t) = 1 + k sigmoid(-b t).")
-@click.option("--p-mean", type=float, default=None,
-              help="Time distribution mean [ECT: log-normal -1.1; MeanFlow: logit-normal -0.4].")
-@click.option("--p-std", type=click.FloatRange(min=0, min_open=True), default=None, help="[ECT: 2.0; MeanFlow: 1.0]")
-@click.option("--weighting", type=click.Choice(WEIGHTINGS), default="gap",
-              help="ECT/ECD: gap = 1 / (t - r) (ECT on CIFAR-10), snr = 1 / t^2 + 1 / sigma_data^2 (ECT on EDM2).")
-@click.option("--loss", "loss_name", type=click.Choice(DISTANCES), default="huber", help="ECT/ECD distance.")
-@click.option("--huber-c", type=click.FloatRange(min=0), default=None,
-              help="Pseudo-Huber constant [default: 0.00054 sqrt(dim); 0 = the L2 norm, ECT's CIFAR-10 setting].")
-@click.option("--equal-share", type=click.FloatRange(0, 1), default=MF_EQUAL_SHARE, help="MeanFlow: share of r = t.")
-@click.option("--norm-p", type=click.FloatRange(min=0), default=MF_NORM_P, help="MeanFlow: adaptive weight power.")
-@click.option("--norm-eps", type=click.FloatRange(min=0, min_open=True), default=MF_NORM_EPS,
-              help="MeanFlow: adaptive weight 1 / (|delta|^2 + eps)^p.")
-@click.option("--dropout", type=click.FloatRange(0, 1), default=None, help="Student dropout [default: the init's].")
-@click.option("--resolution", type=click.IntRange(min=4), default=None, help="Resize images [default: the network's].")
-@click.option("--eval-data", default=None, help="Data set whose built-in metric scores samples [default: --data if built in].")
-@click.option("--num-samples", type=click.IntRange(min=1), default=1000, help="Samples for the metric and pictures.")
-@click.option("--mid-sigma", type=click.FloatRange(min=0, min_open=True), default=0.821,
-              help="Intermediate sigma of 2-step sampling.")
-@loop.trainer_options(lr=None, max_steps=2000, batch_size=128, ema_halflife_images=500_000.0)
-def command(init, method, data_spec, teacher, arch, stage, stage_every, q, k, b, p_mean, p_std, weighting, loss_name,
-            huber_c, equal_share, norm_p, norm_eps, dropout, resolution, eval_data, num_samples, mid_sigma, **kwargs):
-    """Post-train a student with ECT, ECD or MeanFlow -> OUT/post.pt (1- and 2-step sampling).
+def post_train(*, init, method, data, out, teacher=None, arch=None, stage=None, stage_every=None, q=ECT_Q, k=ECT_K,
+               b=ECT_B, p_mean=None, p_std=None, weighting="gap", loss="huber", huber_c=None,
+               equal_share=MF_EQUAL_SHARE, norm_p=MF_NORM_P, norm_eps=MF_NORM_EPS, dropout=None, resolution=None,
+               eval_data=None, num_samples=1000, mid_sigma=TWO_STEP_SIGMA, **train_options):
+    """Post-train a student with ECT, ECD or MeanFlow -> `out/post.pt` (1- and 2-step sampling).
 
-    --lr defaults to a tenth of the diffusion command's: 1e-3 (edm2), 1e-4 (mlp).
+    init: mid.pt (or another checkpoint of ours, or a built-in teacher name), 'teacher' (the
+    teacher's weights) or 'random'. method: ect, ecd or meanflow. data: mnist, toy:NAME, or an image
+    folder / .npz / EDM .zip; resolution resizes images (None: the network's).
+    teacher: diffusion teacher (name or checkpoint): ECD's solver, and what 'teacher' / 'random'
+    inits copy (None: the teacher recorded in init). arch: with init 'random' and no teacher, the
+    diffusion phase's default network of this kind (edm2 or mlp).
+    ECT/ECD: stage, a fixed curriculum stage (CMT post-training: 11, i.e. q^12 = 4096 with q = 2),
+    else the stage advances every stage_every steps (None: max_steps / 8); q, the gap decay per
+    stage; k, b: n(t) = 1 + k sigmoid(-b t); weighting: gap = 1 / (t - r) (ECT on CIFAR-10), snr =
+    1 / t^2 + 1 / sigma_data^2 (ECT on EDM2); loss: the distance; huber_c: the pseudo-Huber
+    constant (None: 0.00054 sqrt(dim); 0: the L2 norm, ECT's CIFAR-10 setting).
+    p_mean, p_std: the time distribution (None: ECT log-normal -1.1, 2.0; MeanFlow logit-normal -0.4, 1.0).
+    MeanFlow: equal_share, the share of r = t; the adaptive weight 1 / (|delta|^2 + norm_eps)^norm_p.
+    dropout: the student's (None: the init's). eval_data: data set whose built-in metric scores
+    samples (None: data, if built in); num_samples: samples for the metric and pictures; mid_sigma:
+    the intermediate sigma of 2-step sampling.
+    train_options: the shared trainer options, `TrainConfig`'s fields (max_steps, batch_size, lr, ...,
+    resume, tensorboard, progress), defaults `POST_DEFAULTS` over `loop.TRAIN_DEFAULTS`; lr=None
+    takes `POST_LR` of the student's architecture.
+
+    Returns `{"out", "checkpoint" (post.pt), "model" (post.safetensors), "log", "state": Path,
+    "metrics": the last logged scalars}`.
     """
-    try:
-        data = resolve_data(data_spec, resolution)
-    except ValueError as error:
-        raise click.BadParameter(str(error), param_hint="--data") from None
-    arch = arch or ("mlp" if len(data.data_shape) == 1 else "edm2")
+    init, teacher = str(init), None if teacher is None else str(teacher)   # names or paths, as recorded
+    loop.check_choice("method", method, OBJECTIVES)
+    loop.check_choice("weighting", weighting, WEIGHTINGS)
+    loop.check_choice("loss", loss, DISTANCES)
+    if arch is not None:
+        loop.check_choice("arch", arch, ARCHITECTURES)
+    data_spec = data
+    data = training_data(data_spec, resolution)
+    arch = arch or default_arch(data)
     init_config, init_state, identity, teacher = load_init(init, teacher, data, arch)
     if resolution is None and init_config.get("architecture") == "edm2" and data.kind == "images":
-        data = resolve_data(data_spec, init_config["img_resolution"])
+        data = training_data(data_spec, init_config["img_resolution"])
+    config = loop.train_config(out, POST_DEFAULTS, train_options, default_lr=POST_LR[init_config["architecture"]])
     meanflow = method == "meanflow"
     student = build_student(
         student_config(init_config, flow_map=True if meanflow else None, sigma_min=None if meanflow else SIGMA_MIN,
-                       dropout=dropout), init_state, source=f"--init {init}", seed=kwargs["seed"])
+                       dropout=dropout), init_state, source=f"init {init}", seed=config.seed)
     check_data_fits(data, student)
-    if kwargs["lr"] is None:
-        kwargs["lr"] = POST_LR[student.config["architecture"]]
-    config = loop.config_from_options(kwargs)
     teacher_net = None
     if meanflow:
         objective = functools.partial(meanflow_loss, p_mean=MF_P_MEAN if p_mean is None else p_mean,
@@ -284,16 +258,16 @@ def command(init, method, data_spec, teacher, arch, stage, stage_every, q, k, b,
                                       norm_p=norm_p, norm_eps=norm_eps)
     else:
         try:
-            distance = make_distance(loss_name, student.data_shape, huber_c=huber_c)
+            distance = make_distance(loss, student.data_shape, huber_c=huber_c)
         except (ValueError, FileNotFoundError, ModuleNotFoundError) as error:
-            raise click.BadParameter(str(error), param_hint="--loss") from None
+            raise ArgumentError("loss", str(error)) from None
         if method == "ecd":
             if teacher is None:
-                raise click.UsageError("--method ecd needs a diffusion teacher: pass --teacher")
-            teacher_net, _ = resolve_or_fail(teacher, "--teacher")
+                raise ArgumentError("teacher", "method ecd needs a diffusion teacher: name one")
+            teacher_net, _ = resolve_teacher_or_fail(teacher, "teacher")
             if tuple(teacher_net.data_shape) != tuple(student.data_shape) or teacher_net.label_dim != student.label_dim:
-                raise click.BadParameter(f"{teacher} does not take the student's data (shape "
-                                         f"{tuple(student.data_shape)}, {student.label_dim} classes)", param_hint="--teacher")
+                raise ArgumentError("teacher", f"{teacher} does not take the student's data (shape "
+                                               f"{tuple(student.data_shape)}, {student.label_dim} classes)")
             teacher_net.eval().requires_grad_(False)
         objective = functools.partial(
             consistency_training_loss, distance=distance, teacher=teacher_net, stage=stage,
@@ -314,3 +288,4 @@ def command(init, method, data_spec, teacher, arch, stage, stage_every, q, k, b,
     trainer.fit(student, objective, data_batches(data, trainer.micro_batch_size, trainer.seed_for(0)),
                 sample_fn=sample_fn, save_final=lambda ema, net, out: save_student(out, "post", ema, net, info),
                 run_info={**info, "student": student.config})
+    return student_result(config.out, "post")

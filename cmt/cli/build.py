@@ -1,5 +1,62 @@
-"""Temporary: the command still lives in cmt.builders.cli (being moved here)."""
-from cmt.builders.cli import main  # noqa: F401
+"""cmt-build: run a teacher's ODE solver once and store its trajectories as zarr or WebDataset shards.
+
+    cmt-build --teacher mnist --nfe 16 --num-trajectories 10000 --out shards/
+    accelerate launch -m cmt.cli.build --teacher teacher.safetensors --out shards/   # ranks split the shards
+
+The options are the keywords of `cmt.builders.build.build_trajectories`, with its defaults.
+"""
+import click
+
+from cmt.builders.build import DEFAULTS, STORAGE_DTYPES, NonFiniteTrajectories, build_trajectories
+from cmt.cli.common import translate_errors
+from cmt.edm import SIGMA_GRIDS
+from cmt.formats import FORMATS
+from cmt.solvers import SOLVERS
+
+
+@click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.option("--teacher", required=True,
+              help="A checkpoint of ours (path), a built-in name (mnist, toy:NAME), 'edm2' with --teacher-ckpt, "
+                   "or an EDM2 preset.")
+@click.option("--teacher-ckpt", default=DEFAULTS["teacher_ckpt"],
+              help="For --teacher edm2: an official .pkl, its .safetensors export or a preset.")
+@click.option("--guidance", type=float, default=DEFAULTS["guidance"],
+              help="Guidance weight: autoguidance with --guide-ckpt, else classifier-free (conditional teachers); "
+                   "1 is no guidance.")
+@click.option("--guide-ckpt", default=DEFAULTS["guide_ckpt"],
+              help="The guiding network for autoguidance (path, preset or built-in name).")
+@click.option("--out", required=True, help="Output directory or fsspec URL (file://, memory://, s3:// ...).")
+@click.option("--solver", type=click.Choice(list(SOLVERS)), default=DEFAULTS["solver"])
+@click.option("--nfe", type=int, default=DEFAULTS["nfe"], help="Denoiser calls per trajectory.")
+@click.option("--grid", type=click.Choice(list(SIGMA_GRIDS)), default=DEFAULTS["grid"],
+              help="Sigma grid: logsnr (geometric, the official CMT grid) or karras (EDM, ends at 0).")
+@click.option("--sigma-max", type=float, default=DEFAULTS["sigma_max"])
+@click.option("--sigma-min", type=float, default=DEFAULTS["sigma_min"])
+@click.option("--rho", type=float, default=DEFAULTS["rho"], help="Karras grid exponent.")
+@click.option("--num-trajectories", type=int, default=DEFAULTS["num_trajectories"])
+@click.option("--batch-size", type=int, default=DEFAULTS["batch_size"],
+              help="Trajectories per teacher batch (part of the configuration).")
+@click.option("--seed", type=int, default=DEFAULTS["seed"], help="Trajectory i depends on (seed, i) only.")
+@click.option("--labels", default=DEFAULTS["labels"],
+              help="random (per trajectory), a class id, or none; default random for conditional teachers.")
+@click.option("--format", type=click.Choice(list(FORMATS)), default=DEFAULTS["format"])
+@click.option("--shard-size", type=int, default=DEFAULTS["shard_size"], help="Trajectories per shard.")
+@click.option("--dtype", type=click.Choice(list(STORAGE_DTYPES)), default=DEFAULTS["dtype"], help="Stored states.")
+@click.option("--states", default=DEFAULTS["states"],
+              help="Solver states to keep: all, or grid indices like 0,4,8,12,16 (noise and endpoint are always kept).")
+@click.option("--eval-teacher", is_flag=True, default=DEFAULTS["eval_teacher"],
+              help="Score the endpoints with the embedded-data metric (stored in the manifest).")
+@click.option("--eval-data", default=DEFAULTS["eval_data"],
+              help="Data set for --eval-teacher (default: the built-in teacher's name).")
+@click.option("--progress/--no-progress", default=DEFAULTS["progress"])
+@translate_errors
+def main(**options):
+    """Build a dataset of teacher ODE trajectories (resumable: re-run the same command after a crash)."""
+    try:
+        build_trajectories(**options, log=click.echo)
+    except NonFiniteTrajectories as error:
+        raise click.ClickException(str(error)) from None
+
 
 if __name__ == "__main__":
     main()

@@ -1,5 +1,27 @@
-"""Temporary: the command still lives in cmt.networks.edm2_pickle (being moved here)."""
-from cmt.networks.edm2_pickle import convert_main as main  # noqa: F401
+"""cmt-convert: an official EDM2 network pickle -> our .safetensors (`cmt.teachers.convert_checkpoint`)."""
+from pathlib import Path
+
+import click
+
+from cmt.cli.common import translate_errors
+from cmt.teachers import convert_checkpoint
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("source")
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@translate_errors
+def main(source, out, overwrite):
+    """Convert an official EDM2 network pickle (SOURCE: path, URL or preset name) to OUT.safetensors.
+
+    The pickle is read with a restricted unpickler: no code from the file runs. Presets and URLs are
+    downloaded into $CMT_CACHE/edm2 (default ~/.cache/cmt/edm2).
+    """
+    written = convert_checkpoint(source=source, out=out, overwrite=overwrite)
+    click.echo(f"wrote {written['out']} ({written['parameters'] / 1e6:.1f}M parameters, "
+               f"encoder {written['encoder']['kind']})")
+
 
 if __name__ == "__main__":
     main()

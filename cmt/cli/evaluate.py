@@ -1,5 +1,49 @@
-"""Temporary: the command still lives in cmt.evaluation (being moved here)."""
-from cmt.evaluation import main  # noqa: F401
+"""cmt-eval: score generated samples against a data set (`cmt.evaluation.evaluate`).
+
+\b
+    cmt-eval --samples samples.npz --data toy:checkerboard
+    cmt-eval --samples samples.npz --data mnist --json
+    cmt-eval --samples samples.npz --data images.zip --fid --detector inception-2015-12-05.pt [--ref refs.npz]
+
+Toy data: energy distance and sliced Wasserstein against the fixed reference sample. mnist:
+FD-MNIST (features of a small MNIST classifier, not Inception FID). --fid: Inception FID against
+the --ref statistics, or against statistics of the --data images when --ref is not given.
+"""
+import inspect
+import json
+
+import click
+
+from cmt.cli.common import translate_errors
+from cmt.evaluation import evaluate
+from cmt.metrics import INCEPTION_URL
+
+DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(evaluate).parameters.items()}
+
+
+@click.command(help=__doc__, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--samples", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Samples .npz (key 'samples', optional 'labels'), e.g. from cmt-sample.")
+@click.option("--data", required=True, help="mnist | toy:NAME | PATH (image folder, .npz, EDM dataset .zip).")
+@click.option("--fid", is_flag=True, default=DEFAULTS["fid"], help="Also compute Inception FID (needs --detector).")
+@click.option("--detector", default=DEFAULTS["detector"],
+              help=f"TorchScript inception-2015-12-05.pt: a path, or its URL {INCEPTION_URL}.")
+@click.option("--ref", default=DEFAULTS["ref"],
+              help="EDM-format FID reference statistics .npz (mu, sigma), path or URL; default: computed from --data.")
+@click.option("--device", default=DEFAULTS["device"],
+              help="Device for the Inception detector [default: cuda if available, else cpu].")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@translate_errors
+def main(as_json, **options):
+    result = evaluate(**options)
+    if as_json:
+        click.echo(json.dumps({"samples": str(result["samples"]), "data": result["data"], "count": result["count"],
+                               **result["metrics"]}))
+    else:
+        click.echo(f"{result['count']} samples from {result['samples']} vs {result['data']}")
+        for name, value in result["metrics"].items():
+            click.echo(f"  {name}: {value:.6g}")
+
 
 if __name__ == "__main__":
     main()

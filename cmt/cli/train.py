@@ -1,5 +1,250 @@
-"""Temporary: the command still lives in cmt.trainers.cli (being moved here)."""
-from cmt.trainers.cli import main  # noqa: F401
+"""cmt-train: one command per phase (`diffusion`, `mid`, `post`), each a thin layer over its library
+function (`cmt.train_diffusion`, `cmt.mid_train`, `cmt.post_train`).
+
+Every default comes from the library: a phase option's from its function's signature, a trainer
+option's from `loop.TRAIN_DEFAULTS` with the phase's overrides (`DIFFUSION_DEFAULTS`, ...), so
+`--help` shows what the function does when the option is left out.
+"""
+import inspect
+from pathlib import Path
+
+import click
+
+from cmt.cli.common import translate_errors
+from cmt.datasets import TOY_NAMES
+from cmt.solvers import SOLVERS
+from cmt.trainers import loop
+from cmt.trainers.data import ARCHITECTURES, DEFAULT_ARCH
+from cmt.trainers.diffusion import DIFFUSION_DEFAULTS, DIFFUSION_LR, EVAL_NUM, train_diffusion
+from cmt.trainers.distances import DISTANCES
+from cmt.trainers.mid import MID_DEFAULTS, MID_LR, OBJECTIVES as MID_TARGETS, mid_train
+from cmt.trainers.post import (ECT_P_MEAN, ECT_P_STD, MF_P_MEAN, MF_P_STD, OBJECTIVES as POST_METHODS,
+                               POST_DEFAULTS, POST_LR, WEIGHTINGS, post_train)
+from cmt.trainers.students import STUDENT_INITS
+
+COMMAND_SETTINGS = {"show_default": True}
+
+
+class IntList(click.ParamType):
+    name = "N,N,..."
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (tuple, list)):
+            return tuple(value)
+        try:
+            return tuple(int(part) for part in value.split(",") if part.strip())
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of integers", param, ctx)
+
+
+def defaults_of(function):
+    """The default of every keyword argument of `function` that has one."""
+    return {name: parameter.default for name, parameter in inspect.signature(function).parameters.items()
+            if parameter.default is not inspect.Parameter.empty}
+
+
+def per_architecture(rates):
+    return ", ".join(f"{arch} {rate:g}" for arch, rate in rates.items())
+
+
+def trainer_options(phase_defaults, lr_by_arch):
+    """The click options every `cmt-train` command shares, one per `TrainConfig` field, with the
+    defaults of `loop.TRAIN_DEFAULTS` overridden by the phase's; an lr default of None means the
+    phase's rate per architecture, `lr_by_arch`."""
+    defaults = {**loop.TRAIN_DEFAULTS, **phase_defaults}
+    lr_help = "Peak learning rate" + (f" [default: per architecture: {per_architecture(lr_by_arch)}]."
+                                      if defaults["lr"] is None else ".")
+    options = [
+        click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+                     help="Run folder: log.jsonl, training-state.pt, samples/, the final model."),
+        click.option("--max-steps", type=click.IntRange(min=1), default=defaults["max_steps"],
+                     help="Optimizer steps."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=defaults["batch_size"],
+                     help="Global batch per optimizer step (all processes and micro-batches)."),
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=defaults["lr"], help=lr_help),
+        click.option("--lr-schedule", type=click.Choice(loop.LR_SCHEDULES), default=defaults["lr_schedule"],
+                     help="linear: decay to 0 at --max-steps; invsqrt: EDM2's lr / sqrt(max(step / "
+                          "--lr-ref-steps, 1))."),
+        click.option("--lr-ref-steps", type=click.IntRange(min=1), default=defaults["lr_ref_steps"],
+                     help="Steps before the invsqrt decay starts."),
+        click.option("--warmup-steps", type=click.IntRange(min=0), default=defaults["warmup_steps"],
+                     help="Linear lr warm-up."),
+        click.option("--optimizer", type=click.Choice(list(loop.OPTIMIZERS)), default=defaults["optimizer"]),
+        click.option("--betas", type=(float, float), default=defaults["betas"], help="Adam betas (EDM2's)."),
+        click.option("--weight-decay", type=click.FloatRange(min=0), default=defaults["weight_decay"]),
+        click.option("--grad-clip", type=click.FloatRange(min=0, min_open=True), default=defaults["grad_clip"],
+                     help="Clip the global gradient norm to this value [default: no clipping]."),
+        click.option("--ema-halflife-images", "--ema-halflife", "ema_halflife_images", type=click.FloatRange(min=0),
+                     default=defaults["ema_halflife_images"],
+                     help="EMA half-life in training images (ramped up, see --ema-rampup-ratio)."),
+        click.option("--ema-rampup-ratio", type=click.FloatRange(min=0, min_open=True),
+                     default=defaults["ema_rampup_ratio"],
+                     help="EDM's ramp-up: the half-life is at most this share of the images seen so far."),
+        click.option("--ema-beta", type=click.FloatRange(0, 1, max_open=True), default=defaults["ema_beta"],
+                     help="A fixed per-step EMA decay instead of the half-life."),
+        click.option("--mixed-precision", type=click.Choice(loop.MIXED_PRECISIONS),
+                     default=defaults["mixed_precision"], help="auto: bf16 (or fp16) on GPU, no on CPU."),
+        click.option("--grad-accum", type=click.IntRange(min=1), default=defaults["grad_accum"],
+                     help="Micro-batches per optimizer step."),
+        click.option("--seed", type=click.IntRange(min=0), default=defaults["seed"],
+                     help="Seeds the network init, the data stream and every step's noise."),
+        click.option("--log-every", type=click.IntRange(min=1), default=defaults["log_every"]),
+        click.option("--ckpt-every", type=click.IntRange(min=1), default=defaults["ckpt_every"],
+                     help="Write training-state.pt every this many steps (and at the end)."),
+        click.option("--sample-every", type=click.IntRange(min=0), default=defaults["sample_every"],
+                     help="Sample a grid (and the metric) every this many steps; 0: at the end only."),
+        click.option("--resume", is_flag=True, default=defaults["resume"],
+                     help="Continue exactly from --out/training-state.pt (same data order and RNG)."),
+        click.option("--tensorboard", is_flag=True, default=defaults["tensorboard"],
+                     help="Also log to --out/tensorboard."),
+        click.option("--progress/--no-progress", default=defaults["progress"], help="tqdm progress bar on rank 0."),
+    ]
+
+    def decorate(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+    return decorate
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """Train a diffusion teacher (diffusion), mid-train a student on teacher trajectories (mid),
+    or post-train it with ECT / ECD / MeanFlow (post)."""
+
+
+DIFFUSION = defaults_of(train_diffusion)
+
+
+@main.command("diffusion", context_settings=COMMAND_SETTINGS)
+@click.option("--data", required=True,
+              help=f"mnist, toy:NAME ({', '.join(TOY_NAMES)}), or a path to an image folder / .npz / EDM dataset .zip.")
+@click.option("--resolution", type=click.IntRange(min=4), default=DIFFUSION["resolution"],
+              help="Resize images to this size (mnist: 16 by default).")
+@click.option("--arch", type=click.Choice(ARCHITECTURES), default=DIFFUSION["arch"],
+              help="edm2 U-Net (default for images) or mlp (default for 2-D data).")
+@click.option("--channels", type=click.IntRange(min=1), default=DIFFUSION["channels"],
+              help=f"edm2: model_channels (default {DEFAULT_ARCH['edm2']['channels']}); mlp: width "
+                   f"(default {DEFAULT_ARCH['mlp']['channels']}).")
+@click.option("--channel-mult", type=IntList(), default=DIFFUSION["channel_mult"],
+              help=f"edm2: per-level multipliers [default: {','.join(map(str, DEFAULT_ARCH['edm2']['channel_mult']))}].")
+@click.option("--num-blocks", type=click.IntRange(min=1), default=DIFFUSION["num_blocks"],
+              help=f"edm2: blocks per level (default {DEFAULT_ARCH['edm2']['num_blocks']}); mlp: residual blocks "
+                   f"(default {DEFAULT_ARCH['mlp']['num_blocks']}).")
+@click.option("--attn-res", type=IntList(), default=DIFFUSION["attn_res"],
+              help=f"edm2: resolutions with self-attention [default: "
+                   f"{','.join(map(str, DEFAULT_ARCH['edm2']['attn_res']))}]; '' for none.")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=DIFFUSION["dropout"])
+@click.option("--cond/--uncond", default=DIFFUSION["cond"], help="Class-conditional when the data has labels.")
+@click.option("--label-dropout", type=click.FloatRange(0, 1), default=DIFFUSION["label_dropout"],
+              help="Drop labels with this probability (unconditional training share, for guidance).")
+@click.option("--p-mean", type=float, default=DIFFUSION["p_mean"],
+              help="Training sigmas: log(sigma) ~ N(p_mean, p_std^2).")
+@click.option("--p-std", type=click.FloatRange(min=0, min_open=True), default=DIFFUSION["p_std"])
+@click.option("--uncertainty/--no-uncertainty", default=DIFFUSION["uncertainty"],
+              help="EDM2's learned loss weighting: loss / exp(logvar(sigma)) + logvar(sigma).")
+@click.option("--sample-solver", type=click.Choice(sorted(SOLVERS)), default=DIFFUSION["sample_solver"],
+              help="Solver of the sample grids and the metric.")
+@click.option("--sample-steps", type=click.IntRange(min=1), default=DIFFUSION["sample_steps"])
+@click.option("--eval-num", type=click.IntRange(min=0), default=DIFFUSION["eval_num"],
+              help=f"Samples for the embedded metric at each --sample-every and the end (default: "
+                   f"{EVAL_NUM['images']} for images, {EVAL_NUM['points']} for 2-D; 0: no metric).")
+@trainer_options(DIFFUSION_DEFAULTS, DIFFUSION_LR)
+@translate_errors
+def diffusion(**options):
+    """Pre-train a diffusion teacher (EDM2 objective); writes OUT/teacher.safetensors (EMA weights)."""
+    train_diffusion(**options)
+
+
+MID = defaults_of(mid_train)
+
+
+@main.command("mid", context_settings=COMMAND_SETTINGS)
+@click.option("--data", required=True, help="A cmt-build trajectory dataset (folder or fsspec URL).")
+@click.option("--target", type=click.Choice(list(MID_TARGETS)), default=MID["target"],
+              help="endpoint: CMT-CM, jump to the trajectory's endpoint; flowmap: CMT-MF, average velocity "
+                   "to a later state of the trajectory.")
+@click.option("--loss", type=click.Choice(DISTANCES), default=MID["loss"],
+              help="Distance (endpoint target). The official CMT runs use lpips on pixel data; flowmap "
+                   "takes l2 (the official code) or huber.")
+@click.option("--huber-c", type=click.FloatRange(min=0), default=MID["huber_c"],
+              help="Pseudo-Huber constant [default: 0.00054 sqrt(dim)].")
+@click.option("--lpips-resize", type=click.IntRange(min=16), default=MID["lpips_resize"],
+              help="Upsample images to this side before LPIPS [default: their own size].")
+@click.option("--teacher", default=MID["teacher"],
+              help="Teacher name or checkpoint giving the student's architecture and initial weights "
+                   "[default: the one recorded in the dataset manifest].")
+@click.option("--student-init", type=click.Choice(STUDENT_INITS), default=MID["student_init"])
+@click.option("--states-per-trajectory", default=MID["states_per_trajectory"],
+              help="States (flowmap: state pairs) drawn per trajectory and epoch: all, or K.")
+@click.option("--dropout", type=click.FloatRange(0, 1), default=MID["dropout"],
+              help="Student dropout [default: the teacher's].")
+@click.option("--workers", type=click.IntRange(min=0), default=MID["workers"], help="Shard reader processes per rank.")
+@click.option("--eval-data", default=MID["eval_data"],
+              help="Data set whose built-in metric scores 1- and 2-step samples (toy:NAME, mnist) "
+                   "[default: the teacher's built-in name, if any].")
+@click.option("--num-samples", type=click.IntRange(min=1), default=MID["num_samples"],
+              help="Samples for the metric and pictures.")
+@click.option("--mid-sigma", type=click.FloatRange(min=0, min_open=True), default=MID["mid_sigma"],
+              help="Intermediate sigma of 2-step sampling.")
+@trainer_options(MID_DEFAULTS, MID_LR)
+@translate_errors
+def mid(**options):
+    """CMT mid-training: regress a student onto the stored teacher trajectories -> OUT/mid.pt."""
+    mid_train(**options)
+
+
+POST = defaults_of(post_train)
+
+
+@main.command("post", context_settings=COMMAND_SETTINGS)
+@click.option("--init", required=True,
+              help="mid.pt (or another checkpoint of ours, or a built-in teacher name), 'teacher' (the --teacher "
+                   "weights) or 'random'.")
+@click.option("--method", type=click.Choice(list(POST_METHODS)), required=True)
+@click.option("--data", required=True, help="mnist, toy:NAME, or an image folder / .npz / EDM .zip.")
+@click.option("--teacher", default=POST["teacher"],
+              help="Diffusion teacher (name or checkpoint): ECD's solver, and what 'teacher' / 'random' inits "
+                   "copy [default: the teacher recorded in --init].")
+@click.option("--arch", type=click.Choice(ARCHITECTURES), default=POST["arch"],
+              help="--init random without --teacher: the diffusion command's default network of this kind.")
+@click.option("--stage", type=click.IntRange(min=0), default=POST["stage"],
+              help="ECT/ECD: a fixed curriculum stage (CMT post-training: 11, i.e. q^12 = 4096 with q = 2).")
+@click.option("--stage-every", type=click.IntRange(min=1), default=POST["stage_every"],
+              help="ECT/ECD: advance the stage every this many steps [default: max-steps / 8].")
+@click.option("--q", type=click.FloatRange(min=1, min_open=True), default=POST["q"], help="ECT: gap decay per stage.")
+@click.option("--k", type=float, default=POST["k"], help="ECT: n(t) = 1 + k sigmoid(-b t).")
+@click.option("--b", type=float, default=POST["b"], help="ECT: n(t) = 1 + k sigmoid(-b t).")
+@click.option("--p-mean", type=float, default=POST["p_mean"],
+              help=f"Time distribution mean [ECT: log-normal {ECT_P_MEAN}; MeanFlow: logit-normal {MF_P_MEAN}].")
+@click.option("--p-std", type=click.FloatRange(min=0, min_open=True), default=POST["p_std"],
+              help=f"[ECT: {ECT_P_STD}; MeanFlow: {MF_P_STD}]")
+@click.option("--weighting", type=click.Choice(WEIGHTINGS), default=POST["weighting"],
+              help="ECT/ECD: gap = 1 / (t - r) (ECT on CIFAR-10), snr = 1 / t^2 + 1 / sigma_data^2 (ECT on EDM2).")
+@click.option("--loss", type=click.Choice(DISTANCES), default=POST["loss"], help="ECT/ECD distance.")
+@click.option("--huber-c", type=click.FloatRange(min=0), default=POST["huber_c"],
+              help="Pseudo-Huber constant [default: 0.00054 sqrt(dim); 0 = the L2 norm, ECT's CIFAR-10 setting].")
+@click.option("--equal-share", type=click.FloatRange(0, 1), default=POST["equal_share"],
+              help="MeanFlow: share of r = t.")
+@click.option("--norm-p", type=click.FloatRange(min=0), default=POST["norm_p"], help="MeanFlow: adaptive weight power.")
+@click.option("--norm-eps", type=click.FloatRange(min=0, min_open=True), default=POST["norm_eps"],
+              help="MeanFlow: adaptive weight 1 / (|delta|^2 + eps)^p.")
+@click.option("--dropout", type=click.FloatRange(0, 1), default=POST["dropout"],
+              help="Student dropout [default: the init's].")
+@click.option("--resolution", type=click.IntRange(min=4), default=POST["resolution"],
+              help="Resize images [default: the network's].")
+@click.option("--eval-data", default=POST["eval_data"],
+              help="Data set whose built-in metric scores samples [default: --data if built in].")
+@click.option("--num-samples", type=click.IntRange(min=1), default=POST["num_samples"],
+              help="Samples for the metric and pictures.")
+@click.option("--mid-sigma", type=click.FloatRange(min=0, min_open=True), default=POST["mid_sigma"],
+              help="Intermediate sigma of 2-step sampling.")
+@trainer_options(POST_DEFAULTS, POST_LR)
+@translate_errors
+def post(**options):
+    """Post-train a student with ECT, ECD or MeanFlow -> OUT/post.pt (1- and 2-step sampling)."""
+    post_train(**options)
+
 
 if __name__ == "__main__":
     main()

@@ -19,12 +19,12 @@ import math
 import numpy as np
 import torch
 
-from cmt.edm import edm_scalings
+from cmt.edm import SIGMA_DATA, SIGMA_MIN, edm_scalings
 
 # Flow-map targets may be 0 (consistency models): their noise label is log(target + floor) / 4,
 # smooth in target_sigma (so jvp through it is finite at 0) and equal to EDM's log(sigma) / 4 for
-# targets well above the floor.
-TARGET_SIGMA_FLOOR = 0.002
+# targets well above the floor. The floor is EDM's sigma_min.
+TARGET_SIGMA_FLOOR = SIGMA_MIN
 
 
 def normalize(x, dim=None, eps=1e-4):
@@ -252,7 +252,7 @@ class Precond(torch.nn.Module):
     labels are one-hot `[B, label_dim]` (None = all-zero labels, EDM2's unconditional call).
     """
 
-    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, sigma_data=0.5,
+    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, sigma_data=SIGMA_DATA,
                  logvar_channels=128, sigma_min=0.0, flow_map=False, **unet_kwargs):
         super().__init__()
         self.config = dict(architecture="edm2", img_resolution=img_resolution, img_channels=img_channels,

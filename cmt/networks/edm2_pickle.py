@@ -11,45 +11,20 @@ run), tensors are rebuilt by torch's weights-only loader, and the few containers
 state uses become plain stand-ins. Any other global is refused with `UnsafePickleError`.
 From the records we read the init kwargs and tensors of `ema` and build our own
 `cmt.networks.edm2.Precond`; the `encoder` entry gives the latent settings (see cmt.latents).
+The official presets, their download and `cmt-convert` are in `cmt.teachers` / `cmt.cli.convert`.
 """
 import collections
 import dataclasses
 import hashlib
 import io
-import os
 import pickle
-import urllib.error
-import urllib.parse
 from pathlib import Path
 
-import click
 import numpy as np
 import torch
 
+from cmt.networks import load_state_dict_strict_or_explain
 from cmt.networks.edm2 import Precond
-
-MODEL_ROOT = "https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions"
-# EDM2's generate_images.py presets; the short names are its "-fid" ones.
-_PRESET_FILES = {
-    "edm2-img512-xs": "edm2-img512-xs-2147483-0.135.pkl", "edm2-img512-xs-dino": "edm2-img512-xs-2147483-0.200.pkl",
-    "edm2-img512-s": "edm2-img512-s-2147483-0.130.pkl", "edm2-img512-s-dino": "edm2-img512-s-2147483-0.190.pkl",
-    "edm2-img512-m": "edm2-img512-m-2147483-0.100.pkl", "edm2-img512-m-dino": "edm2-img512-m-2147483-0.155.pkl",
-    "edm2-img512-l": "edm2-img512-l-1879048-0.085.pkl", "edm2-img512-l-dino": "edm2-img512-l-1879048-0.155.pkl",
-    "edm2-img512-xl": "edm2-img512-xl-1342177-0.085.pkl", "edm2-img512-xl-dino": "edm2-img512-xl-1342177-0.155.pkl",
-    "edm2-img512-xxl": "edm2-img512-xxl-0939524-0.070.pkl",
-    "edm2-img512-xxl-dino": "edm2-img512-xxl-0939524-0.150.pkl",
-    "edm2-img64-s": "edm2-img64-s-1073741-0.075.pkl", "edm2-img64-m": "edm2-img64-m-2147483-0.060.pkl",
-    "edm2-img64-l": "edm2-img64-l-1073741-0.040.pkl", "edm2-img64-xl": "edm2-img64-xl-0671088-0.040.pkl",
-    # Autoguidance pairs of EDM2's README (main network, small guide network).
-    "edm2-img64-s-autog": "edm2-img64-s-1073741-0.045.pkl", "edm2-img64-xs-guide": "edm2-img64-xs-0134217-0.110.pkl",
-    "edm2-img512-s-autog": "edm2-img512-s-2147483-0.070.pkl",
-    "edm2-img512-xs-guide": "edm2-img512-xs-0134217-0.125.pkl",
-}
-PRESETS = {name: f"{MODEL_ROOT}/{file}" for name, file in _PRESET_FILES.items()}
-# Autoguidance settings of EDM2's README (FID-optimal): preset -> (guide preset, guidance weight).
-AUTOGUIDANCE = {"edm2-img64-s-autog": ("edm2-img64-xs-guide", 1.70),
-                "edm2-img512-s-autog": ("edm2-img512-xs-guide", 2.10)}
-DEFAULT_CACHE = Path(os.environ.get("CMT_CACHE", Path.home() / ".cache" / "cmt"))
 
 
 class UnsafePickleError(pickle.UnpicklingError):
@@ -212,8 +187,6 @@ _PRECOND_POSITIONAL = ("img_resolution", "img_channels", "label_dim")
 
 def precond_from_record(record, source="pickle"):
     """Our `Precond` with the weights of an EDM2 `Precond` record (float32, eval mode)."""
-    from cmt.checkpoint import load_state_dict_strict_or_explain
-
     if not isinstance(record, PersistentObject) or record.class_name != "Precond":
         found = record.class_name if isinstance(record, PersistentObject) else type(record).__name__
         raise ValueError(f"{source}: 'ema' is not an EDM2 Precond network (found {found})")
@@ -241,55 +214,3 @@ def load_edm2_pickle(path_or_file):
     net = precond_from_record(record, source)
     return EDM2Pickle(net=net, init_kwargs=dict(net.config), encoder=_encoder_info(data.get("encoder")),
                       module_src_sha256=hashlib.sha256(record.module_src.encode()).hexdigest())
-
-
-def is_url(text):
-    return urllib.parse.urlparse(str(text)).scheme in ("http", "https")
-
-
-def fetch_checkpoint(name_or_url, cache_dir=None):
-    """Local path of a preset name or URL, downloading it into the cache (default ~/.cache/cmt/edm2)."""
-    url = PRESETS.get(name_or_url, name_or_url)
-    if not is_url(url):
-        raise ValueError(f"{name_or_url!r} is neither an EDM2 preset ({', '.join(sorted(PRESETS))}) nor a URL")
-    cache = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE / "edm2"
-    path = cache / Path(urllib.parse.urlparse(url).path).name
-    if path.is_file():
-        return path
-    cache.mkdir(parents=True, exist_ok=True)
-    try:
-        torch.hub.download_url_to_file(url, str(path), progress=True)
-    except (urllib.error.URLError, OSError, ValueError) as error:
-        raise FileNotFoundError(f"could not download {url} ({error}). Offline? Download {path.name} by hand and "
-                                f"put it at {path}, or pass the path of a local copy instead") from error
-    return path
-
-
-@click.command()
-@click.argument("source")
-@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where presets / URLs are downloaded (default ~/.cache/cmt/edm2).")
-def convert_main(source, out, overwrite, cache_dir):
-    """Convert an official EDM2 network pickle (SOURCE: path, URL or preset name) to OUT.safetensors.
-
-    The pickle is read with a restricted unpickler: no code from the file runs.
-    """
-    from cmt.checkpoint import save_network
-
-    if out.suffix != ".safetensors":
-        raise click.BadParameter(f"{out} must end in .safetensors", param_hint="OUT")
-    if out.exists() and not overwrite:
-        raise click.UsageError(f"{out} exists; pass --overwrite to replace it")
-    try:
-        path = fetch_checkpoint(source, cache_dir) if (source in PRESETS or is_url(source)) else Path(source)
-        if not path.is_file():
-            raise click.BadParameter(f"file not found: {path}", param_hint="SOURCE")
-        loaded = load_edm2_pickle(path)
-    except (FileNotFoundError, ValueError, pickle.UnpicklingError) as error:
-        raise click.ClickException(str(error)) from error
-    save_network(out, loaded.net, extra_config={"source": str(path), "encoder": loaded.encoder,
-                                                "module_src_sha256": loaded.module_src_sha256})
-    params = sum(p.numel() for p in loaded.net.parameters())
-    click.echo(f"wrote {out} ({params / 1e6:.1f}M parameters, encoder {loaded.encoder['kind']})")

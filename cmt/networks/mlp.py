@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from cmt.edm import edm_scalings
+from cmt.edm import SIGMA_DATA, edm_scalings
 from cmt.networks.edm2 import TARGET_SIGMA_FLOOR
 
 
@@ -44,7 +44,7 @@ class MLPDenoiser(torch.nn.Module):
     """EDM-preconditioned residual MLP over flat data of shape `data_shape`."""
 
     def __init__(self, data_shape=(2,), label_dim=0, width=256, num_blocks=4, emb_width=128, fourier_freqs=64,
-                 dropout=0.0, sigma_data=0.5, sigma_min=0.0, flow_map=False, logvar_channels=64):
+                 dropout=0.0, sigma_data=SIGMA_DATA, sigma_min=0.0, flow_map=False, logvar_channels=64):
         super().__init__()
         self.config = dict(architecture="mlp", data_shape=list(data_shape), label_dim=label_dim, width=width,
                            num_blocks=num_blocks, emb_width=emb_width, fourier_freqs=fourier_freqs, dropout=dropout,
