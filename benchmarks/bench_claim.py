@@ -1,34 +1,56 @@
-"""The paper's claim, measured: does post-training from CMT weights reach a good 1-/2-step model in
-fewer steps than post-training from the teacher or from scratch? Prints the figures (no pass/fail).
+"""The paper's claim as cost to reach quality: does post-training from CMT weights reach a good 2-step
+model at a lower total cost (building and mid-training included) than the same post-training from
+the teacher's weights or from scratch? Prints and writes the figures (no pass/fail).
 
-For each data set (built-in teachers only) and seed, with one fixed post-training budget:
-1. the teacher's 16-step DPM-Solver++(3M) metric;
-2. `cmt.build_trajectories` (16-step trajectories), `cmt.mid_train(target="endpoint")` (for ECT)
-   and `target="flowmap"` (for MeanFlow);
-3. `cmt.post_train`: ECT from random weights, from the teacher and from the CMT endpoint weights;
-   MeanFlow from random weights and from the CMT flow-map weights; the 1- and 2-step metric every
-   `--sample-every` steps (the loop's `sample_fn` scalars in log.jsonl) and at step 0 (here).
-The table gives, per run, the post-training steps (and wall seconds, building and mid-training
-included) needed to reach the final 2-step metric of the teacher-started ECT run. Targets: the CMT
-start needs at most half the steps of the teacher start, and its final 2-step metric is within 1.25x
-the teacher's 16-step metric.
+For each data set (`mnist` with the built-in teacher, `toy:checkerboard`) and seed:
+1. the teacher's 16-step DPM-Solver++(3M) metric on the evaluation noise (the thresholds:
+   Q1 = 1.5x, Q2 = 1.25x it);
+2. `cmt.build_trajectories` (16-step trajectories), `cmt.mid_train(target="endpoint")` (the CMT
+   weights for ECT) and `target="flowmap"` (for MeanFlow);
+3. `cmt.post_train` from six starts: ECT from random weights, from the teacher and from the CMT
+   endpoint weights; MeanFlow from random weights, from the teacher (a flow-map network built from
+   the diffusion weights) and from the CMT flow-map weights. Each uses the project's recipe for the
+   data (`recipe="mnist"` / `"toy"`, where it has settings for the method); the CMT starts run
+   `post_steps`, every other start `baseline_factor` (4) times as many;
+4. every run's EMA weights every `eval_every` steps (snapshots) and at step 0, sampled with 1 and 2
+   steps from the same noise seeds and labels, scored with the data's built-in metric (FD-MNIST /
+   energy distance).
 
-    python benchmarks/bench_claim.py --out runs/claim                      # toy:checkerboard x 3 seeds, mnist x 1
-    python benchmarks/bench_claim.py --out runs/claim --data toy:moons --seeds 0,1,2 --post-steps 1000
-    python benchmarks/bench_claim.py --out /tmp/claim --quick             # a few minutes: the script works
+Cost, counted two ways in the same run, both including the build and the mid-training for the CMT
+starts (the teacher's own pre-training is shared by every start and not counted):
+- network passes: images through a student forward+backward (one per image per training step, for
+  every method: ECT's no-grad target forward and MeanFlow's JVP are not counted, the same for every
+  start of a method), plus the teacher's forward evaluations in the build at 1/3 of a
+  forward+backward each (trajectories x nfe / 3);
+- wall seconds: the build call's wall time plus the training loops' logged time up to the step
+  (evaluations excluded: the runs evaluate after training, from snapshots).
 
-Every stage calls the library in this process with `--threads` torch threads (1 by default: on a
-small shared CPU two threads per process are many times slower than one), its output into a log
-file; the results record the equivalent command of each. Results go to OUT/claim_<data>.json
-after every stage (a rerun with the same --out skips the stages done); OUT/table_<data>.md holds the
-table, OUT/claim_<data>.png the curves, OUT/claim_<data>_samples.png the teacher's and the CMT-started
-student's samples. Two --data values can run as two processes with the same --out.
+Per start and seed: the cost at the first evaluated step whose 2-step metric is <= Q (or "not
+reached"). cost_ratio = the CMT start's cost / the best baseline's cost (a baseline that does not
+reach Q counts with its whole budget: the ratio is then an upper bound), median over seeds (a seed
+where the CMT start does not reach Q counts as infinite; null if that is the median).
+
+    python benchmarks/bench_claim.py --out runs/claim --workers 2            # default budget (2-core CPU)
+    python benchmarks/bench_claim.py --out /tmp/claim --quick                # < 5 minutes: every stage, same JSON
+    python benchmarks/bench_claim.py --out runs/claim-gpu --full --workers 6 --threads 2  # GPU budget
+    python benchmarks/bench_claim.py --out runs/claim --docs docs            # (re)write docs/claim.json + plots
+
+Resumable: every stage writes its result into its own folder under OUT/<data>/seed<k>/; a rerun with
+the same --out skips finished stages, resumes interrupted training (`resume=True`) and evaluations.
+`--workers N` runs N (data, seed) units as separate processes (one torch thread each by default).
+Outputs: OUT/claim.json (summary in the schema of docs/claim.md, per-seed raw curves), OUT/claim.md
+(the tables), OUT/claim_cost_<data>.png (2-step metric against cumulative cost: median, min-max band over
+seeds), OUT/claim_cost_<data>_samples.png (the teacher's and every start's final 2-step samples).
 """
 import contextlib
 import json
+import math
 import os
 import shlex
+import shutil
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -39,43 +61,66 @@ from cmt.builders.build import build_trajectories
 from cmt.checkpoint import load_network
 from cmt.cli.train import main as train_command
 from cmt.datasets import resolve_data
+from cmt.edm import SIGMA_MAX, SIGMA_MIN, TWO_STEP_SIGMA
 from cmt.flags import command_words
-from cmt.edm import SIGMA_MIN, TWO_STEP_SIGMA
 from cmt.images import image_grid, save_scatter
 from cmt.metrics import embedded_metric
+from cmt.outputs import step_file_name
 from cmt.sampling import generate, pick_labels
-from cmt.teachers import BUILTIN_TEACHERS, builtin_teacher_path, resolve_teacher
-from cmt.trainers.loop import read_log
+from cmt.teachers import builtin_teacher_path, resolve_teacher
+from cmt.trainers import recipes
+from cmt.trainers.loop import SNAPSHOT_DIR, STATE_FILE, read_log
 from cmt.trainers.mid import mid_train
 from cmt.trainers.post import load_init, post_train
-from cmt.trainers.students import build_student, sampling_report, student_config
+from cmt.trainers.students import build_student, student_config
 
-# name: (post method, init, extra `post_train` keywords); "mid-endpoint" / "mid-flowmap" are the
-# CMT weights. ECT from random or teacher weights runs ECT's curriculum (the gap shrinks 8 times over
-# the run); from CMT weights the paper post-trains at one late stage (a small gap from the start),
-# and "ect-cmt-schedule" shows what ECT's curriculum does to those weights instead.
-RUNS = {
-    "ect-random": ("ect", "random", {}),
-    "ect-teacher": ("ect", "teacher", {}),
-    "ect-cmt": ("ect", "mid-endpoint", {"stage": 11}),
-    "ect-cmt-schedule": ("ect", "mid-endpoint", {}),
-    "meanflow-random": ("meanflow", "random", {}),
-    "meanflow-cmt": ("meanflow", "mid-flowmap", {}),
+# name: (post-training method, what it starts from); "mid-endpoint" / "mid-flowmap" are the CMT weights.
+STARTS = {
+    "ect-random": ("ect", "random"),
+    "ect-teacher": ("ect", "teacher"),
+    "ect-cmt": ("ect", "mid-endpoint"),
+    "meanflow-random": ("meanflow", "random"),
+    "meanflow-teacher": ("meanflow", "teacher"),
+    "meanflow-cmt": ("meanflow", "mid-flowmap"),
 }
-REFERENCE_RUN, CMT_RUN = "ect-teacher", "ect-cmt"
-QUALITY_FACTOR = 1.25        # the target: a 2-step metric within 1.25x the teacher's 16-step metric
-# Per data kind: the headline metric and a budget that fits a 2-core CPU.
-PRESETS = {
-    "toy": dict(metric="energy_distance", num_trajectories=2000, mid_steps=1000, mid_batch=256, post_steps=1000,
-                post_batch=128, sample_every=100, log_every=25, num_samples=2000, runs=list(RUNS)),
-    "mnist": dict(metric="fd_mnist", num_trajectories=1000, mid_steps=300, mid_batch=64, post_steps=300,
-                  post_batch=64, sample_every=50, log_every=10, num_samples=500,
-                  runs=[name for name in RUNS if name != "ect-cmt-schedule"]),
+METHODS = ("ect", "meanflow")
+CMT_START = {"ect": "ect-cmt", "meanflow": "meanflow-cmt"}
+THRESHOLDS = {"q1": 1.5, "q2": 1.25}      # x the teacher's 16-step metric, for the 2-step student
+TEACHER_STEPS = 16
+NFE = 16                                   # the build's teacher evaluations per trajectory (DPM-Solver++(3M))
+TEACHER_FORWARD_SHARE = 1 / 3              # a forward pass ~ 1/3 of a forward+backward
+SAMPLE_SEEDS_START = 10**6                 # the evaluation noise: sample i uses seed 10**6 + i, every time
+LABEL_SEED = 0                             # and the same labels (pick_labels("random", ..., seed=0))
+METRICS = {"toy": "energy_distance", "mnist": "fd_mnist"}
+
+# Budgets per data kind. batch sizes and learning rates come from the recipe (unless set here).
+# default: fits 90 minutes on a 2-core CPU with --workers 2 (docs/claim.md, "Runtime"); quick: every
+# stage in minutes; smoke: the test's (toy only, seconds); full: a GPU machine.
+BUDGETS = {
+    "default": {
+        "toy": dict(seeds=[0, 1, 2], num_trajectories=2000, mid_steps=1000, post_steps=250, baseline_factor=4,
+                    eval_every=50, num_samples=2000),
+        "mnist": dict(seeds=[0, 1, 2], num_trajectories=1000, mid_steps=300, post_steps=80, baseline_factor=4,
+                      eval_every=40, num_samples=500),
+    },
+    "quick": {
+        "toy": dict(seeds=[0], num_trajectories=256, mid_steps=100, post_steps=20, baseline_factor=4, eval_every=20,
+                    num_samples=1000),
+        "mnist": dict(seeds=[0], num_trajectories=64, mid_steps=6, post_steps=2, baseline_factor=4, eval_every=2,
+                      num_samples=100, batch_size=32),
+    },
+    "smoke": {
+        "toy": dict(seeds=[0], num_trajectories=64, mid_steps=4, post_steps=2, baseline_factor=4, eval_every=2,
+                    num_samples=64, batch_size=32),
+    },
+    "full": {
+        "toy": dict(seeds=[0, 1, 2], num_trajectories=4000, mid_steps=1000, post_steps=500, baseline_factor=4,
+                    eval_every=100, num_samples=4096),
+        "mnist": dict(seeds=[0, 1, 2], num_trajectories=4000, mid_steps=600, post_steps=200, baseline_factor=4,
+                      eval_every=25, num_samples=2000),
+    },
 }
-# --quick: a smoke run of every stage in a few minutes (the figures mean nothing at this size)
-QUICK = {"datas": ["toy:checkerboard"], "seeds": "0", "run_names": "ect-teacher,ect-cmt,meanflow-cmt",
-         "post_steps": 40, "mid_steps": 40, "num_trajectories": 200, "sample_every": 20, "num_samples": 256}
-SAMPLE_SEEDS_START = 10**6   # trainers.students.sampling_report's seeds: the same noise at every evaluation
+DEFAULT_DATA = ("mnist", "toy:checkerboard")
 
 
 def data_kind(data):
@@ -86,37 +131,43 @@ def slug(data):
     return data.replace("toy:", "")
 
 
-class Results:
-    """claim_<data>.json, rewritten after every stage so an interrupted run leaves what it measured."""
+# ---- small file helpers -------------------------------------------------------------------------
 
-    def __init__(self, path):
-        self.path = path
-        self.tree = json.loads(path.read_text()) if path.is_file() else {}
-
-    def node(self, *keys):
-        tree = self.tree
-        for key in keys:
-            tree = tree.setdefault(key, {})
-        return tree
-
-    def save(self):
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.tree, indent=1) + "\n")
-        os.replace(tmp, self.path)
+def write_json(path, value):
+    """Through a temporary name and a rename: an interrupted write leaves the old file or none."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
-def run_call(program, function, kwargs, log_path):
+def read_json(path):
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def cached(path, compute):
+    """The JSON at `path`, or `compute()` written there first (a finished stage is never redone)."""
+    value = read_json(path)
+    if value is None:
+        value = compute()
+        write_json(path, value)
+    return value
+
+
+def call_logged(program, function, kwargs, log_path):
     """Call one entry point, its printed output into `log_path`; returns (wall seconds, the
-    equivalent command's words)."""
-    command = command_words(program, kwargs)
-    click.echo("  $ " + shlex.join(command))
+    equivalent command's words, the function's result)."""
+    command = command_words(program, {k: v for k, v in kwargs.items() if k not in ("progress",)})
+    click.echo("  $ " + shlex.join(command), err=True)
     start = time.perf_counter()
     try:
-        with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            function(**kwargs)
+        with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            result = function(**kwargs)
     except Exception as error:
         raise click.ClickException(f"{program} failed ({type(error).__name__}: {error}); see {log_path}") from error
-    return time.perf_counter() - start, command
+    return time.perf_counter() - start, command, result
 
 
 def post_options(options):
@@ -127,338 +178,560 @@ def post_options(options):
                 if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
 
 
-def train_seconds_per_step(records, log_every, sample_every):
-    """Median seconds per optimizer step over log intervals without an evaluation in them."""
-    clean = [r["sec_per_step"] for r in records if "sec_per_step" in r
-             and (r["step"] - log_every) % sample_every != 0 and r["step"] % sample_every != 0]
-    every = [r["sec_per_step"] for r in records if "sec_per_step" in r]
-    return statistics.median(clean or every)
+def recipe_for(phase, data, method=None):
+    """The project's recipe name for `data` if it has settings for `phase` (post: for `method`),
+    else None (then the entry point's defaults apply; the results record which)."""
+    name = recipes.builtin_recipe(data)
+    settings = (recipes.RECIPES.get(name) or {}).get(phase)
+    if not settings or (phase == "post" and method not in settings):
+        return None
+    return name
 
 
-def metric_curve(records, metric):
-    """[(step, 1-step metric, 2-step metric)] from a log.jsonl."""
-    return [(r["step"], r[f"{metric}_1step"], r[f"{metric}_2step"]) for r in records if f"{metric}_2step" in r]
+# ---- evaluation ---------------------------------------------------------------------------------
 
-
-@torch.no_grad()
-def teacher_metric(data, num_samples, steps=16):
-    net, _ = resolve_teacher(data)
+def evaluation_inputs(label_dim, num_samples):
     seeds = list(range(SAMPLE_SEEDS_START, SAMPLE_SEEDS_START + num_samples))
-    samples = generate(net, seeds, pick_labels("random", num_samples, net.label_dim, seed=0), solver="dpm++3m",
-                       steps=steps)
-    return {name: float(value) for name, value in embedded_metric(resolve_data(data), samples).items()}
+    return seeds, pick_labels("random", num_samples, label_dim, seed=LABEL_SEED)
+
+
+def device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @torch.no_grad()
-def initial_metric(data, method, init, seed, num_samples, out):
-    """The 1-/2-step metric of the student `post_train` starts from (its step 0)."""
+def student_metrics(net, data, num_samples, consistency, mid_sigma=TWO_STEP_SIGMA):
+    """`{"1step": m, "2step": m}`: the headline metric of 1- and 2-step samples (fixed seeds and labels)."""
+    net = net.to(device()).eval()
+    seeds, labels = evaluation_inputs(net.label_dim, num_samples)
+    metric = METRICS[data_kind(data)]
+    scores = {}
+    for steps in (1, 2):
+        samples = generate(net, seeds, labels, sampler="flowmap", steps=steps, mid_sigma=mid_sigma,
+                           sigma_max=SIGMA_MAX, renoise=consistency)
+        scores[f"{steps}step"] = float(embedded_metric(resolve_data(data), samples)[metric])
+    return scores
+
+
+@torch.no_grad()
+def teacher_metric(data, num_samples):
+    net, _ = resolve_teacher(data)
+    net = net.to(device()).eval()
+    seeds, labels = evaluation_inputs(net.label_dim, num_samples)
+    start = time.perf_counter()
+    samples = generate(net, seeds, labels, solver="dpm++3m", steps=TEACHER_STEPS)
+    return {"metric": METRICS[data_kind(data)], "value": float(embedded_metric(resolve_data(data), samples)[
+        METRICS[data_kind(data)]]), "solver": "dpm++3m", "steps": TEACHER_STEPS, "num_samples": num_samples,
+            "seconds": time.perf_counter() - start}
+
+
+def initial_student(data, method, init, seed):
+    """The network `post_train` starts from (its step 0), built the way it builds it."""
     teacher = None if Path(init).is_file() else data
     config, state, _, _ = load_init(init, teacher, resolve_data(data), None)
     meanflow = method == "meanflow"
-    student = build_student(student_config(config, flow_map=True if meanflow else None,
-                                           sigma_min=None if meanflow else SIGMA_MIN), state, seed=seed)
-    return sampling_report(student.eval(), out, 0, eval_data=data, num_samples=num_samples)
+    return build_student(student_config(config, flow_map=True if meanflow else None,
+                                        sigma_min=None if meanflow else SIGMA_MIN), state, seed=seed)
 
 
-def first_step_reaching(curve, threshold):
-    for step, _, two_step in curve:
-        if two_step <= threshold:
-            return step
-    return None
+# ---- training stages ----------------------------------------------------------------------------
+
+def cumulative_wall(records):
+    """`[[step, seconds of training up to it]]` from a log.jsonl (each record: the mean seconds per
+    step over the steps since the previous one; evaluations run after training)."""
+    timed = {record["step"]: record["sec_per_step"] for record in records if "sec_per_step" in record}
+    points, total, previous = [[0, 0.0]], 0.0, 0
+    for step in sorted(timed):   # a resumed run may log a step twice: its last record counts
+        total += timed[step] * (step - previous)
+        previous = step
+        points.append([step, total])
+    return points
 
 
-def run_seed(results, data, seed, settings, out, threads):
-    """Every stage of one (data, seed); each stage is skipped when the results already have it."""
-    metric = settings["metric"]
-    folder = out / slug(data) / f"seed{seed}"
-    folder.mkdir(parents=True, exist_ok=True)
-    node = results.node("seeds", str(seed))
+def wall_at(points, step):
+    """Training seconds up to `step` (linear between logged steps)."""
+    for (s0, w0), (s1, w1) in zip(points, points[1:]):
+        if s0 <= step <= s1:
+            return w0 + (w1 - w0) * (step - s0) / max(s1 - s0, 1)
+    return points[-1][1]
 
-    if "teacher" not in node:
-        start = time.perf_counter()
-        node["teacher"] = {"metrics": teacher_metric(data, settings["num_samples"]),
-                           "seconds": time.perf_counter() - start, "solver": "dpm++3m", "steps": 16}
-        results.save()
-    click.echo(f"[{data} seed {seed}] teacher 16-step {metric} = {node['teacher']['metrics'][metric]:.4g}")
 
-    build = folder / "trajectories"
-    if "build" not in node:
-        kwargs = dict(teacher=data, out=str(build), num_trajectories=settings["num_trajectories"], nfe=16, seed=seed,
-                      progress=False)
-        seconds, command = run_call("cmt-build", build_trajectories, kwargs, folder / "build.log")
-        node["build"] = {"seconds": seconds, "command": command}
-        results.save()
+def train_stage(folder, program, function, kwargs, model_name):
+    """One training run into `folder`, resumable: a finished one (its model written) is kept, an
+    interrupted one continues from its training state, a folder without one starts over."""
+    folder = Path(folder)
+    log_path = folder.with_name(folder.name + ".log")
+    result = read_json(folder.with_name(folder.name + ".json"))
+    if result is not None:
+        return result
+    seconds = None
+    if not (folder / f"{model_name}.safetensors").is_file():
+        if (folder / STATE_FILE).is_file():
+            kwargs = {**kwargs, "resume": True}
+        elif folder.exists():
+            shutil.rmtree(folder)     # started, nothing saved yet: nothing to keep
+        seconds, command, _ = call_logged(program, function, kwargs, log_path)
+    else:
+        command = command_words(program, kwargs)
+    run = json.loads((folder / "run.json").read_text())
+    records = read_log(folder)
+    result = {"command": command, "call_seconds": seconds, "batch_size": run["train"]["batch_size"],
+              "max_steps": run["train"]["max_steps"], "lr": run["train"]["lr"], "recipe": run.get("recipe"),
+              "wall": cumulative_wall(records), "options": run.get("options")}
+    write_json(folder.with_name(folder.name + ".json"), result)
+    return result
 
+
+def evaluate_curve(folder, data, method, init, seed, grid, num_samples, mid_sigma):
+    """`[[step, 1-step, 2-step]]` at every grid step, from the snapshots (step 0: the initial
+    network); each point is kept in folder/curve.json as it is done."""
+    path = Path(folder) / "curve.json"
+    done = {point[0]: point for point in (read_json(path) or [])}
+    consistency = method != "meanflow"
+    for step in grid:
+        if step in done:
+            continue
+        if step == 0:
+            net = initial_student(data, method, init, seed)
+        else:
+            snapshot = Path(folder) / SNAPSHOT_DIR / step_file_name("snapshot", step, ".safetensors")
+            net = load_network(snapshot if snapshot.is_file() else Path(folder) / "post.safetensors")
+        scores = student_metrics(net, data, num_samples, consistency, mid_sigma)
+        done[step] = [step, scores["1step"], scores["2step"]]
+        write_json(path, [done[s] for s in sorted(done)])
+    return [done[s] for s in grid]
+
+
+def run_unit(out, data, seed, budget, starts, post_args):
+    """Every stage of one (data, seed); stages already done are skipped."""
+    root = out / slug(data) / f"seed{seed}"
+    root.mkdir(parents=True, exist_ok=True)
+    tag = f"[{data} seed {seed}]"
+    teacher = cached(root / "teacher.json", lambda: teacher_metric(data, budget["num_samples"]))
+    click.echo(f"{tag} teacher {TEACHER_STEPS}-step {teacher['metric']} = {teacher['value']:.4g}", err=True)
+    batch = {"batch_size": budget["batch_size"]} if "batch_size" in budget else {}
+
+    def build():
+        kwargs = dict(teacher=data, out=str(root / "trajectories"), num_trajectories=budget["num_trajectories"],
+                      nfe=NFE, seed=seed, progress=False)
+        seconds, command, _ = call_logged("cmt-build", build_trajectories, kwargs, root / "build.log")
+        return {"seconds": seconds, "command": command, "num_trajectories": budget["num_trajectories"], "nfe": NFE}
+
+    built = cached(root / "build.json", build)
     mids = {}
     for target in ("endpoint", "flowmap"):
-        mid = folder / f"mid-{target}"
-        mids[f"mid-{target}"] = mid / "mid.pt"
-        if not any(RUNS[name][1] == f"mid-{target}" for name in settings["runs"]) or f"mid-{target}" in node:
+        if not any(STARTS[name][1] == f"mid-{target}" for name in starts):
             continue
-        kwargs = dict(data=str(build), target=target, out=str(mid), max_steps=settings["mid_steps"],
-                      batch_size=settings["mid_batch"], seed=seed, workers=0, num_samples=settings["num_samples"],
-                      log_every=settings["log_every"], ckpt_every=settings["mid_steps"], progress=False)
-        seconds, command = run_call("cmt-train mid", mid_train, kwargs, folder / f"mid-{target}.log")
-        records = read_log(mid)
-        node[f"mid-{target}"] = {"seconds": seconds, "command": command, "final": metric_curve(records, metric)[-1],
-                                 "sec_per_step": train_seconds_per_step(records, settings["log_every"], 10**9)}
-        results.save()
+        steps = budget["mid_steps"]
+        kwargs = dict(data=str(root / "trajectories"), target=target, out=str(root / f"mid-{target}"),
+                      recipe=recipe_for("mid", data), max_steps=steps, seed=seed, workers=0,
+                      num_samples=min(budget["num_samples"], 256), log_every=max(1, steps // 10),
+                      ckpt_every=max(1, steps // 4), progress=False, **batch)
+        mids[f"mid-{target}"] = train_stage(root / f"mid-{target}", "cmt-train mid", mid_train, kwargs, "mid")
+        click.echo(f"{tag} mid {target}: {steps} steps", err=True)
 
-    for name in settings["runs"]:
-        method, init, extra = RUNS[name]
-        if name in node.get("runs", {}):
+    for name in starts:
+        method, init = STARTS[name]
+        cmt_start = init.startswith("mid-")
+        steps = budget["post_steps"] * (1 if cmt_start else budget["baseline_factor"])
+        init_arg = str(root / init / "mid.pt") if cmt_start else init
+        extra = post_options(post_args.get(name, []))
+        if method == "ect" and not cmt_start:
+            # ECT's own curriculum from non-CMT weights (the gap shrinks every max_steps / 8), not the
+            # recipe's fixed CMT gap (stage 11), which is the paper's setting for mid-trained weights.
+            extra.setdefault("stage", None)
+        kwargs = dict(init=init_arg, method=method, data=data, **({} if cmt_start else {"teacher": data}),
+                      recipe=recipe_for("post", data, method), max_steps=steps, seed=seed,
+                      log_every=budget["eval_every"], snapshot_every=budget["eval_every"],
+                      ckpt_every=budget["eval_every"],   # an interrupted run resumes from its last grid step
+                      num_samples=min(budget["num_samples"], 256), out=str(root / name), progress=False,
+                      **batch, **extra)
+        run = train_stage(root / name, "cmt-train post", post_train, kwargs, "post")
+        grid = list(range(0, steps + 1, budget["eval_every"]))
+        if grid[-1] != steps:
+            grid.append(steps)
+        mid_sigma = (run.get("options") or {}).get("mid_sigma") or TWO_STEP_SIGMA
+        curve = evaluate_curve(root / name, data, method, init_arg, seed, grid, budget["num_samples"], mid_sigma)
+        click.echo(f"{tag} {name}: 2-step {teacher['metric']} {curve[0][2]:.4g} -> {curve[-1][2]:.4g} "
+                   f"({steps} steps)", err=True)
+    return root
+
+
+# ---- summary ------------------------------------------------------------------------------------
+
+def setup_cost(root, init):
+    """(passes, wall seconds) before post-training: build + mid-training for a CMT start, else 0."""
+    if not init.startswith("mid-"):
+        return 0.0, 0.0
+    built, mid = read_json(root / "build.json"), read_json(root / f"{init}.json")
+    passes = built["num_trajectories"] * built["nfe"] * TEACHER_FORWARD_SHARE + mid["max_steps"] * mid["batch_size"]
+    return passes, built["seconds"] + mid["wall"][-1][1]
+
+
+def start_record(root, name):
+    """One start on one seed: its curve with the cumulative cost of every point, or None if unfinished."""
+    method, init = STARTS[name]
+    run, curve = read_json(root / f"{name}.json"), read_json(root / name / "curve.json")
+    if run is None or curve is None or curve[-1][0] != run["max_steps"]:
+        return None
+    passes0, wall0 = setup_cost(root, init)
+    points = [{"step": step, "passes": passes0 + step * run["batch_size"], "wall_s": wall0 + wall_at(run["wall"], step),
+               "metric_1step": one, "metric_2step": two} for step, one, two in curve]
+    return {"method": method, "init": init, "steps": run["max_steps"], "batch_size": run["batch_size"],
+            "lr": run["lr"], "recipe": run["recipe"], "command": run["command"], "setup_passes": passes0,
+            "setup_wall_s": wall0, "curve": points}
+
+
+def first_reach(points, threshold):
+    """The first point whose 2-step metric is <= threshold, or None."""
+    return next((point for point in points if point["metric_2step"] <= threshold), None)
+
+
+def seed_ratio(cmt, baselines, threshold, unit):
+    """CMT cost / best baseline cost at one threshold on one seed (None: the CMT start did not
+    reach it); a baseline that does not reach it counts with its whole budget."""
+    reached = first_reach(cmt["curve"], threshold)
+    costs = []
+    for record in baselines:
+        point = first_reach(record["curve"], threshold)
+        costs.append((point or record["curve"][-1])[unit])
+    if reached is None or not costs:
+        return None, None
+    best = min(costs)
+    return reached[unit] / best if best > 0 else math.inf, best
+
+
+def median_ratio(ratios):
+    """Median over seeds, a seed without a ratio counting as infinite; None if that is the median."""
+    if not ratios:
+        return None
+    value = statistics.median(math.inf if r is None else r for r in ratios)
+    return None if math.isinf(value) else value
+
+
+def summarize(out, data, budget):
+    """The issue's summary for one data set: per method, cost ratios at Q1 and Q2 and the CMT start's
+    final 2-step metric over the teacher's, with every start's per-seed raw curves."""
+    seeds = {}
+    for seed in budget["seeds"]:
+        root = out / slug(data) / f"seed{seed}"
+        teacher = read_json(root / "teacher.json")
+        if teacher is None:
             continue
-        post = folder / name
-        init_arg = str(mids[init]) if init.startswith("mid-") else init
-        kwargs = dict(init=init_arg, method=method, **({} if init.startswith("mid-") else {"teacher": data}), data=data,
-                      max_steps=settings["post_steps"], batch_size=settings["post_batch"], seed=seed,
-                      sample_every=settings["sample_every"], log_every=settings["log_every"],
-                      num_samples=settings["num_samples"], ckpt_every=settings["post_steps"], out=str(post),
-                      progress=False, **extra, **post_options(settings["post_args"].get(name, [])))
-        seconds, command = run_call("cmt-train post", post_train, kwargs, folder / f"{name}.log")
-        start = initial_metric(data, method, init_arg, seed, settings["num_samples"], post)
-        records = read_log(post)
-        curve = [(0, start[f"{metric}_1step"], start[f"{metric}_2step"]), *metric_curve(records, metric)]
-        node.setdefault("runs", {})[name] = {
-            "method": method, "init": init, "command": command, "seconds": seconds, "curve": curve,
-            "sec_per_step": train_seconds_per_step(records, settings["log_every"], settings["sample_every"]),
-            "final_metrics": {key: value for key, value in records[-1].items() if key.endswith("step") and key != "step"}}
-        results.save()
-        click.echo(f"[{data} seed {seed}] {name}: final 2-step {metric} = {curve[-1][2]:.4g} ({seconds:.0f} s)")
-
-
-def summarize(results, settings):
-    """Per run, over seeds: steps and seconds to reach the teacher-started ECT run's final 2-step
-    metric, and the final metrics; plus the two targets."""
-    metric = settings["metric"]
-    seeds = {seed: node for seed, node in results.tree["seeds"].items() if "runs" in node}
-    rows = {}
-    for name in RUNS:
-        per_seed = []
+        seeds[seed] = {"root": root, "teacher": teacher["value"],
+                       "starts": {name: record for name in STARTS if (record := start_record(root, name))}}
+    summary = {}
+    for method in METHODS:
+        cmt_name = CMT_START[method]
+        entry = {"cost_ratio_q1": None, "cost_ratio_q2": None, "final_2step_over_teacher": None}
+        per_seed, finals = {}, []
         for seed, node in seeds.items():
-            run = node["runs"].get(name)
-            reference = node["runs"].get(REFERENCE_RUN)
-            if run is None or reference is None:
+            cmt = node["starts"].get(cmt_name)
+            baselines = [r for name, r in node["starts"].items() if r["method"] == method and name != cmt_name]
+            if cmt is None:
                 continue
-            threshold = reference["curve"][-1][2]
-            steps = first_step_reaching(run["curve"], threshold)
-            quality = QUALITY_FACTOR * node["teacher"]["metrics"][metric]
-            setup = node["build"]["seconds"] + node[run["init"]]["seconds"] if run["init"].startswith("mid-") else 0.0
-            per_seed.append({
-                "seed": seed, "threshold": threshold, "steps_to_reach": steps,
-                "steps_to_quality": first_step_reaching(run["curve"], quality),
-                "seconds_to_reach": None if steps is None else setup + steps * run["sec_per_step"],
-                "setup_seconds": setup, "post_seconds": run["seconds"], "sec_per_step": run["sec_per_step"],
-                "final_1step": run["curve"][-1][1], "final_2step": run["curve"][-1][2],
-                "start_2step": run["curve"][0][2]})
+            row = {"teacher_16step": node["teacher"],
+                   "final_2step_over_teacher": cmt["curve"][-1]["metric_2step"] / node["teacher"]}
+            finals.append(row["final_2step_over_teacher"])
+            for key, factor in THRESHOLDS.items():
+                threshold = factor * node["teacher"]
+                row[f"{key}_threshold"] = threshold
+                for unit, suffix in (("passes", ""), ("wall_s", "_wall")):
+                    ratio, best = seed_ratio(cmt, baselines, threshold, unit)
+                    row[f"cost_ratio_{key}{suffix}"] = ratio
+                    row[f"best_baseline_cost_{key}{suffix}"] = best
+                for name, record in node["starts"].items():
+                    if record["method"] == method:
+                        point = first_reach(record["curve"], threshold)
+                        row.setdefault("cost_to_reach", {}).setdefault(name, {})[key] = (
+                            "not reached" if point is None else
+                            {"step": point["step"], "passes": point["passes"], "wall_s": point["wall_s"]})
+            per_seed[str(seed)] = row
         if per_seed:
-            rows[name] = per_seed
-    teacher = [node["teacher"]["metrics"][metric] for node in seeds.values()]
-    summary = {"metric": metric, "teacher_16step": teacher, "rows": rows}
-    if REFERENCE_RUN in rows and CMT_RUN in rows:
-        pairs = list(zip(rows[REFERENCE_RUN], rows[CMT_RUN]))
-        summary["targets"] = {
-            "cmt_steps_at_most_half_of_teacher_start": [
-                c["steps_to_reach"] is not None and c["steps_to_reach"] <= 0.5 * t["steps_to_reach"] for t, c in pairs],
-            "cmt_final_2step_over_teacher_16step": [
-                c["final_2step"] / seeds[c["seed"]]["teacher"]["metrics"][metric] for _, c in pairs]}
-    results.tree["summary"] = summary
-    results.save()
+            for key in THRESHOLDS:
+                entry[f"cost_ratio_{key}"] = median_ratio([row[f"cost_ratio_{key}"] for row in per_seed.values()])
+                entry[f"cost_ratio_{key}_wall"] = median_ratio([row[f"cost_ratio_{key}_wall"]
+                                                                for row in per_seed.values()])
+            entry["final_2step_over_teacher"] = statistics.mean(finals)
+        entry.update({
+            "cost_unit": "network passes: images through a student forward+backward, plus the build's teacher "
+                         "forward evaluations at 1/3 each; cost_ratio_*_wall: the same in wall seconds",
+            "not_reached": "a baseline that does not reach the threshold counts with its whole budget (the ratio "
+                           "is then an upper bound); a seed where the CMT start does not reach it counts as an "
+                           "infinite ratio; the value is the median over seeds (null: not reached on most seeds)",
+            "thresholds": {key: f"{factor} x the teacher's {TEACHER_STEPS}-step metric, 2-step student sampling"
+                           for key, factor in THRESHOLDS.items()},
+            "metric": METRICS[data_kind(data)], "cmt_start": cmt_name,
+            "baselines": [name for name in STARTS if STARTS[name][0] == method and name != cmt_name],
+            "seeds": per_seed,
+            "curves": {name: {str(seed): node["starts"][name] for seed, node in seeds.items() if name in node["starts"]}
+                       for name in STARTS if STARTS[name][0] == method},
+        })
+        summary[method] = entry
     return summary
 
 
-def _mean(values):
-    values = [v for v in values if v is not None]
-    return statistics.mean(values) if values else None
+def _fmt(value, digits=3):
+    if value is None:
+        return "-"
+    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
 
-def _fmt(value, digits=4):
-    return "-" if value is None else f"{value:.{digits}g}"
-
-
-def markdown_table(summary):
-    metric = summary["metric"]
-    lines = [f"| run | start 2-step {metric} | final 1-step | final 2-step | steps to reach teacher-start final "
-             "(per seed) | cost to reach, s (build + mid + post) | steps to reach 1.25x teacher 16-step (per seed) "
-             "| post wall s (full run, with evals) |",
-             "|---|---|---|---|---|---|---|---|"]
-    for name, per_seed in summary["rows"].items():
-        steps, quality = (", ".join("never" if r[key] is None else str(r[key]) for r in per_seed)
-                          for key in ("steps_to_reach", "steps_to_quality"))
-        cost = _mean(r["seconds_to_reach"] for r in per_seed)
-        setup = _mean(r["setup_seconds"] for r in per_seed)
-        cost_text = "-" if cost is None else f"{cost:.0f}" + (f" (incl. {setup:.0f} setup)" if setup else "")
-        lines.append(f"| {name} | {_fmt(_mean(r['start_2step'] for r in per_seed))} | "
-                     f"{_fmt(_mean(r['final_1step'] for r in per_seed))} | {_fmt(_mean(r['final_2step'] for r in per_seed))} | "
-                     f"{steps} | {cost_text} | {quality} | {_mean(r['post_seconds'] for r in per_seed):.0f} |")
-    lines.append(f"| teacher, DPM-Solver++(3M) 16 steps | | | {_fmt(_mean(summary['teacher_16step']))} | | | | |")
+def markdown_tables(summary, data):
+    """The table of one data set: per start, seeds reaching Q1 / Q2 and the median cost to reach them."""
+    lines = [f"### {data}", "",
+             "| start | steps | final 2-step / teacher (mean) | Q1 reached | cost to Q1, passes (median) | "
+             "wall s | Q2 reached | cost to Q2, passes (median) | wall s |", "|---|---|---|---|---|---|---|---|---|"]
+    for method, entry in summary.items():
+        for name, per_seed in entry["curves"].items():
+            if not per_seed:
+                continue
+            cells = [name, str(next(iter(per_seed.values()))["steps"]),
+                     _fmt(statistics.mean(r["curve"][-1]["metric_2step"] / entry["seeds"][s]["teacher_16step"]
+                                          for s, r in per_seed.items() if s in entry["seeds"]))]
+            for key in THRESHOLDS:
+                reached = [entry["seeds"][s]["cost_to_reach"][name][key] for s in per_seed if s in entry["seeds"]]
+                hits = [r for r in reached if r != "not reached"]
+                cells += [f"{len(hits)} of {len(reached)}",
+                          _fmt(statistics.median(r["passes"] for r in hits)) if hits else "not reached",
+                          _fmt(statistics.median(r["wall_s"] for r in hits), 4) if hits else "-"]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append(f"| **{method}: cost ratio CMT / best baseline** | | **{_fmt(entry['final_2step_over_teacher'])}** "
+                     f"| | **{_fmt(entry['cost_ratio_q1'])}** | **{_fmt(entry.get('cost_ratio_q1_wall'))}** | "
+                     f"| **{_fmt(entry['cost_ratio_q2'])}** | **{_fmt(entry.get('cost_ratio_q2_wall'))}** |")
     return "\n".join(lines)
 
 
-def plot(results, data, settings, path):
+COLORS = {"ect-random": "tab:gray", "ect-teacher": "tab:blue", "ect-cmt": "tab:red",
+          "meanflow-random": "tab:olive", "meanflow-teacher": "tab:cyan", "meanflow-cmt": "tab:purple"}
+
+
+def plot(summary, data, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    metric = settings["metric"]
-    seeds = [node for node in results.tree["seeds"].values() if "runs" in node]
-    colors = {"ect-random": "tab:gray", "ect-teacher": "tab:blue", "ect-cmt": "tab:red", "ect-cmt-schedule": "tab:orange",
-              "meanflow-random": "tab:olive", "meanflow-cmt": "tab:purple"}
-    fig, axes = plt.subplots(1, 2, figsize=(14, 4.5), sharey=True)
-    for axis, column, title in ((axes[0], 1, "1-step"), (axes[1], 2, "2-step")):
-        for name in RUNS:
-            curves = [np.array(node["runs"][name]["curve"]) for node in seeds if name in node["runs"]]
-            if not curves:
-                continue
-            length = min(len(c) for c in curves)
-            steps = curves[0][:length, 0]
-            values = np.stack([c[:length, column] for c in curves])
-            label = name if len(curves) == len(seeds) else f"{name} ({len(curves)} of {len(seeds)} seeds)"
-            axis.plot(steps, values.mean(0), color=colors[name], label=label, marker=".")
-            if len(curves) > 1:
-                axis.fill_between(steps, values.min(0), values.max(0), color=colors[name], alpha=0.15)
-        teacher = statistics.mean(node["teacher"]["metrics"][metric] for node in seeds)
-        axis.axhline(teacher, color="black", linestyle="--", label="teacher, 16 steps")
-        axis.axhline(1.25 * teacher, color="black", linestyle=":", label="1.25 x teacher")
-        axis.set_yscale("log")
-        axis.set_xlabel("post-training steps")
-        axis.set_title(f"{title} sampling")
-        axis.grid(alpha=0.3)
-    axes[0].set_ylabel(metric)
-    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
-    fig.suptitle(f"{data}: {metric} against post-training steps ({len(seeds)} seed{'s' if len(seeds) > 1 else ''}: "
-                 "mean, band = min to max)")
+    fig, axes = plt.subplots(len(summary), 2, figsize=(13, 4.2 * len(summary)), squeeze=False)
+    for row, (method, entry) in enumerate(summary.items()):
+        teachers = [node["teacher_16step"] for node in entry["seeds"].values()]
+        for column, (unit, label) in enumerate((("passes", "network passes (build + mid + post)"),
+                                                ("wall_s", "wall seconds (build + mid + post)"))):
+            axis = axes[row][column]
+            for name, per_seed in entry["curves"].items():
+                curves = [r["curve"] for r in per_seed.values()]
+                if not curves:
+                    continue
+                length = min(len(c) for c in curves)
+                cost = np.median([[p[unit] for p in c[:length]] for c in curves], axis=0)
+                values = np.array([[p["metric_2step"] for p in c[:length]] for c in curves])
+                axis.plot(cost, np.median(values, axis=0), color=COLORS[name], marker=".", label=f"{name} ({len(curves)})")
+                if len(curves) > 1:
+                    axis.fill_between(cost, values.min(0), values.max(0), color=COLORS[name], alpha=0.15)
+            if teachers:
+                teacher = statistics.median(teachers)
+                axis.axhline(teacher, color="black", linestyle="--", label="teacher, 16 steps")
+                for key, factor in THRESHOLDS.items():
+                    axis.axhline(factor * teacher, color="black", linestyle=":", alpha=0.6)
+                    axis.annotate(f"{key.upper()} = {factor}x", (1.0, factor * teacher), xycoords=("axes fraction", "data"),
+                                  fontsize=7, ha="right", va="bottom")
+            axis.set_xlim(left=0)
+            axis.set_yscale("log")
+            axis.set_xlabel(label)
+            axis.set_ylabel(f"2-step {entry['metric']}")
+            axis.set_title(f"{data}: {method}")
+            axis.grid(alpha=0.3)
+        axes[row][1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.suptitle(f"{data}: 2-step metric against cumulative cost (median over seeds, band = min to max)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 @torch.no_grad()
-def sample_figure(data, student_path, path, count=100):
-    """Teacher 16 steps next to the CMT-started ECT student's 1 and 2 steps, same noise."""
+def sample_figure(out, data, seed, path, count=100):
+    """The teacher (16 steps) next to every start's final student (2 steps), the same noise and labels."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    root = out / slug(data) / f"seed{seed}"
     teacher, _ = resolve_teacher(data)
-    student = load_network(student_path)
     points = data_kind(data) == "toy"
     count = 2000 if points else count
+    seeds = list(range(SAMPLE_SEEDS_START, SAMPLE_SEEDS_START + count))
     labels = pick_labels("random" if points else "cycle", count, teacher.label_dim)
-    seeds = list(range(count))
-    panels = [("teacher, DPM-Solver++(3M) 16 steps", generate(teacher, seeds, labels, steps=16))]
-    for steps in (1, 2):
-        panels.append((f"CMT + ECT student, {steps} step{'s' if steps > 1 else ''}",
-                       generate(student, seeds, labels, sampler="flowmap", steps=steps, mid_sigma=TWO_STEP_SIGMA)))
+    panels = [(f"teacher, {TEACHER_STEPS} steps", generate(teacher.to(device()), seeds, labels, solver="dpm++3m",
+                                                            steps=TEACHER_STEPS))]
+    for name, (method, _) in STARTS.items():
+        model = root / name / "post.safetensors"
+        if model.is_file():
+            panels.append((f"{name}, 2 steps", generate(load_network(model).to(device()), seeds, labels,
+                                                        sampler="flowmap", steps=2, mid_sigma=TWO_STEP_SIGMA,
+                                                        renoise=method != "meanflow")))
     if points:
         save_scatter([(samples, title) for title, samples in panels], path, reference=resolve_data(data).reference())
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.3))
-    for axis, (title, samples) in zip(axes, panels):
-        axis.imshow(image_grid(samples.clamp(-1, 1), nrow=10), cmap="gray", vmin=0, vmax=255)
-        axis.set_title(title, fontsize=9)
+    columns = 4
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 4.3 * rows), squeeze=False)
+    for axis in axes.flat:
         axis.axis("off")
+    for axis, (title, samples) in zip(axes.flat, panels):
+        axis.imshow(image_grid(samples.clamp(-1, 1), nrow=10), cmap="gray")
+        axis.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
+# ---- driver -------------------------------------------------------------------------------------
+
 def parse_ints(ctx, param, value):
+    if value is None:
+        return None
     try:
         return [int(part) for part in value.split(",") if part.strip()]
     except ValueError:
         raise click.BadParameter(f"comma-separated integers, got {value!r}") from None
 
 
-def quick_sizes(ctx, param, value):
-    if value:
-        ctx.default_map = {**QUICK, **(ctx.default_map or {})}
+def run_processes(jobs, workers):
+    """Run `(name, command, log path)` jobs, `workers` processes at a time, in the order given
+    (longest first); raises naming the failed ones once all have ended."""
+    pending, running, failed = list(jobs), [], []
+    while pending or running:
+        while pending and len(running) < workers:
+            name, command, log = pending.pop(0)
+            running.append((name, subprocess.Popen(command, stdout=open(log, "a"), stderr=subprocess.STDOUT),
+                            time.perf_counter()))
+            click.echo(f"{name} started (log {log})")
+        time.sleep(2)
+        for item in list(running):
+            name, process, started = item
+            if process.poll() is not None:
+                running.remove(item)
+                status = "done" if process.returncode == 0 else f"FAILED (exit {process.returncode})"
+                click.echo(f"{name} {status} in {time.perf_counter() - started:.0f} s")
+                if process.returncode:
+                    failed.append(name)
+    if failed:
+        raise click.ClickException(f"failed: {', '.join(failed)}; see their logs (a rerun resumes them)")
+
+
+def run_units(units, workers, argv, out):
+    """Run `(data, seed)` units as processes of this script (--unit), `workers` at a time."""
+    run_processes([(f"[{data} seed {seed}]", [sys.executable, str(Path(__file__).resolve()), *argv, "--unit",
+                                              f"{data}@{seed}"], out / f"unit-{slug(data)}-seed{seed}.log")
+                   for data, seed in units], workers)
+
+
+def budget_of(name, data, seeds):
+    budget = dict(BUDGETS[name][data_kind(data)])
+    if seeds is not None:
+        budget["seeds"] = seeds
+    return budget
 
 
 @click.command(context_settings={"show_default": True})
-@click.option("--quick", is_flag=True, is_eager=True, expose_value=False, callback=quick_sizes,
-              help="Small sizes (" + ", ".join(f"{key}={value}" for key, value in QUICK.items()) + ") unless given.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
-@click.option("--data", "datas", multiple=True, default=["toy:checkerboard", "mnist"],
-              help="Built-in data with a built-in teacher (toy:NAME, mnist); repeat for several.")
-@click.option("--seeds", default="0,1,2", callback=parse_ints, help="Seeds of the toy runs.")
-@click.option("--mnist-seeds", default="0", callback=parse_ints, help="Seeds of the mnist runs.")
-@click.option("--runs", "run_names", default=None,
-              help="Comma-separated subset of " + ", ".join(RUNS) + " [toy: all; mnist: all but ect-cmt-schedule].")
-@click.option("--post-steps", type=click.IntRange(min=1), default=None, help="[toy 1000, mnist 300]")
-@click.option("--mid-steps", type=click.IntRange(min=1), default=None, help="[toy 1000, mnist 300]")
-@click.option("--num-trajectories", type=click.IntRange(min=1), default=None, help="[toy 2000, mnist 1000]")
-@click.option("--sample-every", type=click.IntRange(min=1), default=None, help="[toy 100, mnist 50]")
-@click.option("--num-samples", type=click.IntRange(min=2), default=None, help="Samples per metric [toy 2000, mnist 500].")
-@click.option("--post-args", multiple=True, metavar="RUN=OPTIONS",
-              help="Extra `cmt-train post` options for one run, e.g. 'meanflow-cmt=--norm-p 0 --lr 3e-5'; repeatable.")
-@click.option("--threads", type=click.IntRange(min=1), default=1, help="OMP_NUM_THREADS of every command.")
-@click.option("--figures", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Also copy the plots and sample figures here (e.g. docs/img).")
-def main(out, datas, seeds, mnist_seeds, run_names, post_steps, mid_steps, num_trajectories, sample_every, num_samples,
-         post_args, threads, figures):
-    """Measure the paper's claim on built-in data and print the table."""
-    if run_names is not None:
-        run_names = [name.strip() for name in run_names.split(",") if name.strip()]
-        unknown = sorted(set(run_names) - set(RUNS))
-        if unknown:
-            raise click.BadParameter(f"unknown runs {unknown}; valid: {', '.join(RUNS)}", param_hint="--runs")
+@click.option("--quick", "budget_name", flag_value="quick", help="Every stage in under 5 minutes (figures mean nothing).")
+@click.option("--full", "budget_name", flag_value="full", help="The larger budget, for a GPU machine.")
+@click.option("--smoke", "budget_name", flag_value="smoke", help="Seconds, toy only: the test's size.")
+@click.option("--budget", "budget_name", type=click.Choice(list(BUDGETS)), default="default",
+              help="The budget by name (--quick / --full / --smoke are short for it).")
+@click.option("--data", "datas", multiple=True, help=f"Data sets [default: {', '.join(DEFAULT_DATA)}; smoke: toy].")
+@click.option("--seeds", default=None, callback=parse_ints, help="Seeds [default: the budget's, 0,1,2 or 0].")
+@click.option("--starts", "start_names", default=",".join(STARTS), help="Comma-separated subset of the starts.")
+@click.option("--post-args", multiple=True, metavar="START=OPTIONS",
+              help="Extra `cmt-train post` options for one start, e.g. 'meanflow-cmt=--norm-p 0'; repeatable "
+                   "(the results record them).")
+@click.option("--workers", type=click.IntRange(min=1), default=1, help="(data, seed) units run side by side.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, help="torch threads per process.")
+@click.option("--docs", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write DOCS/claim.json and DOCS/img/claim_*.png (e.g. docs).")
+@click.option("--unit", default=None, hidden=True, help="Run one DATA@SEED only (the --workers processes).")
+def main(out, budget_name, datas, seeds, start_names, post_args, workers, threads, docs, unit):
+    """Measure the paper's claim as cost to reach quality, on several seeds."""
+    torch.set_num_threads(threads)
+    starts = [name.strip() for name in start_names.split(",") if name.strip()]
+    unknown = sorted(set(starts) - set(STARTS))
+    if unknown:
+        raise click.BadParameter(f"unknown starts {unknown}; valid: {', '.join(STARTS)}", param_hint="--starts")
     extra_args = {}
     for item in post_args:
         name, _, options = item.partition("=")
-        if name not in RUNS or not options.strip():
-            raise click.BadParameter(f"{item!r}: expected RUN=OPTIONS with RUN one of {', '.join(RUNS)}",
+        if name not in STARTS or not options.strip():
+            raise click.BadParameter(f"{item!r}: expected START=OPTIONS with START one of {', '.join(STARTS)}",
                                      param_hint="--post-args")
         extra_args[name] = options.split()
-        try:
-            post_options(extra_args[name])
-        except click.ClickException as error:
-            raise click.BadParameter(f"{item!r}: {error.format_message()}", param_hint="--post-args") from None
-    torch.set_num_threads(threads)
-    out.mkdir(parents=True, exist_ok=True)
-    overrides = dict(post_steps=post_steps, mid_steps=mid_steps, num_trajectories=num_trajectories,
-                     sample_every=sample_every, num_samples=num_samples)
+    datas = list(datas) or [d for d in DEFAULT_DATA if data_kind(d) in BUDGETS[budget_name]]
     for data in datas:
-        wall = time.perf_counter()
-        if data not in BUILTIN_TEACHERS or not builtin_teacher_path(data).is_file():
-            click.echo(f"[{data}] skipped: no built-in teacher {builtin_teacher_path(data)}")
-            continue
-        settings = {**PRESETS[data_kind(data)], **{k: v for k, v in overrides.items() if v is not None},
-                    "post_args": extra_args}
-        if run_names is not None:
-            settings["runs"] = run_names
-        results = Results(out / f"claim_{slug(data)}.json")
-        stored = results.tree.get("settings")
-        budget = [key for key in settings if key != "runs"]
-        if stored is not None and any(stored.get(key) != settings[key] for key in budget):
-            changed = {key: (stored.get(key), settings[key]) for key in budget if stored.get(key) != settings[key]}
-            raise click.UsageError(f"{results.path} holds runs made with other settings (stored, asked): {changed}; "
-                                   "pass the same options or choose another --out")
-        results.tree["settings"] = settings
-        results.tree.setdefault("machine", {"cpu_threads_per_command": threads, "torch": torch.__version__,
-                                   "cpus": os.cpu_count(), "load_average_at_start": os.getloadavg()})
-        for seed in (mnist_seeds if data == "mnist" else seeds):
-            run_seed(results, data, seed, settings, out, threads)
-        summary = summarize(results, settings)
-        table = markdown_table(summary)
-        (out / f"table_{slug(data)}.md").write_text(table + "\n")
-        plot(results, data, settings, out / f"claim_{slug(data)}.png")
-        cmt_student = out / slug(data) / f"seed{(mnist_seeds if data == 'mnist' else seeds)[0]}" / CMT_RUN / "post.safetensors"
-        if cmt_student.is_file():
-            sample_figure(data, cmt_student, out / f"claim_{slug(data)}_samples.png")
-        if figures is not None:
-            figures.mkdir(parents=True, exist_ok=True)
-            for name in (f"claim_{slug(data)}.png", f"claim_{slug(data)}_samples.png"):
+        if data_kind(data) not in BUDGETS[budget_name]:
+            raise click.BadParameter(f"the {budget_name} budget has no {data_kind(data)} settings", param_hint="--data")
+        if not builtin_teacher_path(data).is_file():
+            raise click.BadParameter(f"{data}: no built-in teacher at {builtin_teacher_path(data)}", param_hint="--data")
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"budget": budget_name, "starts": starts, "post_args": extra_args,
+                "budgets": {data: budget_of(budget_name, data, seeds) for data in datas}}
+    stored = read_json(out / "settings.json")
+    if stored is not None:
+        changed = [data for data in datas if data in stored["budgets"]
+                   and {k: v for k, v in stored["budgets"][data].items() if k != "seeds"}
+                   != {k: v for k, v in settings["budgets"][data].items() if k != "seeds"}]
+        if changed or stored.get("post_args", {}) != extra_args:
+            raise click.UsageError(f"{out} holds runs made with another budget or --post-args ({stored['budget']}, "
+                                   f"{stored.get('post_args')}): pass the same options or choose another --out")
+        settings["budgets"] = {**stored["budgets"], **settings["budgets"]}
+        settings["starts"] = [name for name in STARTS if name in set(stored["starts"]) | set(starts)]
+    if unit is None:
+        write_json(out / "settings.json", {**settings, "machine": {
+            "cpus": os.cpu_count(), "torch": torch.__version__, "threads_per_process": threads, "workers": workers,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}})
+    units = [(data, seed) for data in datas for seed in settings["budgets"][data]["seeds"]]
+    if unit is not None:
+        data, _, seed = unit.rpartition("@")
+        run_unit(out, data, int(seed), settings["budgets"][data], starts, extra_args)
+        return
+    started = time.perf_counter()
+    if workers > 1 and len(units) > 1:
+        argv = ["--out", str(out), "--budget", budget_name, "--starts", ",".join(starts), "--threads", str(threads),
+                *[f"--post-args={item}" for item in post_args],
+                *(["--seeds", ",".join(map(str, seeds))] if seeds is not None else []),
+                *[f"--data={data}" for data in datas]]
+        run_units(units, workers, argv, out)
+    else:
+        for data, seed in units:
+            run_unit(out, data, seed, settings["budgets"][data], starts, extra_args)
+    report(out, settings, docs)
+    click.echo(f"{time.perf_counter() - started:.0f} s in this call (finished stages are not re-run); "
+               f"results in {out / 'claim.json'}")
+
+
+def report(out, settings, docs=None):
+    """claim.json, claim.md and the figures, from whatever the stages under `out` have finished."""
+    claim = read_json(out / "claim.json") or {}
+    tables = []
+    for data, budget in settings["budgets"].items():
+        kind = data_kind(data)
+        claim[kind] = summarize(out, data, budget)
+        tables.append(markdown_tables(claim[kind], data))
+        plot(claim[kind], data, out / f"claim_cost_{slug(data)}.png")
+        sample_figure(out, data, budget["seeds"][0], out / f"claim_cost_{slug(data)}_samples.png")
+    write_json(out / "claim.json", claim)
+    (out / "claim.md").write_text("\n\n".join(tables) + "\n")
+    click.echo("\n\n".join(tables))
+    for kind in claim:
+        for method, entry in claim[kind].items():
+            click.echo(f"{kind} {method}: cost_ratio_q1 {_fmt(entry['cost_ratio_q1'])}, cost_ratio_q2 "
+                       f"{_fmt(entry['cost_ratio_q2'])}, final_2step_over_teacher {_fmt(entry['final_2step_over_teacher'])}")
+    if docs is not None:
+        (docs / "img").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out / "claim.json", docs / "claim.json")
+        for data in settings["budgets"]:
+            for name in (f"claim_cost_{slug(data)}.png", f"claim_cost_{slug(data)}_samples.png"):
                 if (out / name).is_file():
-                    (figures / name).write_bytes((out / name).read_bytes())
-        click.echo(f"\n## {data} ({summary['metric']}; threshold = the {REFERENCE_RUN} run's final 2-step metric)\n")
-        click.echo(table)
-        if "targets" in summary:
-            click.echo(f"\ntargets: {json.dumps(summary['targets'])}")
-        results.save()
-        click.echo(f"\n[{data}] {time.perf_counter() - wall:.0f} s in this call (stages already in the results "
-                   f"are not re-run); results in {results.path}")
+                    shutil.copyfile(out / name, docs / "img" / name)
 
 
 if __name__ == "__main__":

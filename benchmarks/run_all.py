@@ -1,8 +1,8 @@
 """`make bench`: every benchmark's `--quick` form in turn, each in its own process.
 
-The quick forms run every stage of each script at small sizes (a few minutes in all on 2 CPU cores):
-they show the scripts work, not the figures of docs/benchmarks.md and docs/claim.md, whose
-documents give the full commands. Exits non-zero when any benchmark fails.
+The quick forms run every stage of each script at small sizes (about ten minutes in all on 2 CPU
+cores): they show the scripts work, not the figures of docs/benchmarks.md, docs/claim.md and
+docs/trajectories.md, whose documents give the full commands. Exits non-zero when any benchmark fails.
 
     python benchmarks/run_all.py
 """
@@ -19,7 +19,8 @@ def main():
     failed = []
     with tempfile.TemporaryDirectory(prefix="cmt-bench-") as scratch:
         for script, *args in (["bench_build.py", "--quick"], ["bench_mid.py", "--quick"],
-                              ["bench_claim.py", "--quick", "--out", str(Path(scratch) / "claim")]):
+                              ["bench_claim.py", "--quick", "--out", str(Path(scratch) / "claim")],
+                              ["bench_trajectories.py", "--quick", "--out", str(Path(scratch) / "trajectories")]):
             print(f"== {script} {' '.join(args)}", flush=True)
             started = time.perf_counter()
             if subprocess.run([sys.executable, str(HERE / script), *args]).returncode:

@@ -15,22 +15,21 @@ the writing of a configured dataset.
 """
 import concurrent.futures
 import inspect
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import tqdm
-from accelerate import PartialState
 
 from cmt.datasets import TOY_NAMES
+from cmt.distributed import distributed_state
 from cmt.edm import RHO, SIGMA_GRIDS, SIGMA_MAX, SIGMA_MIN, sigma_grid
 from cmt.errors import ArgumentError
 from cmt.formats import (FORMATS, ShardError, checksum, encode_shard, files_bytes, open_location, read_files,
                          remove_temporaries, shard_name, write_atomic)
-from cmt.manifest import (BUILD_CONFIG, FORMAT_NAME, FORMAT_VERSION, MANIFEST, TrajectoryDataset,
-                          config_hash, read_json, sidecar_name, write_json)
+from cmt.manifest import (BUILD_CONFIG, DATASET_NAME, DATASET_VERSION, MANIFEST, TrajectoryDataset,
+                          config_hash, read_json, sidecar_name, upgrade_manifest, write_json)
 from cmt.metrics import embedded_metric
 from cmt.solvers import SOLVERS, sample_trajectory
 from cmt.teachers import resolve_teacher
@@ -107,6 +106,11 @@ def build_trajectories(*, teacher, out, teacher_ckpt=None, guidance=None, guide_
         if eval_data not in EVAL_DATA:
             raise ArgumentError("eval_data", f"the embedded-data metric exists for {', '.join(EVAL_DATA)}; give one "
                                              f"of them (got {eval_data!r})")
+        points = eval_data.startswith("toy:")
+        shape = tuple(model.data_shape)
+        if (shape != (2,)) if points else (len(shape) != 3 or shape[0] != 1):
+            raise ArgumentError("eval_data", f"{eval_data} scores {'2-D points' if points else 'grayscale images'}; "
+                                             f"the teacher makes data of shape {shape}")
     config = build_config(model, solver=solver, nfe=nfe, grid=grid, sigma_max=sigma_max, sigma_min=sigma_min, rho=rho,
                           num_trajectories=num_trajectories, batch_size=batch_size, seed=seed, labels=labels,
                           format=format, shard_size=shard_size, dtype=dtype, states=states)
@@ -166,7 +170,8 @@ def trajectory_seed(seed, index):
 def draw_inputs(indices, seed, data_shape, label_dim, labels):
     """`(noise [B, *shape] float32, labels [B] int64, seeds [B] uint64)` for trajectory `indices`.
 
-    labels: "random" (drawn per trajectory after its noise), an int class, or None (-1, unconditional).
+    labels: "random" (drawn per trajectory after its noise), "cycle" (index % label_dim), an int
+    class, or None (-1, unconditional).
     """
     noises, classes, seeds = [], [], []
     for index in indices:
@@ -175,6 +180,8 @@ def draw_inputs(indices, seed, data_shape, label_dim, labels):
         noises.append(torch.randn(data_shape, generator=generator, dtype=torch.float32))
         if labels == "random":
             classes.append(int(torch.randint(label_dim, (), generator=generator)))
+        elif labels == "cycle":
+            classes.append(index % label_dim)
         else:
             classes.append(-1 if labels is None else int(labels))
     return torch.stack(noises), torch.tensor(classes, dtype=torch.int64), np.array(seeds, dtype=np.uint64)
@@ -212,24 +219,24 @@ def parse_states(states, steps):
 
 
 def parse_labels(labels, label_dim):
-    """`labels`: "random", "none", a class, or None (random if conditional, else none) -> "random",
-    None or an int, checked against the teacher."""
+    """`labels`: "random", "cycle", "none", a class, or None (random if conditional, else none) ->
+    "random", "cycle", None or an int, checked against the teacher."""
     if labels is None:
         labels = "random" if label_dim else "none"
     if labels == "none":
         if label_dim:
-            raise ArgumentError("labels", f"the teacher is class-conditional ({label_dim} classes): give 'random' or a "
-                                          "class")
+            raise ArgumentError("labels", f"the teacher is class-conditional ({label_dim} classes): give 'random', "
+                                          "'cycle' or a class")
         return None
     if not label_dim:
         raise ArgumentError("labels", f"{labels}: the teacher is unconditional; leave labels out")
-    if labels == "random":
-        return "random"
+    if labels in ("random", "cycle"):
+        return labels
     try:
         label = int(labels)
     except ValueError:
-        raise ArgumentError("labels", f"must be 'random', 'none' or a class in [0, {label_dim}), got {labels!r}") \
-            from None
+        raise ArgumentError("labels", f"must be 'random', 'cycle', 'none' or a class in [0, {label_dim}), got "
+                                      f"{labels!r}") from None
     if not 0 <= label < label_dim:
         raise ArgumentError("labels", f"{label}: class out of range [0, {label_dim})")
     return label
@@ -263,7 +270,7 @@ def build_config(teacher, **options):
     sigmas = sigma_grid(grid, steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
     kept = parse_states(states, steps)
     return {
-        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "layout": settings["format"],
+        "dataset": DATASET_NAME, "dataset_version": DATASET_VERSION, "format": settings["format"],
         "teacher": {key: value for key, value in teacher.identity.items() if key != "path"},
         "guidance": teacher.guidance,
         "solver": solver, "nfe": nfe, "steps": steps, "grid": grid, "sigma_min": sigma_min, "sigma_max": sigma_max,
@@ -279,7 +286,7 @@ def build_config(teacher, **options):
 def shard_plan(config):
     """`[(shard, name, first_index, count)]` for the whole dataset."""
     count, size = config["count"], config["shard_size"]
-    return [(shard, shard_name(shard, config["layout"]), first, min(size, count - first))
+    return [(shard, shard_name(shard, config["format"]), first, min(size, count - first))
             for shard, first in enumerate(range(0, count, size))]
 
 
@@ -294,23 +301,44 @@ def _differences(old, new, prefix=""):
     return found
 
 
+def trajectory_config(config):
+    """What fixes every trajectory's bytes: the configuration but the count. Trajectory i depends
+    on (seed, i) alone, so a set built with more trajectories starts with the same ones."""
+    return {key: value for key, value in config.items() if key != "count"}
+
+
+def build_config_hash(config):
+    """The hash recorded in build-config.json and the manifest: of `trajectory_config(config)`, so
+    the sets of one configuration share it whatever their size."""
+    return config_hash(trajectory_config(config))
+
+
 def check_output(fs, root, url, config):
-    """Refuse an output that holds something else; True if it already holds this configuration."""
+    """Refuse an output that holds something else. Returns "new" (nothing there yet), "resume" (it
+    holds this configuration) or "extend" (it holds fewer trajectories of this configuration: the
+    build adds the rest; a smaller count than the recorded one is refused)."""
     path = f"{root}/{BUILD_CONFIG}"
     if fs.exists(path):
         existing = read_json(fs, path)
-        if existing.get("config_hash") != config_hash(config):
-            changes = _differences(existing.get("config", {}), config)
+        recorded = upgrade_manifest(existing.get("config", {}))
+        if trajectory_config(recorded) != trajectory_config(config):
+            changes = _differences(recorded, config)
+            changes = [change for change in changes if not change.startswith("count:")]
             # derived values (the grid, the kept sigmas) only repeat what the options already say
             stated = [change for change in changes if change.split(":")[0] not in DERIVED_KEYS] or changes
             changes = "; ".join(stated[:8])
             raise ArgumentError("out", f"{url} holds a dataset built with another configuration ({changes}); "
-                                       "re-run with the same options to resume it, or choose a new output")
-        return True
+                                       "re-run with the same options to resume it (or with a larger "
+                                       "num_trajectories to extend it), or choose a new output")
+        if config["count"] < recorded.get("count", 0):
+            raise ArgumentError("num_trajectories", f"{url} holds (or is building) {recorded['count']} trajectories "
+                                                    f"of this configuration; a set only grows: give at least "
+                                                    f"{recorded['count']}, or choose a new output")
+        return "extend" if config["count"] > recorded.get("count", 0) else "resume"
     if fs.exists(root) and fs.ls(root, detail=False):
         raise ArgumentError("out", f"{url} exists, is not empty and holds no {BUILD_CONFIG}: not a cmt-build "
                                    "output; choose a new output")
-    return False
+    return "new"
 
 
 def shard_is_done(fs, root, name, first, count):
@@ -373,7 +401,7 @@ def write_shard(fs, root, shard, name, first, arrays, config, on_shard_written=N
 
     on_shard_written(shard) runs between the two: the moment a crash is worst for a resume (the
     shard in place, no sidecar to vouch for it), where the resume test kills the build."""
-    files = encode_shard(arrays, config["layout"], {"first_index": first, "count": len(arrays["index"])})
+    files = encode_shard(arrays, config["format"], {"first_index": first, "count": len(arrays["index"])})
     write_atomic(fs, f"{root}/{name}", files)
     if on_shard_written is not None:
         on_shard_written(shard)
@@ -383,14 +411,6 @@ def write_shard(fs, root, shard, name, first, arrays, config, on_shard_written=N
     return entry
 
 
-def distributed_state():
-    """accelerate's process state; processes launched on a machine without CUDA (or with
-    ACCELERATE_USE_CPU=true) join one CPU (gloo) group instead of each running alone."""
-    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes")
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return PartialState(cpu=use_cpu or (launched and not torch.cuda.is_available()))
-
-
 def build(out, teacher, config, *, eval_data=None, progress=True, log=print, on_shard_written=None):
     """Build (or finish) the dataset `config` of `teacher` at `out`; returns the manifest (rank 0) or None.
 
@@ -398,11 +418,14 @@ def build(out, teacher, config, *, eval_data=None, progress=True, log=print, on_
     state = distributed_state()
     fs, root = open_location(out)
     started = time.time()
-    resuming = check_output(fs, root, out, config)  # on every rank, before anyone writes
+    mode = check_output(fs, root, out, config)  # on every rank, before anyone writes
     state.wait_for_everyone()
-    if state.is_main_process and not resuming:
+    if state.is_main_process and mode != "resume":
+        if mode == "extend" and fs.exists(f"{root}/{MANIFEST}"):
+            # Until the new shards are in, the set is unfinished (a partial last shard is rebuilt full).
+            fs.rm(f"{root}/{MANIFEST}")
         fs.makedirs(root, exist_ok=True)
-        write_json(fs, f"{root}/{BUILD_CONFIG}", {"config": config, "config_hash": config_hash(config)})
+        write_json(fs, f"{root}/{BUILD_CONFIG}", {"config": config, "config_hash": build_config_hash(config)})
     state.wait_for_everyone()
 
     plan = shard_plan(config)
@@ -435,7 +458,7 @@ def build(out, teacher, config, *, eval_data=None, progress=True, log=print, on_
             raise ShardError(f"{root}/{sidecar_name(name)} does not describe shard {name} ({first}, {count})")
         entries.append(entry)
     previous = read_json(fs, f"{root}/{MANIFEST}") if fs.exists(f"{root}/{MANIFEST}") else {}
-    manifest = {**config, "config_hash": config_hash(config), "teacher": teacher.identity, "shards": entries,
+    manifest = {**config, "config_hash": build_config_hash(config), "teacher": teacher.identity, "shards": entries,
                 "bytes": sum(entry["bytes"] for entry in entries)}
     if "teacher_eval" in previous:
         manifest["teacher_eval"] = previous["teacher_eval"]

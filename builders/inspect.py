@@ -17,7 +17,7 @@ import torch
 from cmt.edm import SIGMA_DATA
 from cmt.errors import ArgumentError
 from cmt.formats import ShardError
-from cmt.images import save_image_grid, save_scatter, save_trajectory_grid
+from cmt.images import READABLE_CELL, save_image_grid, save_scatter, save_trajectory_grid, sigma_label
 from cmt.latents import EDM2_VAE, LatentCodec
 from cmt.manifest import BUILD_CONFIG, MANIFEST, TrajectoryDataset, sidecar_name
 
@@ -70,7 +70,7 @@ def summary(dataset):
     on_disk = sum(fs.du(path) for path in files if fs.exists(path))
     teacher = manifest["teacher"]
     return {
-        "path": dataset.url, "layout": manifest["layout"], "format_version": manifest["format_version"],
+        "path": dataset.url, "format": manifest["format"], "dataset_version": manifest["dataset_version"],
         "teacher": {key: teacher.get(key) for key in ("kind", "name", "path", "sha256", "preset") if teacher.get(key)}
         | {"architecture": teacher.get("config", {}).get("architecture")},
         "solver": manifest["solver"], "nfe": manifest["nfe"], "grid": manifest["grid"],
@@ -161,7 +161,7 @@ def latent_codec(dataset, vae):
         raise ArgumentError("vae", str(error)) from None
 
 
-def decoded_trajectories(codec, states, sigmas, sigma_data, max_states=8):
+def decoded_trajectories(codec, states, sigmas, sigma_data, max_states=8, with_columns=False):
     """`[N, S', 3, H, W]` images in [-1, 1] of latent trajectories `[N, S, C, h, w]`, at most `max_states`
     states spread over each (the noise and the endpoint always).
 
@@ -169,12 +169,14 @@ def decoded_trajectories(codec, states, sigmas, sigma_data, max_states=8):
     does for pixels: that is the variance-preserving state at the same signal-to-noise ratio, so the VAE
     sees latents at the data's scale and noise fades into the image along the row. The raw state at
     sigma = 80 would be 160x too large for the decoder, and a denoised estimate would need the teacher.
+    with_columns: also return the state indices shown.
     """
     columns = np.unique(np.linspace(0, len(sigmas) - 1, min(len(sigmas), max_states)).round().astype(int))
     scale = torch.tensor([math.sqrt(1 + sigmas[column] ** 2 / sigma_data ** 2) for column in columns])
     latents = torch.from_numpy(states[:, columns]) / scale.reshape(1, -1, 1, 1, 1)
     images = codec.decode(latents.flatten(0, 1).to(codec.vae.device)).cpu()
-    return images.reshape(*latents.shape[:2], *images.shape[1:])
+    images = images.reshape(*latents.shape[:2], *images.shape[1:])
+    return (images, columns.tolist()) if with_columns else images
 
 
 def save_preview(dataset, path, count=8, points=2000, codec=None):
@@ -192,10 +194,11 @@ def save_preview(dataset, path, count=8, points=2000, codec=None):
     sigmas = dataset.manifest["kept_sigmas"]
     sigma_data = dataset.manifest["teacher"].get("config", {}).get("sigma_data", SIGMA_DATA)
     if codec is not None:
-        images = decoded_trajectories(codec, states, sigmas, sigma_data)
-        return save_image_grid(images.flatten(0, 1), path, nrow=images.shape[1])
+        images, columns = decoded_trajectories(codec, states, sigmas, sigma_data, with_columns=True)
+        return save_image_grid(images.flatten(0, 1), path, nrow=images.shape[1], min_cell=READABLE_CELL,
+                               column_labels=[sigma_label(sigmas[column]) for column in columns])
     if len(shape) == 3:
-        return save_trajectory_grid(states, path, sigmas=sigmas)
+        return save_trajectory_grid(states, path, sigmas=sigmas, min_cell=READABLE_CELL, label=True)
     if shape == [2]:
         # Like the image grid: each state divided by its expected scale sqrt(1 + sigma^2 / sigma_data^2),
         # so every panel is at the data's scale and shares one set of axes.

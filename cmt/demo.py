@@ -35,15 +35,15 @@ from cmt.datasets import resolve_data
 from cmt.edm import TWO_STEP_SIGMA
 from cmt.errors import ArgumentError
 from cmt.evaluation import evaluate, load_samples
-from cmt.flags import command_words
-from cmt.images import save_image_grid, save_scatter
+from cmt.flags import command_words, renamed_keywords
 from cmt.metrics import embedded_metric
-from cmt.sampling import sample
+from cmt.sampling import metric_title, sample, save_samples
 from cmt.teachers import BUILTIN_TEACHERS, builtin_teacher_path
 from cmt.trainers.diffusion import TEACHER_RECIPES, train_diffusion
 from cmt.trainers.loop import STATE_FILE
 from cmt.trainers.mid import mid_train
 from cmt.trainers.post import post_train
+from cmt.trainers.recipes import RECIPES
 
 DATA_CHOICES = [name for name in BUILTIN_TEACHERS if name in TEACHER_RECIPES]
 STAGES_FILE = "stages.json"
@@ -65,11 +65,19 @@ class Settings:
     log_every: int = 50
 
 
+def _recipe_settings(recipe, **sizes):
+    """The demo's sizes of a data kind, its training settings those of the project's recipe."""
+    mid, post = RECIPES[recipe]["mid"], RECIPES[recipe]["post"]["ect"]
+    return Settings(mid_steps=mid["max_steps"], mid_batch=mid["batch_size"], mid_lr=mid["lr"],
+                    post_steps=post["max_steps"], post_batch=post["batch_size"], post_lr=post["lr"],
+                    ect_stage=post["stage"], **sizes)
+
+
+# The training settings are the recipes `mnist` and `toy` (cmt.trainers.recipes), which the stages
+# also name, so the commands of the report repeat them.
 SETTINGS = {
-    "mnist": Settings(trajectories=2000, mid_steps=600, mid_batch=128, mid_lr=5e-3, post_steps=200, post_batch=128,
-                      post_lr=2e-4, ect_stage=11, eval_num=2000),
-    "toy": Settings(trajectories=4000, mid_steps=1000, mid_batch=256, mid_lr=2e-4, post_steps=500, post_batch=256,
-                    post_lr=3e-5, ect_stage=11, eval_num=4096, log_every=100),
+    "mnist": _recipe_settings("mnist", trajectories=2000, eval_num=2000),
+    "toy": _recipe_settings("toy", trajectories=4000, eval_num=4096, log_every=100),
 }
 MIN_EVAL_NUM = 20
 # (name in files, model, sampler steps): the teacher's 16-step samples are the reference of the
@@ -178,7 +186,7 @@ def teacher_stage(run):
         run.records["teacher"] = {"commands": [], "reused": True, "builtin": str(builtin_teacher_path(run.data))}
         return
     folder = run.path("teacher")
-    kwargs = {**TEACHER_RECIPES[run.data], "out": str(folder), "eval_num": 0, "seed": run.seed, **_progress(run)}
+    kwargs = {**TEACHER_RECIPES[run.data], "out": str(folder), "num_samples": 0, "seed": run.seed, **_progress(run)}
     run.teacher = str(folder / "teacher.safetensors")
     call = Call("cmt-train diffusion", train_diffusion, kwargs, Path(run.teacher), trains=True)
     run_stage(run, "teacher", [call], folder)
@@ -195,7 +203,8 @@ def build_stage(run):
 def mid_stage(run):
     """CMT mid-training: the student (the teacher's weights) jumps from any state to its endpoint."""
     s, folder = run.settings, run.path("mid")
-    kwargs = dict(data=str(run.path("shards")), target="endpoint", out=str(folder), max_steps=s.mid_steps,
+    kwargs = dict(data=str(run.path("shards")), recipe=data_kind(run.data), target="endpoint", out=str(folder),
+                  max_steps=s.mid_steps,
                   batch_size=s.mid_batch, lr=s.mid_lr, workers=0, num_samples=100, log_every=s.log_every,
                   ckpt_every=max(s.mid_steps // 4, 1), seed=run.seed, **_progress(run))
     run_stage(run, "mid", [Call("cmt-train mid", mid_train, kwargs, folder / "mid.pt", trains=True)], folder)
@@ -204,7 +213,8 @@ def mid_stage(run):
 def post_stage(run):
     """ECT from the mid-trained weights at one fixed late stage (a small gap t - r from the start)."""
     s, folder = run.settings, run.path("post")
-    kwargs = dict(init=str(run.path("mid", "mid.pt")), method="ect", data=run.data, stage=s.ect_stage,
+    kwargs = dict(init=str(run.path("mid", "mid.pt")), recipe=data_kind(run.data), method="ect", data=run.data,
+                  stage=s.ect_stage,
                   out=str(folder), max_steps=s.post_steps, batch_size=s.post_batch, lr=s.post_lr, num_samples=100,
                   log_every=s.log_every, ckpt_every=max(s.post_steps // 4, 1), seed=run.seed, **_progress(run))
     run_stage(run, "post", [Call("cmt-train post", post_train, kwargs, folder / "post.pt", trains=True)], folder)
@@ -220,8 +230,8 @@ def sample_calls(run):
         if model != "teacher":
             sampler = {"sampler": "flowmap", **sampler, "mid_sigma": TWO_STEP_SIGMA if steps == 2 else None}
         npz = run.path("samples", f"{name}.npz")
-        kwargs = dict(ckpt=checkpoints[model], **sampler, num=run.settings.eval_num, seed=run.seed, labels="cycle",
-                      out=str(npz.with_suffix(".png")), npz=str(npz))
+        kwargs = dict(ckpt=checkpoints[model], **sampler, num_samples=run.settings.eval_num, seed=run.seed, labels="cycle",
+                      out=str(npz.with_suffix(".png")), npz=str(npz), **_progress(run))
         calls.append(Call("cmt-sample", sample, kwargs, npz))
     return calls
 
@@ -254,10 +264,11 @@ def evaluate_stage(run):
         real = data.sample(len(reference), torch.Generator().manual_seed(1))[0]
     run.metrics["real_data"] = embedded_metric(data, real)
     for name in GRIDS:
-        if data.kind == "toy":
-            save_scatter(samples[name], run.path(f"demo_{name}.png"), reference=data.reference())
-        else:
-            save_image_grid(samples[name][:100].clamp(-1, 1), run.path(f"demo_{name}.png"), nrow=10)
+        metrics = {key: value for key, value in run.metrics[name].items() if key != "rmse_to_teacher"}
+        shown = samples[name] if data.kind == "toy" else samples[name][:60]   # 6 rows of the 10 digits
+        save_samples(shown, run.path(f"demo_{name}.png"), nrow=10,
+                     reference=data.reference() if data.kind == "toy" else None,
+                     title=metric_title(name.replace("_", ", "), metrics))
     run.records["evaluate"] = {"commands": commands, "wall_s": time.time() - wall,
                                "cpu_s": _cpu_seconds() - cpu, "reused": False}
     save_records(run)
@@ -363,14 +374,16 @@ def run_stages(run, stages=None):
     return run
 
 
-def run_demo(*, out="runs/demo", data="mnist", train_teacher=False, trajectories=None, mid_steps=None, post_steps=None,
-             batch_size=None, eval_num=None, seed=0, threads=None, fresh=False, progress=True, log=print):
+@renamed_keywords(trajectories="num_trajectories", eval_num="num_samples")
+def run_demo(*, out="runs/demo", data="mnist", train_teacher=False, num_trajectories=None, mid_steps=None,
+             post_steps=None, batch_size=None, num_samples=None, seed=0, threads=None, fresh=False, progress=True,
+             log=print):
     """Run the whole pipeline on built-in data and write OUT/report.md; `python -m cmt.cli.demo`.
 
     out: the demo folder (shards/, mid/, post/, samples/, report.md). data: a built-in data set with a
     built-in teacher (`DATA_CHOICES`). train_teacher: pre-train the teacher with the built-in one's
-    recipe instead of reusing it (MNIST: ~12 CPU minutes). trajectories, mid_steps, post_steps,
-    batch_size (mid- and post-training), eval_num (samples per model for the metrics, at least 20):
+    recipe instead of reusing it (MNIST: ~12 CPU minutes). num_trajectories, mid_steps, post_steps,
+    batch_size (mid- and post-training), num_samples (samples per model for the metrics, at least 20):
     None takes `SETTINGS` of the data kind. threads: torch threads (None: torch's). fresh: remove
     the stages of an earlier run in `out` first. log: where progress lines go.
 
@@ -379,18 +392,18 @@ def run_demo(*, out="runs/demo", data="mnist", train_teacher=False, trajectories
     """
     if data not in DATA_CHOICES:
         raise ArgumentError("data", f"{data!r} has no built-in teacher; choose one of {', '.join(DATA_CHOICES)}")
-    for name, value, least in (("trajectories", trajectories, 1), ("mid_steps", mid_steps, 1),
+    for name, value, least in (("num_trajectories", num_trajectories, 1), ("mid_steps", mid_steps, 1),
                                ("post_steps", post_steps, 1), ("batch_size", batch_size, 1),
-                               ("eval_num", eval_num, MIN_EVAL_NUM), ("threads", threads, 1), ("seed", seed, 0)):
+                               ("num_samples", num_samples, MIN_EVAL_NUM), ("threads", threads, 1), ("seed", seed, 0)):
         if value is not None and (not isinstance(value, int) or value < least):
             raise ArgumentError(name, f"must be an integer >= {least}, got {value!r}")
-    overrides = {"trajectories": trajectories, "mid_steps": mid_steps, "post_steps": post_steps,
-                 "mid_batch": batch_size, "post_batch": batch_size, "eval_num": eval_num}
+    overrides = {"trajectories": num_trajectories, "mid_steps": mid_steps, "post_steps": post_steps,
+                 "mid_batch": batch_size, "post_batch": batch_size, "eval_num": num_samples}
     started, cpu = time.time(), _cpu_seconds()
     settings = replace(SETTINGS[data_kind(data)], **{k: v for k, v in overrides.items() if v is not None})
-    arguments = dict(out=out, data=data, train_teacher=train_teacher, trajectories=trajectories, mid_steps=mid_steps,
-                     post_steps=post_steps, batch_size=batch_size, eval_num=eval_num, seed=seed, threads=threads,
-                     fresh=fresh, progress=progress)
+    arguments = dict(out=out, data=data, train_teacher=train_teacher, num_trajectories=num_trajectories,
+                     mid_steps=mid_steps, post_steps=post_steps, batch_size=batch_size, num_samples=num_samples,
+                     seed=seed, threads=threads, fresh=fresh, progress=progress)
     run = run_stages(DemoRun(out=out, data=data, settings=settings, train_teacher=train_teacher, seed=seed,
                              threads=threads, fresh=fresh, progress=progress, command=demo_command(arguments),
                              log=log))

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import tqdm
 
+from cmt.outputs import use_default_mode
+
 CACHE_ENV = "CMT_CACHE"
 DEFAULT_CACHE = "~/.cache/cmt"
 _CHUNK = 1 << 20
@@ -91,6 +93,7 @@ def _download(url: str, target: Path, sha256: str | None) -> None:
                     bar.update(len(chunk))
         if sha256 is not None and not digest.hexdigest().startswith(sha256.lower()):
             raise ValueError(f"downloaded file has sha256 {digest.hexdigest()}, expected {sha256}...")
+        use_default_mode(partial)   # mkstemp creates it 0600
         os.replace(partial, target)
     finally:
         if os.path.exists(partial):

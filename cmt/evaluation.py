@@ -4,30 +4,73 @@ Toy data: energy distance and sliced Wasserstein against the fixed reference sam
 FD-MNIST (features of a small MNIST classifier, not Inception FID). Inception FID on request,
 against EDM-format reference statistics or statistics of the data set's images.
 """
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from cmt.datasets import resolve_data
+from cmt.datasets.files import read_npz
+from cmt.distributed import distributed_state, map_batches
 from cmt.errors import ArgumentError
-from cmt.metrics import INCEPTION_URL, InceptionFID, embedded_metric, frechet_distance, load_reference_statistics
+from cmt.sampling import torch_device
+from cmt.metrics import (INCEPTION_URL, InceptionFID, embedded_metric, feature_statistics, frechet_distance,
+                         load_reference_statistics, mnist_features, mnist_reference_statistics)
+
+# Images per feature batch when the ranks of `accelerate launch` share the detector's work (the
+# batch of `cmt.metrics.mnist_features`, so one process computes the same features).
+FEATURE_BATCH = 1000
+
+
+def read_samples_array(path):
+    """`(samples, labels or None)` as stored (numpy, their own dtypes) in an .npz written by cmt-sample."""
+    contents = read_npz(path)
+    if "samples" not in contents:
+        raise ValueError(f"{path}: no 'samples' array (found {sorted(contents)}); cmt-sample writes 'samples' and 'labels'")
+    samples, labels = contents["samples"], contents.get("labels")
+    if labels is not None and labels.dtype.kind not in "iu":
+        raise ValueError(f"{path}: 'labels' must be integers, found dtype {labels.dtype}")
+    labels = None if labels is None else labels.astype(np.int64)
+    if samples.ndim == 0 or len(samples) < 2:
+        raise ValueError(f"{path}: 'samples' holds {len(samples) if samples.ndim else 0} item(s); metrics need at "
+                         "least 2")
+    return samples, labels
 
 
 def load_samples(path):
     """`(samples, labels or None)` from an .npz written by cmt-sample (keys `samples`, `labels`)."""
-    try:
-        with np.load(path, allow_pickle=False) as contents:
-            if "samples" not in contents.files:
-                raise ValueError(f"{path}: no 'samples' array (found {sorted(contents.files)}); cmt-sample writes 'samples' and 'labels'")
-            samples = torch.from_numpy(contents["samples"].astype(np.float32))
-            labels = torch.from_numpy(contents["labels"].astype(np.int64)) if "labels" in contents.files else None
-    except (OSError, zipfile.BadZipFile) as error:
-        raise ValueError(f"{path}: not a readable .npz file ({error})") from None
-    if len(samples) < 2:
-        raise ValueError(f"{path}: 'samples' holds {len(samples)} item(s); metrics need at least 2")
-    return samples, labels
+    samples, labels = read_samples_array(path)
+    return torch.from_numpy(samples.astype(np.float32)), None if labels is None else torch.from_numpy(labels)
+
+
+def samples_in_range(samples, data, source="samples"):
+    """`(float32 tensor, conversion or None)`: the samples as the metrics expect them, images in
+    [-1, 1] (what cmt-sample writes). uint8 images (0..255, unambiguous) are converted, x / 127.5 - 1,
+    and `conversion` says so; anything else that is not finite numbers in that range (float images
+    in [0, 1] or 0..255, other integer types) is a ValueError saying what was found and what to do."""
+    samples = np.asarray(samples)
+    if samples.dtype.kind not in "fiu":
+        raise ValueError(f"{source}: dtype {samples.dtype} is not numeric; expected float32 samples")
+    if samples.dtype.kind == "f" and not np.isfinite(samples).all():
+        bad = int((~np.isfinite(samples.reshape(len(samples), -1))).any(axis=1).sum())
+        raise ValueError(f"{source}: {bad} of {len(samples)} samples hold NaN or inf (a diverged model?)")
+    conversion = None
+    if data.kind == "images":
+        if samples.dtype == np.uint8:
+            conversion = "uint8 images (0..255) converted to [-1, 1] as x / 127.5 - 1"
+            samples = samples.astype(np.float32) / 127.5 - 1
+        elif samples.dtype.kind in "iu":
+            raise ValueError(f"{source}: integer images of dtype {samples.dtype}; expected float images in [-1, 1] "
+                             "(or uint8 in 0..255)")
+        low, high = float(samples.min()), float(samples.max())
+        outside = float(np.mean(np.abs(samples) > 1.5))
+        if outside > 0.01:
+            raise ValueError(f"{source}: values span [{low:.4g}, {high:.4g}] ({outside:.1%} beyond +-1.5); images must "
+                             "be in [-1, 1] (0..255 floats: x / 127.5 - 1)")
+        if low >= 0 and high > 0.5 and conversion is None:
+            raise ValueError(f"{source}: every value is in [{low:.4g}, {high:.4g}], none negative: images in [0, 1]? "
+                             "they must be in [-1, 1] (x * 2 - 1), as cmt-sample writes them")
+    return torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32)), conversion
 
 
 def _check_shape(samples, data):
@@ -37,15 +80,24 @@ def _check_shape(samples, data):
         raise ValueError(f"samples have shape {tuple(samples.shape)} but {data.name} holds images [N, {', '.join(map(str, data.data_shape))}]")
 
 
-def evaluate_samples(samples, data, fid=None):
+def shared_features(features, samples, state):
+    """`features(batch)` of every sample, the batches of `FEATURE_BATCH` shared by the ranks of `state`."""
+    parts = map_batches(lambda start, stop: features(samples[start:stop]), len(samples), FEATURE_BATCH, state=state)
+    return np.concatenate(parts)
+
+
+def evaluate_samples(samples, data, fid=None, state=None):
     """Metrics of `samples` for `data` (a spec or a resolved data set) as a dict of floats.
 
     Built-in data sets get their embedded metric (see `cmt.metrics.embedded_metric`); an
     `InceptionFID` passed as `fid` adds `"fid"` (with no reference statistics of its own, it uses
-    those of the data set's images).
+    those of the data set's images). state: an accelerate process state of several ranks (every
+    rank calls): the ranks share the feature extraction, and every rank returns the same figures.
     """
     data = resolve_data(data)
     _check_shape(samples, data)
+    if state is not None and state.num_processes > 1:
+        return _evaluate_shared(samples, data, fid, state)
     results = embedded_metric(data, samples)
     if fid is not None:
         if data.kind != "images":
@@ -66,22 +118,33 @@ def evaluate(*, samples, data, fid=False, detector=None, ref=None, device=None):
     statistics (EDM-format .npz, path or URL), or against statistics of the `data` images when
     `ref` is None. device: for the detector (default cuda if available, else cpu).
 
-    Returns `{"samples": Path or None, "data": name, "count": int, "metrics": {name: float}}`.
+    Under `accelerate launch` the ranks share the feature extraction (same figures as one process);
+    every rank returns the figures, rank 0 reports them.
+
+    Images must be in [-1, 1] (as cmt-sample writes them); uint8 images are converted from 0..255
+    (said in `conversion`); [0, 1] or 0..255 floats, NaN and other dtypes are refused
+    (`samples_in_range`).
+
+    Returns `{"samples": Path or None, "data": name, "count": int, "metrics": {name: float}, "rank": int,
+    "conversion": str or None}`.
     """
     if isinstance(samples, (str, Path)):
         samples_path = Path(samples)
         if not samples_path.is_file():
             raise ArgumentError("samples", f"{samples_path} does not exist")
         try:
-            values, _ = load_samples(samples_path)
+            values, _ = read_samples_array(samples_path)
         except ValueError as error:
             raise ArgumentError("samples", str(error)) from None
     else:
-        samples_path, values = None, torch.as_tensor(np.asarray(samples), dtype=torch.float32)
+        samples_path = None
+        values = samples.detach().cpu().numpy() if isinstance(samples, torch.Tensor) else np.asarray(samples)
     try:
         data = resolve_data(data)
     except ValueError as error:
         raise ArgumentError("data", str(error)) from None
+    if device is not None:
+        torch_device(device)
     if not fid and (detector or ref):
         raise ArgumentError("detector" if detector else "ref", "only used with --fid (fid=True)")
     if fid and detector is None:
@@ -94,6 +157,7 @@ def evaluate(*, samples, data, fid=False, detector=None, ref=None, device=None):
                                     "(--fid --detector PATH [--ref PATH])")
     try:
         _check_shape(values, data)
+        values, conversion = samples_in_range(values, data, str(samples_path or "samples"))
     except ValueError as error:
         raise ArgumentError("samples", str(error)) from None
     scorer = None
@@ -104,8 +168,40 @@ def evaluate(*, samples, data, fid=False, detector=None, ref=None, device=None):
             raise ArgumentError("ref", str(error)) from None
         try:
             scorer = InceptionFID(detector, reference=reference,
-                                  device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+                                  device=str(torch_device(device)) if device else
+                                  ("cuda" if torch.cuda.is_available() else "cpu"))
         except ValueError as error:
             raise ArgumentError("detector", str(error)) from None
-    metrics = evaluate_samples(values, data, fid=scorer)
-    return {"samples": samples_path, "data": data.name, "count": len(values), "metrics": metrics}
+    state = distributed_state()
+    metrics = evaluate_samples(values, data, fid=scorer, state=state)
+    return {"samples": samples_path, "data": data.name, "count": len(values), "metrics": metrics,
+            "rank": state.process_index, "conversion": conversion}
+
+
+def _evaluate_shared(samples, data, fid, state):
+    """`evaluate_samples` over several ranks: features in shared batches; point metrics (cheap) on
+    rank 0; the figures broadcast, so every rank returns them."""
+    results = {}
+    if data.name == "mnist":
+        mu, sigma = feature_statistics(shared_features(mnist_features, samples, state))
+        results["fd_mnist"] = frechet_distance(mu, sigma, *mnist_reference_statistics())
+    elif state.is_main_process:
+        results = embedded_metric(data, samples)
+    if fid is not None:
+        if data.kind != "images":
+            raise ValueError(f"Inception FID needs image data; {data.name} holds 2-D points")
+        features = feature_statistics(shared_features(fid.features, samples, state))
+        if fid.reference is not None:
+            reference = fid.reference
+        else:
+            images = data.tensors()[0]
+            reference = feature_statistics(shared_features(fid.features, images, state))
+        results["fid"] = frechet_distance(*features, *reference)
+    return broadcast_object(results, state)
+
+
+def broadcast_object(value, state):
+    """Rank 0's `value` on every rank."""
+    holder = [value]
+    torch.distributed.broadcast_object_list(holder, src=0)
+    return holder[0]

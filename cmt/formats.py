@@ -32,6 +32,8 @@ from zarr.codecs import BloscCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.storage import MemoryStore
 
+from cmt.errors import FileFormatError, MissingDependency
+
 FORMATS = ("zarr", "wds")
 EXTENSIONS = {"zarr": ".zarr", "wds": ".tar.gz"}
 FIELDS = ("index", "seed", "label", "noise", "states", "sigmas", "endpoint")
@@ -40,7 +42,7 @@ COMPRESSOR = BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")
 CHUNK_BYTES = 1 << 18
 
 
-class ShardError(ValueError):
+class ShardError(FileFormatError):
     """A shard that is missing, truncated or corrupt; the message names it."""
 
 
@@ -50,7 +52,13 @@ def shard_name(shard, fmt):
 
 def open_location(url):
     """`(fs, root)` for a local path or any fsspec URL (`memory://`, `file://`, `s3://` ...)."""
-    fs, root = fsspec.core.url_to_fs(str(url))
+    try:
+        fs, root = fsspec.core.url_to_fs(str(url))
+    except ImportError as error:
+        protocol = str(url).split("://", 1)[0]
+        extra = {"s3": " (pip install 'cmt[s3]', or pip install s3fs)"}.get(protocol, "")
+        raise MissingDependency(f"{url}: the {protocol}:// protocol needs a package that is not installed{extra}: "
+                                f"{error}") from None
     return fs, root.rstrip("/")
 
 
@@ -175,8 +183,14 @@ def _rename(fs, source, destination):
     if isinstance(fs, LocalFileSystem):
         os.replace(source, destination)  # atomic for a file, and for a directory onto a missing name
         _fsync_directory(fs, os.path.dirname(destination))
+    elif fs.isdir(source):
+        # Object stores have no directories to rename: copy each object, then remove the temporaries
+        # (s3fs's recursive mv trips on the directory's own prefix). Readers wait for the manifest.
+        for name in fs.find(source):
+            fs.copy(name, destination + name[len(source):])
+        fs.rm(source, recursive=True)
     else:
-        fs.mv(source, destination, recursive=True)
+        fs.mv(source, destination)
 
 
 def write_atomic(fs, path, files):

@@ -57,14 +57,17 @@ def classifier_free_guidance(net, weight, uncond=None, uncond_identity=None):
                           guide_labels=False, guide_identity=uncond_identity)
 
 
-def apply_guidance(net, guidance=None, guide=None, guide_identity=None):
+def apply_guidance(net, guidance=None, guide=None, guide_identity=None, label_dropout=None):
     """`(denoiser, record)`: `net` guided with weight `guidance`, and the one record of the guidance.
 
     - `guidance` None or 1: no guidance, `(net, None)`. At weight 1 every guided denoiser is `net`
       itself, so "no guidance" and "weight 1" (with or without a guide) are one teacher and one
       record: None, what a dataset built without guidance has always recorded.
-    - `guide` (a network, `guide_identity` its `resolve_teacher` identity): autoguidance by it.
-    - otherwise: classifier-free guidance against `net` without labels (class-conditional nets only).
+    - `guide` (a network, `guide_identity` its `resolve_teacher` identity): autoguidance by it; an
+      unconditional guide (label_dim 0) of a class-conditional `net`: classifier-free guidance against it.
+    - otherwise: classifier-free guidance against `net` without labels (class-conditional nets only),
+      refused when `label_dropout` (the share of label-free training the teacher records; None:
+      unknown) is 0: such a net's label-free output was never trained (EDM2's official nets).
 
     record: `{"kind": "autoguidance" | "classifier_free", "weight": w, "guide": {"kind", "path",
     "sha256"} or None}`. Bad input raises `ArgumentError` naming `guidance` or `guide`.
@@ -75,8 +78,17 @@ def apply_guidance(net, guidance=None, guide=None, guide_identity=None):
         return net, None
     if float(guidance) == 1:
         return net, None
+    if not float(guidance) >= 0:   # D_guide + w (D_main - D_guide): w < 0 pushes away from the main network
+        raise ArgumentError("guidance", f"the guidance weight must be >= 0 (1: none; EDM2 uses about 1.4 to 2.5), "
+                                        f"got {guidance}")
+    if guide is None and net.label_dim and label_dropout is not None and float(label_dropout) == 0:
+        raise ArgumentError("guidance", "classifier-free guidance needs a teacher trained with label dropout, and "
+                                        "this one records none (EDM2's class-conditional networks have none): pass "
+                                        "an unconditional guide network (guide_ckpt), or a guide for autoguidance")
     try:
-        if guide is not None:
+        if guide is not None and net.label_dim and not guide.label_dim:
+            guided = classifier_free_guidance(net, guidance, uncond=guide, uncond_identity=guide_identity)
+        elif guide is not None:
             guided = autoguidance(net, guide, guidance, guide_identity=guide_identity)
         else:
             guided = classifier_free_guidance(net, guidance)

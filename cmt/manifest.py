@@ -9,13 +9,19 @@
 A dataset is complete when its manifest exists; readers use nothing else.
 """
 import hashlib
+import itertools
 import json
 
-from cmt.formats import (EXTENSIONS, ShardError, checksum, decode_shard, files_bytes, open_location, read_files,
-                         write_atomic)
+from cmt.errors import FileFormatError
+from cmt.formats import (EXTENSIONS, FORMATS, ShardError, checksum, decode_shard, files_bytes, open_location,
+                         read_files, write_atomic)
 
-FORMAT_NAME = "cmt-trajectories"
-FORMAT_VERSION = 1
+# manifest.json and build-config.json say what they are with "dataset" and "dataset_version"; the
+# shards' storage format (zarr or wds, the --format option) is "format". Version 1 files called the
+# storage format "layout" and themselves "format" / "format_version"; `upgrade_manifest` reads them.
+DATASET_NAME = "cmt-trajectories"
+DATASET_VERSION = 2
+FORMAT_NAME, FORMAT_VERSION = DATASET_NAME, DATASET_VERSION   # the names before version 2
 MANIFEST = "manifest.json"
 BUILD_CONFIG = "build-config.json"
 
@@ -34,8 +40,65 @@ def write_json(fs, path, value):
 
 
 def read_json(fs, path):
+    """The JSON value of the file `path` on `fs`; FileFormatError naming the file if it is not JSON."""
     with fs.open(path, "rb") as file:
-        return json.loads(file.read())
+        data = file.read()
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise FileFormatError(f"{path}: not valid JSON ({error})") from None
+
+
+_NUMBER = (int, float)
+_MANIFEST_FIELDS = {   # field: (accepted types, what it is), every one that a reader uses
+    "format": (str, f"the shard format ({', '.join(FORMATS)})"),
+    "count": (int, "the number of trajectories"),
+    "data_shape": (list, "the shape of one state, a list of positive integers"),
+    "label_dim": (int, "the number of classes (0: none)"),
+    "shards": (list, "the list of shard entries"),
+    "kept_states": (list, "the grid indices of the stored states"),
+    "kept_sigmas": (list, "the sigmas of the stored states"),
+    "sigmas": (list, "the solver's sigma grid"),
+    "sigma_max": (_NUMBER, "the largest sigma"),
+    "sigma_min": (_NUMBER, "the smallest sigma"),
+    "dtype": (str, "the stored dtype"),
+    "teacher": (dict, "the teacher's identity"),
+    "solver": (str, "the solver"),
+    "nfe": (int, "denoiser calls per trajectory"),
+    "grid": (str, "the sigma grid's name"),
+    "seed": (int, "the trajectories' seed"),
+}
+_SHARD_FIELDS = {"name": str, "count": int, "sha256": str, "bytes": int}
+
+
+def check_manifest(manifest, path):
+    """A FileFormatError naming `path` and the field if the manifest lacks a field a reader uses or
+    holds it with the wrong type (a hand-edited or foreign file), before anything reads it."""
+    if not isinstance(manifest, dict):
+        raise FileFormatError(f"{path}: expected a JSON object, found {type(manifest).__name__}")
+
+    def wrong(field, expected, value):
+        found = "missing" if value is None else f"{type(value).__name__} {json.dumps(value)[:60]}"
+        return FileFormatError(f"{path}: field {field!r} must be {expected}; found {found}")
+
+    for field, (types, expected) in _MANIFEST_FIELDS.items():
+        value = manifest.get(field)
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise wrong(field, expected, value)
+    if manifest["format"] not in FORMATS:
+        raise wrong("format", _MANIFEST_FIELDS["format"][1], manifest["format"])
+    if not manifest["data_shape"] or not all(isinstance(n, int) and n > 0 for n in manifest["data_shape"]):
+        raise wrong("data_shape", _MANIFEST_FIELDS["data_shape"][1], manifest["data_shape"])
+    if len(manifest["kept_states"]) != len(manifest["kept_sigmas"]):
+        raise FileFormatError(f"{path}: 'kept_states' and 'kept_sigmas' differ in length")
+    for number, entry in enumerate(manifest["shards"]):
+        for field, kind in _SHARD_FIELDS.items():
+            value = entry.get(field) if isinstance(entry, dict) else None
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise wrong(f"shards[{number}].{field}", kind.__name__, value)
+    if sum(entry["count"] for entry in manifest["shards"]) != manifest["count"]:
+        raise FileFormatError(f"{path}: the shards hold {sum(e['count'] for e in manifest['shards'])} "
+                              f"trajectories, field 'count' says {manifest['count']}")
 
 
 def sidecar_name(shard_name):
@@ -45,10 +108,26 @@ def sidecar_name(shard_name):
     raise ValueError(f"not a shard name: {shard_name}")
 
 
-class TrajectoryDataset:
-    """A finished dataset: its manifest and checked access to its shards."""
+def upgrade_manifest(manifest):
+    """A manifest (or build configuration) in today's field names: version 1's "format":
+    "cmt-trajectories", "format_version": 1, "layout": "zarr" become "dataset", "dataset_version"
+    and "format"; anything else is returned as it is."""
+    if not isinstance(manifest, dict) or manifest.get("format") != DATASET_NAME or "dataset" in manifest:
+        return manifest
+    upgraded = {key: value for key, value in manifest.items() if key not in ("format", "format_version", "layout")}
+    upgraded.update(dataset=DATASET_NAME, dataset_version=DATASET_VERSION if manifest.get("format_version") == 1
+                    else manifest.get("format_version"), format=manifest.get("layout"))
+    return upgraded
 
-    def __init__(self, url):
+
+class TrajectoryDataset:
+    """A finished dataset: its manifest and checked access to its shards.
+
+    max_trajectories: use only the trajectories with index < N (None: all); shards past N are left
+    out and the last one is cut at N when read (`read_shard`), so subsets are prefixes by index.
+    """
+
+    def __init__(self, url, max_trajectories=None):
         self.url = str(url)
         self.fs, self.root = open_location(self.url)
         manifest_path = f"{self.root}/{MANIFEST}"
@@ -56,18 +135,42 @@ class TrajectoryDataset:
             hint = (" (the build has not finished: re-run the same cmt-build command to complete it)"
                     if self.fs.exists(f"{self.root}/{BUILD_CONFIG}") else "")
             raise FileNotFoundError(f"{self.url}: no {MANIFEST}; not a finished cmt-build dataset{hint}")
-        self.manifest = read_json(self.fs, manifest_path)
-        if self.manifest.get("format") != FORMAT_NAME or self.manifest.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{manifest_path}: format {self.manifest.get('format')!r} version "
-                             f"{self.manifest.get('format_version')!r}; this reader reads {FORMAT_NAME} {FORMAT_VERSION}")
-        self.format = self.manifest["layout"]
+        self.manifest = upgrade_manifest(read_json(self.fs, manifest_path))
+        if not isinstance(self.manifest, dict) or (self.manifest.get("dataset") != DATASET_NAME
+                                                   or self.manifest.get("dataset_version") != DATASET_VERSION):
+            found = self.manifest if isinstance(self.manifest, dict) else {}
+            raise FileFormatError(f"{manifest_path}: dataset {found.get('dataset')!r} version "
+                                  f"{found.get('dataset_version')!r}; this reader reads {DATASET_NAME} 1 and "
+                                  f"{DATASET_VERSION}")
+        check_manifest(self.manifest, manifest_path)
+        self.format = self.manifest["format"]
         self.shards = self.manifest["shards"]
+        self.max_trajectories = max_trajectories
+        if max_trajectories is not None:
+            if isinstance(max_trajectories, bool) or not isinstance(max_trajectories, int) or max_trajectories < 1:
+                raise ValueError(f"max_trajectories must be a positive integer, got {max_trajectories!r}")
+            firsts = itertools.accumulate((entry["count"] for entry in self.shards), initial=0)
+            self.shards = [{**entry, "count": min(entry["count"], max_trajectories - first)}
+                           for entry, first in zip(self.shards, firsts) if first < max_trajectories]
 
     def __len__(self):
-        return self.manifest["count"]
+        return sum(entry["count"] for entry in self.shards)
 
     def shard_path(self, entry):
         return f"{self.root}/{entry['name']}"
+
+    def check_shards_present(self):
+        """Every shard of the manifest exists with its recorded size (a listing, no reading): a
+        deleted or truncated shard is a ShardError before training, not minutes into it."""
+        for entry in self.shards:
+            path = self.shard_path(entry)
+            if not self.fs.exists(path):
+                raise ShardError(f"shard {path} is missing (listed in {self.root}/{MANIFEST}; cmt-inspect "
+                                 "--verify lists every fault)")
+            size = self.fs.du(path) if self.fs.isdir(path) else self.fs.size(path)
+            if size != entry["bytes"]:
+                raise ShardError(f"shard {path} has {size} bytes, the manifest records {entry['bytes']}: it is "
+                                 "truncated or was replaced (cmt-inspect --verify checks every checksum)")
 
     def read_files(self, entry, verify=True):
         """The shard's files; ShardError naming it if missing or (with `verify`) its checksum differs."""
@@ -87,6 +190,9 @@ class TrajectoryDataset:
             arrays = decode_shard(files, self.format)
         except Exception as error:
             raise ShardError(f"shard {path} cannot be decoded: {type(error).__name__}: {error}") from error
+        if self.max_trajectories is not None and len(arrays["index"]) > entry["count"]:   # the cut last shard
+            keep = arrays["index"] < self.max_trajectories
+            arrays = {key: value if key == "sigmas" else value[keep] for key, value in arrays.items()}
         if len(arrays["index"]) != entry["count"]:
             raise ShardError(f"shard {path} holds {len(arrays['index'])} trajectories, the manifest says {entry['count']}")
         return arrays

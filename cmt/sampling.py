@@ -10,15 +10,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tqdm.auto import tqdm
+
 from cmt.checkpoint import read_safetensors
 from cmt.datasets import TOY_NAMES, one_hot_labels, reference_sample
-from cmt.edm import SIGMA_GRIDS, SIGMA_MAX, SIGMA_MIN, flow_map_jump, sigma_grid
-from cmt.errors import ArgumentError
-from cmt.images import save_image_grid, save_scatter
+from cmt.distributed import distributed_state, map_batches
+from cmt.edm import SIGMA_GRIDS, SIGMA_MAX, SIGMA_MIN, TWO_STEP_SIGMA, flow_map_jump, sigma_grid
+from cmt.errors import ArgumentError, NonFiniteSamples, local_path_only
+from cmt.flags import renamed_keywords
+from cmt.images import MAX_GRID_IMAGES, READABLE_CELL, save_image_grid, save_scatter
+from cmt.latents import LatentCodec
+from cmt.metrics import embedded_metric
+from cmt.outputs import write_npz
 from cmt.solvers import SOLVERS, sample as solve
 from cmt.teachers import resolve_teacher
 
 SAMPLERS = ("ode", "flowmap")
+# What every command that takes class labels accepts (`pick_labels`, and the builder per trajectory).
+LABEL_CHOICES = ("random", "cycle", "none")
+LABELS_HELP = "Class labels: random, cycle (0, 1, ...), a class id, or none (unconditional)."
+# The re-noising of multistep consistency sampling draws sample i's fresh noise from seed i + this.
+FRESH_NOISE_SEED_OFFSET = 1 << 40
 # Defaults of `generate` and `sample` (hence of cmt-sample), defined once.
 DEFAULT_SOLVER = "dpm++3m"
 DEFAULT_STEPS = 16
@@ -32,22 +44,39 @@ def seed_noise(seeds, data_shape, device="cpu"):
     return torch.stack(rows).to(device)
 
 
-def pick_labels(spec, num, label_dim, seed=0):
-    """Integer class ids `[num]`: "random" (seeded), "cycle" (0, 1, ..., 0, 1, ...) or one class K;
-    all -1 for an unconditional network."""
+def parse_labels(spec, label_dim):
+    """A labels option, checked against a network with `label_dim` classes: "random", "cycle",
+    "none" (None), or a class id (int)."""
+    if spec is None or spec == "none":
+        return None
+    if spec in ("random", "cycle"):
+        return spec
+    try:
+        label = int(spec)
+    except (TypeError, ValueError):
+        label = -2
     if not label_dim:
+        raise ArgumentError("labels", f"{spec!r}: the network is unconditional; give no class id")
+    if not 0 <= label < label_dim:
+        raise ArgumentError("labels", f"must be 'random', 'cycle', 'none' or a class id in [0, {label_dim - 1}], "
+                                      f"got {spec!r}")
+    return label
+
+
+def pick_labels(spec, num, label_dim, seed=0):
+    """Integer class ids `[num]`: "random" (seeded), "cycle" (0, 1, ..., 0, 1, ...), one class K or
+    "none" (-1: no label, the unconditional case of a guidance-trained network); all -1 for an
+    unconditional network."""
+    if not label_dim:   # every choice means "no label" to an unconditional network
+        return torch.full((num,), -1, dtype=torch.int64)
+    spec = parse_labels(spec, label_dim)
+    if spec is None:
         return torch.full((num,), -1, dtype=torch.int64)
     if spec == "random":
         return torch.randint(label_dim, (num,), generator=torch.Generator().manual_seed(seed))
     if spec == "cycle":
         return torch.arange(num) % label_dim
-    try:
-        label = int(spec)
-    except ValueError:
-        label = -2
-    if not 0 <= label < label_dim:
-        raise ArgumentError("labels", f"must be 'random', 'cycle' or a class id in [0, {label_dim - 1}], got {spec!r}")
-    return torch.full((num,), label, dtype=torch.int64)
+    return torch.full((num,), spec, dtype=torch.int64)
 
 
 def ode_sample(net, noise, sigmas, labels=None, solver=DEFAULT_SOLVER):
@@ -55,23 +84,28 @@ def ode_sample(net, noise, sigmas, labels=None, solver=DEFAULT_SOLVER):
     return solve(lambda x, sigma, label: net(x, sigma, label), noise, sigmas, solver, labels)
 
 
-def flow_map_sample(net, noise, sigmas, labels=None, generator=None):
+def flow_map_sample(net, noise, sigmas, labels=None, generator=None, fresh_noise=None, renoise=None):
     """A student's few-step sample along `sigmas` (e.g. `[80, 0]` or `[80, mid, 0]`).
 
     A flow-map network (`net.flow_map`) jumps deterministically from each sigma to the next. A
     consistency network jumps to the endpoint every time and is re-noised to the next sigma with
-    fresh noise from `generator` (the multistep consistency sampler).
+    fresh noise: `fresh_noise(k)` for the k-th re-noising (per-sample seeds, see `generate`), else
+    drawn from `generator` (the multistep consistency sampler). renoise=True samples a flow-map
+    network that way too (its jumps to 0 only: an ECT / ECD student started from a flow-map
+    checkpoint); None: by `net.flow_map`.
     """
     sigmas = [float(sigma) for sigma in sigmas]
     x = sigmas[0] * noise
-    for sigma, next_sigma in zip(sigmas[:-1], sigmas[1:]):
-        if getattr(net, "flow_map", False):
+    for jump, (sigma, next_sigma) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        flow_map = getattr(net, "flow_map", False)
+        if flow_map and not renoise:
             denoised = net(x, sigma, labels, target_sigma=next_sigma)
             x = flow_map_jump(x, sigma, next_sigma, denoised)
         else:
-            x = net(x, sigma, labels)
+            x = net(x, sigma, labels, target_sigma=0.0) if flow_map else net(x, sigma, labels)
             if next_sigma > 0:
-                fresh = torch.randn(x.shape, generator=generator, device="cpu").to(x.device)
+                fresh = (fresh_noise(jump) if fresh_noise is not None
+                         else torch.randn(x.shape, generator=generator, device="cpu")).to(x.device, x.dtype)
                 x = x + next_sigma * fresh
     return x
 
@@ -87,58 +121,121 @@ def sampler_sigmas(sampler, steps, *, grid=DEFAULT_GRID, sigma_min=SIGMA_MIN, si
         raise ArgumentError("steps", f"the flow-map sampler takes 1 or 2 steps, got {steps}")
     if steps == 2 and mid_sigma is None:
         raise ArgumentError("mid_sigma", "the 2-step flow-map sampler needs the intermediate sigma")
+    if steps == 2 and not sigma_min < mid_sigma < sigma_max:
+        raise ArgumentError("mid_sigma", f"the intermediate sigma must lie between sigma_min {sigma_min:g} and "
+                                         f"sigma_max {sigma_max:g}, got {mid_sigma:g}")
     return [sigma_max, 0.0] if steps == 1 else [sigma_max, mid_sigma, 0.0]
+
+
+def torch_device(spec, argument="device"):
+    """`torch.device(spec)`, checked to exist here: ArgumentError naming `argument` otherwise."""
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError, ValueError):
+        raise ArgumentError(argument, f"{spec!r} is not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        found = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA here"
+        raise ArgumentError(argument, f"{spec!r} is not available ({found}); use cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ArgumentError(argument, f"{spec!r} is not available here; use cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ArgumentError(argument, f"{spec!r}: cmt runs on cpu, cuda or mps")
+    return device
+
+
+def check_finite(samples, source):
+    """NonFiniteSamples (naming `source`) if any sample holds NaN or inf: say so, plot and score nothing."""
+    bad = int((~torch.isfinite(samples.reshape(len(samples), -1))).any(dim=1).sum()) if len(samples) else 0
+    if bad:
+        raise NonFiniteSamples(f"{source} produced NaN or inf in {bad} of {len(samples)} samples (diverged or "
+                               "broken weights); nothing was written")
 
 
 @torch.no_grad()
 def generate(net, seeds, labels, *, sampler="ode", solver=DEFAULT_SOLVER, steps=DEFAULT_STEPS, grid=DEFAULT_GRID,
-             sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, mid_sigma=None, batch_size=DEFAULT_BATCH_SIZE, device=None):
+             sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, mid_sigma=None, batch_size=DEFAULT_BATCH_SIZE, device=None,
+             state=None, progress=None, renoise=None):
     """Samples `[len(seeds), *net.data_shape]` (float32, CPU) for integer `labels` `[len(seeds)]`.
+    renoise: `flow_map_sample`'s (None: re-noise between the jumps of consistency networks only).
 
     `sampler="ode"`: `solver` over `steps` steps of the `grid` sigmas. `sampler="flowmap"`: 1 step
-    `[sigma_max, 0]` or 2 steps `[sigma_max, mid_sigma, 0]`.
+    `[sigma_max, 0]` or 2 steps `[sigma_max, mid_sigma, 0]`; a consistency network's re-noising
+    draws sample i's noise from seed `seeds[i] + FRESH_NOISE_SEED_OFFSET`, so every sample depends
+    on its own seed and label only. state: an accelerate process state whose ranks share the batches
+    (`cmt.distributed.map_batches`; every rank must call), None: this process alone. progress: a tqdm
+    bar to advance.
     """
     device = torch.device(device or next(net.parameters()).device)
     sigmas = sampler_sigmas(sampler, steps, grid=grid, sigma_min=sigma_min, sigma_max=sigma_max, mid_sigma=mid_sigma)
     net = net.to(device).eval()
-    outputs = []
-    for start in range(0, len(seeds), batch_size):
-        batch_seeds = seeds[start:start + batch_size]
+
+    def batch(start, stop):
+        batch_seeds = seeds[start:stop]
         noise = seed_noise(batch_seeds, net.data_shape, device)
-        batch_labels = one_hot_labels(labels[start:start + batch_size], net.label_dim)
+        batch_labels = one_hot_labels(labels[start:stop], net.label_dim)
         batch_labels = None if batch_labels is None else batch_labels.to(device)
         if sampler == "ode":
             x = ode_sample(net, noise, sigmas, batch_labels, solver)
         else:
-            generator = torch.Generator().manual_seed(int(batch_seeds[0]) + 1_000_003)
-            x = flow_map_sample(net, noise, sigmas, batch_labels, generator)
-        outputs.append(x.float().cpu())
-    return torch.cat(outputs)
+            def fresh_noise(jump):
+                offset = FRESH_NOISE_SEED_OFFSET * (jump + 1)
+                return seed_noise([int(seed) + offset for seed in batch_seeds], net.data_shape, device)
+            x = flow_map_sample(net, noise, sigmas, batch_labels, fresh_noise=fresh_noise, renoise=renoise)
+        return x.float().cpu()
+
+    return torch.cat(map_batches(batch, len(seeds), batch_size, state=state, progress=progress))
 
 
-def save_samples(samples, path, labels=None, reference=None, nrow=None):
-    """Images `[N, C, H, W]` -> PNG grid; 2-D points `[N, 2]` -> scatter (over `reference` if given)."""
+def consistency_student(identity):
+    """True for an ECT / ECD student (its checkpoint records the method): sampled by jumps to 0 and
+    re-noising, even when its network is a flow map (started from a flow-map mid checkpoint)."""
+    path = Path(str(identity.get("path", "")))
+    if path.suffix == ".safetensors" and path.is_file():
+        return read_safetensors(path)[2].get("method") in ("ect", "ecd")
+    if path.suffix == ".pt" and path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("method") in ("ect", "ecd")
+    return False
+
+
+def save_samples(samples, path, labels=None, reference=None, nrow=None, title=None, max_images=MAX_GRID_IMAGES,
+                 min_cell=READABLE_CELL):
+    """A picture of samples people can read: images `[N, C, H, W]` -> a PNG grid of the first
+    `max_images`, each enlarged to at least `min_cell` px; 2-D points `[N, 2]` -> a scatter plot
+    (over `reference` if given, with `title` and a legend)."""
     if samples.ndim == 2 and samples.shape[1] == 2:
-        return save_scatter(samples, path, reference=reference)
-    return save_image_grid(samples.clamp(-1, 1), path, nrow=nrow)
+        return save_scatter(samples, path, reference=reference, title=title)
+    return save_image_grid(samples.clamp(-1, 1), path, nrow=nrow, max_images=max_images, min_cell=min_cell)
 
 
-def toy_reference(identity):
-    """The data's reference points behind a 2-D scatter, when the checkpoint records its toy data."""
+def metric_title(name, metrics):
+    """A picture's title: `name` and, on a second line, its metrics (`"energy distance 0.0004, ..."`)."""
+    figures = ", ".join(f"{key.replace('_', ' ')} {value:.4g}" for key, value in metrics.items())
+    return f"{name}\n{figures}" if figures else name
+
+
+def toy_data_name(identity):
+    """`toy:NAME` when the checkpoint records that it was trained on a built-in toy, else None."""
     path = Path(identity["path"])
     if path.suffix != ".safetensors" or identity["config"].get("architecture") != "mlp":
         return None
     data = read_safetensors(path)[2].get("data", "")
-    return reference_sample(data[4:]) if data.startswith("toy:") and data[4:] in TOY_NAMES else None
+    return data if data.startswith("toy:") and data[4:] in TOY_NAMES else None
 
 
-def _check_sampling(*, sampler, solver, steps, grid, sigma_min, sigma_max, mid_sigma, num, seed, batch_size):
+def toy_reference(identity):
+    """The data's reference points behind a 2-D scatter, when the checkpoint records its toy data."""
+    name = toy_data_name(identity)
+    return None if name is None else reference_sample(name[4:])
+
+
+def _check_sampling(*, sampler, solver, steps, grid, sigma_min, sigma_max, mid_sigma, num_samples, seed, batch_size):
     """What `sample` checks before it loads a network."""
     choices = {"sampler": (sampler, SAMPLERS), "solver": (solver, tuple(SOLVERS)), "grid": (grid, SIGMA_GRIDS)}
     for argument, (value, valid) in choices.items():
         if value not in valid:
             raise ArgumentError(argument, f"{value!r} is not one of {', '.join(valid)}")
-    for argument, value, least in (("steps", steps, 1), ("num", num, 1), ("seed", seed, 0), ("batch_size", batch_size, 1)):
+    for argument, value, least in (("steps", steps, 1), ("num_samples", num_samples, 1), ("seed", seed, 0),
+                                   ("batch_size", batch_size, 1)):
         if int(value) != value or value < least:
             raise ArgumentError(argument, f"must be an integer >= {least}, got {value!r}")
     for argument, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("mid_sigma", mid_sigma)):
@@ -149,22 +246,49 @@ def _check_sampling(*, sampler, solver, steps, grid, sigma_min, sigma_max, mid_s
     sampler_sigmas(sampler, steps, grid=grid, sigma_min=sigma_min, sigma_max=sigma_max, mid_sigma=mid_sigma)
 
 
+def latent_decoder(identity, vae, device):
+    """The VAE codec that turns a latent network's samples into pictures (None for pixels and points)."""
+    encoder = identity.get("encoder")
+    if encoder is None or encoder.get("kind") == "standard_rgb":
+        if vae is not None:
+            raise ArgumentError("vae", "this network works on pixels or points, not VAE latents; leave the vae out")
+        return None
+    if vae is None:
+        raise ArgumentError("vae", f"this network makes VAE latents ({encoder.get('kind')}); the picture decodes "
+                                   f"them with a VAE: the hub id {encoder.get('vae_name')} or a local diffusers "
+                                   "AutoencoderKL directory")
+    try:
+        return LatentCodec.from_encoder_info(encoder, vae=vae, device=device)
+    except (ImportError, OSError, ValueError) as error:
+        raise ArgumentError("vae", str(error)) from None
+
+
+@renamed_keywords(num="num_samples")
 def sample(*, ckpt, out, sampler="ode", solver=DEFAULT_SOLVER, steps=DEFAULT_STEPS, grid=DEFAULT_GRID,
-           sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, mid_sigma=None, num=64, seed=0, labels="random", npz=None,
-           batch_size=DEFAULT_BATCH_SIZE, device=None):
+           sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, mid_sigma=TWO_STEP_SIGMA, num_samples=64, seed=0, labels="random",
+           npz=None, vae=None, batch_size=DEFAULT_BATCH_SIZE, device=None, progress=True):
     """Sample a teacher or a student checkpoint to a PNG (and optionally an .npz); `cmt-sample`.
 
-    ckpt: a checkpoint (.safetensors, training .pt, EDM2 .pkl), a built-in teacher (mnist,
-    toy:checkerboard, toy:8gaussians, toy:moons) or an EDM2 preset. out: the PNG (image grid, or
-    scatter plot of 2-D data). sampler "ode" solves the teacher's ODE with `solver` over `steps`
-    steps of the `grid` sigmas; "flowmap" makes 1 or 2 jumps of a student (2: via `mid_sigma`).
-    Sample i uses seed `seed + i`; labels: "random", "cycle" or a class id K (ignored by an
-    unconditional network). npz: also save samples, labels and seeds there. device: default cuda
-    if available, else cpu.
+    ckpt: a checkpoint (.safetensors, training .pt, EDM2 .pkl, a training snapshot), a built-in
+    teacher (mnist, toy:checkerboard, toy:8gaussians, toy:moons) or an EDM2 preset. out: the PNG
+    (a grid of the first `MAX_GRID_IMAGES` images, enlarged to `READABLE_CELL` px, or a scatter plot
+    of 2-D data with the toy metric in its title). sampler "ode" solves the teacher's ODE with
+    `solver` over `steps` steps of the `grid` sigmas; "flowmap" makes 1 or 2 jumps of a student
+    (2: via `mid_sigma`, default `cmt.edm.TWO_STEP_SIGMA`). Sample i uses seed `seed + i`; labels:
+    "random", "cycle", a class id K or "none" (ignored by an unconditional network). npz: also save
+    all samples, labels and seeds there (written before the picture). vae: for a latent network
+    (EDM2 img512), the diffusers AutoencoderKL (directory or hub id) that decodes the picture; the
+    .npz keeps the latents. device: default cuda if available, else cpu. progress: a tqdm bar.
+    Under `accelerate launch` the ranks share the batches and rank 0 writes (same samples as one
+    process).
 
-    Returns `{"out": Path, "npz": Path or None, "seeds": [...], "labels": tensor [num],
-    "samples": tensor, "identity": the checkpoint's record (cmt.teachers.resolve_teacher)}`.
+    Returns `{"out": Path, "npz": Path or None, "seeds": [...], "labels": tensor [num_samples],
+    "samples": tensor, "metrics": the toy metric of 2-D samples ({} otherwise), "identity": the
+    checkpoint's record (cmt.teachers.resolve_teacher), "rank": this process's (0 wrote the files)}`.
     """
+    local_path_only("out", out)
+    if npz is not None:
+        local_path_only("npz", npz)
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise ArgumentError("out", f"{out}: the output must be a .png file")
@@ -172,21 +296,40 @@ def sample(*, ckpt, out, sampler="ode", solver=DEFAULT_SOLVER, steps=DEFAULT_STE
     if npz is not None and npz.suffix.lower() != ".npz":
         raise ArgumentError("npz", f"{npz}: must end in .npz")
     _check_sampling(sampler=sampler, solver=solver, steps=steps, grid=grid, sigma_min=sigma_min,
-                    sigma_max=sigma_max, mid_sigma=mid_sigma, num=num, seed=seed, batch_size=batch_size)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+                    sigma_max=sigma_max, mid_sigma=mid_sigma, num_samples=num_samples, seed=seed,
+                    batch_size=batch_size)
+    state = distributed_state()
+    device = device or (str(state.device) if state.num_processes > 1 else
+                        "cuda" if torch.cuda.is_available() else "cpu")
+    device = str(torch_device(device))
     try:
         net, identity = resolve_teacher(ckpt, device=device)
     except ArgumentError:
         raise
     except (ValueError, FileNotFoundError) as error:
         raise ArgumentError("ckpt", str(error)) from None
-    sample_labels = pick_labels(labels, num, net.label_dim, seed)
-    seeds = list(range(seed, seed + num))
+    codec = latent_decoder(identity, vae, device)
+    sample_labels = pick_labels(labels, num_samples, net.label_dim, seed)
+    seeds = list(range(seed, seed + num_samples))
+    bar = tqdm(total=num_samples, unit="sample", desc="cmt-sample", dynamic_ncols=True,
+               disable=not (progress and state.is_main_process))
     samples = generate(net, seeds, sample_labels, sampler=sampler, solver=solver, steps=steps, grid=grid,
                        sigma_min=sigma_min, sigma_max=sigma_max, mid_sigma=mid_sigma,
-                       batch_size=batch_size, device=device)
-    save_samples(samples, out, reference=toy_reference(identity))
-    if npz is not None:
-        npz.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(npz, samples=samples.numpy(), labels=sample_labels.numpy(), seeds=np.array(seeds, dtype=np.int64))
-    return {"out": out, "npz": npz, "seeds": seeds, "labels": sample_labels, "samples": samples, "identity": identity}
+                       batch_size=batch_size, device=device, state=state, progress=bar,
+                       renoise=consistency_student(identity))
+    bar.close()
+    check_finite(samples, f"{identity.get('path') or ckpt}")
+    toy = toy_data_name(identity) if samples.ndim == 2 else None
+    metrics = {}
+    if state.is_main_process:
+        metrics = embedded_metric(toy, samples) if toy is not None else {}
+        if npz is not None:   # the samples first: a picture that fails to draw loses nothing
+            write_npz(npz, samples=samples.numpy(), labels=sample_labels.numpy(),
+                      seeds=np.array(seeds, dtype=np.int64))
+        shown = samples if codec is None else codec.decode(samples[:MAX_GRID_IMAGES].to(device)).cpu()
+        what = f"{Path(str(identity.get('path') or ckpt)).name}, {sampler} {steps} step{'s' * (steps > 1)}"
+        save_samples(shown, out, reference=None if toy is None else reference_sample(toy[4:]),
+                     title=metric_title(what, metrics))
+    state.wait_for_everyone()
+    return {"out": out, "npz": npz, "seeds": seeds, "labels": sample_labels, "samples": samples, "metrics": metrics,
+            "identity": identity, "rank": state.process_index}

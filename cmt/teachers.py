@@ -15,13 +15,15 @@ import hashlib
 import pickle
 from pathlib import Path
 
-from cmt.checkpoint import load_network, read_safetensors, save_network
+from cmt.checkpoint import load_network, read_edm2_pickle, read_safetensors, save_network
 from cmt.download import DownloadError, fetch, is_url
 from cmt.errors import ArgumentError
 from cmt.guidance import apply_guidance
-from cmt.networks.edm2_pickle import load_edm2_pickle
 
 BUILTIN_TEACHERS = ("mnist", "toy:checkerboard", "toy:8gaussians", "toy:moons")
+# The share of label-free training of the built-in teachers (their recipes, cmt/assets/teachers/README.md):
+# the class-conditional mnist teacher was trained without label dropout.
+BUILTIN_LABEL_DROPOUT = {"mnist": 0.0}
 TEACHER_DIR = Path(__file__).resolve().parent / "assets" / "teachers"
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pkl")
 
@@ -89,7 +91,7 @@ def _resolve_edm2(source, device):
     if not path.is_file():
         raise FileNotFoundError(f"EDM2 checkpoint not found: {path}")
     if path.suffix == ".pkl":
-        loaded = load_edm2_pickle(path)
+        loaded = read_edm2_pickle(path)
         net = loaded.net.to(device).eval()
         return net, _identity("edm2", path, net, preset=preset, encoder=loaded.encoder)
     net = load_network(path, device=device)
@@ -117,10 +119,24 @@ def resolve_teacher(name_or_path, ckpt=None, device="cpu", guidance=None, guide_
         except (ValueError, OSError) as error:
             raise ArgumentError("guide_ckpt", str(error)) from None
     try:
-        denoiser, record = apply_guidance(net, guidance, guide, guide_identity)
+        denoiser, record = apply_guidance(net, guidance, guide, guide_identity, teacher_label_dropout(identity))
     except ArgumentError as error:
         raise ArgumentError({"guide": "guide_ckpt"}.get(error.argument, error.argument), error.message) from None
     return denoiser, identity if record is None else dict(identity, guidance=record)
+
+
+def teacher_label_dropout(identity):
+    """The share of label-free training a teacher records: 0 for EDM2's official networks (EDM2 trains
+    none) and the built-in teachers (`BUILTIN_LABEL_DROPOUT`), what `train_diffusion` records in our
+    checkpoints (`label_dropout`), None when unknown (then classifier-free guidance is allowed)."""
+    if identity.get("kind") == "edm2":
+        return 0.0
+    if identity.get("kind") == "builtin":
+        return BUILTIN_LABEL_DROPOUT.get(identity.get("name"))
+    path = Path(str(identity.get("path", "")))
+    if path.suffix == ".safetensors" and path.is_file():
+        return read_safetensors(path)[2].get("label_dropout")
+    return None
 
 
 def _resolve(name, ckpt, device):
@@ -167,9 +183,9 @@ def convert_checkpoint(*, source, out, overwrite=False):
     if not path.is_file():
         raise ArgumentError("source", f"file not found: {path}")
     try:
-        loaded = load_edm2_pickle(path)
+        loaded = read_edm2_pickle(path)
     except (pickle.UnpicklingError, EOFError, ValueError) as error:
-        raise ArgumentError("source", f"{path}: {error}") from None
+        raise ArgumentError("source", str(error)) from None
     save_network(out, loaded.net, extra_config={"source": str(path), "encoder": loaded.encoder,
                                                 "module_src_sha256": loaded.module_src_sha256})
     return {"out": out, "source": path, "parameters": sum(p.numel() for p in loaded.net.parameters()),

@@ -132,15 +132,27 @@ def _labels_from_array(array, path, key, count):
     return torch.from_numpy(array.astype(np.int64))
 
 
+def read_npz(path):
+    """Every array of an .npz file, never unpickling (object arrays are refused); a file that is not
+    an .npz is a ValueError naming it (and never suggesting allow_pickle=True)."""
+    try:
+        with np.load(path, allow_pickle=False) as contents:
+            if not hasattr(contents, "files"):
+                raise ValueError("a single .npy array, not an .npz archive")
+            return {key: contents[key] for key in contents.files}
+    except (OSError, EOFError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{path}: not a readable .npz file ({error})") from None
+    except ValueError as error:
+        detail = ("it is not an .npz archive, or holds pickled Python objects, which are refused (their "
+                  "unpickling could run code)") if "pickle" in str(error) else str(error)
+        raise ValueError(f"{path}: not a readable .npz file: {detail}") from None
+
+
 def load_npz(path, resolution=None):
     """Images under key x / images / samples / arr_0 (NCHW or NHWC, uint8 or float in [-1, 1]),
     labels under `labels` / `y` (integers or one-hot), if present."""
     path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as contents:
-            arrays = {key: contents[key] for key in contents.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as error:
-        raise ValueError(f"{path}: not a readable .npz file ({error})") from None
+    arrays = read_npz(path)
     image_key = next((key for key in NPZ_IMAGE_KEYS if key in arrays), None)
     if image_key is None:
         raise ValueError(f"{path}: no image array; found keys {sorted(arrays)}, accepted: {', '.join(NPZ_IMAGE_KEYS)}")

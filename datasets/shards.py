@@ -56,11 +56,13 @@ class ShardReader(torch.utils.data.IterableDataset):
     num_workers: reader processes when iterated directly (a DataLoader is made inside); as the
         dataset of your own DataLoader, use `batch_size=None` there.
     cache_bytes: decoded shards each reader process keeps in memory (0: read every epoch again).
+    exclude_endpoint: never yield the last stored state (the endpoint itself) as a sample's state;
+        for targets that are the endpoint, where it would cost nothing and teach nothing.
     """
 
     def __init__(self, path, batch_size, *, seed=0, shuffle=True, states_per_trajectory="all", pairs=False,
                  with_trajectory=False, rank=None, world_size=None, num_workers=0, endless=True, verify=True,
-                 cache_bytes=4 << 30, dtype=torch.float32):
+                 cache_bytes=4 << 30, dtype=torch.float32, exclude_endpoint=False):
         super().__init__()
         self.dataset = path if isinstance(path, TrajectoryDataset) else TrajectoryDataset(path)
         if batch_size < 1:
@@ -88,6 +90,7 @@ class ShardReader(torch.utils.data.IterableDataset):
         self.verify = verify
         self.cache_bytes = cache_bytes
         self.dtype = dtype
+        self.exclude_endpoint = bool(exclude_endpoint) and not pairs and self.num_states > 1
 
     # -- which shards this reader process reads ---------------------------------------------------
     def _units(self, consumer, consumers):
@@ -117,7 +120,7 @@ class ShardReader(torch.utils.data.IterableDataset):
             first, second = np.triu_indices(self.num_states, k=1)
             choices = len(first)
         else:
-            choices = self.num_states
+            choices = self.num_states - int(self.exclude_endpoint)
         if self.states_per_trajectory == "all" or self.states_per_trajectory >= choices:
             picks = np.tile(np.arange(choices), (count, 1))
         else:

@@ -95,7 +95,7 @@ def test_the_recorded_commands_are_what_the_commands_accept(first_run):
 @pytest.mark.parametrize("data", DATA_CHOICES)
 def test_the_teacher_recipes_spell_as_cmt_train_diffusion(tmp_path, data):
     # --train-teacher reports `cmt-train diffusion` with the recipe's keywords as options.
-    recipe = {**TEACHER_RECIPES[data], "out": str(tmp_path), "eval_num": 0, "seed": 0}
+    recipe = {**TEACHER_RECIPES[data], "out": str(tmp_path), "num_samples": 0, "seed": 0}
     options = parsed_options(shlex.join(command_words("cmt-train diffusion", recipe)))
     assert {name: options[name] for name in recipe} == {**recipe, "out": options["out"]}
     assert str(options["out"]) == str(tmp_path)

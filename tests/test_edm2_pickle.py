@@ -164,8 +164,16 @@ def test_guided_teachers_from_pickles(tiny_pickle, tmp_path, monkeypatch):
     assert identity["guidance"]["weight"] == 1.7 and identity["guidance"]["guide"]["path"] == str(guide_path)
     assert guided.data_shape == (4, 8, 8) and guided.label_dim == 3
 
-    cfg, identity = resolve_teacher(str(path), guidance=2.0)
-    assert identity["guidance"]["kind"] == "classifier_free" and identity["guidance"]["guide"] is None
+    # EDM2 trains no label dropout: classifier-free guidance of its class-conditional nets against their
+    # own label-free output is refused (issue 9); an unconditional guide network gives it.
+    with pytest.raises(ArgumentError, match="unconditional guide") as refused:
+        resolve_teacher(str(path), guidance=2.0)
+    assert refused.value.argument == "guidance"
+    uncond_path = tmp_path / "uncond.pkl"
+    uncond16 = tiny_official_network(model_channels=8, label_dim=0)
+    write_edm2_pickle(uncond_path, monkeypatch, dict(ema=uncond16), module_src="")
+    cfg, identity = resolve_teacher(str(path), guidance=2.0, guide_ckpt=uncond_path)
+    assert identity["guidance"]["kind"] == "classifier_free" and identity["guidance"]["guide"]["path"] == str(uncond_path)
     with torch.no_grad():
-        uncond = load_edm2_pickle(path).net(inputs[0], inputs[1], None)
+        uncond = load_edm2_pickle(uncond_path).net(inputs[0], inputs[1], None)
         torch.testing.assert_close(cfg(*inputs), uncond + 2.0 * (expected - uncond), atol=1e-5, rtol=1e-5)

@@ -12,6 +12,7 @@ from cmt.builders.inspect import inspect_trajectories
 from cmt.cli.inspect import main
 from cmt.errors import ArgumentError
 from cmt.formats import checksum, encode_shard, open_location, write_atomic
+from cmt.images import LABEL_HEIGHT
 from cmt.manifest import TrajectoryDataset, read_json, write_json
 from conftest import gmm_teacher, invoke_command
 
@@ -103,7 +104,8 @@ def test_preview_draws_images_and_scatter_plots(points, tmp_path):
     images = make(tmp_path / "images", data_shape=(1, 4, 4), count=12, fmt="wds")
     report = inspect_trajectories(images, preview=tmp_path / "images.png", preview_count=5)
     assert report["preview"] == tmp_path / "images.png"
-    assert Image.open(tmp_path / "images.png").size == (7 * (4 + 2) + 2, 5 * (4 + 2) + 2)  # 7 states x 5 trajectories
+    # 7 states x 5 trajectories, 4 px enlarged 16x to the readable 64 px, under a strip of sigma labels
+    assert Image.open(tmp_path / "images.png").size == (7 * (64 + 2) + 2, LABEL_HEIGHT + 5 * (64 + 2) + 2)
 
 
 def test_unfinished_or_foreign_directories_are_refused(tmp_path, points):

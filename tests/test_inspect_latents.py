@@ -18,6 +18,7 @@ from cmt.cli.build import main as build_main  # noqa: E402
 from cmt.cli.inspect import main as inspect_main  # noqa: E402
 from cmt.errors import ArgumentError  # noqa: E402
 from cmt.gmm import gmm_denoiser, random_gmm  # noqa: E402
+from cmt.images import LABEL_HEIGHT, readable_scale  # noqa: E402
 from cmt.latents import load_vae  # noqa: E402
 from cmt.manifest import TrajectoryDataset  # noqa: E402
 
@@ -44,9 +45,14 @@ def latent_set(tmp_path_factory):
 inspect = functools.partial(invoke_command, inspect_main)   # cmt-inspect in this process
 
 
+# The preview enlarges small decoded images to the readable size and labels its columns on top.
+SCALE = readable_scale(PIXELS, PIXELS)
+CELL = SCALE * PIXELS
+
+
 def tile(png, row, column):
-    top, left = 2 + row * (PIXELS + 2), 2 + column * (PIXELS + 2)
-    return png[top:top + PIXELS, left:left + PIXELS].astype(np.int64)
+    top, left = LABEL_HEIGHT + 2 + row * (CELL + 2), 2 + column * (CELL + 2)
+    return png[top:top + CELL:SCALE, left:left + CELL:SCALE].astype(np.int64)
 
 
 def test_preview_decodes_latent_trajectories(latent_set, tmp_path):
@@ -57,7 +63,7 @@ def test_preview_decodes_latent_trajectories(latent_set, tmp_path):
     code, text = inspect(shards, "--preview", out, "--vae", vae_dir)
     assert code == 0, text
     png = np.asarray(Image.open(out))
-    assert png.shape == (TRAJECTORIES * (PIXELS + 2) + 2, STATES * (PIXELS + 2) + 2, 3)
+    assert png.shape == (LABEL_HEIGHT + TRAJECTORIES * (CELL + 2) + 2, STATES * (CELL + 2) + 2, 3)
 
     # Tiles are the VAE's decoding of each state divided by sqrt(1 + sigma^2 / sigma_data^2), in EDM2's
     # raw-latent units (final = raw * scale + bias) and [0, 1] pixels.

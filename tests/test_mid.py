@@ -1,3 +1,4 @@
+import json
 import subprocess
 
 import pytest
@@ -13,6 +14,7 @@ from cmt.gmm import gmm_denoiser, random_gmm
 from cmt.networks import build_network
 from cmt.solvers import sample_trajectory
 from cmt.trainers.distances import squared_l2
+from cmt.trainers import mid as mid_module
 from cmt.trainers.loop import STATE_FILE, read_log
 from cmt.trainers.mid import endpoint_loss, flowmap_loss, mid_train, secant_velocity
 from cmt.trainers.students import average_velocity, consistency_output
@@ -247,3 +249,23 @@ def test_mid_runs_on_two_cpu_processes(shards, tmp_path):
     state = torch.load(out / STATE_FILE, weights_only=True)
     assert len(state["data"]) == 2   # one reader state per rank, gathered on rank 0
     assert load_network(out / "mid.pt").sigma_min == 0.002
+
+
+def test_max_trajectories_trains_on_the_first_n_only(shards, tmp_path, monkeypatch):
+    _, data = shards   # 24 trajectories in shards of 12
+    seen = []
+    original = endpoint_loss
+
+    def recording_loss(net, batch, ctx, **kwargs):
+        seen.extend(batch["index"].tolist())
+        return original(net, batch, ctx, **kwargs)
+
+    monkeypatch.setitem(mid_module.OBJECTIVES, "endpoint", recording_loss)
+    code, output = run_mid("--data", data, "--out", tmp_path / "run", "--max-trajectories", 5, "--max-steps", 6,
+                           "--batch-size", 8, "--workers", 0, "--num-samples", 16, "--eval-data", "toy:moons")
+    assert code == 0, output
+    assert sorted(set(seen)) == [0, 1, 2, 3, 4] and len(seen) == 48
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["trajectories"] == 5
+    code, output = run_mid("--data", data, "--out", tmp_path / "other", "--max-trajectories", 25)
+    assert code == 2 and "--max-trajectories" in output and "24 trajectories" in output
+    assert not (tmp_path / "other").exists()

@@ -9,7 +9,7 @@ from PIL import Image
 import cmt
 from cmt.checkpoint import load_network, save_network
 from cmt.cli.sample import main
-from cmt.edm import flow_map_jump
+from cmt.edm import TWO_STEP_SIGMA, flow_map_jump
 from cmt.errors import ArgumentError
 from cmt.networks import build_network
 from cmt.sampling import flow_map_sample, generate, pick_labels
@@ -48,8 +48,8 @@ def test_images_grid_and_npz(tmp_path, image_ckpt):
     saved = np.load(npz)
     assert saved["samples"].shape == (6, 1, 8, 8) and np.isfinite(saved["samples"]).all()
     assert saved["labels"].tolist() == [3] * 6 and saved["seeds"].tolist() == list(range(5, 11))
-    # 6 tiles of 8 px with 2 px padding on a 3 x 2 layout.
-    assert Image.open(out).size == (3 * 10 + 2, 2 * 10 + 2)
+    # 6 tiles of 8 px, enlarged 8x to the readable 64 px, with 2 px padding on a 3 x 2 layout.
+    assert Image.open(out).size == (3 * 66 + 2, 2 * 66 + 2)
 
 
 def test_each_sample_depends_only_on_its_seed_and_label(tmp_path, image_ckpt):
@@ -109,8 +109,14 @@ def test_flowmap_cli_on_a_student(tmp_path):
                     "--out", tmp_path / "s.png", "--npz", npz)
     assert result.exit_code == 0, result.output
     assert np.load(npz)["samples"].shape == (10, 2)
-    missing_mid = sample("--ckpt", ckpt, "--sampler", "flowmap", "--steps", 2, "--out", tmp_path / "t.png")
-    assert missing_mid.exit_code == 2 and "--mid-sigma" in missing_mid.output
+    # --mid-sigma defaults to the CMT setting TWO_STEP_SIGMA, as in training.
+    default_mid = sample("--ckpt", ckpt, "--sampler", "flowmap", "--steps", 2, "--num-samples", 10,
+                         "--out", tmp_path / "t.png", "--npz", tmp_path / "t.npz")
+    explicit_mid = sample("--ckpt", ckpt, "--sampler", "flowmap", "--steps", 2, "--num-samples", 10,
+                          "--mid-sigma", TWO_STEP_SIGMA, "--out", tmp_path / "u.png", "--npz", tmp_path / "u.npz")
+    assert default_mid.exit_code == explicit_mid.exit_code == 0, default_mid.output
+    np.testing.assert_array_equal(np.load(tmp_path / "t.npz")["samples"], np.load(tmp_path / "u.npz")["samples"])
+    assert not np.array_equal(np.load(tmp_path / "t.npz")["samples"], np.load(npz)["samples"])
 
 
 def test_labels():
@@ -157,7 +163,7 @@ def test_sample_entry_point_returns_what_it_wrote(tmp_path, points_ckpt):
     ({"out": "grid.jpg"}, "out"),
     ({"npz": "s.txt"}, "npz"),
     ({"ckpt": "no/such.safetensors"}, "ckpt"),
-    ({"sampler": "flowmap", "steps": 2}, "mid_sigma"),
+    ({"sampler": "flowmap", "steps": 2, "mid_sigma": None}, "mid_sigma"),
     ({"sampler": "flowmap", "steps": 3}, "steps"),
     ({"solver": "rk4"}, "solver"),
     ({"sigma_min": 90.0}, "sigma_min"),

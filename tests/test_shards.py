@@ -136,3 +136,23 @@ def test_missing_truncated_or_corrupt_shards_are_named(dataset, tmp_path):
         assert data.shards[index]["name"] in str(error.value)
     with pytest.raises(ShardError, match=data.shards[0]["name"]):
         list(ShardReader(broken, 4, shuffle=False, endless=False))
+
+
+@pytest.mark.parametrize("limit", [17, 7, 1])
+def test_max_trajectories_reads_exactly_the_trajectories_below_the_limit(dataset, limit):
+    truth = stored(dataset)
+    subset = TrajectoryDataset(dataset, max_trajectories=limit)
+    assert len(subset) == limit and sum(entry["count"] for entry in subset.shards) == limit
+    for workers, rank, world_size in ((0, 0, 1), (2, 0, 1), (0, 1, 2))[: 1 if limit == 1 else 3]:
+        samples, _ = collect(ShardReader(subset, 4, seed=5, endless=False, num_workers=workers, rank=rank,
+                                         world_size=world_size))
+        if world_size > 1:   # the other rank's part completes this one's
+            other, _ = collect(ShardReader(subset, 4, seed=5, endless=False, rank=0, world_size=2))
+            samples = {key: torch.cat([samples[key], other[key]]) for key in samples}
+        assert sample_keys(samples, dataset) == collections.Counter({(i, s): 1 for i in range(limit) for s in range(5)})
+        rows = samples["index"].numpy()
+        np.testing.assert_array_equal(samples["state"].numpy(),
+                                      truth["states"][rows, positions(samples["sigma"], dataset)])
+    assert len(TrajectoryDataset(dataset, max_trajectories=1000)) == 30   # more than the set: all of it
+    with pytest.raises(ValueError, match="max_trajectories"):
+        TrajectoryDataset(dataset, max_trajectories=0)

@@ -62,7 +62,7 @@ def test_loss_decreases_and_samples_improve_on_8gaussians(tmp_path):
     assert trained_ed < 0.01 and trained_ed < fresh_ed / 5, (trained_ed, fresh_ed)
     logged = loop.read_log(out)[-1]
     assert logged["step"] == 300 and logged["energy_distance"] < 0.01
-    assert (out / "samples" / "step-000300.png").is_file()
+    assert (out / "samples" / "step-0000300.png").is_file()
     assert json.loads((out / "teacher.json").read_text())["extra"]["data"] == "toy:8gaussians"
 
 

@@ -8,21 +8,25 @@ import functools
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from cmt.checkpoint import save_network
 from cmt.datasets import one_hot_labels
 from cmt.edm import SIGMA_DATA, sample_lognormal_sigmas
 from cmt.errors import ArgumentError
+from cmt.flags import renamed_keywords
 from cmt.metrics import embedded_metric
-from cmt.sampling import generate, pick_labels, save_samples
+from cmt.images import MAX_GRID_IMAGES
+from cmt.outputs import step_file_name
+from cmt.sampling import check_finite, generate, metric_title, pick_labels, save_samples
 from cmt.solvers import SOLVERS
-from cmt.trainers import loop
+from cmt.trainers import loop, recipes
 from cmt.trainers.data import data_batches, default_arch, network_for, training_data
 
 P_MEAN, P_STD = -0.4, 1.0   # EDM2's training sigma distribution
 # lr=None: per architecture. EDM2's magnitude-preserving net takes a larger lr.
 DIFFUSION_LR = {"edm2": 1e-2, "mlp": 3e-3}
-# eval_num=None: samples for the metric, per kind of data.
+# num_samples=None: samples for the metric, per kind of data.
 EVAL_NUM = {"images": 2000, "points": 4096}
 # The trainer options whose defaults differ from loop.TRAIN_DEFAULTS in this phase.
 DIFFUSION_DEFAULTS = {"max_steps": 2000, "batch_size": 128, "lr": None}
@@ -58,30 +62,43 @@ def diffusion_loss(net, batch, ctx, *, label_dim, sigma_data=SIGMA_DATA, p_mean=
     return per_sample / logvar.exp() + logvar, {"weighted_mse": per_sample.mean().detach()}
 
 
-def sample_and_measure(ema, step, out, *, data, solver, steps, eval_num, grid_num=100):
-    """A grid (or scatter) of `grid_num` samples and the embedded metric over `eval_num` samples."""
+def sample_and_measure(ema, step, out, *, data, solver, steps, num_samples, grid_num=None, progress=False):
+    """A grid (or scatter) of `grid_num` samples (default: 6 rows of 10 classes, else 64) and the
+    embedded metric over `num_samples` samples; returns the metric and the picture's path."""
     label_dim = ema.label_dim
+    grid_num = grid_num or (60 if label_dim == 10 else MAX_GRID_IMAGES)
     grid_labels = pick_labels("cycle", grid_num, label_dim)
     grid = generate(ema, list(range(grid_num)), grid_labels, solver=solver, steps=steps)
+    check_finite(grid, "the teacher's sampler")
     is_points = grid.ndim == 2
     logs = {}
-    if eval_num:
-        seeds = list(range(10**6, 10**6 + eval_num))
-        samples = generate(ema, seeds, pick_labels("random", eval_num, label_dim, seed=step), solver=solver,
-                           steps=steps)
+    if num_samples:
+        seeds = list(range(10**6, 10**6 + num_samples))
+        with tqdm(total=num_samples, unit="sample", desc=f"sampling at step {step}", disable=not progress,
+                  leave=False, dynamic_ncols=True) as bar:
+            samples = generate(ema, seeds, pick_labels("random", num_samples, label_dim, seed=step), solver=solver,
+                               steps=steps, progress=bar)
+        check_finite(samples, "the teacher's sampler")
         logs = {key: value for key, value in embedded_metric(data, samples).items()}
         if is_points:
             grid = samples
     reference = data.reference() if is_points else None
-    save_samples(grid, Path(out) / "samples" / f"step-{step:06d}.png", reference=reference,
-                 nrow=10 if label_dim == 10 else None)
-    return logs
+    picture = Path(out) / "samples" / step_file_name("step", step, ".png")
+    save_samples(grid, picture, reference=reference, nrow=10 if label_dim == 10 else None,
+                 title=metric_title(f"teacher at step {step}, {solver} {steps} steps", logs))
+    return {**logs, "samples": picture}
 
 
+@renamed_keywords(eval_num="num_samples")
+@recipes.with_recipe("diffusion")
 def train_diffusion(*, data, out, resolution=None, arch=None, channels=None, channel_mult=None, num_blocks=None,
                     attn_res=None, dropout=0.0, cond=True, label_dropout=0.0, p_mean=P_MEAN, p_std=P_STD,
-                    uncertainty=True, sample_solver="dpm++3m", sample_steps=16, eval_num=None, **train_options):
+                    uncertainty=True, sample_solver="dpm++3m", sample_steps=16, num_samples=None, recipe=None,
+                    resolved_options=None, **train_options):
     """Pre-train a diffusion teacher (EDM2 objective); writes `out/teacher.safetensors` (EMA weights).
+
+    recipe: one of EDM2's presets (`cmt.trainers.recipes.DIFFUSION_RECIPES`, from NVlabs/edm2
+    train_edm2.py: edm2-img512-xs ... edm2-img64-xl); arguments given explicitly override it.
 
     data: mnist, toy:NAME (checkerboard, 8gaussians, moons, swissroll, rings), or a path to an image
     folder / .npz / EDM dataset .zip; resolution resizes images (mnist: 16 by default).
@@ -91,8 +108,9 @@ def train_diffusion(*, data, out, resolution=None, arch=None, channels=None, cha
     cond: class-conditional when the data has labels; label_dropout: the unconditional share (guidance).
     p_mean, p_std: training sigmas, log(sigma) ~ N(p_mean, p_std^2); uncertainty: EDM2's learned
     weighting, loss / exp(logvar(sigma)) + logvar(sigma).
-    sample_solver, sample_steps: the sampler of the sample grids and the metric; eval_num: samples for
-    the embedded metric at each `sample_every` and the end (None: `EVAL_NUM` of the data's kind; 0: none).
+    sample_solver, sample_steps: the sampler of the sample grids and the metric; num_samples: samples
+    for the embedded metric at each `sample_every` and the end (None: `EVAL_NUM` of the data's kind;
+    0: none; the old keyword eval_num still works).
     train_options: the shared trainer options, `TrainConfig`'s fields (max_steps, batch_size, lr, ...,
     resume, tensorboard, progress), defaults `DIFFUSION_DEFAULTS` over `loop.TRAIN_DEFAULTS`;
     lr=None takes `DIFFUSION_LR` of the architecture.
@@ -113,18 +131,21 @@ def train_diffusion(*, data, out, resolution=None, arch=None, channels=None, cha
                                   p_mean=p_mean, p_std=p_std, uncertainty=uncertainty,
                                   label_dropout=label_dropout)
     batches = data_batches(data, trainer.micro_batch_size, trainer.seed_for(0))
-    if eval_num is None:
-        eval_num = EVAL_NUM["points" if len(data.data_shape) == 1 else "images"]
+    if num_samples is None:
+        num_samples = EVAL_NUM["points" if len(data.data_shape) == 1 else "images"]
     sample_fn = functools.partial(sample_and_measure, data=data, solver=sample_solver, steps=sample_steps,
-                                  eval_num=eval_num)
+                                  num_samples=num_samples, progress=config.progress)
     extra = {"phase": "diffusion", "data": data.name, "max_steps": config.max_steps,
-             "batch_size": config.batch_size, "p_mean": p_mean, "p_std": p_std}
+             "batch_size": config.batch_size, "p_mean": p_mean, "p_std": p_std,
+             "label_dropout": label_dropout if net.label_dim else None}   # what classifier-free guidance needs
     model = config.out / "teacher.safetensors"
 
     def save_final(ema, _net, out):
         save_network(model, ema, extra_config=extra)
 
     trainer.fit(net, objective, batches, sample_fn=sample_fn, save_final=save_final,
-                run_info={"phase": "diffusion", "data": data.name, "network": net.config})
+                run_info={"phase": "diffusion", "data": data.name, "network": net.config,
+                          **(resolved_options or {"recipe": recipe})},
+                run_options=loop.phase_options(train_diffusion, locals()))
     return {"out": config.out, "model": model, "log": config.out / loop.LOG_FILE,
             "state": config.out / loop.STATE_FILE, "metrics": loop.final_metrics(config.out)}

@@ -13,9 +13,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.metadata
+import inspect
 import json
 import math
 import os
+import platform
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,15 +30,32 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, gather_object
+from PIL import Image
 from tqdm.auto import tqdm
 
-from cmt.errors import ArgumentError
+from cmt.checkpoint import read_torch_file, save_network
+from cmt.errors import ArgumentError, EvaluationFailed, TrainingStopped, local_path_only
+from cmt.outputs import step_file_name
 
 STATE_FILE = "training-state.pt"
 LOG_FILE = "log.jsonl"
+RUN_FILE = "run.json"
+SNAPSHOT_DIR = "snapshots"
+# The log's count of training images so far (log.jsonl files written before it was named so call it
+# "images"; `read_log` renames it).
+IMAGES_SEEN = "images_seen"
+TRAINING_FIGURES = ("loss", "grad_norm", "lr", "skipped", IMAGES_SEEN, "sec_per_step")
 LR_SCHEDULES = ("constant", "linear", "invsqrt")
 OPTIMIZERS = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
+# The options a resumed run may change; every other option (the TrainConfig's and the phase's) must
+# be the saved run's, or --resume is refused with the list of differences. max_steps may grow (the
+# run is extended, as if it had been asked for from the start), except under the linear lr
+# schedule, which max_steps defines; it may not fall below the saved step.
+RESUMABLE_OPTIONS = ("out", "resume", "log_every", "ckpt_every", "sample_every", "snapshot_every", "tensorboard",
+                     "progress", "max_nonfinite_steps")
+# Exit codes of a run stopped by a signal (after saving its state): the shell's 128 + signal number.
+SIGNAL_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 @dataclass
@@ -60,16 +82,20 @@ class TrainConfig:
     log_every: int = 100
     ckpt_every: int = 1000
     sample_every: int = 0           # 0 = only at the end
+    snapshot_every: int = 0         # EMA weights to snapshots/snapshot-NNNNNNN.safetensors; 0 = none
     resume: bool = False
     tensorboard: bool = False
     progress: bool = True
+    max_nonfinite_steps: int = 100  # stop after this many consecutive steps with a NaN/inf loss; 0: never
+
 
     def __post_init__(self):
+        local_path_only("out", self.out)
         self.out = Path(self.out)
         for name in ("max_steps", "batch_size", "lr_ref_steps", "grad_accum", "log_every", "ckpt_every"):
             if getattr(self, name) < 1:
                 raise ArgumentError(name, f"must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "sample_every", "seed", "weight_decay"):
+        for name in ("warmup_steps", "sample_every", "snapshot_every", "seed", "weight_decay", "max_nonfinite_steps"):
             if getattr(self, name) < 0:
                 raise ArgumentError(name, f"must be >= 0, got {getattr(self, name)}")
         if self.lr is None or not self.lr > 0:
@@ -203,9 +229,76 @@ class _Counted:
 
 
 def save_atomic(obj: Any, path: Path) -> None:
+    """`torch.save` through a temporary name and a rename: `path` is the old file or the new one, and
+    a failed write (a full disk) leaves no temporary behind and raises an OSError naming `path`."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as file:
+            torch.save(obj, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException as error:
+        tmp.unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.filename is None:
+            raise OSError(error.errno, error.strerror or str(error), str(path)) from error
+        raise
+
+
+def phase_options(function: Callable, values: dict) -> dict:
+    """The run-defining options of a phase: the keyword arguments of its entry point `function`
+    (as resolved in `values`, its locals) except `out` and the trainer options; a value that is not
+    plain data (a resolved data set) by its name. What `--resume` compares with the saved run."""
+    def plain(value):
+        if value is None or isinstance(value, (str, int, float, bool)):
+            return value
+        if isinstance(value, (list, tuple)):
+            return [plain(item) for item in value]
+        if isinstance(value, dict):
+            return {str(key): plain(item) for key, item in value.items()}
+        if isinstance(value, Path):
+            return str(value)
+        return str(getattr(value, "name", type(value).__name__))
+    names = [name for name, parameter in inspect.signature(function).parameters.items()
+             if parameter.kind == parameter.KEYWORD_ONLY and name != "out"]
+    return {name: plain(values[name]) for name in names if name in values}
+
+
+def run_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """`name: saved X, now Y` for every option whose value differs (nested dicts by dotted name)."""
+    differences = []
+    for name in sorted(set(saved) | set(current)):
+        old, new = saved.get(name, "(not set)"), current.get(name, "(not set)")
+        if isinstance(old, dict) and isinstance(new, dict):
+            differences += run_differences(old, new, f"{prefix}{name}.")
+        elif old != new:
+            differences.append(f"{prefix}{name}: saved {old!r}, now {new!r}")
+    return differences
+
+
+class _StopSignals:
+    """SIGINT / SIGTERM during training: remember the first (the loop saves its state and stops at
+    the end of the step); a second one of the same kind stops at once. Only in the main thread."""
+
+    def __init__(self):
+        self.signum, self.previous = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in SIGNAL_EXIT_CODES:
+                self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum == signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        return False
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -245,6 +338,12 @@ class Trainer:
         # Networks built after this line get the same initial weights on every rank and every run.
         torch.manual_seed(derive_seed(config.seed, 2**32))
         state_path = self.out / STATE_FILE
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ArgumentError("out", f"cannot create the run folder {self.out}: {error.strerror}") from None
+        if not os.access(self.out, os.W_OK | os.X_OK):
+            raise ArgumentError("out", f"the run folder {self.out} is not writable")
         if config.resume and not state_path.is_file():
             raise ArgumentError("resume", f"no {STATE_FILE} in {self.out} to resume from")
         if not config.resume and state_path.exists():
@@ -270,11 +369,23 @@ class Trainer:
         sample_fn: Callable[[torch.nn.Module, int, Path], dict] | None = None,
         save_final: Callable[[torch.nn.Module, torch.nn.Module, Path], None] | None = None,
         run_info: dict | None = None,
+        run_options: dict | None = None,
     ) -> torch.nn.Module:
         """Train; returns the EMA network. `sample_fn(ema, step, out)` runs on rank 0 every
         `sample_every` steps and at the end and returns scalars to log; `save_final(ema, net, out)`
-        writes the phase's deliverable on rank 0."""
+        writes the phase's deliverable on rank 0. `run_options` (`phase_options`) and the config
+        (but `RESUMABLE_OPTIONS`) are saved with the state; `resume` refuses a run that differs.
+
+        Nothing trained is lost: the final training state and `save_final` are written before the
+        final sampling; a failed sampling is raised as `EvaluationFailed` once everything is saved.
+        SIGINT / SIGTERM save the state and raise `TrainingStopped` (exit code 130 / 143);
+        `max_nonfinite_steps` consecutive steps with a non-finite loss raise `TrainingStopped`
+        without writing a model."""
         config, acc = self.config, self.accelerator
+        fixed = lambda values: {k: v for k, v in values.items() if k not in RESUMABLE_OPTIONS + ("max_steps",)}
+        self.run_record = json.loads(json.dumps({
+            "phase": (run_info or {}).get("phase"), "max_steps": config.max_steps,
+            "train": fixed(dataclasses.asdict(config)), "options": fixed(run_options or {})}, default=str))
         if not hasattr(batches, "state_dict"):
             batches = _Counted(iter(batches))
         ema = copy.deepcopy(net).float().eval().requires_grad_(False).to(self.device)
@@ -286,7 +397,7 @@ class Trainer:
 
         start_step, skipped = 0, 0
         if config.resume:
-            state = torch.load(self.out / STATE_FILE, map_location="cpu", weights_only=True)
+            state = self._read_state()
             if state["config"] != getattr(plain_net, "config", None):
                 raise ArgumentError("resume", f"the network in {self.out / STATE_FILE} has another config")
             plain_net.load_state_dict(state["net"])
@@ -303,18 +414,42 @@ class Trainer:
 
         self.out.mkdir(parents=True, exist_ok=True)
         logger = _Logger(self.out, start_step, config.tensorboard) if self.is_main else None
+        # A snapshot carries what the final model carries (phase, data, ...), so cmt-sample reads it alike.
+        self.snapshot_info = json.loads(json.dumps(run_info or {}, default=str))
         if self.is_main and run_info is not None and not config.resume:
             info = {"train": {k: (str(v) if isinstance(v, Path) else v)
-                              for k, v in dataclasses.asdict(config).items()}, **run_info}
-            (self.out / "run.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+                              for k, v in dataclasses.asdict(config).items()}, **run_info,
+                    "num_processes": self.num_processes, "versions": software_versions()}
+            write_text_atomic(self.out / RUN_FILE, json.dumps(info, indent=2, default=str) + "\n")
 
         generator = torch.Generator(self.device)
         ctx = Context(step=start_step, max_steps=config.max_steps, generator=generator,
                       device=self.device, accelerator=acc)
-        sums: dict[str, float] = {}
-        count, tick = 0, time.time()
         bar = tqdm(range(start_step, config.max_steps), initial=start_step, total=config.max_steps,
                    disable=not (self.is_main and config.progress), dynamic_ncols=True)
+        self.saved_step = start_step if config.resume else None
+        with _StopSignals() as signals:
+            try:
+                failure = self._steps(bar, net, plain_net, ema, optimizer, objective, batches, ctx, skipped,
+                                      sample_fn, save_final, logger, signals)
+                if start_step >= config.max_steps and self.is_main and save_final is not None:
+                    save_final(ema, plain_net, self.out)   # a finished run resumed: write its deliverable again
+            finally:
+                if logger is not None:
+                    logger.close()
+        acc.wait_for_everyone()
+        if failure is not None:
+            raise EvaluationFailed(f"training finished and its model is saved in {self.out}, but sampling it "
+                                   f"failed: {type(failure).__name__}: {failure}") from failure
+        return ema
+
+    def _steps(self, bar, net, plain_net, ema, optimizer, objective, batches, ctx, skipped, sample_fn, save_final,
+               logger, signals):
+        """The optimizer steps of `fit`; returns the first sampling failure (or None)."""
+        config, acc, generator = self.config, self.accelerator, ctx.generator
+        sums: dict[str, float] = {}
+        count, tick = 0, time.time()
+        nonfinite, failure = 0, None
         for step in bar:
             ctx.step = step
             generator.manual_seed(derive_seed(config.seed, self.rank, step, 0))
@@ -322,6 +457,7 @@ class Trainer:
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(config, step)
             net.train()
+            step_loss = 0.0
             for _ in range(config.grad_accum):
                 batch = _to_device(next(batches), self.device)
                 with acc.accumulate(net):
@@ -337,43 +473,102 @@ class Trainer:
                             optimizer.step()
                         skipped += int(not finite or acc.optimizer_step_was_skipped)
                         optimizer.zero_grad(set_to_none=True)
+                step_loss += float(loss.detach())
                 for name, value in {"loss": loss, **logs}.items():
                     sums[name] = sums.get(name, 0.0) + float(torch.as_tensor(value).detach()) / config.grad_accum
             update_ema(ema, plain_net, ema_beta(config, step))
             sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
             count += 1
             done = step + 1
+            nonfinite = 0 if math.isfinite(step_loss) else nonfinite + 1
+            diverged = bool(config.max_nonfinite_steps) and nonfinite >= config.max_nonfinite_steps
+            signum = signals.signum
+            if self.num_processes > 1:   # every rank stops at the same step
+                flags = acc.reduce(torch.tensor([float(signum or 0), float(diverged)], device=self.device), "max")
+                signum, diverged = int(flags[0]) or None, bool(flags[1])
 
             if done % config.log_every == 0 or done == config.max_steps:
                 names = sorted(sums)
                 means = acc.reduce(torch.tensor([sums[n] / count for n in names], device=self.device),
                                    "mean")
+                if logger is not None:
+                    logger.training_names.update(names)
                 record = {"step": done, **{n: float(v) for n, v in zip(names, means)},
                           "lr": learning_rate(config, step), "skipped": skipped,
-                          "images": done * config.batch_size,
+                          IMAGES_SEEN: done * config.batch_size,
                           "sec_per_step": (time.time() - tick) / count}
                 sums, count, tick = {}, 0, time.time()
                 if self.is_main:
                     bar.set_postfix(loss=f"{record['loss']:.4g}")
             else:
                 record = None
-            if sample_fn is not None and (done == config.max_steps or
-                                          (config.sample_every and done % config.sample_every == 0)):
+            if diverged:
+                if self.is_main and record is not None:
+                    logger.write(record)
+                kept = (f"{STATE_FILE} holds step {self.saved_step}" if self.saved_step
+                        else f"no {STATE_FILE} was written")
+                raise TrainingStopped(
+                    f"training diverged: the loss was not finite for {nonfinite} consecutive steps (steps "
+                    f"{done - nonfinite + 1}..{done}, lr {learning_rate(config, step):.4g}); no model was written "
+                    f"and {kept}; lower --lr (or --grad-clip), or raise --max-nonfinite-steps")
+            if done % config.ckpt_every == 0 or done == config.max_steps or signum:
+                self._save_state(done, skipped, plain_net, ema, optimizer, batches)
+            if config.snapshot_every and done % config.snapshot_every == 0 and self.is_main:
+                self._save_snapshot(done, ema)
+            if done == config.max_steps and save_final is not None and self.is_main:
+                save_final(ema, plain_net, self.out)   # the deliverable first, the final sampling after
+            if signum:
+                if self.is_main and record is not None:
+                    logger.write(record)
+                raise TrainingStopped(
+                    f"stopped by {signal.Signals(signum).name} at step {done} of {config.max_steps}; "
+                    f"{self.out / STATE_FILE} is saved: add --resume to the same command to continue",
+                    exit_code=SIGNAL_EXIT_CODES.get(signum, 128 + signum))
+            if sample_fn is not None and failure is None and (
+                    done == config.max_steps or (config.sample_every and done % config.sample_every == 0)):
                 if self.is_main:
-                    with torch.no_grad():
-                        record = {**(record or {"step": done}), **sample_fn(ema, done, self.out)}
+                    try:
+                        with torch.no_grad():
+                            record = {**(record or {"step": done}), **sample_fn(ema, done, self.out)}
+                    except Exception as error:   # training goes on; fit raises it once all is saved
+                        failure = error
                 acc.wait_for_everyone()
             if self.is_main and record is not None:
                 logger.write(record)
-            if done % config.ckpt_every == 0 or done == config.max_steps:
-                self._save_state(done, skipped, plain_net, ema, optimizer, batches)
+        return failure
 
-        if self.is_main:
-            if save_final is not None:
-                save_final(ema, plain_net, self.out)
-            logger.close()
-        acc.wait_for_everyone()
-        return ema
+    def _save_snapshot(self, step, ema) -> Path:
+        """The EMA weights at `step` as `snapshots/snapshot-NNNNNNN.safetensors` (EDM2's periodic
+        snapshots; loadable wherever a checkpoint is, e.g. `cmt-sample --ckpt`)."""
+        path = self.out / SNAPSHOT_DIR / step_file_name("snapshot", step, ".safetensors")
+        return save_network(path, ema, extra_config={**self.snapshot_info, "step": step})
+
+    def _read_state(self) -> dict:
+        """The saved training state, checked to be one (a truncated or foreign file: FileFormatError)."""
+        path = self.out / STATE_FILE
+        state = read_torch_file(path, "training state")
+        required = ("step", "skipped", "config", "net", "ema", "optimizer", "data")
+        if not isinstance(state, dict) or any(key not in state for key in required):
+            raise ArgumentError("resume", f"{path} is not a cmt training state (expected the keys "
+                                          f"{', '.join(required)})")
+        saved = state.get("run")
+        if saved is not None:
+            if saved.get("phase") != self.run_record["phase"]:
+                raise ArgumentError("resume", f"{path} is the state of a {saved.get('phase')} run, not of "
+                                              f"{self.run_record['phase']}: resume it with cmt-train "
+                                              f"{saved.get('phase')}, or choose another --out")
+            saved_steps, steps = saved.get("max_steps"), self.run_record["max_steps"]
+            if steps < int(state["step"]):
+                raise ArgumentError("max_steps", f"{path} is at step {state['step']}; max_steps {steps} is behind it")
+            if steps != saved_steps and self.config.lr_schedule == "linear":
+                raise ArgumentError("max_steps", f"{path} was saved by a run of {saved_steps} steps under the "
+                                                 f"linear lr schedule, which max_steps sets: keep {saved_steps}")
+            differences = run_differences({**saved, "max_steps": steps}, self.run_record)
+            if differences:
+                raise ArgumentError("resume", f"{path} was saved by a run with other options; only "
+                                              f"{', '.join(RESUMABLE_OPTIONS[2:])} (and a larger max_steps) "
+                                              "may change on resume: " + "; ".join(differences))
+        return state
 
     def _save_state(self, step, skipped, net, ema, optimizer, batches) -> None:
         data_states = gather_object([batches.state_dict()])
@@ -382,9 +577,10 @@ class Trainer:
                 "step": step, "skipped": skipped, "config": getattr(net, "config", None),
                 "net": net.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler else None,
-                "data": data_states,
+                "data": data_states, "run": self.run_record,
             }
             save_atomic(state, self.out / STATE_FILE)
+        self.saved_step = step
         self.accelerator.wait_for_everyone()
 
 
@@ -397,6 +593,14 @@ def _summary_writer():
     return SummaryWriter
 
 
+def _logged_step(line: str) -> float:
+    """The step of a log line; infinity for a line a killed run left half-written (dropped on resume)."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 class _Logger:
     """log.jsonl (cut back to the resumed step, so a resumed run's log reads as one run) + tensorboard."""
 
@@ -404,21 +608,32 @@ class _Logger:
         path = out / LOG_FILE
         kept = []
         if start_step > 0 and path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= start_step]
+            kept = [line for line in path.read_text().splitlines() if _logged_step(line) <= start_step]
         path.write_text("".join(line + "\n" for line in kept))
         self.file = path.open("a")
+        self.training_names: set[str] = set()   # the objective's own figures (set by the loop)
         self.writer = None
         if tensorboard:
             self.writer = _summary_writer()(str(out / "tensorboard"))
 
     def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
+        """One record: its numbers to log.jsonl; for TensorBoard also its pictures (values that are
+        paths of PNGs a `sample_fn` wrote) as images, training figures under train/, the sampling
+        metrics under metrics/."""
+        pictures = {name: value for name, value in record.items() if isinstance(value, Path)}
+        scalars = {name: value for name, value in record.items() if name not in pictures}
+        self.file.write(json.dumps(scalars) + "\n")
         self.file.flush()
         if self.writer is not None:
-            for name, value in record.items():
+            step = record["step"]
+            for name, value in scalars.items():
                 if name != "step" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(name, value, record["step"])
+                    group = "train" if name in TRAINING_FIGURES or name in self.training_names else "metrics"
+                    self.writer.add_scalar(f"{group}/{name}", value, step)
+            for name, path in pictures.items():
+                self.writer.add_image(f"samples/{name}", np.asarray(Image.open(path).convert("RGB")), step,
+                                      dataformats="HWC")
+            self.writer.flush()
 
     def close(self) -> None:
         self.file.close()
@@ -427,5 +642,22 @@ class _Logger:
 
 
 def read_log(out: Path) -> list[dict]:
+    """The records of a run's log.jsonl (an older log's "images" read as `IMAGES_SEEN`)."""
     path = Path(out) / LOG_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for record in records:
+        if "images" in record and IMAGES_SEEN not in record:
+            record[IMAGES_SEEN] = record.pop("images")
+    return records
+
+
+def software_versions() -> dict:
+    """What run.json records of the software a run used."""
+    return {"cmt": importlib.metadata.version("cmt"), "torch": torch.__version__,
+            "accelerate": importlib.metadata.version("accelerate"), "python": platform.python_version()}
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

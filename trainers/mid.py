@@ -18,11 +18,12 @@ from cmt.datasets.shards import ShardReader
 from cmt.edm import SIGMA_MAX, SIGMA_MIN, TWO_STEP_SIGMA, broadcast_sigma, sigma_to_t, x_to_z
 from cmt.errors import ArgumentError
 from cmt.manifest import TrajectoryDataset
-from cmt.trainers import loop
+from cmt.trainers import loop, recipes
 from cmt.trainers.distances import DISTANCES, make_distance, squared_l2
-from cmt.trainers.students import (STUDENT_INITS, average_velocity, build_student, consistency_output,
-                                   network_labels, plain_network, recorded_teacher_spec, resolve_teacher_or_fail,
-                                   sampling_report, save_student, student_config, student_result)
+from cmt.trainers.students import (STUDENT_INITS, average_velocity, build_student, check_report_options,
+                                   consistency_output, network_labels, plain_network, recorded_teacher_spec,
+                                   refuse_inapplicable, resolve_teacher_or_fail, sampling_report, save_student,
+                                   student_config, student_result)
 
 
 def secant_velocity(x_i, sigma_i, x_j, sigma_j):
@@ -110,10 +111,28 @@ def states_per_trajectory_count(value):
     return count
 
 
+def builtin_teacher_recipe(given):
+    """The implicit recipe of a mid-training run: the built-in teacher's (mnist, toy), if the dataset
+    manifest names one and no other teacher is given."""
+    if given.get("teacher") is not None:
+        return recipes.builtin_recipe(str(given["teacher"]))
+    try:
+        recorded = TrajectoryDataset(given["data"]).manifest.get("teacher") or {}
+    except (KeyError, ValueError, OSError):
+        return None   # mid_train names the fault itself
+    return recipes.builtin_recipe(recorded.get("name")) if recorded.get("kind") == "builtin" else None
+
+
+@recipes.with_recipe("mid", default_recipe=builtin_teacher_recipe)
 def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_resize=None, teacher=None,
-              student_init="teacher", states_per_trajectory="all", dropout=None, workers=2, eval_data=None,
-              num_samples=1000, mid_sigma=TWO_STEP_SIGMA, **train_options):
+              student_init="teacher", states_per_trajectory="all", max_trajectories=None, dropout=None, workers=2,
+              eval_data=None, num_samples=1000, mid_sigma=TWO_STEP_SIGMA, recipe=None, resolved_options=None, **train_options):
     """CMT mid-training: regress a student onto the stored teacher trajectories -> `out/mid.pt`.
+
+    recipe: a named set of every setting (`cmt.trainers.recipes.RECIPES`: cifar10, ffhq64, afhq64,
+    imagenet512, mnist, toy); arguments given explicitly override it. None: the built-in teacher's
+    recipe (mnist, toy) when the dataset was built by one, else the defaults below.
+    resolved_options: filled in by the recipe layer (what run.json and mid.pt record).
 
     data: a `cmt-build` trajectory dataset (folder or fsspec URL).
     target: endpoint (CMT-CM, jump to the trajectory's endpoint) or flowmap (CMT-MF, average
@@ -124,6 +143,7 @@ def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_re
     teacher: name or checkpoint giving the student's architecture and initial weights (None: the
     one recorded in the dataset manifest); student_init: teacher (its weights) or random.
     states_per_trajectory: states (flowmap: state pairs) drawn per trajectory and epoch, 'all' or K.
+    max_trajectories: train on the first N trajectories of the set only (by index; None: all).
     dropout: the student's (None: the teacher's); workers: shard reader processes per rank.
     eval_data: data set whose built-in metric scores 1- and 2-step samples (toy:NAME, mnist; None:
     the teacher's built-in name, if any); num_samples: samples for the metric and pictures;
@@ -139,11 +159,22 @@ def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_re
     loop.check_choice("loss", loss, DISTANCES)
     loop.check_choice("student_init", student_init, STUDENT_INITS)
     states_per_trajectory = states_per_trajectory_count(states_per_trajectory)
+    if max_trajectories is not None and (isinstance(max_trajectories, bool) or not isinstance(max_trajectories, int)
+                                         or max_trajectories < 1):
+        raise ArgumentError("max_trajectories", f"must be a positive integer, got {max_trajectories!r}")
     try:
-        dataset = TrajectoryDataset(data)
+        dataset = TrajectoryDataset(data, max_trajectories=max_trajectories)
     except (ValueError, FileNotFoundError, OSError) as error:
         raise ArgumentError("data", str(error)) from None
     manifest = dataset.manifest
+    if max_trajectories is not None and max_trajectories > manifest["count"]:
+        raise ArgumentError("max_trajectories", f"{data} holds {manifest['count']} trajectories, fewer than "
+                                                f"{max_trajectories}")
+    if loss != "huber":
+        refuse_inapplicable(mid_train, locals(), ("huber_c",), f"to loss {loss} (only to huber)")
+    if loss != "lpips":
+        refuse_inapplicable(mid_train, locals(), ("lpips_resize",), f"to loss {loss} (only to lpips)")
+    dataset.check_shards_present()
     teacher_config, teacher_state, identity = load_mid_teacher(manifest, teacher, student_init == "teacher")
     config = loop.train_config(out, MID_DEFAULTS, train_options, default_lr=MID_LR[teacher_config["architecture"]])
     flow_map = target == "flowmap"
@@ -159,20 +190,26 @@ def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_re
         raise ArgumentError("loss", str(error)) from None
     if eval_data is None and identity.get("kind") == "builtin":
         eval_data = identity.get("name")
+    check_report_options(student, eval_data=eval_data, mid_sigma=mid_sigma,
+                         sigma_max=float(manifest.get("sigma_max", SIGMA_MAX)))
     trainer = loop.Trainer(config)
+    # The endpoint target never feeds the endpoint state itself (its loss is 0 by the boundary
+    # condition): the official 16 states (sony/cmt loss.py trains on Traj[:-1]).
     batches = ShardReader(dataset, trainer.micro_batch_size, seed=trainer.seed_for(0), pairs=flow_map,
                           states_per_trajectory=states_per_trajectory, rank=trainer.rank,
-                          world_size=trainer.num_processes, num_workers=workers)
-    info = {"phase": "mid", "target": target, "loss": loss, "data": str(data), "teacher": identity}
+                          world_size=trainer.num_processes, num_workers=workers, exclude_endpoint=not flow_map)
+    info = {"phase": "mid", "target": target, "loss": loss, "data": str(data), "teacher": identity,
+            "guidance": manifest.get("guidance"), **(resolved_options or {"recipe": recipe})}
 
     def sample_fn(ema, step, out):
         return sampling_report(ema, out, step, eval_data=eval_data, num_samples=num_samples, mid_sigma=mid_sigma,
-                               sigma_max=float(manifest.get("sigma_max", SIGMA_MAX)))
+                               sigma_max=float(manifest.get("sigma_max", SIGMA_MAX)), progress=config.progress)
 
     settings = {"clean_sigma": float(manifest.get("sigma_min", SIGMA_MIN))} if flow_map else {}
     trainer.fit(student, functools.partial(OBJECTIVES[target], distance=distance, **settings), batches,
                 sample_fn=sample_fn,
                 save_final=lambda ema, net, out: save_student(out, "mid", ema, net, info),
                 run_info={**info, "student": student.config, "student_init": student_init,
-                          "states_per_trajectory": states_per_trajectory})
+                          "states_per_trajectory": states_per_trajectory, "trajectories": len(dataset)},
+                run_options={"recipe": recipe, **(resolved_options or loop.phase_options(mid_train, locals()))})
     return student_result(config.out, "mid")

@@ -16,16 +16,18 @@ from pathlib import Path
 
 import torch
 
-from cmt.checkpoint import read_safetensors
+from cmt.checkpoint import read_safetensors, read_torch_file
 from cmt.edm import SIGMA_MAX, SIGMA_MIN, TWO_STEP_SIGMA, broadcast_sigma, sample_lognormal_sigmas
-from cmt.errors import ArgumentError
+from cmt.errors import ArgumentError, FileFormatError
 from cmt.solvers import heun_step
-from cmt.trainers import loop
+from cmt.teachers import BUILTIN_TEACHERS, resolve_teacher
+from cmt.trainers import loop, recipes
 from cmt.trainers.data import ARCHITECTURES, data_batches, default_arch, network_for, training_data
 from cmt.trainers.distances import DISTANCES, make_distance, squared_l2
-from cmt.trainers.students import (average_velocity, build_student, consistency_output, network_labels,
-                                   plain_network, recorded_teacher_spec, resolve_teacher_or_fail, sampling_report,
-                                   save_student, student_config, student_result)
+from cmt.trainers.students import (average_velocity, build_student, check_report_options, consistency_output,
+                                   network_labels, plain_network, recorded_teacher_spec, refuse_inapplicable,
+                                   resolve_teacher_or_fail, sampling_report, save_student, student_config,
+                                   student_result)
 
 # ECT's defaults (CIFAR-10 ECM, locuslab/ect ct_train.py).
 ECT_P_MEAN, ECT_P_STD = -1.1, 2.0
@@ -56,6 +58,14 @@ def same_dropout(device):
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
+def full_precision(device):
+    """No autocast inside the block: the loss path of post-training runs in float32 (TF32 matmuls on
+    CUDA). At CMT's fixed gap the residual f(x_t, t) - f(x_r, r) is far below bf16's rounding error
+    (~20x smaller, median, on the built-in MNIST teacher; fp16 ~3.6x), so half-precision forwards
+    would train on rounding noise. The official runs are fp32 (CIFAR-10) and TF32 (ImageNet-512)."""
+    return torch.autocast(device_type=torch.device(device).type, enabled=False)
+
+
 # ---- ECT / ECD --------------------------------------------------------------------------------
 
 def ect_stage(step, stage_every=None, stage=None):
@@ -81,28 +91,36 @@ def ect_weight(t, r, weighting, sigma_data):
 
 def consistency_training_loss(net, batch, ctx, *, distance, teacher=None, stage=None, stage_every=None,
                               q=ECT_Q, k=ECT_K, b=ECT_B, p_mean=ECT_P_MEAN, p_std=ECT_P_STD, weighting="gap"):
-    """ECT (teacher None) or ECD (a frozen teacher makes x_r): per-sample weighted distance."""
+    """ECT (teacher None) or ECD (a frozen teacher makes x_r): per-sample weighted distance, in float32
+    whatever autocast is around it (`full_precision`)."""
     plain = plain_network(net, ctx)
-    x = batch["data"]
+    x = batch["data"].float()
     labels = network_labels(plain, batch.get("label"))
     current = ect_stage(ctx.step, stage_every, stage)
     t = sample_lognormal_sigmas(x.shape[0], p_mean, p_std, generator=ctx.generator, device=x.device)
     r = ect_r(t, current, q, k, b)
     noise = torch.randn(x.shape, generator=ctx.generator, device=x.device, dtype=x.dtype)
     x_t = x + broadcast_sigma(t, x) * noise
-    if teacher is None:
-        x_r = x + broadcast_sigma(r, x) * noise
-    else:
-        with torch.no_grad():   # one Heun step of the frozen teacher's ODE (Euler where r = 0)
-            x_r = heun_step(teacher, x_t, t, r, labels)
-    with frozen_weight_norm(plain):
-        with same_dropout(x.device):
-            prediction = consistency_output(net, plain, x_t, t, labels)
-        with torch.no_grad():
-            target = consistency_output(net, plain, x_r, r, labels).nan_to_num()
-    target = torch.where(broadcast_sigma(r, x) > 0, target, x)
-    loss = distance(prediction, target.to(prediction.dtype)) * ect_weight(t, r, weighting, plain.sigma_data)
+    with full_precision(x.device):
+        if teacher is None:
+            x_r = x + broadcast_sigma(r, x) * noise
+        else:
+            x_r = ecd_state(teacher, x_t, t, r, labels)
+        with frozen_weight_norm(plain):
+            with same_dropout(x.device):
+                prediction = consistency_output(net, plain, x_t, t, labels).float()
+            with torch.no_grad():
+                target = consistency_output(net, plain, x_r, r, labels).float().nan_to_num()
+        target = torch.where(broadcast_sigma(r, x) > 0, target, x)
+        loss = distance(prediction, target) * ect_weight(t, r, weighting, plain.sigma_data)
     return loss, {"stage": torch.tensor(float(current)), "mean_gap": (t - r).mean()}
+
+
+def ecd_state(teacher, x_t, t, r, labels=None):
+    """ECD's x_r: one Heun step t -> r of the frozen (maybe guided) teacher's ODE, Euler where r = 0
+    (sony/cmt imagenet512/training/loss.py:ECDGuidLoss.heun_solver)."""
+    with torch.no_grad():
+        return heun_step(teacher, x_t, t, r, labels).float()
 
 
 # ---- MeanFlow ---------------------------------------------------------------------------------
@@ -128,28 +146,60 @@ def meanflow_target(plain, z, t, r, velocity, labels=None):
     return velocity - broadcast_sigma(t - r, z) * du_dt
 
 
+def label_dropout_mask(n, share, generator, device):
+    """MeanFlow's label dropout: True for the first `count` rows, `count` ~ Binomial(n, share)
+    (Gsunshine/meanflow meanflow.py:cond_drop drops a leading block of the batch)."""
+    count = int((torch.rand(n, generator=generator, device=device) < share).sum())
+    return torch.arange(n, device=device) < count
+
+
+def guided_velocity(plain, z, t, velocity, labels, dropped, *, omega, kappa=0.0, t_min=0.0, t_max=1.0):
+    """MeanFlow's classifier-free guided velocity in training (meanflow.py:guidance_fn):
+    `v_g = omega v + (1 - omega - kappa) u_uncond + kappa u_cond`, where u_cond / u_uncond are the
+    network's own instantaneous velocities u(z, t, t) with / without labels (no gradient); outside
+    t in [t_min, t_max] omega = 1 and kappa = 0, and rows whose label is dropped keep v."""
+    inside = ((t >= t_min) & (t <= t_max) & ~dropped).to(velocity.dtype)
+    w_omega = broadcast_sigma(1 + inside * (omega - 1), z)
+    w_kappa = broadcast_sigma(inside * kappa, z)
+    with torch.no_grad():
+        uncond = average_velocity(plain, z, t, t, torch.zeros_like(labels))
+        cond = average_velocity(plain, z, t, t, labels) if kappa else uncond
+    return w_omega * velocity + (1 - w_omega - w_kappa) * uncond + w_kappa * cond
+
+
 def meanflow_loss(net, batch, ctx, *, p_mean=MF_P_MEAN, p_std=MF_P_STD, equal_share=MF_EQUAL_SHARE,
-                  norm_p=MF_NORM_P, norm_eps=MF_NORM_EPS):
+                  norm_p=MF_NORM_P, norm_eps=MF_NORM_EPS, cfg_omega=None, cfg_kappa=0.0, cfg_t_min=0.0,
+                  cfg_t_max=1.0, label_dropout=0.0):
     """MeanFlow per-sample loss `|u - target|^2 / (|u - target|^2 + eps)^p` (weight without gradient).
 
     The JVP runs on the unwrapped network without gradient (the target is stop-gradient anyway);
     the gradient path is one plain forward of `net` with the same dropout mask, so DDP sees it.
+    Everything runs in float32 whatever autocast is around it (`full_precision`).
+    Class-conditional data: `label_dropout` of the rows train unconditionally (null label, target
+    from v), and `cfg_omega` (None: off) guides the target's velocity (`guided_velocity`).
     """
     plain = plain_network(net, ctx)
     if not plain.flow_map:
         raise ValueError("MeanFlow needs a flow-map network (flow_map=True, with a target_sigma input)")
-    x = batch["data"]
+    x = batch["data"].float()
     labels = network_labels(plain, batch.get("label"))
     t, r = sample_t_r(x.shape[0], ctx.generator, x.device, p_mean, p_std, equal_share)
     noise = torch.randn(x.shape, generator=ctx.generator, device=x.device, dtype=x.dtype)
     t_b = broadcast_sigma(t, x)
     z = (1 - t_b) * x + t_b * noise
     velocity = noise - x
-    with frozen_weight_norm(plain):
+    with full_precision(x.device), frozen_weight_norm(plain):
+        if labels is not None and (label_dropout > 0 or cfg_omega is not None):
+            dropped = label_dropout_mask(x.shape[0], label_dropout, ctx.generator, x.device)
+            if cfg_omega is not None:
+                with same_dropout(x.device):
+                    velocity = guided_velocity(plain, z, t, velocity, labels, dropped, omega=cfg_omega,
+                                               kappa=cfg_kappa, t_min=cfg_t_min, t_max=cfg_t_max)
+            labels = labels * (~dropped)[:, None].to(labels.dtype)
         with same_dropout(x.device):
             target = meanflow_target(plain, z, t, r, velocity, labels)
-        u = average_velocity(net, z, t, r, labels)
-    error = squared_l2(u, target.to(u.dtype))
+        u = average_velocity(net, z, t, r, labels).float()
+    error = squared_l2(u, target.float())
     loss = error / (error.detach() + norm_eps) ** norm_p
     return loss, {"velocity_error": error.detach().mean()}
 
@@ -159,14 +209,76 @@ OBJECTIVES = {"ect": consistency_training_loss, "ecd": consistency_training_loss
 
 # ---- post_train -------------------------------------------------------------------------------
 
+def checkpoint_record(path):
+    """What a mid.pt / post.pt (or its .safetensors export) records besides weights (phase, teacher,
+    guidance, ...); {} for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    if path.suffix == ".pt":
+        checkpoint = read_torch_file(path, mmap=True)
+        if not isinstance(checkpoint, dict):
+            raise FileFormatError(f"{path}: expected a checkpoint dict with 'config' and 'net'/'ema'")
+        return {key: value for key, value in checkpoint.items() if key not in ("net", "ema")}
+    if path.suffix == ".safetensors":
+        return dict(read_safetensors(path)[2])
+    return {}
+
+
 def recorded_teacher(path):
     """The teacher identity a mid.pt / post.pt (or its .safetensors export) records, if any."""
-    path = Path(path)
-    if path.suffix == ".pt":
-        return torch.load(path, map_location="cpu", weights_only=True).get("teacher")
-    if path.suffix == ".safetensors":
-        return read_safetensors(path)[2].get("teacher")
-    return None
+    return checkpoint_record(path).get("teacher")
+
+
+def builtin_teacher_recipe(given):
+    """The implicit recipe of a post-training run: the built-in teacher's (mnist, toy) when the
+    teacher (given, or recorded in `init`) is built in."""
+    teacher = given.get("teacher")
+    if teacher is None:
+        init = str(given.get("init"))
+        if init in BUILTIN_TEACHERS:
+            teacher = init
+        else:
+            try:
+                recorded = recorded_teacher(init)
+            except (OSError, RuntimeError, ValueError):
+                return None   # post_train names the fault itself
+            teacher = recorded_teacher_spec(recorded) if recorded else None
+    return recipes.builtin_recipe(str(teacher)) if teacher is not None else None
+
+
+def post_precision(mixed_precision, method):
+    """Post-training's precision: float32 (TF32 matmuls allowed on CUDA) for 'auto'; a half
+    precision asked for explicitly is refused, since the loss path would not use it."""
+    if mixed_precision == "auto":
+        return "no"
+    if mixed_precision in ("bf16", "fp16"):
+        gap = "f(x_t, t) - f(x_r, r) at CMT's fixed gap r = t (1 - n(t) / 4096)" if method != "meanflow" else \
+            "the JVP target v - (t - r) du/dt"
+        raise ArgumentError("mixed_precision", f"{method} post-training runs its loss path in float32: the residual "
+                                               f"{gap} is far below {mixed_precision}'s rounding error; use 'no' "
+                                               "or 'auto' (float32, TF32 matmuls on CUDA)")
+    return mixed_precision
+
+
+def ecd_guidance(guidance, guide_ckpt, init_record):
+    """ECD's teacher guidance `(weight, guide)`: as given, or with guidance='manifest' the one the mid
+    checkpoint records from its dataset manifest (the official mid teacher is unguided, so only
+    when asked)."""
+    if guidance != "manifest":
+        try:
+            return (None if guidance is None else float(guidance)), guide_ckpt
+        except ValueError:
+            raise ArgumentError("guidance", f"a weight (EDM2 uses about 1.4 to 2.5) or 'manifest', got {guidance!r}") \
+                from None
+    record = init_record.get("guidance")
+    if "guidance" not in init_record:
+        raise ArgumentError("guidance", "'manifest' takes the guidance recorded in a mid checkpoint's dataset "
+                                        "manifest; --init records none")
+    if record is None:
+        return None, guide_ckpt
+    guide = (record.get("guide") or {}).get("path")
+    return float(record["weight"]), guide_ckpt if guide_ckpt is not None else guide
 
 
 def load_init(init, teacher, data, arch):
@@ -204,11 +316,20 @@ def check_data_fits(data, net):
                     f"network takes shape {tuple(net.data_shape)} with {net.label_dim} classes")
 
 
-def post_train(*, init, method, data, out, teacher=None, arch=None, stage=None, stage_every=None, q=ECT_Q, k=ECT_K,
-               b=ECT_B, p_mean=None, p_std=None, weighting="gap", loss="huber", huber_c=None,
-               equal_share=MF_EQUAL_SHARE, norm_p=MF_NORM_P, norm_eps=MF_NORM_EPS, dropout=None, resolution=None,
-               eval_data=None, num_samples=1000, mid_sigma=TWO_STEP_SIGMA, **train_options):
+@recipes.with_recipe("post", default_recipe=builtin_teacher_recipe)
+def post_train(*, init, method=None, data, out, teacher=None, arch=None, stage=None, stage_every=None, q=ECT_Q,
+               k=ECT_K, b=ECT_B, p_mean=None, p_std=None, weighting="gap", loss="huber", huber_c=None,
+               guidance=None, guide_ckpt=None, equal_share=MF_EQUAL_SHARE, norm_p=MF_NORM_P, norm_eps=MF_NORM_EPS,
+               cfg_omega=None, cfg_kappa=0.0, cfg_t_min=0.0, cfg_t_max=1.0, label_dropout=0.0, dropout=None,
+               resolution=None, eval_data=None, num_samples=1000, mid_sigma=TWO_STEP_SIGMA, recipe=None,
+               resolved_options=None, **train_options):
     """Post-train a student with ECT, ECD or MeanFlow -> `out/post.pt` (1- and 2-step sampling).
+
+    recipe: a named set of every setting (`cmt.trainers.recipes.RECIPES`: cifar10, ffhq64, afhq64,
+    imagenet512, imagenet64-ect, imagenet256-meanflow, mnist, toy); arguments given explicitly
+    override it. None: the built-in teacher's recipe (mnist, toy) when the teacher is built in.
+    Precision: the loss path runs in float32 (TF32 matmuls on CUDA); mixed_precision 'auto' means
+    that, and bf16 / fp16 are refused (see `full_precision`).
 
     init: mid.pt (or another checkpoint of ours, or a built-in teacher name), 'teacher' (the
     teacher's weights) or 'random'. method: ect, ecd or meanflow. data: mnist, toy:NAME, or an image
@@ -217,12 +338,19 @@ def post_train(*, init, method, data, out, teacher=None, arch=None, stage=None, 
     inits copy (None: the teacher recorded in init). arch: with init 'random' and no teacher, the
     diffusion phase's default network of this kind (edm2 or mlp).
     ECT/ECD: stage, a fixed curriculum stage (CMT post-training: 11, i.e. q^12 = 4096 with q = 2),
-    else the stage advances every stage_every steps (None: max_steps / 8); q, the gap decay per
+    else the stage advances every stage_every steps (max_steps / 8 when None). With neither, an init
+    that is a mid-trained checkpoint keeps CMT's fixed gap `recipes.CMT_POST_STAGE` (11, the official
+    CIFAR-10 -q 4096, unless a recipe sets its own); any other init starts ECT's curriculum at 0. q, the gap decay per
     stage; k, b: n(t) = 1 + k sigmoid(-b t); weighting: gap = 1 / (t - r) (ECT on CIFAR-10), snr =
     1 / t^2 + 1 / sigma_data^2 (ECT on EDM2); loss: the distance; huber_c: the pseudo-Huber
     constant (None: 0.00054 sqrt(dim); 0: the L2 norm, ECT's CIFAR-10 setting).
     p_mean, p_std: the time distribution (None: ECT log-normal -1.1, 2.0; MeanFlow logit-normal -0.4, 1.0).
-    MeanFlow: equal_share, the share of r = t; the adaptive weight 1 / (|delta|^2 + norm_eps)^norm_p.
+    ECD: guidance, guide_ckpt: guide the teacher (`cmt.guidance.apply_guidance`: autoguidance by
+    guide_ckpt, else classifier-free); guidance='manifest' takes the guidance the mid checkpoint's
+    dataset manifest records.
+    MeanFlow: equal_share, the share of r = t; the adaptive weight 1 / (|delta|^2 + norm_eps)^norm_p;
+    class-conditional data: cfg_omega (None: no guidance), cfg_kappa, cfg_t_min, cfg_t_max, MeanFlow's
+    guided target velocity (`guided_velocity`), label_dropout, the share of rows trained without label.
     dropout: the student's (None: the init's). eval_data: data set whose built-in metric scores
     samples (None: data, if built in); num_samples: samples for the metric and pictures; mid_sigma:
     the intermediate sigma of 2-step sampling.
@@ -235,6 +363,13 @@ def post_train(*, init, method, data, out, teacher=None, arch=None, stage=None, 
     """
     init, teacher = str(init), None if teacher is None else str(teacher)   # names or paths, as recorded
     loop.check_choice("method", method, OBJECTIVES)
+    if not 0 <= label_dropout < 1:
+        raise ArgumentError("label_dropout", f"must be in [0, 1), got {label_dropout}")
+    if method != "ecd" and (guidance is not None or guide_ckpt is not None):
+        raise ArgumentError("guidance", "guides ECD's teacher (method ecd); MeanFlow guides its target with cfg_omega")
+    init_record = checkpoint_record(init) if init not in ("random", "teacher") else {}
+    if method != "meanflow" and stage is None and stage_every is None and init_record.get("phase") == "mid":
+        stage = recipes.CMT_POST_STAGE   # never restart ECT's curriculum on mid-trained weights
     loop.check_choice("weighting", weighting, WEIGHTINGS)
     loop.check_choice("loss", loss, DISTANCES)
     if arch is not None:
@@ -245,17 +380,35 @@ def post_train(*, init, method, data, out, teacher=None, arch=None, stage=None, 
     init_config, init_state, identity, teacher = load_init(init, teacher, data, arch)
     if resolution is None and init_config.get("architecture") == "edm2" and data.kind == "images":
         data = training_data(data_spec, init_config["img_resolution"])
+    train_options["mixed_precision"] = post_precision(train_options.get("mixed_precision", "auto"), method)
     config = loop.train_config(out, POST_DEFAULTS, train_options, default_lr=POST_LR[init_config["architecture"]])
     meanflow = method == "meanflow"
-    student = build_student(
-        student_config(init_config, flow_map=True if meanflow else None, sigma_min=None if meanflow else SIGMA_MIN,
-                       dropout=dropout), init_state, source=f"init {init}", seed=config.seed)
+    network = student_config(init_config, flow_map=True if meanflow else None, sigma_min=None if meanflow else SIGMA_MIN,
+                             dropout=dropout)
+    if network.get("use_fp16"):
+        network["use_fp16"] = False   # EDM2's fp16 U-Net (official pickles): the student trains in float32
+    student = build_student(network, init_state, source=f"init {init}", seed=config.seed)
     check_data_fits(data, student)
-    teacher_net = None
     if meanflow:
+        refuse_inapplicable(post_train, locals(), ("stage", "stage_every", "q", "k", "b", "weighting", "loss",
+                                                   "huber_c", "guidance", "guide_ckpt"), "to method meanflow")
+    else:
+        refuse_inapplicable(post_train, locals(), ("equal_share", "norm_p", "norm_eps", "cfg_omega", "cfg_kappa",
+                                                   "cfg_t_min", "cfg_t_max", "label_dropout"),
+                            f"to method {method} (only to meanflow)")
+        if method != "ecd":
+            refuse_inapplicable(post_train, locals(), ("guidance", "guide_ckpt"), f"to method {method} (only to ecd)")
+        if loss != "huber":
+            refuse_inapplicable(post_train, locals(), ("huber_c",), f"to loss {loss} (only to huber)")
+    teacher_net = guidance_record = None
+    if meanflow:
+        if (cfg_omega is not None or label_dropout) and not student.label_dim:
+            raise ArgumentError("cfg_omega" if cfg_omega is not None else "label_dropout",
+                                "MeanFlow's guidance and label dropout need class-conditional data and network")
         objective = functools.partial(meanflow_loss, p_mean=MF_P_MEAN if p_mean is None else p_mean,
                                       p_std=MF_P_STD if p_std is None else p_std, equal_share=equal_share,
-                                      norm_p=norm_p, norm_eps=norm_eps)
+                                      norm_p=norm_p, norm_eps=norm_eps, cfg_omega=cfg_omega, cfg_kappa=cfg_kappa,
+                                      cfg_t_min=cfg_t_min, cfg_t_max=cfg_t_max, label_dropout=label_dropout)
     else:
         try:
             distance = make_distance(loss, student.data_shape, huber_c=huber_c)
@@ -264,7 +417,14 @@ def post_train(*, init, method, data, out, teacher=None, arch=None, stage=None, 
         if method == "ecd":
             if teacher is None:
                 raise ArgumentError("teacher", "method ecd needs a diffusion teacher: name one")
-            teacher_net, _ = resolve_teacher_or_fail(teacher, "teacher")
+            weight, guide = ecd_guidance(guidance, guide_ckpt, init_record)
+            try:
+                teacher_net, teacher_identity = resolve_teacher(teacher, guidance=weight, guide_ckpt=guide)
+            except ArgumentError:
+                raise
+            except (ValueError, OSError) as error:
+                raise ArgumentError("teacher", str(error)) from None
+            guidance_record = teacher_identity.get("guidance")
             if tuple(teacher_net.data_shape) != tuple(student.data_shape) or teacher_net.label_dim != student.label_dim:
                 raise ArgumentError("teacher", f"{teacher} does not take the student's data (shape "
                                                f"{tuple(student.data_shape)}, {student.label_dim} classes)")
@@ -276,16 +436,25 @@ def post_train(*, init, method, data, out, teacher=None, arch=None, stage=None, 
             weighting=weighting)
     if eval_data is None and (data.kind == "toy" or data.name == "mnist"):
         eval_data = data.name
+    check_report_options(student, eval_data=eval_data, mid_sigma=mid_sigma)
     info = {"phase": "post", "method": method, "init": str(init), "init_identity": identity, "teacher": teacher,
-            "data": data.name}
+            "data": data.name, "stage": None if meanflow else stage,
+            "teacher_guidance": guidance_record if method == "ecd" else None, **(resolved_options or {"recipe": recipe})}
     trainer = loop.Trainer(config)
+    if trainer.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True   # float32 loss path, TF32 matmuls (ImageNet-512's setting)
+        torch.backends.cudnn.allow_tf32 = True
     if teacher_net is not None:
         teacher_net.to(trainer.device)  # the frozen ECD teacher; fit() moves the student
 
     def sample_fn(ema, step, out):
-        return sampling_report(ema, out, step, eval_data=eval_data, num_samples=num_samples, mid_sigma=mid_sigma)
+        return sampling_report(ema, out, step, eval_data=eval_data, num_samples=num_samples, mid_sigma=mid_sigma,
+                               consistency=not meanflow, progress=config.progress)
 
     trainer.fit(student, objective, data_batches(data, trainer.micro_batch_size, trainer.seed_for(0)),
                 sample_fn=sample_fn, save_final=lambda ema, net, out: save_student(out, "post", ema, net, info),
-                run_info={**info, "student": student.config})
+                run_info={**info, "student": student.config},
+                run_options={"recipe": recipe, **(resolved_options or loop.phase_options(post_train, locals())),
+                             # the curriculum a longer max_steps would change (stage_every None: max_steps / 8)
+                             "resolved_stage_every": None if meanflow else objective.keywords["stage_every"]})
     return student_result(config.out, "post")

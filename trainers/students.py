@@ -1,8 +1,10 @@
 """What mid-training and post-training share: the student built from its teacher (or its init), its
 consistency output and average velocity, its 1- and 2-step sampling report, and how it is saved."""
+import inspect
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from cmt.checkpoint import init_student_from_teacher, save_network
 from cmt.datasets import one_hot_labels, resolve_data
@@ -10,7 +12,8 @@ from cmt.edm import SIGMA_MAX, SIGMA_MIN, TWO_STEP_SIGMA, broadcast_sigma, t_to_
 from cmt.errors import ArgumentError
 from cmt.metrics import embedded_metric
 from cmt.networks import build_network, network_config
-from cmt.sampling import generate, pick_labels, save_samples
+from cmt.outputs import step_file_name
+from cmt.sampling import check_finite, generate, metric_title, pick_labels, sampler_sigmas, save_samples
 from cmt.teachers import resolve_teacher
 from cmt.trainers.loop import LOG_FILE, STATE_FILE, final_metrics, save_atomic
 
@@ -92,25 +95,60 @@ def resolve_teacher_or_fail(spec, argument, hint=""):
         raise ArgumentError(argument, f"{message}{hint}") from None
 
 
+# ---- checks before training --------------------------------------------------------------------
+
+def refuse_inapplicable(function, values, names, reason):
+    """ArgumentError for the first of `names` whose value in `values` is not `function`'s default:
+    an option that does not apply (`reason`, e.g. "to method meanflow") was set, so it would be ignored."""
+    defaults = {name: parameter.default for name, parameter in inspect.signature(function).parameters.items()}
+    for name in names:
+        if values[name] != defaults[name]:
+            raise ArgumentError(name, f"does not apply {reason} (got {values[name]!r}); leave it out")
+
+
+def check_report_options(net, *, eval_data, mid_sigma, sigma_max=SIGMA_MAX, sigma_min=SIGMA_MIN):
+    """What `sampling_report` will need, checked before training: `eval_data` names a data set of the
+    student's shape, `mid_sigma` lies in (sigma_min, sigma_max). Returns the resolved data set or None."""
+    sampler_sigmas("flowmap", 2, sigma_min=sigma_min, sigma_max=sigma_max, mid_sigma=mid_sigma)
+    if eval_data is None:
+        return None
+    try:
+        data = resolve_data(eval_data)
+    except ValueError as error:
+        raise ArgumentError("eval_data", str(error)) from None
+    if tuple(data.data_shape) != tuple(net.data_shape):
+        raise ArgumentError("eval_data", f"{data.name} holds data of shape {tuple(data.data_shape)}; the student "
+                                         f"makes samples of shape {tuple(net.data_shape)}: name matching data "
+                                         "(or leave it out)")
+    return data
+
+
 # ---- reports and results ----------------------------------------------------------------------
 
 def sampling_report(net, out, step, *, eval_data=None, num_samples=1000, mid_sigma=TWO_STEP_SIGMA,
-                    sigma_max=SIGMA_MAX):
-    """1- and 2-step samples of a student: a picture each in `out/samples/`, and the built-in
-    metric of `eval_data` (toy:NAME, mnist) as scalars `{metric}_{steps}step`."""
+                    sigma_max=SIGMA_MAX, consistency=None, progress=False):
+    """1- and 2-step samples of a student: a picture each in `out/samples/` (its path as
+    `samples_{steps}step`, which the trainer's TensorBoard shows), and the built-in metric of
+    `eval_data` (toy:NAME, mnist) as scalars `{metric}_{steps}step`. consistency=True: 2 steps
+    re-noise between jumps to 0 even for a flow-map network (ECT / ECD students). progress: a tqdm bar."""
     seeds = list(range(10**6, 10**6 + num_samples))
     labels = pick_labels("random", num_samples, net.label_dim, seed=step)
     data = resolve_data(eval_data) if eval_data is not None else None
     reference = data.reference() if data is not None and len(net.data_shape) == 1 else None
     scalars = {}
     for steps in (1, 2):
-        samples = generate(net, seeds, labels, sampler="flowmap", steps=steps, mid_sigma=mid_sigma,
-                           sigma_max=sigma_max)
+        with tqdm(total=num_samples, unit="sample", desc=f"{steps}-step samples at step {step}", leave=False,
+                  disable=not progress, dynamic_ncols=True) as bar:
+            samples = generate(net, seeds, labels, sampler="flowmap", steps=steps, mid_sigma=mid_sigma,
+                               sigma_max=sigma_max, renoise=consistency, progress=bar)
+        check_finite(samples, f"the {steps}-step sampler")   # fit reports it once the model is saved
+        metrics = embedded_metric(data, samples) if data is not None else {}
+        scalars.update({f"{name}_{steps}step": float(value) for name, value in metrics.items()})
         if len(net.data_shape) == 1 or net.data_shape[0] in (1, 3):  # points or pixels, not latents
-            shown = samples if len(net.data_shape) == 1 else samples[:100]
-            save_samples(shown, Path(out) / "samples" / f"step-{step:07d}-{steps}step.png", reference=reference)
-        if data is not None:
-            scalars.update({f"{name}_{steps}step": float(value) for name, value in embedded_metric(data, samples).items()})
+            picture = Path(out) / "samples" / step_file_name("step", step, f"-{steps}step.png")
+            save_samples(samples, picture, reference=reference,
+                         title=metric_title(f"student at step {step}, {steps} step{'s' * (steps > 1)}", metrics))
+            scalars[f"samples_{steps}step"] = picture
     return scalars
 
 

@@ -8,13 +8,14 @@ The options are the keywords of `cmt.builders.build.build_trajectories`, with it
 import click
 
 from cmt.builders.build import DEFAULTS, STORAGE_DTYPES, NonFiniteTrajectories, build_trajectories
-from cmt.cli.common import translate_errors
+from cmt.cli.common import CONTEXT_SETTINGS, translate_errors
 from cmt.edm import SIGMA_GRIDS
 from cmt.formats import FORMATS
+from cmt.sampling import LABELS_HELP
 from cmt.solvers import SOLVERS
 
 
-@click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.command(context_settings=CONTEXT_SETTINGS)
 @click.option("--teacher", required=True,
               help="A checkpoint of ours (path), a built-in name (mnist, toy:NAME), 'edm2' with --teacher-ckpt, "
                    "or an EDM2 preset.")
@@ -33,13 +34,15 @@ from cmt.solvers import SOLVERS
 @click.option("--sigma-max", type=float, default=DEFAULTS["sigma_max"])
 @click.option("--sigma-min", type=float, default=DEFAULTS["sigma_min"])
 @click.option("--rho", type=float, default=DEFAULTS["rho"], help="Karras grid exponent.")
-@click.option("--num-trajectories", type=int, default=DEFAULTS["num_trajectories"])
+@click.option("--num-trajectories", type=int, default=DEFAULTS["num_trajectories"],
+              help="Trajectories in the set; a larger number into an existing set adds the new ones.")
 @click.option("--batch-size", type=int, default=DEFAULTS["batch_size"],
               help="Trajectories per teacher batch (part of the configuration).")
 @click.option("--seed", type=int, default=DEFAULTS["seed"], help="Trajectory i depends on (seed, i) only.")
 @click.option("--labels", default=DEFAULTS["labels"],
-              help="random (per trajectory), a class id, or none; default random for conditional teachers.")
-@click.option("--format", type=click.Choice(list(FORMATS)), default=DEFAULTS["format"])
+              help=f"{LABELS_HELP} [default: random for a conditional teacher, else none]")
+@click.option("--format", type=click.Choice(list(FORMATS)), default=DEFAULTS["format"],
+              help="Shard format: zarr (v3 groups) or wds (WebDataset .tar.gz).")
 @click.option("--shard-size", type=int, default=DEFAULTS["shard_size"], help="Trajectories per shard.")
 @click.option("--dtype", type=click.Choice(list(STORAGE_DTYPES)), default=DEFAULTS["dtype"], help="Stored states.")
 @click.option("--states", default=DEFAULTS["states"],

@@ -1,11 +1,14 @@
 """What every command shares: turning library errors into one-line flag messages."""
 from __future__ import annotations
 
+import errno
 import functools
+import os
+from pathlib import Path
 
 import click
 
-from cmt.errors import ArgumentError
+from cmt.errors import ArgumentError, CmtError
 
 
 def flag_for(argument: str, ctx: click.Context | None = None) -> str:
@@ -18,13 +21,110 @@ def flag_for(argument: str, ctx: click.Context | None = None) -> str:
     return "--" + argument.replace("_", "-")
 
 
+def debugging() -> bool:
+    """`CMT_DEBUG=1` in the environment: let every error through with its traceback."""
+    return os.environ.get("CMT_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+
+
+# OSErrors that are the machine's or the user's doing, not a bug, when they name a file.
+_FILE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+                errno.EROFS: "read-only file system", errno.ENOENT: "no such file or directory",
+                errno.EEXIST: "cannot create it, something of that name exists", errno.ENOTDIR: "not a directory",
+                errno.EISDIR: "is a directory", errno.ENAMETOOLONG: "file name too long"}
+
+
+def file_error_message(error: OSError) -> str | None:
+    """One line for an OSError that names its file (or is a full disk), else None (a bug)."""
+    if error.errno not in _FILE_ERRNOS or (error.filename is None and error.errno not in (errno.ENOSPC,
+                                                                                         errno.EDQUOT)):
+        return None
+    where = f": {error.filename}" if error.filename is not None else ""
+    return f"{_FILE_ERRNOS[error.errno]}{where}"
+
+
 def translate_errors(command):
     """Decorator for a click callback: `ArgumentError(argument, message)` becomes
-    `click.BadParameter(message, param_hint=--flag)` (exit 2, one line, no traceback)."""
+    `click.BadParameter(message, param_hint=--flag)` (exit 2, one line, no traceback); a `CmtError`
+    (a bad file, a missing optional package, a stopped run) prints its message and exits with its
+    `exit_code`; an OSError naming a file (full disk, permission denied, ...) prints one line and
+    exits 1. With `CMT_DEBUG=1` these keep their tracebacks too."""
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except ArgumentError as error:
+            if debugging():
+                raise
             raise click.BadParameter(error.message, param_hint=flag_for(error.argument)) from None
+        except CmtError as error:
+            if debugging():
+                raise
+            fail(str(error), error.exit_code)
+        except OSError as error:
+            message = file_error_message(error)
+            if message is None or debugging():
+                raise
+            fail(message, 1)
+        except Exception as error:
+            if not _from_object_storage(error) or debugging():
+                raise
+            fail(f"object storage: {type(error).__name__}: {error} (s3://: see the README, \"Object storage\")", 1)
     return wrapper
+
+
+def _from_object_storage(error: Exception) -> bool:
+    """An error of the S3 client (no credentials, no endpoint, access denied): the setup, not a bug."""
+    return any(cls.__module__.split(".")[0] in ("botocore", "aiobotocore") for cls in type(error).__mro__)
+
+
+def fail(message: str, exit_code: int = 1):
+    """Print `Error: message` to stderr and exit with `exit_code` (click's own format)."""
+    exception = click.ClickException(message)
+    exception.exit_code = exit_code
+    raise exception from None
+
+
+# ---- one vocabulary: earlier spellings of an option stay accepted, unlisted ----------------------
+
+# Every command's context settings: -h as well as --help, and every default shown in --help.
+CONTEXT_SETTINGS = {"show_default": True, "help_option_names": ["-h", "--help"]}
+
+
+class WithAliases(click.Option):
+    """An option whose first name is its name and whose other names are earlier spellings (e.g.
+    `--num-samples` and the old `--num`): all are accepted, --help lists the first only."""
+
+    def get_help_record(self, ctx):
+        names, self.opts = self.opts, self.opts[:1]
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.opts = names
+
+
+def summary(lines):
+    """The closing lines of a command: what it wrote and its key figures (rank 0 only, under
+    accelerate launch)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    for line in lines:
+        click.echo(line)
+
+
+def run_summary(command, result):
+    """The closing lines of a training command: its files and its last logged figures."""
+    metrics = dict(result.get("metrics") or {})
+    step = metrics.pop("step", None)
+    lines = [f"{command}: done" + (f" at step {step}" if step is not None else "") + f", in {result['out']}"]
+    for key in ("model", "checkpoint", "state", "log"):
+        if result.get(key) is not None:
+            lines.append(f"  wrote {result[key]}")
+    figures = [f"{name} {value:.5g}" for name, value in metrics.items()
+               if isinstance(value, float) and name not in ("lr", "sec_per_step", "grad_norm")]
+    if figures:
+        lines.append("  final " + ", ".join(figures))
+    snapshots = sorted((Path(result["out"]) / "snapshots").glob("snapshot-*.safetensors"))
+    if snapshots:
+        lines.append(f"  kept {len(snapshots)} EMA snapshots in {snapshots[0].parent} (last {snapshots[-1].name})")
+    return lines

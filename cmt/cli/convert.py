@@ -3,11 +3,11 @@ from pathlib import Path
 
 import click
 
-from cmt.cli.common import translate_errors
+from cmt.cli.common import CONTEXT_SETTINGS, translate_errors
 from cmt.teachers import convert_checkpoint
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("source")
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")

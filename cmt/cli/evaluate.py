@@ -8,20 +8,21 @@
 Toy data: energy distance and sliced Wasserstein against the fixed reference sample. mnist:
 FD-MNIST (features of a small MNIST classifier, not Inception FID). --fid: Inception FID against
 the --ref statistics, or against statistics of the --data images when --ref is not given.
+Under accelerate launch the ranks share the feature extraction and rank 0 prints.
 """
 import inspect
 import json
 
 import click
 
-from cmt.cli.common import translate_errors
+from cmt.cli.common import CONTEXT_SETTINGS, summary, translate_errors
 from cmt.evaluation import evaluate
 from cmt.metrics import INCEPTION_URL
 
 DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(evaluate).parameters.items()}
 
 
-@click.command(help=__doc__, context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(help=__doc__, context_settings=CONTEXT_SETTINGS)
 @click.option("--samples", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Samples .npz (key 'samples', optional 'labels'), e.g. from cmt-sample.")
 @click.option("--data", required=True, help="mnist | toy:NAME | PATH (image folder, .npz, EDM dataset .zip).")
@@ -36,13 +37,16 @@ DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(eva
 @translate_errors
 def main(as_json, **options):
     result = evaluate(**options)
+    if result["rank"] != 0:   # rank 0 speaks for all
+        return
+    if result.get("conversion"):
+        click.echo(f"cmt-eval: {result['conversion']}", err=True)
     if as_json:
         click.echo(json.dumps({"samples": str(result["samples"]), "data": result["data"], "count": result["count"],
                                **result["metrics"]}))
     else:
-        click.echo(f"{result['count']} samples from {result['samples']} vs {result['data']}")
-        for name, value in result["metrics"].items():
-            click.echo(f"  {name}: {value:.6g}")
+        summary([f"cmt-eval: {result['count']} samples from {result['samples']} vs {result['data']}",
+                 *(f"  {name}: {value:.6g}" for name, value in result["metrics"].items())])
 
 
 if __name__ == "__main__":

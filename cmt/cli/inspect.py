@@ -16,9 +16,10 @@ import sys
 import click
 
 from cmt.builders.inspect import inspect_trajectories
-from cmt.cli.common import translate_errors
+from cmt.cli.common import CONTEXT_SETTINGS, translate_errors
 from cmt.errors import ArgumentError
 from cmt.formats import ShardError
+from cmt.manifest import DATASET_NAME
 
 DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(inspect_trajectories).parameters.items()}
 
@@ -26,7 +27,7 @@ DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(ins
 def print_report(report):
     info = report["summary"]
     teacher = info["teacher"]
-    click.echo(f"{info['path']}  ({info['layout']}, format version {info['format_version']})")
+    click.echo(f"{info['path']}  ({info['format']} shards, {DATASET_NAME} version {info['dataset_version']})")
     click.echo(f"  teacher   {teacher.get('name') or teacher.get('path')} ({teacher.get('kind')}, "
                f"{teacher.get('architecture')}, sha256 {str(teacher.get('sha256'))[:12]})")
     click.echo(f"  solver    {info['solver']}, nfe {info['nfe']}, {info['grid']} grid from sigma {info['sigma_max']:g} "
@@ -58,7 +59,7 @@ def print_report(report):
                                                                  else f"{len(checked['faults'])} faults"))
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("path")
 @click.option("--verify", is_flag=True, default=DEFAULTS["verify"],
               help="Check every checksum and scan for NaN/inf; exit 1 on any fault.")

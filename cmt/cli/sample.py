@@ -1,12 +1,20 @@
-"""cmt-sample: draw samples from a teacher (ODE solver) or a student (flow-map jumps); see `cmt.sampling.sample`."""
+"""cmt-sample: draw samples from a teacher (ODE solver) or a student (flow-map jumps); see `cmt.sampling.sample`.
+
+\b
+    cmt-sample --ckpt mnist --steps 16 --num-samples 2000 --labels cycle --out grid.png --npz samples.npz
+    cmt-sample --ckpt runs/mid/mid.safetensors --sampler flowmap --steps 2 --out mid.png
+    cmt-sample --ckpt runs/teacher/snapshots/snapshot-0001000.safetensors --out snapshot.png
+    accelerate launch -m cmt.cli.sample --ckpt ... --npz s.npz   # ranks share the batches, rank 0 writes
+"""
 import inspect
 from pathlib import Path
 
 import click
 
-from cmt.cli.common import translate_errors
-from cmt.edm import SIGMA_GRIDS, TWO_STEP_SIGMA
-from cmt.sampling import SAMPLERS, sample
+from cmt.cli.common import CONTEXT_SETTINGS, WithAliases, summary, translate_errors
+from cmt.edm import SIGMA_GRIDS
+from cmt.images import MAX_GRID_IMAGES, READABLE_CELL
+from cmt.sampling import LABELS_HELP, SAMPLERS, sample
 from cmt.solvers import SOLVERS
 
 DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(sample).parameters.items()}
@@ -18,10 +26,10 @@ def _format_seeds(seeds):
     return ",".join(str(seed) for seed in seeds)
 
 
-@click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.command(help=__doc__, context_settings=CONTEXT_SETTINGS)
 @click.option("--ckpt", required=True,
-              help="A checkpoint (.safetensors, training .pt, EDM2 .pkl), a built-in teacher "
-                   "(mnist, toy:checkerboard, toy:8gaussians, toy:moons) or an EDM2 preset.")
+              help="A checkpoint (.safetensors, training .pt, EDM2 .pkl, a run's snapshots/*.safetensors), a "
+                   "built-in teacher (mnist, toy:checkerboard, toy:8gaussians, toy:moons) or an EDM2 preset.")
 @click.option("--sampler", type=click.Choice(SAMPLERS), default=DEFAULTS["sampler"],
               help="ode: solve the teacher's ODE; flowmap: 1-/2-step jumps of a student.")
 @click.option("--solver", type=click.Choice(sorted(SOLVERS)), default=DEFAULTS["solver"], help="ODE solver.")
@@ -31,25 +39,32 @@ def _format_seeds(seeds):
 @click.option("--sigma-min", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS["sigma_min"])
 @click.option("--sigma-max", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS["sigma_max"])
 @click.option("--mid-sigma", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS["mid_sigma"],
-              help=f"Flowmap 2-step: the intermediate sigma (the training reports use {TWO_STEP_SIGMA}).")
-@click.option("--num", type=click.IntRange(min=1), default=DEFAULTS["num"], help="Number of samples.")
+              help="Flowmap 2-step: the intermediate sigma (the CMT setting, as in training).")
+@click.option("--num-samples", "--num", "num_samples", cls=WithAliases, type=click.IntRange(min=1),
+              default=DEFAULTS["num_samples"], help=f"Number of samples (the grid shows the first {MAX_GRID_IMAGES}).")
 @click.option("--seed", type=click.IntRange(min=0), default=DEFAULTS["seed"], help="Sample i uses seed + i.")
-@click.option("--labels", default=DEFAULTS["labels"],
-              help="Class labels of a conditional network: random, cycle, or a class id K.")
+@click.option("--labels", default=DEFAULTS["labels"], help=LABELS_HELP)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="PNG: image grid, or scatter plot for 2-D data.")
+              help=f"PNG: image grid (cells of at least {READABLE_CELL} px), or scatter plot for 2-D data.")
 @click.option("--npz", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULTS["npz"],
-              help="Also save samples, labels and seeds here.")
+              help="Also save all samples, labels and seeds here (before the picture).")
+@click.option("--vae", default=DEFAULTS["vae"], metavar="DIR_OR_HUB_ID",
+              help="Latent networks (EDM2 img512): the diffusers AutoencoderKL that decodes the picture, a local "
+                   "directory or a hub id such as stabilityai/sd-vae-ft-mse.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULTS["batch_size"],
               help="Samples per network batch.")
-@click.option("--device", default=DEFAULTS["device"], help="torch device (default: cuda if available, else cpu).")
+@click.option("--device", default=DEFAULTS["device"], help="torch device [default: cuda if available, else cpu].")
+@click.option("--progress/--no-progress", default=DEFAULTS["progress"], help="tqdm progress bar.")
 @translate_errors
 def main(**options):
-    """Sample a teacher or a student checkpoint to a PNG (and optionally an .npz)."""
     written = sample(**options)
-    click.echo(f"{len(written['seeds'])} samples of {written['identity']['path']} -> {written['out']}"
-               + (f", {written['npz']}" if written["npz"] else ""))
-    click.echo(f"seeds {_format_seeds(written['seeds'])}")
+    if written["rank"] != 0:   # rank 0 wrote the files and speaks for all
+        return
+    lines = [f"cmt-sample: {len(written['seeds'])} samples of {written['identity']['path']} (seeds "
+             f"{_format_seeds(written['seeds'])})"]
+    lines += [f"  wrote {path}" for path in (written["npz"], written["out"]) if path is not None]
+    lines += [f"  {name}: {value:.6g}" for name, value in written["metrics"].items()]
+    summary(lines)
 
 
 if __name__ == "__main__":

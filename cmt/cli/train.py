@@ -9,11 +9,12 @@ import inspect
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
-from cmt.cli.common import translate_errors
+from cmt.cli.common import CONTEXT_SETTINGS, WithAliases, run_summary, summary, translate_errors
 from cmt.datasets import TOY_NAMES
 from cmt.solvers import SOLVERS
-from cmt.trainers import loop
+from cmt.trainers import loop, recipes
 from cmt.trainers.data import ARCHITECTURES, DEFAULT_ARCH
 from cmt.trainers.diffusion import DIFFUSION_DEFAULTS, DIFFUSION_LR, EVAL_NUM, train_diffusion
 from cmt.trainers.distances import DISTANCES
@@ -22,7 +23,7 @@ from cmt.trainers.post import (ECT_P_MEAN, ECT_P_STD, MF_P_MEAN, MF_P_STD, OBJEC
                                POST_DEFAULTS, POST_LR, WEIGHTINGS, post_train)
 from cmt.trainers.students import STUDENT_INITS
 
-COMMAND_SETTINGS = {"show_default": True}
+COMMAND_SETTINGS = CONTEXT_SETTINGS
 
 
 class IntList(click.ParamType):
@@ -93,11 +94,20 @@ def trainer_options(phase_defaults, lr_by_arch):
                      help="Write training-state.pt every this many steps (and at the end)."),
         click.option("--sample-every", type=click.IntRange(min=0), default=defaults["sample_every"],
                      help="Sample a grid (and the metric) every this many steps; 0: at the end only."),
+        click.option("--snapshot-every", type=click.IntRange(min=0), default=defaults["snapshot_every"],
+                     help="Also keep the EMA weights every this many steps as --out/snapshots/snapshot-NNNNNNN."
+                          "safetensors (cmt-sample --ckpt reads them); 0: none."),
         click.option("--resume", is_flag=True, default=defaults["resume"],
-                     help="Continue exactly from --out/training-state.pt (same data order and RNG)."),
+                     help="Continue exactly from --out/training-state.pt (same data order and RNG); the other "
+                          "options must be the saved run's, but for --log-every, --ckpt-every, --sample-every, "
+                          "--tensorboard, --progress, --max-nonfinite-steps, and a larger --max-steps (not with "
+                          "--lr-schedule linear), which extends the run."),
         click.option("--tensorboard", is_flag=True, default=defaults["tensorboard"],
                      help="Also log to --out/tensorboard."),
         click.option("--progress/--no-progress", default=defaults["progress"], help="tqdm progress bar on rank 0."),
+        click.option("--max-nonfinite-steps", type=click.IntRange(min=0), default=defaults["max_nonfinite_steps"],
+                     help="Stop (exit 1, no model written) after this many consecutive steps with a NaN/inf "
+                          "loss; 0: never."),
     ]
 
     def decorate(command):
@@ -107,7 +117,26 @@ def trainer_options(phase_defaults, lr_by_arch):
     return decorate
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def given_options(options):
+    """The options given on the command line (or by environment): what overrides a recipe. Options
+    left at their default are dropped, so the library fills them from the recipe, else its defaults."""
+    ctx = click.get_current_context()
+    return {name: value for name, value in options.items()
+            if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)}
+
+
+def recipe_option(phase):
+    names = recipes.recipe_names(phase)
+    default = ("none (EDM2's presets, NVlabs/edm2 train_edm2.py)" if phase == "diffusion" else
+               "the built-in teacher's recipe (mnist, toy) when the teacher is built in, else the defaults shown here")
+    return click.option(
+        "--recipe", type=click.Choice(names), default=None,
+        help=f"A named set of every setting of this phase, from the official code (docs/recipes.md): "
+             f"{', '.join(names)}. Flags given explicitly override it; the resolved values are printed "
+             f"and recorded in run.json and the checkpoint. Default: {default}.")
+
+
+@click.group(context_settings=CONTEXT_SETTINGS)
 def main():
     """Train a diffusion teacher (diffusion), mid-train a student on teacher trajectories (mid),
     or post-train it with ECT / ECD / MeanFlow (post)."""
@@ -146,14 +175,16 @@ DIFFUSION = defaults_of(train_diffusion)
 @click.option("--sample-solver", type=click.Choice(sorted(SOLVERS)), default=DIFFUSION["sample_solver"],
               help="Solver of the sample grids and the metric.")
 @click.option("--sample-steps", type=click.IntRange(min=1), default=DIFFUSION["sample_steps"])
-@click.option("--eval-num", type=click.IntRange(min=0), default=DIFFUSION["eval_num"],
+@click.option("--num-samples", "--eval-num", "num_samples", cls=WithAliases, type=click.IntRange(min=0),
+              default=DIFFUSION["num_samples"],
               help=f"Samples for the embedded metric at each --sample-every and the end (default: "
                    f"{EVAL_NUM['images']} for images, {EVAL_NUM['points']} for 2-D; 0: no metric).")
+@recipe_option("diffusion")
 @trainer_options(DIFFUSION_DEFAULTS, DIFFUSION_LR)
 @translate_errors
 def diffusion(**options):
     """Pre-train a diffusion teacher (EDM2 objective); writes OUT/teacher.safetensors (EMA weights)."""
-    train_diffusion(**options)
+    summary(run_summary("cmt-train diffusion", train_diffusion(**given_options(options))))
 
 
 MID = defaults_of(mid_train)
@@ -177,6 +208,8 @@ MID = defaults_of(mid_train)
 @click.option("--student-init", type=click.Choice(STUDENT_INITS), default=MID["student_init"])
 @click.option("--states-per-trajectory", default=MID["states_per_trajectory"],
               help="States (flowmap: state pairs) drawn per trajectory and epoch: all, or K.")
+@click.option("--max-trajectories", type=click.IntRange(min=1), default=MID["max_trajectories"],
+              help="Train on the first N trajectories of the set only (by index) [default: all].")
 @click.option("--dropout", type=click.FloatRange(0, 1), default=MID["dropout"],
               help="Student dropout [default: the teacher's].")
 @click.option("--workers", type=click.IntRange(min=0), default=MID["workers"], help="Shard reader processes per rank.")
@@ -187,11 +220,12 @@ MID = defaults_of(mid_train)
               help="Samples for the metric and pictures.")
 @click.option("--mid-sigma", type=click.FloatRange(min=0, min_open=True), default=MID["mid_sigma"],
               help="Intermediate sigma of 2-step sampling.")
+@recipe_option("mid")
 @trainer_options(MID_DEFAULTS, MID_LR)
 @translate_errors
 def mid(**options):
     """CMT mid-training: regress a student onto the stored teacher trajectories -> OUT/mid.pt."""
-    mid_train(**options)
+    summary(run_summary("cmt-train mid", mid_train(**given_options(options))))
 
 
 POST = defaults_of(post_train)
@@ -201,7 +235,8 @@ POST = defaults_of(post_train)
 @click.option("--init", required=True,
               help="mid.pt (or another checkpoint of ours, or a built-in teacher name), 'teacher' (the --teacher "
                    "weights) or 'random'.")
-@click.option("--method", type=click.Choice(list(POST_METHODS)), required=True)
+@click.option("--method", type=click.Choice(list(POST_METHODS)), default=None,
+              help="Required, unless --recipe has one method (imagenet256-meanflow).")
 @click.option("--data", required=True, help="mnist, toy:NAME, or an image folder / .npz / EDM .zip.")
 @click.option("--teacher", default=POST["teacher"],
               help="Diffusion teacher (name or checkpoint): ECD's solver, and what 'teacher' / 'random' inits "
@@ -209,7 +244,8 @@ POST = defaults_of(post_train)
 @click.option("--arch", type=click.Choice(ARCHITECTURES), default=POST["arch"],
               help="--init random without --teacher: the diffusion command's default network of this kind.")
 @click.option("--stage", type=click.IntRange(min=0), default=POST["stage"],
-              help="ECT/ECD: a fixed curriculum stage (CMT post-training: 11, i.e. q^12 = 4096 with q = 2).")
+              help="ECT/ECD: a fixed curriculum stage (CMT post-training: 11, i.e. q^12 = 4096 with q = 2) "
+                   "[default: 11 (or the recipe's) when --init is a mid checkpoint, else the curriculum].")
 @click.option("--stage-every", type=click.IntRange(min=1), default=POST["stage_every"],
               help="ECT/ECD: advance the stage every this many steps [default: max-steps / 8].")
 @click.option("--q", type=click.FloatRange(min=1, min_open=True), default=POST["q"], help="ECT: gap decay per stage.")
@@ -239,11 +275,27 @@ POST = defaults_of(post_train)
               help="Samples for the metric and pictures.")
 @click.option("--mid-sigma", type=click.FloatRange(min=0, min_open=True), default=POST["mid_sigma"],
               help="Intermediate sigma of 2-step sampling.")
+@click.option("--guidance", default=POST["guidance"],
+              help="ECD: guide the teacher with this weight (autoguidance with --guide-ckpt, else classifier-free); "
+                   "'manifest': the guidance recorded in --init's dataset manifest [default: unguided].")
+@click.option("--guide-ckpt", default=POST["guide_ckpt"],
+              help="ECD: the guide network (EDM2's autoguidance: a smaller or less trained model; an "
+                   "unconditional model: classifier-free guidance against it).")
+@click.option("--cfg-omega", type=float, default=POST["cfg_omega"],
+              help="MeanFlow, class-conditional data: guidance in training, v_g = omega v + (1 - omega - kappa) "
+                   "u_uncond + kappa u_cond [default: off].")
+@click.option("--cfg-kappa", type=float, default=POST["cfg_kappa"], help="MeanFlow: the kappa of --cfg-omega.")
+@click.option("--cfg-t-min", type=click.FloatRange(0, 1), default=POST["cfg_t_min"],
+              help="MeanFlow: guide only for t in [--cfg-t-min, --cfg-t-max].")
+@click.option("--cfg-t-max", type=click.FloatRange(0, 1), default=POST["cfg_t_max"])
+@click.option("--label-dropout", type=click.FloatRange(0, 1, max_open=True), default=POST["label_dropout"],
+              help="MeanFlow: share of rows trained without label (MeanFlow's official 0.1).")
+@recipe_option("post")
 @trainer_options(POST_DEFAULTS, POST_LR)
 @translate_errors
 def post(**options):
     """Post-train a student with ECT, ECD or MeanFlow -> OUT/post.pt (1- and 2-step sampling)."""
-    post_train(**options)
+    summary(run_summary("cmt-train post", post_train(**given_options(options))))
 
 
 if __name__ == "__main__":
