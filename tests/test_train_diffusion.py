@@ -133,7 +133,7 @@ def test_command_options_are_the_entry_point_keywords_with_its_defaults(command,
     TrainConfig field) and defaults to what the function does without it."""
     params = {param.name: param for param in main.commands[command].params if param.name != "help"}
     keywords = {name: parameter for name, parameter in inspect.signature(function).parameters.items()
-                if parameter.kind is inspect.Parameter.KEYWORD_ONLY}
+                if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name != "resolved_options"}
     assert set(params) == set(keywords) | set(loop.TRAIN_DEFAULTS) | {"out"}
     train_defaults = {**loop.TRAIN_DEFAULTS, **phase_defaults}
     for name, param in params.items():
