@@ -63,9 +63,10 @@ def samples_in_range(samples, data, source="samples"):
             raise ValueError(f"{source}: integer images of dtype {samples.dtype}; expected float images in [-1, 1] "
                              "(or uint8 in 0..255)")
         low, high = float(samples.min()), float(samples.max())
-        outside = float(np.mean(np.abs(samples) > 1.5))
-        if outside > 0.01:
-            raise ValueError(f"{source}: values span [{low:.4g}, {high:.4g}] ({outside:.1%} beyond +-1.5); images must "
+        # Few-step samples overshoot [-1, 1] a little; 0..255 floats lie far beyond it.
+        outside = float(np.mean(np.abs(samples) > 2.0))
+        if outside > 0.1:
+            raise ValueError(f"{source}: values span [{low:.4g}, {high:.4g}] ({outside:.1%} beyond +-2); images must "
                              "be in [-1, 1] (0..255 floats: x / 127.5 - 1)")
         if low >= 0 and high > 0.5 and conversion is None:
             raise ValueError(f"{source}: every value is in [{low:.4g}, {high:.4g}], none negative: images in [0, 1]? "

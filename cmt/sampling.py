@@ -29,8 +29,13 @@ SAMPLERS = ("ode", "flowmap")
 # What every command that takes class labels accepts (`pick_labels`, and the builder per trajectory).
 LABEL_CHOICES = ("random", "cycle", "none")
 LABELS_HELP = "Class labels: random, cycle (0, 1, ...), a class id, or none (unconditional)."
-# The re-noising of multistep consistency sampling draws sample i's fresh noise from seed i + this.
-FRESH_NOISE_SEED_OFFSET = 1 << 40
+
+def fresh_noise_seed(seed, jump):
+    """The seed of sample `seed`'s fresh noise before jump `jump` of multistep consistency sampling:
+    mixed through SeedSequence into 32 bits, because torch's CPU generator keeps only the low 32 bits
+    of a seed (an offset such as `seed + 2**40` would repeat the sample's starting noise)."""
+    return int(np.random.SeedSequence([int(seed), int(jump) + 1]).generate_state(1)[0])
+
 # Defaults of `generate` and `sample` (hence of cmt-sample), defined once.
 DEFAULT_SOLVER = "dpm++3m"
 DEFAULT_STEPS = 16
@@ -160,7 +165,7 @@ def generate(net, seeds, labels, *, sampler="ode", solver=DEFAULT_SOLVER, steps=
 
     `sampler="ode"`: `solver` over `steps` steps of the `grid` sigmas. `sampler="flowmap"`: 1 step
     `[sigma_max, 0]` or 2 steps `[sigma_max, mid_sigma, 0]`; a consistency network's re-noising
-    draws sample i's noise from seed `seeds[i] + FRESH_NOISE_SEED_OFFSET`, so every sample depends
+    draws sample i's noise from seed `fresh_noise_seed(seeds[i], jump)`, so every sample depends
     on its own seed and label only. state: an accelerate process state whose ranks share the batches
     (`cmt.distributed.map_batches`; every rank must call), None: this process alone. progress: a tqdm
     bar to advance.
@@ -178,8 +183,7 @@ def generate(net, seeds, labels, *, sampler="ode", solver=DEFAULT_SOLVER, steps=
             x = ode_sample(net, noise, sigmas, batch_labels, solver)
         else:
             def fresh_noise(jump):
-                offset = FRESH_NOISE_SEED_OFFSET * (jump + 1)
-                return seed_noise([int(seed) + offset for seed in batch_seeds], net.data_shape, device)
+                return seed_noise([fresh_noise_seed(seed, jump) for seed in batch_seeds], net.data_shape, device)
             x = flow_map_sample(net, noise, sigmas, batch_labels, fresh_noise=fresh_noise, renoise=renoise)
         return x.float().cpu()
 
