@@ -22,6 +22,7 @@ import inspect
 import os
 from pathlib import Path
 
+from cmt.edm import TWO_STEP_SIGMA
 from cmt.errors import ArgumentError
 from cmt.trainers.loop import TRAIN_DEFAULTS
 
@@ -152,26 +153,20 @@ IMAGENET256_MEANFLOW = {
 }
 
 # ---- this project's built-in teachers (tuned on a 2-core CPU; docs/demo.md) --------------------
-MNIST = {
-    "mid": dict(target="endpoint", lr=5e-3, batch_size=128, max_steps=600, loss="l2", mid_sigma=0.821),
-    "post": {
-        "ect": dict(lr=2e-4, batch_size=128, max_steps=200, stage=11, q=2.0, weighting="gap", loss="huber",
-                    mid_sigma=0.821),
-        "ecd": dict(lr=2e-4, batch_size=128, max_steps=200, stage=11, q=2.0, weighting="gap", loss="huber",
-                    mid_sigma=0.821),
-    },
-    "source": "this project (cmt/demo.py; docs/demo.md)",
-}
-TOY = {
-    "mid": dict(target="endpoint", lr=2e-4, batch_size=256, max_steps=1000, loss="l2", mid_sigma=0.821),
-    "post": {
-        "ect": dict(lr=3e-5, batch_size=256, max_steps=500, stage=11, q=2.0, weighting="gap", loss="huber",
-                    mid_sigma=0.821),
-        "ecd": dict(lr=3e-5, batch_size=256, max_steps=500, stage=11, q=2.0, weighting="gap", loss="huber",
-                    mid_sigma=0.821),
-    },
-    "source": "this project (cmt/demo.py; docs/demo.md)",
-}
+def _builtin_recipe(*, batch_size, mid_lr, mid_steps, post_lr, post_steps):
+    """Mid-training onto the endpoint, then ECT/ECD (the same settings) at CMT's fixed gap."""
+    post = dict(lr=post_lr, batch_size=batch_size, max_steps=post_steps, stage=11, q=2.0, weighting="gap",
+                loss="huber", mid_sigma=TWO_STEP_SIGMA)
+    return {
+        "mid": dict(target="endpoint", lr=mid_lr, batch_size=batch_size, max_steps=mid_steps, loss="l2",
+                    mid_sigma=TWO_STEP_SIGMA),
+        "post": {"ect": post, "ecd": dict(post)},
+        "source": "this project (cmt/demo.py; docs/demo.md)",
+    }
+
+
+MNIST = _builtin_recipe(batch_size=128, mid_lr=5e-3, mid_steps=600, post_lr=2e-4, post_steps=200)
+TOY = _builtin_recipe(batch_size=256, mid_lr=2e-4, mid_steps=1000, post_lr=3e-5, post_steps=500)
 
 RECIPES = {
     # sony/cmt run_cmt_cifar.sh + run_cmt+ecm_cifar.sh: -q 4096 = 2^12 -> stage 11
