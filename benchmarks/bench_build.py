@@ -209,6 +209,7 @@ def main(teacher, num_trajectories, batch_size, nfe, shard_size, fmt, repeats, r
     step_rate = training_step_rate(net.config, reader_batch_size)
     print(f"  a mid-training step (forward + backward + Adam, batch {reader_batch_size}, this machine): "
           f"{step_rate:.2f} steps/s; the uncached reader with 0 workers delivers {uncached[1] / step_rate:.0f} x that")
+    print(f"build_vs_bare={float(np.median(ratios)):.3f}")
 
 if __name__ == "__main__":
     main()

@@ -1,21 +1,29 @@
 """Benchmark of a CMT mid-training step; prints the figures (no pass/fail).
 
-1. Targets from shards against targets made online: the step time of `cmt-train mid` (a batch of
-   stored states and endpoints from `ShardReader`, one student forward and backward, an Adam step)
-   over the step time of the official CMT design (sony/cmt `DPMSolverLoss`), which in every step
-   runs the teacher's 16-step DPM-Solver++ from fresh noise for batch / 16 trajectories and trains
-   on their 16 states; same student, same batch of targets, same distance. Target <= 0.75.
-2. Data wait: the share of the shard-reading step spent waiting for the next batch, with the
-   default reader workers of `cmt-train mid`. Target < 5%.
+Three contenders, alternating in rounds (the order rotates from round to round, so a change of
+machine load hits all of them), each round `--steps` timed optimizer steps after `--warmup`:
 
-    python benchmarks/bench_mid.py [--teacher PATH|mnist] [--batch-size 128] [--steps 20] [--device cpu]
+- mid: the step of `cmt-train mid`, through the trainer itself (`loop.Trainer.fit`: Accelerate,
+  the objective, the guard, the lr schedule, the EMA, the logs) with the batches of `ShardReader`
+  as `mid_train` makes it (workers "auto", stored dtype, default cache). Its per-step wall time is
+  the log's `sec_per_step` at `--log-every 1`.
+- bare: a plain PyTorch loop on the same network and a batch already in memory: forward (the
+  same objective), backward, Adam, an EMA update. `step_vs_bare` = mid / bare; target <= 1.10.
+- official: the official CMT design (sony/cmt `DPMSolverLoss`), which in every step runs the
+  teacher's 16-step DPM-Solver++ from fresh noise for batch / 16 trajectories and trains on their
+  16 states; same student, batch and distance. `mid_vs_official` = mid / official; target <= 0.75.
+
+    python benchmarks/bench_mid.py [--teacher PATH|mnist] [--batch-size 128] [--steps 10] [--rounds 5]
     python benchmarks/bench_mid.py --quick            # seconds: small sizes, the script works
 
 The default teacher is the built-in `mnist` teacher when it is installed, otherwise the EDM2 network
 that `cmt-train diffusion` builds for MNIST (16x16, 32 channels, 10 classes) with random weights:
-only its cost per call matters here.
+only its cost per call matters here. The last line holds the median ratios as name=value pairs.
 """
+import copy
+import functools
 import inspect
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -25,11 +33,12 @@ import torch
 
 from cmt.builders.build import Teacher, build_trajectories
 from cmt.datasets import one_hot_labels
-from cmt.datasets.shards import ShardReader
+from cmt.datasets.shards import ShardReader, auto_workers
 from cmt.edm import SIGMA_MIN, sigma_grid
 from cmt.networks import build_network
 from cmt.solvers import sample_trajectory
 from cmt.teachers import builtin_teacher_path, resolve_teacher
+from cmt.trainers import loop
 from cmt.trainers.distances import squared_l2
 from cmt.trainers.mid import endpoint_loss, mid_train
 from cmt.trainers.students import student_config
@@ -37,7 +46,9 @@ from cmt.trainers.students import student_config
 MNIST_SIZED = dict(architecture="edm2", img_resolution=16, img_channels=1, label_dim=10, model_channels=32,
                    channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[4], dropout=0.0)
 DEFAULT_WORKERS = inspect.signature(mid_train).parameters["workers"].default   # mid-training's reader workers
-QUICK = {"steps": 3, "warmup": 1, "num_trajectories": 64}
+QUICK = {"steps": 3, "warmup": 1, "num_trajectories": 64, "rounds": 2}
+ADAM_BETAS = loop.TRAIN_DEFAULTS["betas"]
+EMA_BETA = 0.999
 
 
 def load_teacher(spec):
@@ -72,25 +83,39 @@ def online_batch(teacher, nfe, batch_size, device, generator):
             "endpoint": endpoint.repeat(nfe, *[1] * (endpoint.ndim - 1)), "label": labels.repeat(nfe)}
 
 
-def timed_steps(student, next_batch, steps, warmup, device):
-    """Mean seconds per optimizer step and per wait for a batch."""
-    optimizer = torch.optim.Adam(student.parameters(), lr=1e-4)
-    total = wait = 0.0
+def bare_steps(student, batch, steps, warmup, device, next_batch=None):
+    """Seconds per step of a plain loop: forward, backward, Adam, EMA update (a batch already on
+    the device, or `next_batch()` for each step: the official design's online targets)."""
+    ema = copy.deepcopy(student).eval().requires_grad_(False)
+    optimizer = torch.optim.Adam(student.parameters(), lr=1e-4, betas=ADAM_BETAS)
+    times = []
     for step in range(warmup + steps):
         synchronize(device)
         start = time.perf_counter()
-        batch = {key: value.to(device) for key, value in next_batch().items()}
-        synchronize(device)
-        waited = time.perf_counter() - start
-        loss = endpoint_loss(student, batch, Context(), distance=squared_l2).mean()
+        step_batch = batch if next_batch is None else next_batch()
+        loss = endpoint_loss(student, step_batch, Context(), distance=squared_l2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), student.parameters()):
+                p_ema.lerp_(p, 1 - EMA_BETA)
         synchronize(device)
-        if step >= warmup:
-            total += time.perf_counter() - start
-            wait += waited
-    return total / steps, wait / steps
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[warmup:])
+
+
+def mid_steps(student, shards, batch_size, steps, warmup, workers, out):
+    """Seconds per step of the trainer's loop on `ShardReader` batches (median of the log's
+    sec_per_step after the warm-up)."""
+    config = loop.TrainConfig(out=out, max_steps=warmup + steps, batch_size=batch_size, lr=1e-4, log_every=1,
+                              ckpt_every=10**9, progress=False, ema_beta=EMA_BETA)
+    trainer = loop.Trainer(config)
+    batches = ShardReader(shards, trainer.micro_batch_size, seed=trainer.seed_for(0), num_workers=workers,
+                          exclude_endpoint=True, dtype=None)
+    trainer.fit(student, functools.partial(endpoint_loss, distance=squared_l2), batches)
+    records = loop.read_log(out)
+    return statistics.median(record["sec_per_step"] for record in records[warmup:])
 
 
 def synchronize(device):
@@ -109,20 +134,23 @@ def quick_sizes(ctx, param, value):
 @click.option("--teacher", default=None, help="Teacher name or checkpoint [default: mnist, or an MNIST-sized EDM2].")
 @click.option("--batch-size", type=click.IntRange(min=16), default=128, help="Targets (states) per step.")
 @click.option("--nfe", type=click.IntRange(min=1), default=16, help="Teacher solver steps (the official design's).")
-@click.option("--steps", type=click.IntRange(min=1), default=20, help="Timed steps per design.")
-@click.option("--warmup", type=click.IntRange(min=0), default=3)
+@click.option("--steps", type=click.IntRange(min=1), default=10, help="Timed steps per contender and round.")
+@click.option("--warmup", type=click.IntRange(min=0), default=2)
+@click.option("--rounds", type=click.IntRange(min=1), default=5, help="Rounds of the three contenders in turn.")
 @click.option("--num-trajectories", type=click.IntRange(min=1), default=512, help="Trajectories in the shards.")
-@click.option("--workers", type=click.IntRange(min=0), default=DEFAULT_WORKERS, help="Shard reader workers.")
+@click.option("--workers", default=DEFAULT_WORKERS, help="Shard reader workers (auto: as cmt-train mid).")
 @click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-def main(teacher, batch_size, nfe, steps, warmup, num_trajectories, workers, device):
+def main(teacher, batch_size, nfe, steps, warmup, rounds, num_trajectories, workers, device):
+    workers = auto_workers() if workers == "auto" else int(workers)
     teacher, identity = load_teacher(teacher)
     teacher = teacher.eval().requires_grad_(False).to(device)
     torch.manual_seed(0)
-    student = build_network(student_config(teacher.config, sigma_min=SIGMA_MIN)).to(device).train()
+    student = build_network(student_config(teacher.config, sigma_min=SIGMA_MIN)).train()
     student.load_state_dict(teacher.state_dict())
     print(f"teacher {identity.get('name') or identity.get('path')}: {teacher.config['architecture']}, "
           f"data {tuple(teacher.data_shape)}, {teacher.label_dim} classes; batch {batch_size} targets; "
-          f"device {device}, {torch.get_num_threads()} threads")
+          f"device {device}, {torch.get_num_threads()} threads, {workers} reader workers; {rounds} rounds of "
+          f"{steps} steps (+{warmup} warm-up) per contender")
 
     with tempfile.TemporaryDirectory() as root:
         shards = Path(root) / "shards"
@@ -134,19 +162,39 @@ def main(teacher, batch_size, nfe, steps, warmup, num_trajectories, workers, dev
                            progress=False, log=lambda message: None)
         print(f"built {num_trajectories} trajectories x {nfe + 1} states in {time.perf_counter() - started:.1f} s "
               "(once, before training)")
-        batches = iter(ShardReader(shards, batch_size, seed=0, num_workers=workers))
-        stored, stored_wait = timed_steps(student, lambda: next(batches), steps, warmup, device)
+        fixed = {key: value.to(device).float() if value.is_floating_point() else value.to(device)
+                 for key, value in next(iter(ShardReader(shards, batch_size, seed=0, exclude_endpoint=True))).items()}
+        generator = torch.Generator(device).manual_seed(0)
+        contenders = {
+            "mid": lambda k: mid_steps(copy.deepcopy(student), shards, batch_size, steps, warmup, workers,
+                                       Path(root) / f"mid-{k}"),
+            "bare": lambda k: bare_steps(copy.deepcopy(student).to(device), fixed, steps, warmup, device),
+            "official": lambda k: bare_steps(copy.deepcopy(student).to(device), None, steps, warmup, device,
+                                             lambda: online_batch(teacher, nfe, batch_size, device, generator)),
+        }
+        times = {name: [] for name in contenders}
+        for k in range(rounds):
+            names = list(contenders)[k % 3:] + list(contenders)[:k % 3]
+            for name in names:
+                times[name].append(contenders[name](k))
+            print(f"  round {k}: " + ", ".join(f"{name} {times[name][-1]:.4f} s/step" for name in contenders))
 
-    generator = torch.Generator(device).manual_seed(0)
-    online, online_wait = timed_steps(student, lambda: online_batch(teacher, nfe, batch_size, device, generator),
-                                      steps, warmup, device)
-    print(f"{'design':44s} {'s/step':>8s} {'targets/s':>10s} {'waiting':>8s}")
-    print(f"{'targets from shards (cmt-train mid)':44s} {stored:8.4f} {batch_size / stored:10.1f} "
-          f"{stored_wait / stored:8.1%}")
-    print(f"{f'teacher {nfe}-step solver in each step (official)':44s} {online:8.4f} {batch_size / online:10.1f} "
-          f"{online_wait / online:8.1%}")
-    print(f"step time ratio shards / online = {stored / online:.3f} (target <= 0.75)")
-    print(f"data wait share with {workers} reader workers = {stored_wait / stored:.1%} (target < 5%)")
+    def ratio(name, base):
+        values = [a / b for a, b in zip(times[name], times[base])]
+        return statistics.median(values), min(values), max(values)
+
+    print(f"{'contender':44s} {'s/step (median)':>16s} {'targets/s':>10s}")
+    labels = {"mid": "cmt-train mid step (trainer + ShardReader)", "bare": "bare loop (fwd, bwd, Adam, EMA)",
+              "official": f"teacher {nfe}-step solver in each step (official)"}
+    for name in contenders:
+        median = statistics.median(times[name])
+        print(f"{labels[name]:44s} {median:16.4f} {batch_size / median:10.1f}")
+    step, mid_official = ratio("mid", "bare"), ratio("mid", "official")
+    print(f"mid step / bare step = {step[0]:.3f} median of {rounds} rounds (spread {step[1]:.3f}-{step[2]:.3f}; "
+          f"target <= 1.10)")
+    print(f"mid step / official step = {mid_official[0]:.3f} (spread {mid_official[1]:.3f}-{mid_official[2]:.3f}; "
+          f"target <= 0.75)")
+    print(f"step_vs_bare={step[0]:.3f} mid_vs_official={mid_official[0]:.3f}")
 
 
 if __name__ == "__main__":

@@ -26,10 +26,11 @@ from cmt.datasets import TOY_NAMES
 from cmt.distributed import distributed_state
 from cmt.edm import RHO, SIGMA_GRIDS, SIGMA_MAX, SIGMA_MIN, sigma_grid
 from cmt.errors import ArgumentError
-from cmt.formats import (FORMATS, ShardError, checksum, encode_shard, files_bytes, open_location, read_files,
-                         remove_temporaries, shard_name, write_atomic)
+from cmt.formats import (COMPRESSIONS, DEFAULT_COMPRESSION, FORMATS, LEGACY_COMPRESSION, ShardError, checksum,
+                         encode_shard, files_bytes, open_location, read_files, remove_temporaries, shard_name,
+                         write_atomic)
 from cmt.manifest import (BUILD_CONFIG, DATASET_NAME, DATASET_VERSION, MANIFEST, TrajectoryDataset,
-                          config_hash, read_json, sidecar_name, upgrade_manifest, write_json)
+                          config_hash, dataset_compression, read_json, sidecar_name, upgrade_manifest, write_json)
 from cmt.metrics import embedded_metric
 from cmt.solvers import SOLVERS, sample_trajectory
 from cmt.teachers import resolve_teacher
@@ -39,7 +40,7 @@ DERIVED_KEYS = ("sigmas", "kept_sigmas", "steps")
 # The options that fix the dataset's bytes (`build_config`); the others say where it goes and how
 # the build runs.
 CONFIG_OPTIONS = ("solver", "nfe", "grid", "sigma_max", "sigma_min", "rho", "num_trajectories", "batch_size", "seed",
-                  "labels", "format", "shard_size", "dtype", "states")
+                  "labels", "format", "shard_size", "dtype", "states", "compression")
 # Data sets with an embedded-data metric (`cmt.metrics.embedded_metric`), for eval_teacher.
 EVAL_DATA = ("mnist", *(f"toy:{name}" for name in TOY_NAMES))
 
@@ -69,7 +70,7 @@ class Teacher:
 def build_trajectories(*, teacher, out, teacher_ckpt=None, guidance=None, guide_ckpt=None, solver="dpm++3m", nfe=16,
                        grid="logsnr", sigma_max=SIGMA_MAX, sigma_min=SIGMA_MIN, rho=RHO, num_trajectories=1000,
                        batch_size=256, seed=0, labels=None, format="zarr", shard_size=1000, dtype="float16",
-                       states="all", eval_teacher=False, eval_data=None, progress=True, log=print,
+                       states="all", compression=None, eval_teacher=False, eval_data=None, progress=True, log=print,
                        on_shard_written=None):
     """Build (or resume) a dataset of teacher ODE trajectories at `out`; the `cmt-build` options as keywords.
 
@@ -80,6 +81,9 @@ def build_trajectories(*, teacher, out, teacher_ckpt=None, guidance=None, guide_
         classifier-free; weight 1 is no guidance).
     labels: "random" (per trajectory), a class, "none"; None: random for a conditional teacher, else none.
     format: "zarr" or "wds". states: "all" or grid indices "0,4,8" (noise and endpoint are always kept).
+    compression: of zarr shards, one of `cmt.formats.COMPRESSIONS`; None: the one `out` was built
+        with when it holds a dataset (zstd for sets built before the option), else
+        `DEFAULT_COMPRESSION` (WebDataset shards are gzip'ed, always).
     eval_teacher: score the endpoints with the embedded-data metric of `eval_data` (default: the
         built-in teacher's name) into the manifest.
     log: where the summary lines go. on_shard_written(shard): called (from the writer thread) once
@@ -111,9 +115,11 @@ def build_trajectories(*, teacher, out, teacher_ckpt=None, guidance=None, guide_
         if (shape != (2,)) if points else (len(shape) != 3 or shape[0] != 1):
             raise ArgumentError("eval_data", f"{eval_data} scores {'2-D points' if points else 'grayscale images'}; "
                                              f"the teacher makes data of shape {shape}")
+    if compression is None and format == "zarr":
+        compression = recorded_compression(out)
     config = build_config(model, solver=solver, nfe=nfe, grid=grid, sigma_max=sigma_max, sigma_min=sigma_min, rho=rho,
                           num_trajectories=num_trajectories, batch_size=batch_size, seed=seed, labels=labels,
-                          format=format, shard_size=shard_size, dtype=dtype, states=states)
+                          format=format, shard_size=shard_size, dtype=dtype, states=states, compression=compression)
     manifest = build(out, model, config, eval_data=eval_data if eval_teacher else None, progress=progress, log=log,
                      on_shard_written=on_shard_written)
     return {"out": _location(out), "manifest": _location(out, MANIFEST), "build_config": _location(out, BUILD_CONFIG),
@@ -125,6 +131,18 @@ def build_trajectories(*, teacher, out, teacher_ckpt=None, guidance=None, guide_
 # (build_config and the cmt-build command read them from here).
 DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(build_trajectories).parameters.items()
             if parameter.default is not inspect.Parameter.empty}
+
+
+def recorded_compression(out):
+    """The compression of the zarr dataset being built at `out` (its build-config.json; zstd when
+    it names none), or None when there is none there yet (or it holds WebDataset shards)."""
+    fs, root = open_location(out)
+    path = f"{root}/{BUILD_CONFIG}"
+    if not fs.exists(path):
+        return None
+    recorded = read_json(fs, path)
+    config = upgrade_manifest(recorded.get("config", {})) if isinstance(recorded, dict) else {}
+    return dataset_compression(config) if isinstance(config, dict) else None
 
 
 def _location(out, name=None):
@@ -255,6 +273,13 @@ def build_config(teacher, **options):
     sigma_min, sigma_max, rho = settings["sigma_min"], settings["sigma_max"], settings["rho"]
     if settings["format"] not in FORMATS:
         raise ArgumentError("format", f"must be one of {', '.join(FORMATS)}, got {settings['format']!r}")
+    compression = settings["compression"]
+    if settings["format"] == "zarr":
+        compression = compression or DEFAULT_COMPRESSION
+        if compression not in COMPRESSIONS:
+            raise ArgumentError("compression", f"must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
+    elif compression is not None:
+        raise ArgumentError("compression", f"applies to zarr shards; {settings['format']} shards are gzip'ed")
     if settings["dtype"] not in STORAGE_DTYPES:
         raise ArgumentError("dtype", f"must be one of {', '.join(STORAGE_DTYPES)}, got {settings['dtype']!r}")
     for name in ("num_trajectories", "batch_size", "shard_size"):
@@ -280,6 +305,9 @@ def build_config(teacher, **options):
         "label_dim": teacher.label_dim, "data_shape": list(teacher.data_shape), "dtype": settings["dtype"],
         "count": settings["num_trajectories"], "shard_size": settings["shard_size"],
         "batch_size": settings["batch_size"],
+        # Recorded when it is not the one codec of earlier builds, so their configuration (and its
+        # hash) reads the same as before: a missing field is zstd (`dataset_compression`).
+        **({"compression": compression} if compression not in (None, LEGACY_COMPRESSION) else {}),
     }
 
 
@@ -401,7 +429,8 @@ def write_shard(fs, root, shard, name, first, arrays, config, on_shard_written=N
 
     on_shard_written(shard) runs between the two: the moment a crash is worst for a resume (the
     shard in place, no sidecar to vouch for it), where the resume test kills the build."""
-    files = encode_shard(arrays, config["format"], {"first_index": first, "count": len(arrays["index"])})
+    files = encode_shard(arrays, config["format"], {"first_index": first, "count": len(arrays["index"])},
+                         compression=dataset_compression(config))
     write_atomic(fs, f"{root}/{name}", files)
     if on_shard_written is not None:
         on_shard_written(shard)

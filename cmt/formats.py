@@ -9,11 +9,16 @@ sees half a shard and two processes never write the same file. Both layouts hold
     noise [n, *shape], states [n, S, *shape], sigmas [S] float64, endpoint [n, *shape]
 
 - zarr: `shard-000000.zarr/`, one group; every array is a single v3 shard file (`shards=`) holding
-  chunks of whole trajectories, compressed with Blosc zstd + bit shuffle.
+  chunks of whole trajectories, compressed with Blosc (`COMPRESSIONS`: lz4 + bit shuffle by default,
+  zstd level 5 + bit shuffle, the only choice of datasets built before the option, or none).
 - wds: `shard-000000.tar.gz`, one sample per trajectory (`{index:09d}.states.npy`, ...), gzip'ed.
 
 The checksum of a one-file shard is the sha256 of the file (what `sha256sum` prints); of a zarr
 group, the sha256 over its files in sorted order (`path \\n size(8 bytes) content` each).
+`fingerprint` is the cheap check of bytes already verified once (`cmt.manifest.TrajectoryDataset`).
+
+Zarr shards are decoded by `decode_zarr_direct`, a small reader of exactly the layout `encode_shard`
+writes (checked field by field, zarr's own API for anything else): see there for why.
 """
 import gzip
 import hashlib
@@ -24,6 +29,8 @@ import tarfile
 import uuid
 
 import fsspec
+import google_crc32c
+import numcodecs
 import numpy as np
 import webdataset
 import zarr
@@ -37,7 +44,17 @@ from cmt.errors import FileFormatError, MissingDependency
 FORMATS = ("zarr", "wds")
 EXTENSIONS = {"zarr": ".zarr", "wds": ".tar.gz"}
 FIELDS = ("index", "seed", "label", "noise", "states", "sigmas", "endpoint")
-COMPRESSOR = BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")
+# Blosc codecs of zarr shards, by the name `cmt-build --compression` takes. Trajectory states are
+# noise-like: zstd saves ~7% on them and decodes at ~0.8 GB/s, lz4 stores them as they are (blosc
+# keeps an incompressible block raw) and decodes at memory speed while still shrinking the
+# compressible parts (flat image backgrounds); docs/benchmarks.md, "Reader", has the figures.
+COMPRESSIONS = ("lz4", "zstd", "none")
+DEFAULT_COMPRESSION = "lz4"
+# What a dataset whose manifest names no compression used (every one built before the option).
+LEGACY_COMPRESSION = "zstd"
+COMPRESSORS = {"zstd": BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle"),
+               "lz4": BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"), "none": None}
+COMPRESSOR = COMPRESSORS[LEGACY_COMPRESSION]
 # Chunks of whole trajectories of about this size compress well and still decode one at a time.
 CHUNK_BYTES = 1 << 18
 
@@ -75,13 +92,14 @@ def _chunking(value):
     return chunks, shards
 
 
-def _encode_zarr(arrays, attributes):
+def _encode_zarr(arrays, attributes, compression=LEGACY_COMPRESSION):
     files = {}
     group = zarr.create_group(store=MemoryStore(files), attributes=attributes)
+    compressor = COMPRESSORS[compression]
     for name in FIELDS:
         value = np.ascontiguousarray(arrays[name])
         chunks, shards = _chunking(value)
-        group.create_array(name, data=value, chunks=chunks, shards=shards, compressors=COMPRESSOR)
+        group.create_array(name, data=value, chunks=chunks, shards=shards, compressors=compressor)
     return {key: buffer.to_bytes() for key, buffer in files.items()}
 
 
@@ -103,20 +121,152 @@ def _encode_wds(arrays, attributes):
     return {"": gzip.compress(stream.getvalue(), compresslevel=1, mtime=0)}
 
 
-def encode_shard(arrays, fmt, attributes=None):
-    """The files `{relative path: bytes}` of one shard; a one-file shard has the single key ""."""
+def encode_shard(arrays, fmt, attributes=None, compression=None):
+    """The files `{relative path: bytes}` of one shard; a one-file shard has the single key "".
+
+    compression: zarr's codec (`COMPRESSIONS`; None: `LEGACY_COMPRESSION`, the bytes of earlier
+    builds); WebDataset shards are gzip'ed, always."""
     missing = [name for name in FIELDS if name not in arrays]
     if missing:
         raise ValueError(f"shard arrays lack {missing}")
-    encode = {"zarr": _encode_zarr, "wds": _encode_wds}[fmt]
-    return encode(arrays, dict(attributes or {}))
+    if fmt == "zarr":
+        return _encode_zarr(arrays, dict(attributes or {}), compression or LEGACY_COMPRESSION)
+    return _encode_wds(arrays, dict(attributes or {}))
 
 
-def _decode_zarr(files):
+def _decode_zarr_api(files, fields):
     prototype = default_buffer_prototype().buffer
     store = MemoryStore({key: prototype.from_bytes(data) for key, data in files.items()}, read_only=True)
     group = zarr.open_group(store, mode="r")
-    return {name: group[name][...] for name in FIELDS}
+    return {name: group[name][...] for name in fields}
+
+
+# The codec entries `_encode_zarr` writes, as zarr 3 spells them in zarr.json; `decode_zarr_direct`
+# reads exactly these and hands anything else to zarr.
+_BYTES_CODEC = {"name": "bytes", "configuration": {"endian": "little"}}
+_INDEX_CODECS = [_BYTES_CODEC, {"name": "crc32c"}]
+_NO_CHUNK = np.uint64(2**64 - 1)   # the sharding index's (offset, nbytes) of a chunk never written
+
+
+class _Unexpected(Exception):
+    """The zarr metadata is not the layout `_encode_zarr` writes: decode with zarr's API instead."""
+
+
+def _inner_codec(codecs):
+    """`(decode(data, out) or None for raw bytes)` of the codec chain `[bytes, blosc?]`."""
+    if not codecs or codecs[0] != _BYTES_CODEC or len(codecs) > 2:
+        raise _Unexpected
+    if len(codecs) == 1:
+        return None
+    blosc = codecs[1]
+    if blosc.get("name") != "blosc":
+        raise _Unexpected
+    codec = numcodecs.Blosc()   # decoding reads cname / shuffle / typesize from each block's header
+    return lambda data, out: codec.decode(data, out=out)
+
+
+def _fill(dtype, fill_value):
+    if isinstance(fill_value, str) or fill_value is None:
+        raise _Unexpected   # NaN / Infinity / hex spellings: zarr knows them
+    return np.array(fill_value, dtype=dtype)
+
+
+def _decode_zarr_array(meta, files, name):
+    """One array of a shard written by `_encode_zarr`: chunks of whole rows along the first axis,
+    either one plain chunk (1-D arrays) or one v3 shard file spanning the array."""
+    if (meta.get("zarr_format") != 3 or meta.get("node_type") != "array" or meta.get("storage_transformers")
+            or meta.get("chunk_key_encoding") != {"name": "default", "configuration": {"separator": "/"}}
+            or meta.get("chunk_grid", {}).get("name") != "regular"):
+        raise _Unexpected
+    try:
+        dtype = np.dtype(meta["data_type"]).newbyteorder("<")
+    except TypeError:
+        raise _Unexpected from None
+    if dtype.kind not in "iuf":
+        raise _Unexpected
+    shape = tuple(meta["shape"])
+    outer = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+    fill = _fill(dtype, meta.get("fill_value"))
+    codecs = meta.get("codecs") or []
+    if len(shape) == 0 or len(outer) != len(shape) or outer[1:] != shape[1:] or outer[0] < shape[0]:
+        raise _Unexpected   # more than one outer chunk: not our layout
+    key = f"{name}/c/" + "/".join("0" for _ in shape)
+    if len(codecs) == 1 and codecs[0].get("name") == "sharding_indexed":
+        config = codecs[0]["configuration"]
+        inner = tuple(config["chunk_shape"])
+        if (config.get("index_location", "end") != "end" or config.get("index_codecs") != _INDEX_CODECS
+                or len(inner) != len(shape) or inner[1:] != shape[1:] or outer[0] % inner[0]):
+            raise _Unexpected
+        decode = _inner_codec(config.get("codecs"))
+    else:
+        inner = outer
+        decode = _inner_codec(codecs)
+        config = None
+    rows = inner[0]
+    count = outer[0] // rows
+    chunk_bytes = int(np.prod(inner)) * dtype.itemsize
+    data = files.get(key)
+    if data is None:   # zarr writes no chunk that is all fill value
+        return np.full(shape, fill, dtype)
+    if config is None:
+        spans = [(0, len(data))]
+    else:
+        index_bytes = 16 * count
+        if len(data) < index_bytes + 4:
+            raise _Unexpected
+        index = data[-index_bytes - 4:-4]
+        if google_crc32c.value(index) != int.from_bytes(data[-4:], "little"):
+            raise ValueError(f"{key}: the shard index fails its crc32c")
+        spans = np.frombuffer(index, "<u8").reshape(count, 2)
+    if decode is None and config is not None and np.array_equal(
+            np.asarray(spans, dtype=np.uint64), np.stack([np.arange(count, dtype=np.uint64) * chunk_bytes,
+                                                          np.full(count, chunk_bytes, np.uint64)], 1)):
+        # Uncompressed chunks in order, end to end: the array is the file's bytes (read-only), no copy.
+        return np.frombuffer(data, dtype, count=int(np.prod(outer)))[: int(np.prod(shape))].reshape(shape)
+    out = np.empty((count * rows, *shape[1:]), dtype)
+    flat = out.reshape(-1).view(np.uint8)
+    for chunk, (offset, nbytes) in enumerate(spans):
+        target = flat[chunk * chunk_bytes:(chunk + 1) * chunk_bytes]
+        if offset == _NO_CHUNK and nbytes == _NO_CHUNK:
+            out[chunk * rows:(chunk + 1) * rows] = fill
+            continue
+        offset, nbytes = int(offset), int(nbytes)
+        if offset + nbytes > len(data):
+            raise ValueError(f"{key}: chunk {chunk} lies beyond the end of the file")
+        piece = memoryview(data)[offset:offset + nbytes]
+        if decode is None:
+            if nbytes != chunk_bytes:
+                raise ValueError(f"{key}: chunk {chunk} has {nbytes} bytes, not {chunk_bytes}")
+            target[:] = np.frombuffer(piece, np.uint8)
+        else:
+            decode(piece, target)
+    return out[: shape[0]]
+
+
+def decode_zarr_direct(files, fields=FIELDS):
+    """The arrays `fields` of a zarr shard written by `_encode_zarr`, decoded straight from the
+    files: every chunk by numcodecs' Blosc into one numpy array per field, an uncompressed
+    array as a view of its file's bytes.
+
+    Written by hand because zarr's API (an asyncio pipeline with a store, a codec pipeline and
+    per-chunk buffers) costs more than the decoding itself on whole-shard reads; what it reads is
+    the documented v3 layout (zarr.json; a sharding_indexed file is its chunks followed by an index
+    of (offset, nbytes) uint64 pairs and that index's crc32c, (2^64-1, 2^64-1) for a chunk never
+    written; a missing chunk file is all fill value). Any metadata outside what `_encode_zarr`
+    writes goes to zarr's API (`tests/test_shards.py` checks both agree, byte for byte)."""
+    arrays, fallback = {}, []
+    for name in fields:
+        try:
+            arrays[name] = _decode_zarr_array(json.loads(files[f"{name}/zarr.json"]), files, name)
+        except (_Unexpected, KeyError, TypeError, AttributeError):
+            fallback.append(name)
+    if fallback:
+        arrays.update(_decode_zarr_api(files, fallback))
+    return {name: arrays[name] for name in fields}
+
+
+def _decode_zarr(files, fields=FIELDS):
+    return decode_zarr_direct(files, fields)
 
 
 def _decode_wds(files):
@@ -141,10 +291,25 @@ def _decode_wds(files):
     }
 
 
-def decode_shard(files, fmt):
-    """The arrays of a shard from its files (as `encode_shard` gives them)."""
-    decode = {"zarr": _decode_zarr, "wds": _decode_wds}[fmt]
-    return decode(files)
+def decode_shard(files, fmt, fields=FIELDS):
+    """The arrays `fields` of a shard from its files (as `encode_shard` gives them)."""
+    if fmt == "zarr":
+        return _decode_zarr(files, fields)
+    arrays = _decode_wds(files)
+    return {name: arrays[name] for name in fields}
+
+
+def fingerprint(data):
+    """`(size, crc32c)` of a file's bytes: the check of bytes whose sha256 was verified before.
+
+    Why it is enough on a re-read: the sha256 at the first read ties the bytes to the manifest;
+    afterwards the question is only whether they changed since, and a changed size (truncation,
+    a replaced file) or crc32c catches every change the sha256 would catch but one in 2^32 random
+    corruptions: every burst of up to 32 flipped bits always, any truncation or extension always.
+    What it does not catch is a deliberate edit that keeps the crc32c (a forged file between two
+    reads of one process); the sha256 of the next process's first read does. crc32c runs at
+    memory speed (a CPU instruction: ~11 GB/s here, sha256 ~1.7 GB/s)."""
+    return len(data), google_crc32c.value(data)
 
 
 def checksum(files):
@@ -219,14 +384,33 @@ def remove_temporaries(fs, path):
         fs.rm(leftover, recursive=True)
 
 
-def read_files(fs, path):
-    """The files of a shard as written by `write_atomic`; ShardError if it is missing."""
+def read_files(fs, path, keys=None):
+    """The files of a shard as written by `write_atomic`; ShardError if it is missing.
+
+    keys: read only these files of a zarr group (relative paths; those that do not exist are left
+    out, as zarr leaves out a chunk of fill values), without listing it."""
+    if keys is not None and fs.isdir(path):
+        files = {}
+        for key in keys:
+            try:
+                files[key] = _cat(fs, f"{path}/{key}")
+            except FileNotFoundError:
+                pass
+        return files
     if not fs.exists(path):
         raise ShardError(f"shard {path} is missing")
     if not fs.isdir(path):
-        return {"": fs.cat_file(path)}
+        return {"": _cat(fs, path)}
     prefix = path.rstrip("/") + "/"
-    return {name[len(prefix):]: fs.cat_file(name) for name in fs.find(path)}
+    return {name[len(prefix):]: _cat(fs, name) for name in fs.find(path)}
+
+
+def _cat(fs, path):
+    if isinstance(fs, LocalFileSystem):   # one read into one buffer, without fsspec's layers
+        # (Mapping the file instead measured slower: the gathers then take the page faults.)
+        with open(path, "rb") as file:
+            return file.read()
+    return fs.cat_file(path)
 
 
 def files_bytes(files):

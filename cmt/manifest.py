@@ -13,8 +13,8 @@ import itertools
 import json
 
 from cmt.errors import FileFormatError
-from cmt.formats import (EXTENSIONS, FORMATS, ShardError, checksum, decode_shard, files_bytes, open_location,
-                         read_files, write_atomic)
+from cmt.formats import (EXTENSIONS, FIELDS, FORMATS, LEGACY_COMPRESSION, ShardError, checksum, decode_shard,
+                         files_bytes, fingerprint, open_location, read_files, write_atomic)
 
 # manifest.json and build-config.json say what they are with "dataset" and "dataset_version"; the
 # shards' storage format (zarr or wds, the --format option) is "format". Version 1 files called the
@@ -120,11 +120,25 @@ def upgrade_manifest(manifest):
     return upgraded
 
 
+def dataset_compression(manifest):
+    """The zarr compression a manifest or build configuration records; `LEGACY_COMPRESSION` for one
+    that names none (every dataset built before `--compression`), None for WebDataset shards."""
+    if manifest.get("format") != "zarr":
+        return None
+    return manifest.get("compression", LEGACY_COMPRESSION)
+
+
 class TrajectoryDataset:
     """A finished dataset: its manifest and checked access to its shards.
 
     max_trajectories: use only the trajectories with index < N (None: all); shards past N are left
     out and the last one is cut at N when read (`read_shard`), so subsets are prefixes by index.
+
+    Integrity: the first read of a shard by this object (so by each reader process: a DataLoader
+    worker has its own copy) checks the manifest's sha256 over all its files; later reads check
+    each file's `cmt.formats.fingerprint` (size and crc32c) taken then, which is what lets an
+    uncached reader re-read every epoch at the cost of the read alone (see `fingerprint` for what
+    it catches).
     """
 
     def __init__(self, url, max_trajectories=None):
@@ -144,7 +158,9 @@ class TrajectoryDataset:
                                   f"{DATASET_VERSION}")
         check_manifest(self.manifest, manifest_path)
         self.format = self.manifest["format"]
+        self.compression = dataset_compression(self.manifest)
         self.shards = self.manifest["shards"]
+        self.verified = {}   # shard name: {file: fingerprint} of the files whose sha256 matched
         self.max_trajectories = max_trajectories
         if max_trajectories is not None:
             if isinstance(max_trajectories, bool) or not isinstance(max_trajectories, int) or max_trajectories < 1:
@@ -172,22 +188,41 @@ class TrajectoryDataset:
                 raise ShardError(f"shard {path} has {size} bytes, the manifest records {entry['bytes']}: it is "
                                  "truncated or was replaced (cmt-inspect --verify checks every checksum)")
 
-    def read_files(self, entry, verify=True):
-        """The shard's files; ShardError naming it if missing or (with `verify`) its checksum differs."""
+    def read_files(self, entry, verify=True, fields=None):
+        """The shard's files; ShardError naming it if missing or (with `verify`) its checksum differs.
+
+        verify: the sha256 on this object's first read of the shard, the files' fingerprints after
+        (see the class); "sha256": the sha256 on every read. fields: of a zarr shard already
+        verified, read only the files of these arrays (None: all files)."""
         path = self.shard_path(entry)
+        known = self.verified.get(entry["name"]) if verify != "sha256" else None
+        if verify and known is not None:
+            keys = None if fields is None or self.format != "zarr" else \
+                [key for key in known if key.split("/", 1)[0] in fields or key == "zarr.json"]
+            files = read_files(self.fs, path, keys)
+            changed = sorted(key for key in (keys if keys is not None else known)
+                             if key not in files or fingerprint(files[key]) != known[key])
+            if changed or (keys is None and set(files) != set(known)):
+                raise ShardError(f"shard {path} is corrupt or truncated: {', '.join(changed) or 'its files'} changed "
+                                 "since its sha256 was verified by this process (size or crc32c differs)")
+            return files
         files = read_files(self.fs, path)
         if verify and checksum(files) != entry["sha256"]:
             raise ShardError(f"shard {path} is corrupt or truncated: sha256 {checksum(files)[:16]}... "
                              f"({files_bytes(files)} bytes), the manifest has {entry['sha256'][:16]}... "
                              f"({entry['bytes']} bytes)")
+        if verify:
+            self.verified[entry["name"]] = {key: fingerprint(data) for key, data in files.items()}
         return files
 
-    def read_shard(self, entry, verify=True):
-        """The arrays of one shard (see `cmt.formats`), checked against the manifest."""
+    def read_shard(self, entry, verify=True, fields=FIELDS):
+        """The arrays `fields` of one shard (see `cmt.formats`), checked against the manifest
+        (`verify` as in `read_files`). Arrays may be read-only views of the files' bytes."""
         path = self.shard_path(entry)
-        files = self.read_files(entry, verify)
+        fields = tuple(dict.fromkeys((*fields, "index")))   # the count check needs the indices
+        files = self.read_files(entry, verify, fields=fields if set(fields) != set(FIELDS) else None)
         try:
-            arrays = decode_shard(files, self.format)
+            arrays = decode_shard(files, self.format, fields)
         except Exception as error:
             raise ShardError(f"shard {path} cannot be decoded: {type(error).__name__}: {error}") from error
         if self.max_trajectories is not None and len(arrays["index"]) > entry["count"]:   # the cut last shard

@@ -12,20 +12,72 @@ with `with_trajectory=True` every sample also carries its trajectory's `states` 
 Work is split by shards: once per reader (seeded by `seed`), the shards are dealt round-robin to
 every reader process of every rank (`rank * num_workers + worker`); when there are fewer shards
 than reader processes, each shard is dealt in strided parts. A process reads its shards whole (the
-checksum checked on every read from storage), keeps them decoded in memory up to `cache_bytes`,
-and in every epoch (seeded by (seed, epoch)) walks them in a new order, each shard's samples
-shuffled and cut into batches. So each trajectory is seen once per epoch over all processes, the
-cache of all processes together never exceeds the dataset, and the stream depends only on
-(seed, rank, world_size, num_workers): a restarted run sees the same batches.
+arrays it yields only: never the noise; the sha256 checked on its first read of a shard, a
+crc32c after, see `cmt.manifest.TrajectoryDataset`), keeps them decoded in memory up to
+`cache_bytes`, and in every epoch (seeded by (seed, epoch)) walks them in a new order, each shard's
+samples shuffled and cut into batches; a background thread reads and decodes the next shard while
+the current one is cut. So each trajectory is seen once per epoch over all processes, a process
+holds at most its cache plus two shards, and the stream depends only on (seed, rank, world_size,
+num_workers): a restarted run sees the same batches.
 """
+import concurrent.futures
 import itertools
 import math
+import os
 
 import numpy as np
 import torch
 
 from cmt.errors import ArgumentError
 from cmt.manifest import TrajectoryDataset
+
+# The arrays a batch is gathered from (a shard's noise is never read by the reader).
+READ_FIELDS = ("index", "label", "states", "sigmas", "endpoint")
+# The share of the machine's memory that the decoded-shard caches of all reader processes on it
+# may hold together, by default.
+CACHE_SHARE = 0.25
+
+
+def physical_memory():
+    """Bytes of memory of this machine (0 when the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def local_processes(world_size=1):
+    """Training processes on this machine: LOCAL_WORLD_SIZE (torchrun, accelerate) or, failing
+    that, all of them."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+    except ValueError:
+        return max(1, world_size)
+
+
+# Reader worker processes pay off only when cores are left over for them: on fewer free cores per
+# rank they take cores from the network and add a copy of every batch between processes (measured
+# slower than none on 2 cores; docs/benchmarks.md, "Reader").
+AUTO_WORKERS, MIN_CORES_FOR_WORKERS = 2, 4
+
+
+def available_cores():
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def auto_workers(local_ranks=1):
+    """Reader processes per rank for `workers="auto"`: `AUTO_WORKERS` when each rank on this machine
+    has at least `MIN_CORES_FOR_WORKERS` cores, else none."""
+    return AUTO_WORKERS if available_cores() // max(1, local_ranks) >= MIN_CORES_FOR_WORKERS else 0
+
+
+def default_cache_bytes(reader_processes):
+    """Decoded-shard cache of one reader process by default: `CACHE_SHARE` of the machine's memory
+    over the reader processes on it (ranks on the machine x max(workers, 1))."""
+    return int(physical_memory() * CACHE_SHARE) // max(1, reader_processes)
 
 
 def _default_rank():
@@ -36,7 +88,7 @@ def _default_rank():
 
 class DecodedShards:
     """Decoded shards kept in memory up to a byte budget: the first ones read stay (evicting would
-    gain nothing, since every epoch walks all of them)."""
+    gain nothing, since every epoch walks all of them). `used` never exceeds `budget`."""
 
     def __init__(self, budget):
         self.budget, self.used, self.arrays = budget, 0, {}
@@ -55,14 +107,19 @@ class ShardReader(torch.utils.data.IterableDataset):
         (k states drawn per trajectory and epoch; with `pairs`, k pairs; "all" then means all pairs).
     num_workers: reader processes when iterated directly (a DataLoader is made inside); as the
         dataset of your own DataLoader, use `batch_size=None` there.
-    cache_bytes: decoded shards each reader process keeps in memory (0: read every epoch again).
+    cache_bytes: decoded shards each reader process keeps in memory (0: read every epoch again;
+        None: `default_cache_bytes` of the reader processes on this machine).
+    dtype: of the states and sigmas yielded; None: as stored (float16 usually: half the bytes
+        through the workers' pipes, upcast on the device by the consumer).
+    prefetch: read and decode the next shard in a background thread while batches of the current
+        one are cut (file reads, crc32c and Blosc decoding run outside the GIL).
     exclude_endpoint: never yield the last stored state (the endpoint itself) as a sample's state;
         for targets that are the endpoint, where it would cost nothing and teach nothing.
     """
 
     def __init__(self, path, batch_size, *, seed=0, shuffle=True, states_per_trajectory="all", pairs=False,
                  with_trajectory=False, rank=None, world_size=None, num_workers=0, endless=True, verify=True,
-                 cache_bytes=4 << 30, dtype=torch.float32, exclude_endpoint=False):
+                 cache_bytes=None, dtype=torch.float32, exclude_endpoint=False, prefetch=True):
         super().__init__()
         self.dataset = path if isinstance(path, TrajectoryDataset) else TrajectoryDataset(path)
         if batch_size < 1:
@@ -88,8 +145,14 @@ class ShardReader(torch.utils.data.IterableDataset):
         self.num_workers = num_workers
         self.endless = endless
         self.verify = verify
-        self.cache_bytes = cache_bytes
+        if cache_bytes is None:
+            cache_bytes = default_cache_bytes(local_processes(world_size) * max(1, num_workers))
+        if cache_bytes < 0:
+            raise ArgumentError("cache_bytes", f"must be >= 0 (0: no cache), got {cache_bytes}")
+        self.cache_bytes = int(cache_bytes)
         self.dtype = dtype
+        self.prefetch = prefetch
+        self.cache = None   # the DecodedShards of the stream last started in this process
         self.exclude_endpoint = bool(exclude_endpoint) and not pairs and self.num_states > 1
 
     # -- which shards this reader process reads ---------------------------------------------------
@@ -108,7 +171,7 @@ class ShardReader(torch.utils.data.IterableDataset):
         if unit in cache.arrays:
             return cache.arrays[unit]
         shard, part, parts = unit
-        arrays = self.dataset.read_shard(self.dataset.shards[shard], verify=self.verify)
+        arrays = self.dataset.read_shard(self.dataset.shards[shard], verify=self.verify, fields=READ_FIELDS)
         if parts > 1:
             arrays = {key: (value if key == "sigmas" else value[part::parts].copy()) for key, value in arrays.items()}
         cache.add(unit, arrays)
@@ -152,39 +215,70 @@ class ShardReader(torch.utils.data.IterableDataset):
         batch = {}
         for key, value in sample.items():
             tensor = torch.from_numpy(np.ascontiguousarray(value))
-            batch[key] = tensor.to(torch.int64) if key in ("label", "index") else tensor.to(self.dtype)
+            if key in ("label", "index"):
+                tensor = tensor.to(torch.int64)
+            elif self.dtype is not None:
+                tensor = tensor.to(self.dtype)
+            batch[key] = tensor
         return batch
 
-    def _stream(self, consumer, consumers):
-        units, cache = self._units(consumer, consumers), DecodedShards(self.cache_bytes)
-        leftover = None  # gathered samples short of a batch, carried into the next shard
+    def _epoch_units(self, units, consumer):
+        """`(epoch, unit)` in the order the stream walks them."""
         for epoch in (itertools.count() if self.endless else [0]):
             order = np.random.default_rng([self.seed, epoch, consumer]).permutation(len(units)) \
                 if self.shuffle else range(len(units))
-            epoch_samples = 0
-            for unit in (units[k] for k in order):
-                arrays = self._load(unit, cache)
-                rng = np.random.default_rng([self.seed, epoch, *unit])
-                columns = self._samples(len(arrays["index"]), rng)
-                count, start = len(columns[0]), 0
-                epoch_samples += count
-                if leftover is not None:
-                    start = min(count, self.batch_size - len(leftover["index"]))
-                    head = self._gather(arrays, tuple(column[:start] for column in columns))
-                    leftover = {key: np.concatenate([leftover[key], head[key]]) for key in head}
-                    if len(leftover["index"]) < self.batch_size:
-                        continue
-                    yield self._to_torch(leftover)
-                    leftover = None
-                while start + self.batch_size <= count:
-                    yield self._to_torch(self._gather(arrays, tuple(column[start:start + self.batch_size]
-                                                                     for column in columns)))
-                    start += self.batch_size
-                if start < count:
-                    leftover = self._gather(arrays, tuple(column[start:] for column in columns))
-            if self.endless and not epoch_samples:
-                raise ValueError(f"{self.dataset.url}: {len(self.dataset)} trajectories are too few for "
-                                 f"{consumers} reader processes (ranks x workers); reader {consumer} gets none")
+            for k in order:
+                yield epoch, units[k]
+            yield epoch, None   # the end of an epoch
+
+    def _loaded(self, units, consumer, cache):
+        """`(epoch, unit, arrays)` in stream order, the next unit loading in the background."""
+        walk = self._epoch_units(units, consumer)
+        if not self.prefetch:
+            for epoch, unit in walk:
+                yield epoch, unit, None if unit is None else self._load(unit, cache)
+            return
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cmt-shard-reader") as pool:
+            def submit(item):
+                epoch, unit = item
+                return epoch, unit, None if unit is None else pool.submit(self._load, unit, cache)
+            pending = next((submit(item) for item in walk), None)
+            while pending is not None:
+                upcoming = next((submit(item) for item in walk), None)   # loads while this one is cut
+                epoch, unit, future = pending
+                yield epoch, unit, None if future is None else future.result()
+                pending = upcoming
+
+    def _stream(self, consumer, consumers):
+        units = self._units(consumer, consumers)
+        self.cache = cache = DecodedShards(self.cache_bytes)
+        leftover = None  # gathered samples short of a batch, carried into the next shard
+        epoch_samples = 0
+        for epoch, unit, arrays in self._loaded(units, consumer, cache):
+            if unit is None:
+                if self.endless and not epoch_samples:
+                    raise ValueError(f"{self.dataset.url}: {len(self.dataset)} trajectories are too few for "
+                                     f"{consumers} reader processes (ranks x workers); reader {consumer} gets none")
+                epoch_samples = 0
+                continue
+            rng = np.random.default_rng([self.seed, epoch, *unit])
+            columns = self._samples(len(arrays["index"]), rng)
+            count, start = len(columns[0]), 0
+            epoch_samples += count
+            if leftover is not None:
+                start = min(count, self.batch_size - len(leftover["index"]))
+                head = self._gather(arrays, tuple(column[:start] for column in columns))
+                leftover = {key: np.concatenate([leftover[key], head[key]]) for key in head}
+                if len(leftover["index"]) < self.batch_size:
+                    continue
+                yield self._to_torch(leftover)
+                leftover = None
+            while start + self.batch_size <= count:
+                yield self._to_torch(self._gather(arrays, tuple(column[start:start + self.batch_size]
+                                                                 for column in columns)))
+                start += self.batch_size
+            if start < count:
+                leftover = self._gather(arrays, tuple(column[start:] for column in columns))
         if leftover is not None:
             yield self._to_torch(leftover)
 
@@ -195,5 +289,6 @@ class ShardReader(torch.utils.data.IterableDataset):
             return self._stream(self.rank * workers + worker.id, self.world_size * workers)
         if self.num_workers > 0:
             return iter(torch.utils.data.DataLoader(self, batch_size=None, num_workers=self.num_workers,
-                                                    persistent_workers=False))
+                                                    persistent_workers=False,
+                                                    pin_memory=torch.cuda.is_available()))
         return self._stream(self.rank, self.world_size)

@@ -92,3 +92,24 @@ def test_trajectories_smoke_writes_rows_for_every_size(tmp_path):
             for size in (16, 64)}
     assert runs == {16, 64}   # each mid-training saw only its prefix of the build
     assert (out / "trajectories.png").stat().st_size > 0 and (out / "trajectories.md").is_file()
+
+
+# The quick forms, smaller still (the test shows the script runs and ends with its named ratios).
+QUICK_FORMS = {
+    "bench_reader.py": (("--num-trajectories", "32", "--shard-size", "8", "--rounds", "1", "--batches", "3"),
+                        ("reader_vs_memmap", "reader_vs_memmap_1thread", "wds_vs_zarr", "workers2_vs_workers0",
+                         "rss_4x_vs_1x")),
+    "bench_mid.py": (("--num-trajectories", "16", "--steps", "1", "--warmup", "1", "--rounds", "1"),
+                     ("step_vs_bare", "mid_vs_official")),
+}
+
+
+@pytest.mark.parametrize("script", sorted(QUICK_FORMS))
+def test_quick_form_ends_with_its_ratios(script):
+    args, names = QUICK_FORMS[script]
+    result = subprocess.run([sys.executable, str(BENCHMARKS / script), "--quick", *args], env=TWO_CPU_ENV,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    pairs = dict(pair.split("=", 1) for pair in result.stdout.strip().splitlines()[-1].split())
+    for name in names:
+        assert math.isfinite(float(pairs[name])) and float(pairs[name]) > 0, (name, pairs)

@@ -342,6 +342,38 @@ def test_meanflow_loss_with_cfg_and_label_dropout_uses_the_guided_target():
     assert float((unguided - loss).abs().max()) > 1e-4
 
 
+def test_meanflow_adaptive_weight_pulls_an_exact_flow_map_away_and_plain_l2_does_not():
+    """Why the built-in recipes post-train MeanFlow with norm_p = 0 (bench_claim, issue 10): at the
+    exact flow map the residual u - target has conditional mean zero given (z, t, r) (the target is
+    unbiased), so the plain L2 loss has zero expected gradient there; MeanFlow's adaptive weight
+    1 / (|delta|^2 + eps) (p = 1) weighs the posterior's draws unequally, so its expected gradient at
+    the exact answer is not zero: started from good (CMT) weights it trains them away."""
+    mu, logw, s = conditional_mixture()
+    net = ExactConditionalFlowMap(mu, logw, s, steps=32)
+    n, t, r = 4000, 0.6, 0.2
+    generator = torch.Generator().manual_seed(0)
+    # One point z between two components, and x drawn from the posterior p(x | z_t = z).
+    sigma = t / (1 - t)
+    y = (mu[0] + mu[1]) / 2
+    variance = s ** 2 + sigma ** 2
+    posterior = (logw - (y - mu).square().sum(1) / (2 * variance)).softmax(0)
+    component = torch.multinomial(posterior, n, replacement=True, generator=generator)
+    x = (mu[component] + (s ** 2 / variance) * (y - mu[component])
+         + (s ** 2 * sigma ** 2 / variance) ** 0.5 * torch.randn(n, 2, generator=generator, dtype=torch.float64))
+    z = ((1 - t) * y).expand(n, 2).clone()
+    velocity = (z - (1 - t) * x) / t - x            # e - x with e = (z - (1 - t) x) / t
+    t_rows, r_rows = torch.full((n,), t, dtype=torch.float64), torch.full((n,), r, dtype=torch.float64)
+    delta = average_velocity(net, z, t_rows, r_rows).detach() - meanflow_target(net, z, t_rows, r_rows, velocity)
+    z_scores = {}
+    for norm_p in (0.0, 1.0):
+        gradient = delta / (delta.square().sum(1, keepdim=True) + 0.01) ** norm_p   # d loss / d u, per draw / 2
+        z_scores[norm_p] = (gradient.mean(0) / (gradient.std(0) / n ** 0.5)).abs()
+    assert float(z_scores[0.0].max()) < 3, z_scores
+    assert float(z_scores[1.0].max()) > 8, z_scores
+    for name in ("mnist", "toy"):
+        assert recipes.recipe_values("post", name, "meanflow")["norm_p"] == 0.0
+
+
 def test_meanflow_cfg_needs_class_conditional_data(mids, tmp_path):
     with pytest.raises(ArgumentError) as error:
         post_train(init=mids["flowmap"], method="meanflow", cfg_omega=1.0, out=tmp_path / "mf", max_steps=1,

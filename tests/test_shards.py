@@ -1,16 +1,19 @@
 """The shard reader: exact samples, epochs, ranks, workers, pairs, and named errors for bad shards."""
 import collections
 import gzip
+import json
 import shutil
 
 import numpy as np
 import pytest
 import torch
+import zarr
 
+from cmt import formats, manifest
 from cmt.builders.build import build_trajectories
-from cmt.formats import ShardError
+from cmt.datasets.shards import READ_FIELDS, ShardReader, default_cache_bytes
+from cmt.formats import COMPRESSIONS, ShardError
 from cmt.manifest import TrajectoryDataset
-from cmt.datasets.shards import ShardReader
 from conftest import gmm_teacher
 
 
@@ -156,3 +159,123 @@ def test_max_trajectories_reads_exactly_the_trajectories_below_the_limit(dataset
     assert len(TrajectoryDataset(dataset, max_trajectories=1000)) == 30   # more than the set: all of it
     with pytest.raises(ValueError, match="max_trajectories"):
         TrajectoryDataset(dataset, max_trajectories=0)
+
+
+# ---- the data path at scale: direct decoding, integrity once per process, the cache budget --------
+
+def small_arrays(count=9, shape=(3, 8, 8), states=5, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"index": np.arange(count, dtype=np.int64), "seed": rng.integers(0, 2**63, count).astype(np.uint64),
+            "label": np.zeros(count, np.int64), "noise": rng.standard_normal((count, *shape)).astype(np.float16),
+            "states": rng.standard_normal((count, states, *shape)).astype(np.float16),
+            "sigmas": np.linspace(80, 0.002, states), "endpoint": np.zeros((count, *shape), np.float16)}
+
+
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_direct_zarr_decoding_equals_zarr_byte_for_byte(compression, monkeypatch):
+    for count, shape in ((9, (3, 8, 8)), (1, (2,)), (40, (3, 64, 64))):   # one chunk, many chunks, partial last
+        arrays = small_arrays(count, shape)
+        files = formats.encode_shard(arrays, "zarr", compression=compression)
+        reference = formats._decode_zarr_api(files, formats.FIELDS)
+        with monkeypatch.context() as patched:   # no field may fall back to zarr's API
+            patched.setattr(formats, "_decode_zarr_api", lambda *args: pytest.fail("fell back to zarr"))
+            direct = formats.decode_shard(files, "zarr")
+        for name in formats.FIELDS:
+            assert direct[name].dtype == reference[name].dtype and direct[name].shape == reference[name].shape
+            assert direct[name].tobytes() == reference[name].tobytes() == np.ascontiguousarray(arrays[name]).tobytes()
+    # A layout the direct reader does not know (zarr's own default chunking) is read by zarr.
+    store = {}
+    group = zarr.create_group(store=zarr.storage.MemoryStore(store))
+    for name in formats.FIELDS:
+        group.create_array(name, data=arrays[name], chunks=(1, *arrays[name].shape[1:]))
+    other = formats.decode_shard({key: value.to_bytes() for key, value in store.items()}, "zarr")
+    assert all(np.array_equal(other[name], arrays[name]) for name in formats.FIELDS)
+
+
+def test_a_shard_index_that_fails_its_crc32c_is_refused():
+    files = formats.encode_shard(small_arrays(), "zarr", compression="none")
+    key = next(key for key in files if key.startswith("states/c/"))
+    data = bytearray(files[key])
+    data[-10] ^= 0x01   # inside the index of (offset, nbytes) pairs
+    with pytest.raises(ValueError, match="crc32c"):
+        formats.decode_shard({**files, key: bytes(data)}, "zarr")
+
+
+def test_the_sha256_is_checked_once_per_shard_and_a_later_change_is_still_caught(dataset, tmp_path, monkeypatch):
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset, copy)
+    data = TrajectoryDataset(copy)
+    hashed = []
+    monkeypatch.setattr(manifest, "checksum", lambda files: hashed.append(1) or formats.checksum(files))
+    first = [data.read_shard(entry) for entry in data.shards]
+    again = [data.read_shard(entry) for entry in data.shards]
+    assert len(hashed) == len(data.shards)   # the re-reads checked fingerprints, not the sha256
+    for one, two in zip(first, again):
+        assert all(np.array_equal(one[key], two[key]) for key in one)
+    path = copy / data.shards[0]["name"]
+    victim = next(p for p in sorted(path.rglob("*")) if p.is_file() and p.stat().st_size > 64 and "states" in str(p)) \
+        if path.is_dir() else path
+    content = bytearray(victim.read_bytes())
+    content[len(content) // 3] ^= 0x04   # one flipped bit
+    victim.write_bytes(bytes(content))
+    with pytest.raises(ShardError, match="changed since its sha256 was verified"):
+        data.read_shard(data.shards[0])
+    victim.write_bytes(bytes(content[:-5]))   # truncated
+    with pytest.raises(ShardError, match=data.shards[0]["name"]):
+        data.read_shard(data.shards[0])
+    with pytest.raises(ShardError, match="sha256"):   # a new process (object) checks the sha256 again
+        TrajectoryDataset(copy).read_shard(TrajectoryDataset(copy).shards[0])
+
+
+def test_the_cache_never_holds_more_than_its_budget(dataset):
+    data = TrajectoryDataset(dataset)
+    shard_bytes = sum(value.nbytes for value in data.read_shard(data.shards[0], fields=READ_FIELDS).values())
+    budget = 2 * shard_bytes + shard_bytes // 2   # room for two of the five shards
+    unlimited = iter(ShardReader(dataset, 10, seed=4, cache_bytes=1 << 40))
+    reader = ShardReader(dataset, 10, seed=4, cache_bytes=budget)
+    stream = iter(reader)
+    for _ in range(3 * 15):   # three epochs
+        batch, expected = next(stream), next(unlimited)
+        assert all(torch.equal(batch[key], expected[key]) for key in batch)
+        assert reader.cache.used <= budget
+    assert 0 < reader.cache.used and 2 <= len(reader.cache.arrays) < len(data.shards)   # some shards, not all
+    uncached = ShardReader(dataset, 10, seed=4, cache_bytes=0)
+    stream = iter(uncached)
+    for _ in range(20):
+        next(stream)
+    assert uncached.cache.used == 0 and not uncached.cache.arrays
+    with pytest.raises(ValueError, match="cache_bytes"):
+        ShardReader(dataset, 10, cache_bytes=-1)
+    assert ShardReader(dataset, 10).cache_bytes == default_cache_bytes(1) > 0
+
+
+def test_batches_in_the_stored_dtype_and_the_same_samples_without_prefetch(dataset):
+    stored_dtype = ShardReader(dataset, 16, seed=2, dtype=None, endless=False)
+    plain = ShardReader(dataset, 16, seed=2, dtype=None, endless=False, prefetch=False)
+    for one, two in zip(stored_dtype, plain):
+        assert one["state"].dtype == torch.float32   # this fixture stores float32
+        assert all(torch.equal(one[key], two[key]) for key in one)
+
+
+def test_old_zstd_datasets_resume_with_their_compression_and_their_config_hash(tmp_path):
+    teacher = gmm_teacher(seed=2)
+    options = dict(teacher=teacher, num_trajectories=12, batch_size=4, shard_size=4, nfe=4, progress=False,
+                   log=lambda message: None)
+    legacy = build_trajectories(out=tmp_path / "legacy", compression="zstd", **options)
+    config = json.loads(legacy["build_config"].read_text())
+    assert "compression" not in config["config"]   # the configuration of a build before the option
+    assert TrajectoryDataset(legacy["out"]).compression == "zstd"
+    zarr_json = json.loads((legacy["shards"][0] / "states" / "zarr.json").read_text())
+    assert json.dumps(zarr_json).count('"zstd"') == 1
+    # Re-run without the option: it resumes (and extends) the zstd set, not refuse it as another one.
+    extended = build_trajectories(out=tmp_path / "legacy", **{**options, "num_trajectories": 16})
+    manifest_after = json.loads(extended["manifest"].read_text())
+    assert manifest_after["config_hash"] == config["config_hash"] and manifest_after["count"] == 16
+    new = build_trajectories(out=tmp_path / "new", **options)
+    new_manifest = json.loads(new["manifest"].read_text())
+    assert new_manifest["compression"] == formats.DEFAULT_COMPRESSION != "zstd"
+    assert new_manifest["config_hash"] != config["config_hash"]
+    for a, b in zip(stored(legacy["out"])["states"], stored(new["out"])["states"][:16]):
+        np.testing.assert_array_equal(a, b)   # the same trajectories, only stored another way
+    with pytest.raises(ValueError, match="compression"):
+        build_trajectories(out=tmp_path / "bad", compression="gzip", **options)

@@ -183,10 +183,16 @@ def ema_beta(config: TrainConfig, step: int) -> float:
 
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, net: torch.nn.Module, beta: float) -> None:
-    for p_ema, p_net in zip(ema.parameters(), net.parameters()):
-        p_ema.lerp_(p_net.detach().to(p_ema.dtype), 1.0 - beta)
-    for b_ema, b_net in zip(ema.buffers(), net.buffers()):
-        b_ema.copy_(b_net)
+    ema_params, net_params = list(ema.parameters()), [p.detach() for p in net.parameters()]
+    if all(a.dtype == b.dtype and a.device == b.device for a, b in zip(ema_params, net_params)):
+        # One foreach call instead of a Python loop of kernels: the same lerp per tensor.
+        torch._foreach_lerp_(ema_params, net_params, 1.0 - beta)
+    else:
+        for p_ema, p_net in zip(ema_params, net_params):
+            p_ema.lerp_(p_net.to(p_ema.dtype), 1.0 - beta)
+    ema_buffers, net_buffers = list(ema.buffers()), list(net.buffers())
+    if ema_buffers:
+        torch._foreach_copy_(ema_buffers, net_buffers)
 
 
 class RandomBatches:
@@ -302,8 +308,11 @@ class _StopSignals:
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
+    """The batch on `device`; half-precision tensors (a shard reader's stored float16) cross in
+    their own dtype and are upcast there, so objectives see float32 data."""
     if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
+        batch = batch.to(device, non_blocking=True)
+        return batch.float() if batch.dtype in (torch.float16, torch.bfloat16) else batch
     if isinstance(batch, dict):
         return {k: _to_device(v, device) for k, v in batch.items()}
     return batch
@@ -447,9 +456,12 @@ class Trainer:
                logger, signals):
         """The optimizer steps of `fit`; returns the first sampling failure (or None)."""
         config, acc, generator = self.config, self.accelerator, ctx.generator
-        sums: dict[str, float] = {}
+        # The logged figures add up on the device and are read at the log steps only; each step
+        # reads one pair of flags (gradient and loss finite), which its skip decision needs.
+        sums: dict[str, torch.Tensor] = {}
         count, tick = 0, time.time()
         nonfinite, failure = 0, None
+        parameters = [parameter for parameter in net.parameters() if parameter.requires_grad]
         for step in bar:
             ctx.step = step
             generator.manual_seed(derive_seed(config.seed, self.rank, step, 0))
@@ -457,7 +469,7 @@ class Trainer:
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(config, step)
             net.train()
-            step_loss = 0.0
+            losses_finite = torch.ones((), dtype=torch.bool, device=self.device)
             for _ in range(config.grad_accum):
                 batch = _to_device(next(batches), self.device)
                 with acc.accumulate(net):
@@ -466,21 +478,23 @@ class Trainer:
                     per_sample, logs = result if isinstance(result, tuple) else (result, {})
                     loss = per_sample.float().mean()
                     acc.backward(loss)
+                    losses_finite = losses_finite & torch.isfinite(loss.detach())
                     if acc.sync_gradients:
-                        grad_norm = acc.clip_grad_norm_(net.parameters(), config.grad_clip or math.inf)
-                        finite = bool(torch.isfinite(grad_norm))
+                        grad_norm = self._grad_norm(parameters)
+                        finite, loss_finite = torch.stack([torch.isfinite(grad_norm), losses_finite]).tolist()
                         if finite or acc.scaler is not None:   # fp16: the scaler skips the step itself
                             optimizer.step()
                         skipped += int(not finite or acc.optimizer_step_was_skipped)
                         optimizer.zero_grad(set_to_none=True)
-                step_loss += float(loss.detach())
                 for name, value in {"loss": loss, **logs}.items():
-                    sums[name] = sums.get(name, 0.0) + float(torch.as_tensor(value).detach()) / config.grad_accum
+                    value = torch.as_tensor(value).detach().to(self.device, torch.float32) / config.grad_accum
+                    sums[name] = sums[name] + value if name in sums else value
             update_ema(ema, plain_net, ema_beta(config, step))
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
+            norm = grad_norm.detach().to(torch.float32)
+            sums["grad_norm"] = sums["grad_norm"] + norm if "grad_norm" in sums else norm
             count += 1
             done = step + 1
-            nonfinite = 0 if math.isfinite(step_loss) else nonfinite + 1
+            nonfinite = 0 if loss_finite else nonfinite + 1
             diverged = bool(config.max_nonfinite_steps) and nonfinite >= config.max_nonfinite_steps
             signum = signals.signum
             if self.num_processes > 1:   # every rank stops at the same step
@@ -489,8 +503,7 @@ class Trainer:
 
             if done % config.log_every == 0 or done == config.max_steps:
                 names = sorted(sums)
-                means = acc.reduce(torch.tensor([sums[n] / count for n in names], device=self.device),
-                                   "mean")
+                means = acc.reduce(torch.stack([sums[n] / count for n in names]), "mean").tolist()
                 if logger is not None:
                     logger.training_names.update(names)
                 record = {"step": done, **{n: float(v) for n, v in zip(names, means)},
@@ -536,6 +549,15 @@ class Trainer:
             if self.is_main and record is not None:
                 logger.write(record)
         return failure
+
+    def _grad_norm(self, parameters) -> torch.Tensor:
+        """The gradients' total norm, clipped to `grad_clip` when one is set. Without clipping only
+        the norm is computed: accelerate's clip_grad_norm_ to infinity would also rescale every
+        gradient by 1 (same values, one more pass over them)."""
+        if self.config.grad_clip:
+            return self.accelerator.clip_grad_norm_(parameters, self.config.grad_clip)
+        self.accelerator.unscale_gradients()   # fp16: the norm of the true gradients, as clipping takes it
+        return torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
 
     def _save_snapshot(self, step, ema) -> Path:
         """The EMA weights at `step` as `snapshots/snapshot-NNNNNNN.safetensors` (EDM2's periodic

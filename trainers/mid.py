@@ -11,10 +11,11 @@ training step is one student forward and backward, with no teacher in the loop.
   "Flow maps"); summed squared error, as the official code.
 """
 import functools
+import json
 
 import torch
 
-from cmt.datasets.shards import ShardReader
+from cmt.datasets.shards import ShardReader, auto_workers, local_processes
 from cmt.edm import SIGMA_MAX, SIGMA_MIN, TWO_STEP_SIGMA, broadcast_sigma, sigma_to_t, x_to_z
 from cmt.errors import ArgumentError
 from cmt.manifest import TrajectoryDataset
@@ -59,7 +60,6 @@ def flowmap_loss(net, batch, ctx, *, distance=squared_l2, clean_sigma=SIGMA_MIN)
     return distance(velocity, target.to(velocity.dtype))
 
 
-OBJECTIVES = {"endpoint": endpoint_loss, "flowmap": flowmap_loss}
 OBJECTIVES = {"endpoint": endpoint_loss, "flowmap": flowmap_loss}
 # lr=None: per architecture. Fine-tuning rates: the official CMT mid-training runs at twice its
 # post-training rate.
@@ -111,6 +111,33 @@ def states_per_trajectory_count(value):
     return count
 
 
+def reader_workers(workers, config, num_processes):
+    """The reader processes per rank: `workers`, or for "auto" the resumed run's count (run.json;
+    the data stream depends on it) or `auto_workers` of this machine."""
+    if workers != "auto":
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+            raise ArgumentError("workers", f"'auto' or a count >= 0, got {workers!r}")
+        return workers
+    if config.resume:
+        try:
+            recorded = json.loads((config.out / loop.RUN_FILE).read_text()).get("options", {}).get("workers")
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded >= 0:
+            return recorded
+    return auto_workers(local_processes(num_processes))
+
+
+def cache_bytes_per_reader(cache_gb, workers):
+    """`cache_gb` (GiB per rank, shared by its reader processes) as ShardReader's `cache_bytes`;
+    None: the reader's default (a share of the machine's memory)."""
+    if cache_gb is None:
+        return None
+    if isinstance(cache_gb, bool) or not isinstance(cache_gb, (int, float)) or not cache_gb >= 0:
+        raise ArgumentError("cache_gb", f"must be >= 0 (0: no cache; None: from the machine's memory), got {cache_gb!r}")
+    return int(cache_gb * 2**30) // max(1, workers)
+
+
 def builtin_teacher_recipe(given):
     """The implicit recipe of a mid-training run: the built-in teacher's (mnist, toy), if the dataset
     manifest names one and no other teacher is given."""
@@ -125,8 +152,8 @@ def builtin_teacher_recipe(given):
 
 @recipes.with_recipe("mid", default_recipe=builtin_teacher_recipe)
 def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_resize=None, teacher=None,
-              student_init="teacher", states_per_trajectory="all", max_trajectories=None, dropout=None, workers=2,
-              eval_data=None, num_samples=1000, mid_sigma=TWO_STEP_SIGMA, recipe=None, resolved_options=None, **train_options):
+              student_init="teacher", states_per_trajectory="all", max_trajectories=None, dropout=None, workers="auto",
+              cache_gb=None, eval_data=None, num_samples=1000, mid_sigma=TWO_STEP_SIGMA, recipe=None, resolved_options=None, **train_options):
     """CMT mid-training: regress a student onto the stored teacher trajectories -> `out/mid.pt`.
 
     recipe: a named set of every setting (`cmt.trainers.recipes.RECIPES`: cifar10, ffhq64, afhq64,
@@ -144,7 +171,11 @@ def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_re
     one recorded in the dataset manifest); student_init: teacher (its weights) or random.
     states_per_trajectory: states (flowmap: state pairs) drawn per trajectory and epoch, 'all' or K.
     max_trajectories: train on the first N trajectories of the set only (by index; None: all).
-    dropout: the student's (None: the teacher's); workers: shard reader processes per rank.
+    dropout: the student's (None: the teacher's); workers: shard reader processes per rank ("auto":
+    `cmt.datasets.shards.auto_workers`, none on a machine of few cores, where they only add
+    inter-process copies; on --resume the run's own count); cache_gb: GiB of decoded shards each
+    rank keeps in memory, over its reader processes (0: read from storage every epoch; None:
+    `cmt.datasets.shards.default_cache_bytes`, a quarter of the machine's memory over its readers).
     eval_data: data set whose built-in metric scores 1- and 2-step samples (toy:NAME, mnist; None:
     the teacher's built-in name, if any); num_samples: samples for the metric and pictures;
     mid_sigma: the intermediate sigma of 2-step sampling.
@@ -159,6 +190,9 @@ def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_re
     loop.check_choice("loss", loss, DISTANCES)
     loop.check_choice("student_init", student_init, STUDENT_INITS)
     states_per_trajectory = states_per_trajectory_count(states_per_trajectory)
+    if workers != "auto":
+        reader_workers(workers, None, 1)   # a bad count fails before anything is read or made
+    cache_bytes_per_reader(cache_gb, 1)
     if max_trajectories is not None and (isinstance(max_trajectories, bool) or not isinstance(max_trajectories, int)
                                          or max_trajectories < 1):
         raise ArgumentError("max_trajectories", f"must be a positive integer, got {max_trajectories!r}")
@@ -193,13 +227,23 @@ def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_re
     check_report_options(student, eval_data=eval_data, mid_sigma=mid_sigma,
                          sigma_max=float(manifest.get("sigma_max", SIGMA_MAX)))
     trainer = loop.Trainer(config)
+    workers = reader_workers(workers, config, trainer.num_processes)
+    cache_bytes = cache_bytes_per_reader(cache_gb, workers)
     # The endpoint target never feeds the endpoint state itself (its loss is 0 by the boundary
     # condition): the official 16 states (sony/cmt loss.py trains on Traj[:-1]).
     batches = ShardReader(dataset, trainer.micro_batch_size, seed=trainer.seed_for(0), pairs=flow_map,
                           states_per_trajectory=states_per_trajectory, rank=trainer.rank,
-                          world_size=trainer.num_processes, num_workers=workers, exclude_endpoint=not flow_map)
+                          world_size=trainer.num_processes, num_workers=workers, exclude_endpoint=not flow_map,
+                          cache_bytes=cache_bytes, dtype=None)   # stored dtype; the loop upcasts on the device
+    if resolved_options is not None:   # what the run records: the worker count used (resume needs it)
+        resolved_options = {**resolved_options, "options": {**resolved_options["options"], "workers": workers}}
     info = {"phase": "mid", "target": target, "loss": loss, "data": str(data), "teacher": identity,
             "guidance": manifest.get("guidance"), **(resolved_options or {"recipe": recipe})}
+    # The cache changes no batch: a resumed run may set another (and runs saved before it had none).
+    run_options = {"recipe": recipe, **(resolved_options or loop.phase_options(mid_train, locals()))}
+    run_options = {key: value for key, value in run_options.items() if key != "cache_gb"}
+    if isinstance(run_options.get("options"), dict):
+        run_options["options"] = {key: value for key, value in run_options["options"].items() if key != "cache_gb"}
 
     def sample_fn(ema, step, out):
         return sampling_report(ema, out, step, eval_data=eval_data, num_samples=num_samples, mid_sigma=mid_sigma,
@@ -211,5 +255,5 @@ def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_re
                 save_final=lambda ema, net, out: save_student(out, "mid", ema, net, info),
                 run_info={**info, "student": student.config, "student_init": student_init,
                           "states_per_trajectory": states_per_trajectory, "trajectories": len(dataset)},
-                run_options={"recipe": recipe, **(resolved_options or loop.phase_options(mid_train, locals()))})
+                run_options=run_options)
     return student_result(config.out, "mid")

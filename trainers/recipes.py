@@ -154,13 +154,17 @@ IMAGENET256_MEANFLOW = {
 
 # ---- this project's built-in teachers (tuned on a 2-core CPU; docs/demo.md) --------------------
 def _builtin_recipe(*, batch_size, mid_lr, mid_steps, post_lr, post_steps):
-    """Mid-training onto the endpoint, then ECT/ECD (the same settings) at CMT's fixed gap."""
+    """Mid-training onto the endpoint, then ECT/ECD (the same settings) at CMT's fixed gap, or
+    MeanFlow at the same lr and batch with the plain L2 loss: MeanFlow's adaptive weight (norm_p 1)
+    makes the exact flow map a non-stationary point of its loss, so post-training trains the CMT
+    weights away from it (tests/test_recipes.py, docs/claim.md)."""
     post = dict(lr=post_lr, batch_size=batch_size, max_steps=post_steps, stage=11, q=2.0, weighting="gap",
                 loss="huber", mid_sigma=TWO_STEP_SIGMA)
+    meanflow = dict(lr=post_lr, batch_size=batch_size, max_steps=post_steps, norm_p=0.0, mid_sigma=TWO_STEP_SIGMA)
     return {
         "mid": dict(target="endpoint", lr=mid_lr, batch_size=batch_size, max_steps=mid_steps, loss="l2",
                     mid_sigma=TWO_STEP_SIGMA),
-        "post": {"ect": post, "ecd": dict(post)},
+        "post": {"ect": post, "ecd": dict(post), "meanflow": meanflow},
         "source": "this project (cmt/demo.py; docs/demo.md)",
     }
 

@@ -26,6 +26,22 @@ from cmt.trainers.students import STUDENT_INITS
 COMMAND_SETTINGS = CONTEXT_SETTINGS
 
 
+class CountOrAuto(click.ParamType):
+    """A count >= 0, or "auto"."""
+    name = "auto|N"
+
+    def convert(self, value, param, ctx):
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            return value
+        try:
+            count = int(value)
+        except (TypeError, ValueError):
+            count = -1
+        if count < 0:
+            self.fail(f"{value!r} is neither 'auto' nor a count >= 0", param, ctx)
+        return count
+
+
 class IntList(click.ParamType):
     name = "N,N,..."
 
@@ -212,7 +228,12 @@ MID = defaults_of(mid_train)
               help="Train on the first N trajectories of the set only (by index) [default: all].")
 @click.option("--dropout", type=click.FloatRange(0, 1), default=MID["dropout"],
               help="Student dropout [default: the teacher's].")
-@click.option("--workers", type=click.IntRange(min=0), default=MID["workers"], help="Shard reader processes per rank.")
+@click.option("--workers", type=CountOrAuto(), default=MID["workers"],
+              help="Shard reader processes per rank; auto: 2 when each rank has 4 cores or more, else 0 "
+                   "(on --resume: the run's own count).")
+@click.option("--cache-gb", type=click.FloatRange(min=0), default=MID["cache_gb"],
+              help="GiB of decoded shards each rank keeps in memory, shared by its reader processes; 0: read "
+                   "from storage every epoch [default: a quarter of the machine's memory over its reader processes].")
 @click.option("--eval-data", default=MID["eval_data"],
               help="Data set whose built-in metric scores 1- and 2-step samples (toy:NAME, mnist) "
                    "[default: the teacher's built-in name, if any].")
