@@ -26,11 +26,12 @@ from cmt.datasets import TOY_NAMES
 from cmt.distributed import distributed_state
 from cmt.edm import RHO, SIGMA_GRIDS, SIGMA_MAX, SIGMA_MIN, sigma_grid
 from cmt.errors import ArgumentError
-from cmt.formats import (COMPRESSIONS, DEFAULT_COMPRESSION, FORMATS, LEGACY_COMPRESSION, ShardError, checksum,
+from cmt.formats import (COMPRESSIONS, DEFAULT_COMPRESSION, DEFAULT_SHUFFLE, FORMATS, LEGACY_COMPRESSION,
+                         LEGACY_SHUFFLE, SHUFFLES, ShardError, checksum,
                          encode_shard, files_bytes, open_location, read_files, remove_temporaries, shard_name,
                          write_atomic)
 from cmt.manifest import (BUILD_CONFIG, DATASET_NAME, DATASET_VERSION, MANIFEST, TrajectoryDataset,
-                          config_hash, dataset_compression, read_json, sidecar_name, upgrade_manifest, write_json)
+                          config_hash, dataset_compression, dataset_shuffle, read_json, sidecar_name, upgrade_manifest, write_json)
 from cmt.metrics import embedded_metric
 from cmt.solvers import SOLVERS, sample_trajectory
 from cmt.teachers import resolve_teacher
@@ -83,7 +84,9 @@ def build_trajectories(*, teacher, out, teacher_ckpt=None, guidance=None, guide_
     format: "zarr" or "wds". states: "all" or grid indices "0,4,8" (noise and endpoint are always kept).
     compression: of zarr shards, one of `cmt.formats.COMPRESSIONS`; None: the one `out` was built
         with when it holds a dataset (zstd for sets built before the option), else
-        `DEFAULT_COMPRESSION` (WebDataset shards are gzip'ed, always).
+        `DEFAULT_COMPRESSION` (WebDataset shards are gzip'ed, always). Its Blosc shuffle filter is
+        the one `out` was built with when it holds a set of this compression (bit shuffle for sets
+        that record none), else the compression's `cmt.formats.DEFAULT_SHUFFLE`.
     eval_teacher: score the endpoints with the embedded-data metric of `eval_data` (default: the
         built-in teacher's name) into the manifest.
     log: where the summary lines go. on_shard_written(shard): called (from the writer thread) once
@@ -115,11 +118,15 @@ def build_trajectories(*, teacher, out, teacher_ckpt=None, guidance=None, guide_
         if (shape != (2,)) if points else (len(shape) != 3 or shape[0] != 1):
             raise ArgumentError("eval_data", f"{eval_data} scores {'2-D points' if points else 'grayscale images'}; "
                                              f"the teacher makes data of shape {shape}")
-    if compression is None and format == "zarr":
-        compression = recorded_compression(out)
+    shuffle = None
+    if format == "zarr":
+        recorded = recorded_codec(out)
+        if recorded is not None and compression in (None, recorded[0]):
+            compression, shuffle = recorded   # resume / extend a set with its own codec settings
     config = build_config(model, solver=solver, nfe=nfe, grid=grid, sigma_max=sigma_max, sigma_min=sigma_min, rho=rho,
                           num_trajectories=num_trajectories, batch_size=batch_size, seed=seed, labels=labels,
-                          format=format, shard_size=shard_size, dtype=dtype, states=states, compression=compression)
+                          format=format, shard_size=shard_size, dtype=dtype, states=states, compression=compression,
+                          shuffle=shuffle)
     manifest = build(out, model, config, eval_data=eval_data if eval_teacher else None, progress=progress, log=log,
                      on_shard_written=on_shard_written)
     return {"out": _location(out), "manifest": _location(out, MANIFEST), "build_config": _location(out, BUILD_CONFIG),
@@ -133,16 +140,20 @@ DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(bui
             if parameter.default is not inspect.Parameter.empty}
 
 
-def recorded_compression(out):
-    """The compression of the zarr dataset being built at `out` (its build-config.json; zstd when
-    it names none), or None when there is none there yet (or it holds WebDataset shards)."""
+def recorded_codec(out):
+    """`(compression, shuffle)` of the zarr dataset being built at `out` (its build-config.json;
+    zstd and bit shuffle when it names none), or None when there is none there yet (or it holds
+    WebDataset shards)."""
     fs, root = open_location(out)
     path = f"{root}/{BUILD_CONFIG}"
     if not fs.exists(path):
         return None
     recorded = read_json(fs, path)
     config = upgrade_manifest(recorded.get("config", {})) if isinstance(recorded, dict) else {}
-    return dataset_compression(config) if isinstance(config, dict) else None
+    if not isinstance(config, dict) or dataset_compression(config) is None:
+        return None
+    return dataset_compression(config), dataset_shuffle(config)
+
 
 
 def _location(out, name=None):
@@ -260,11 +271,13 @@ def parse_labels(labels, label_dim):
     return label
 
 
-def build_config(teacher, **options):
+def build_config(teacher, shuffle=None, **options):
     """The JSON configuration that fixes every byte of the dataset (checked, with clear errors).
 
     options: any of `CONFIG_OPTIONS` (the `build_trajectories` keywords of the same names); the
-    ones left out take `build_trajectories`' defaults."""
+    ones left out take `build_trajectories`' defaults. shuffle: the Blosc shuffle filter of zarr
+    shards (`cmt.formats.SHUFFLES`; None: the compression's `DEFAULT_SHUFFLE`); what
+    `build_trajectories` passes when it resumes a set, no option of its own."""
     unknown = sorted(set(options) - set(CONFIG_OPTIONS))
     if unknown:
         raise TypeError(f"build_config() got unexpected options {unknown}; it takes {', '.join(CONFIG_OPTIONS)}")
@@ -280,6 +293,13 @@ def build_config(teacher, **options):
             raise ArgumentError("compression", f"must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
     elif compression is not None:
         raise ArgumentError("compression", f"applies to zarr shards; {settings['format']} shards are gzip'ed")
+    if compression in (None, "none"):
+        if shuffle is not None:
+            raise ArgumentError("shuffle", f"applies to Blosc-compressed zarr shards, not to compression {compression}")
+    else:
+        shuffle = shuffle or DEFAULT_SHUFFLE[compression]
+        if shuffle not in SHUFFLES:
+            raise ArgumentError("shuffle", f"must be one of {', '.join(SHUFFLES)}, got {shuffle!r}")
     if settings["dtype"] not in STORAGE_DTYPES:
         raise ArgumentError("dtype", f"must be one of {', '.join(STORAGE_DTYPES)}, got {settings['dtype']!r}")
     for name in ("num_trajectories", "batch_size", "shard_size"):
@@ -308,6 +328,8 @@ def build_config(teacher, **options):
         # Recorded when it is not the one codec of earlier builds, so their configuration (and its
         # hash) reads the same as before: a missing field is zstd (`dataset_compression`).
         **({"compression": compression} if compression not in (None, LEGACY_COMPRESSION) else {}),
+        # Likewise the shuffle filter: a missing field is the bit shuffle of earlier builds (`dataset_shuffle`).
+        **({"shuffle": shuffle} if shuffle not in (None, LEGACY_SHUFFLE) else {}),
     }
 
 
@@ -430,7 +452,7 @@ def write_shard(fs, root, shard, name, first, arrays, config, on_shard_written=N
     on_shard_written(shard) runs between the two: the moment a crash is worst for a resume (the
     shard in place, no sidecar to vouch for it), where the resume test kills the build."""
     files = encode_shard(arrays, config["format"], {"first_index": first, "count": len(arrays["index"])},
-                         compression=dataset_compression(config))
+                         compression=dataset_compression(config), shuffle=dataset_shuffle(config))
     write_atomic(fs, f"{root}/{name}", files)
     if on_shard_written is not None:
         on_shard_written(shard)

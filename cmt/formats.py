@@ -9,8 +9,9 @@ sees half a shard and two processes never write the same file. Both layouts hold
     noise [n, *shape], states [n, S, *shape], sigmas [S] float64, endpoint [n, *shape]
 
 - zarr: `shard-000000.zarr/`, one group; every array is a single v3 shard file (`shards=`) holding
-  chunks of whole trajectories, compressed with Blosc (`COMPRESSIONS`: lz4 + bit shuffle by default,
-  zstd level 5 + bit shuffle, the only choice of datasets built before the option, or none).
+  chunks of whole trajectories, compressed with Blosc (`COMPRESSIONS`: lz4 level 5 + byte shuffle
+  by default, zstd level 5 + bit shuffle, the only choice of datasets built before the option, or
+  none; `SHUFFLES` for the shuffle filter, bit shuffle in every set that records none).
 - wds: `shard-000000.tar.gz`, one sample per trajectory (`{index:09d}.states.npy`, ...), gzip'ed.
 
 The checksum of a one-file shard is the sha256 of the file (what `sha256sum` prints); of a zarr
@@ -45,16 +46,33 @@ FORMATS = ("zarr", "wds")
 EXTENSIONS = {"zarr": ".zarr", "wds": ".tar.gz"}
 FIELDS = ("index", "seed", "label", "noise", "states", "sigmas", "endpoint")
 # Blosc codecs of zarr shards, by the name `cmt-build --compression` takes. Trajectory states are
-# noise-like: zstd saves ~7% on them and decodes at ~0.8 GB/s, lz4 stores them as they are (blosc
-# keeps an incompressible block raw) and decodes at memory speed while still shrinking the
-# compressible parts (flat image backgrounds); docs/benchmarks.md, "Reader", has the figures.
+# noise-like: zstd stores them in ~15% fewer bytes than lz4 and decodes several times slower; lz4 stores an
+# incompressible block raw and still shrinks the compressible parts (flat image backgrounds, the
+# float16 exponent bytes); docs/benchmarks.md, "Reader", has the figures.
 COMPRESSIONS = ("lz4", "zstd", "none")
 DEFAULT_COMPRESSION = "lz4"
 # What a dataset whose manifest names no compression used (every one built before the option).
 LEGACY_COMPRESSION = "zstd"
-COMPRESSORS = {"zstd": BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle"),
-               "lz4": BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"), "none": None}
-COMPRESSOR = COMPRESSORS[LEGACY_COMPRESSION]
+# Blosc's shuffle filter, by the name a manifest records. A new set takes its codec's default: lz4
+# with the byte shuffle (the float16 high bytes, sign and exponent, end up together and compress;
+# undoing it runs 2-5x faster than the bit shuffle: 20 against 3.9 GB/s on noise-like states, 6.1
+# against 2.8 on MNIST trajectories, for 4% more bytes there; docs/benchmarks.md, "Reader"), zstd
+# with the bit shuffle (its sets read as before, the same bytes and configuration hash).
+SHUFFLES = ("shuffle", "bitshuffle", "noshuffle")
+DEFAULT_SHUFFLE = {"lz4": "shuffle", "zstd": "bitshuffle", "none": None}
+# What a dataset whose manifest names no shuffle used (every one built before the field, lz4 or zstd).
+LEGACY_SHUFFLE = "bitshuffle"
+
+
+def compressor(compression, shuffle=None):
+    """zarr's Blosc codec for `compression` (None for "none") with the `shuffle` filter (None: the
+    compression's `DEFAULT_SHUFFLE`)."""
+    if compression == "none":
+        return None
+    return BloscCodec(cname=compression, clevel=5, shuffle=shuffle or DEFAULT_SHUFFLE[compression])
+
+
+COMPRESSOR = compressor(LEGACY_COMPRESSION, LEGACY_SHUFFLE)
 # Chunks of whole trajectories of about this size compress well and still decode one at a time.
 CHUNK_BYTES = 1 << 18
 
@@ -92,14 +110,14 @@ def _chunking(value):
     return chunks, shards
 
 
-def _encode_zarr(arrays, attributes, compression=LEGACY_COMPRESSION):
+def _encode_zarr(arrays, attributes, compression=LEGACY_COMPRESSION, shuffle=LEGACY_SHUFFLE):
     files = {}
     group = zarr.create_group(store=MemoryStore(files), attributes=attributes)
-    compressor = COMPRESSORS[compression]
+    codec = compressor(compression, shuffle)
     for name in FIELDS:
         value = np.ascontiguousarray(arrays[name])
         chunks, shards = _chunking(value)
-        group.create_array(name, data=value, chunks=chunks, shards=shards, compressors=compressor)
+        group.create_array(name, data=value, chunks=chunks, shards=shards, compressors=codec)
     return {key: buffer.to_bytes() for key, buffer in files.items()}
 
 
@@ -121,17 +139,52 @@ def _encode_wds(arrays, attributes):
     return {"": gzip.compress(stream.getvalue(), compresslevel=1, mtime=0)}
 
 
-def encode_shard(arrays, fmt, attributes=None, compression=None):
+def encode_shard(arrays, fmt, attributes=None, compression=None, shuffle=None):
     """The files `{relative path: bytes}` of one shard; a one-file shard has the single key "".
 
     compression: zarr's codec (`COMPRESSIONS`; None: `LEGACY_COMPRESSION`, the bytes of earlier
-    builds); WebDataset shards are gzip'ed, always."""
+    builds); shuffle: its Blosc filter (`SHUFFLES`; None: `LEGACY_SHUFFLE`, likewise); WebDataset
+    shards are gzip'ed, always."""
     missing = [name for name in FIELDS if name not in arrays]
     if missing:
         raise ValueError(f"shard arrays lack {missing}")
     if fmt == "zarr":
-        return _encode_zarr(arrays, dict(attributes or {}), compression or LEGACY_COMPRESSION)
+        return _encode_zarr(arrays, dict(attributes or {}), compression or LEGACY_COMPRESSION,
+                            shuffle or LEGACY_SHUFFLE)
     return _encode_wds(arrays, dict(attributes or {}))
+
+
+class ShardBuffers:
+    """Memory reused from one shard read to the next: the files' bytes and the decoded arrays.
+
+    Why: reading a file into a new bytes object, or decoding into a new array, writes pages the
+    process has never touched, and the kernel's page faults then cost more than the copy itself
+    (a 50 MiB file from the page cache: 2 GB/s into new memory, 14 GB/s into reused; see
+    docs/benchmarks.md, "Reader"). What `read_files` / `decode_zarr_direct` return with these
+    buffers are views of them, valid until the next read that uses the same ShardBuffers: the
+    reader alternates two (the shard being cut, the one the prefetch thread reads)."""
+
+    # Headroom on a buffer's first allocation and on growing it: the next shard's compressed file
+    # is rarely the same size to the byte.
+    SLACK = 1 / 16
+
+    def __init__(self):
+        self.buffers = {}
+
+    def get(self, key, nbytes):
+        """A writable uint8 array of `nbytes` bytes (a view of the buffer kept for `key`)."""
+        buffer = self.buffers.get(key)
+        if buffer is None or buffer.nbytes < nbytes:
+            buffer = self.buffers[key] = np.empty(int(nbytes * (1 + self.SLACK)) + 64, np.uint8)
+        return buffer[:nbytes]
+
+    def array(self, key, shape, dtype):
+        dtype = np.dtype(dtype)
+        return self.get(key, int(np.prod(shape)) * dtype.itemsize).view(dtype).reshape(shape)
+
+    @property
+    def nbytes(self):
+        return sum(buffer.nbytes for buffer in self.buffers.values())
 
 
 def _decode_zarr_api(files, fields):
@@ -171,9 +224,10 @@ def _fill(dtype, fill_value):
     return np.array(fill_value, dtype=dtype)
 
 
-def _decode_zarr_array(meta, files, name):
+def _decode_zarr_array(meta, files, name, buffers=None):
     """One array of a shard written by `_encode_zarr`: chunks of whole rows along the first axis,
-    either one plain chunk (1-D arrays) or one v3 shard file spanning the array."""
+    either one plain chunk (1-D arrays) or one v3 shard file spanning the array. buffers: a
+    `ShardBuffers` to decode a sharded (multi-dimensional) array into."""
     if (meta.get("zarr_format") != 3 or meta.get("node_type") != "array" or meta.get("storage_transformers")
             or meta.get("chunk_key_encoding") != {"name": "default", "configuration": {"separator": "/"}}
             or meta.get("chunk_grid", {}).get("name") != "regular"):
@@ -215,7 +269,7 @@ def _decode_zarr_array(meta, files, name):
         if len(data) < index_bytes + 4:
             raise _Unexpected
         index = data[-index_bytes - 4:-4]
-        if google_crc32c.value(index) != int.from_bytes(data[-4:], "little"):
+        if google_crc32c.value(index) != int.from_bytes(bytes(data[-4:]), "little"):
             raise ValueError(f"{key}: the shard index fails its crc32c")
         spans = np.frombuffer(index, "<u8").reshape(count, 2)
     if decode is None and config is not None and np.array_equal(
@@ -223,7 +277,10 @@ def _decode_zarr_array(meta, files, name):
                                                           np.full(count, chunk_bytes, np.uint64)], 1)):
         # Uncompressed chunks in order, end to end: the array is the file's bytes (read-only), no copy.
         return np.frombuffer(data, dtype, count=int(np.prod(outer)))[: int(np.prod(shape))].reshape(shape)
-    out = np.empty((count * rows, *shape[1:]), dtype)
+    if buffers is not None and config is not None:
+        out = buffers.array(f"{name}/decoded", (count * rows, *shape[1:]), dtype)
+    else:
+        out = np.empty((count * rows, *shape[1:]), dtype)
     flat = out.reshape(-1).view(np.uint8)
     for chunk, (offset, nbytes) in enumerate(spans):
         target = flat[chunk * chunk_bytes:(chunk + 1) * chunk_bytes]
@@ -243,10 +300,11 @@ def _decode_zarr_array(meta, files, name):
     return out[: shape[0]]
 
 
-def decode_zarr_direct(files, fields=FIELDS):
+def decode_zarr_direct(files, fields=FIELDS, buffers=None):
     """The arrays `fields` of a zarr shard written by `_encode_zarr`, decoded straight from the
     files: every chunk by numcodecs' Blosc into one numpy array per field, an uncompressed
-    array as a view of its file's bytes.
+    array as a view of its file's bytes. buffers: a `ShardBuffers` to decode the multi-dimensional
+    arrays into (views of it then, valid until its next use), instead of new arrays.
 
     Written by hand because zarr's API (an asyncio pipeline with a store, a codec pipeline and
     per-chunk buffers) costs more than the decoding itself on whole-shard reads; what it reads is
@@ -257,7 +315,7 @@ def decode_zarr_direct(files, fields=FIELDS):
     arrays, fallback = {}, []
     for name in fields:
         try:
-            arrays[name] = _decode_zarr_array(json.loads(files[f"{name}/zarr.json"]), files, name)
+            arrays[name] = _decode_zarr_array(json.loads(files[f"{name}/zarr.json"]), files, name, buffers)
         except (_Unexpected, KeyError, TypeError, AttributeError):
             fallback.append(name)
     if fallback:
@@ -265,8 +323,8 @@ def decode_zarr_direct(files, fields=FIELDS):
     return {name: arrays[name] for name in fields}
 
 
-def _decode_zarr(files, fields=FIELDS):
-    return decode_zarr_direct(files, fields)
+def _decode_zarr(files, fields=FIELDS, buffers=None):
+    return decode_zarr_direct(files, fields, buffers)
 
 
 def _decode_wds(files):
@@ -291,12 +349,51 @@ def _decode_wds(files):
     }
 
 
-def decode_shard(files, fmt, fields=FIELDS):
-    """The arrays `fields` of a shard from its files (as `encode_shard` gives them)."""
+def decode_shard(files, fmt, fields=FIELDS, buffers=None):
+    """The arrays `fields` of a shard from its files (as `encode_shard` gives them). buffers: a
+    `ShardBuffers` for the decoded zarr arrays (see there)."""
     if fmt == "zarr":
-        return _decode_zarr(files, fields)
+        return _decode_zarr(files, fields, buffers)
     arrays = _decode_wds(files)
     return {name: arrays[name] for name in fields}
+
+
+def _crc32c_library():
+    """`crc32c_value(pointer, size)` of the Google CRC32C library that google_crc32c wraps, called
+    through ctypes, or None where it cannot be found (then `google_crc32c.value` is used).
+
+    Why by hand: google_crc32c releases the GIL only for a `bytes` object, and the reader's files are
+    read into reused numpy buffers (`ShardBuffers`); holding the GIL there would stall the batches
+    cut in the main thread while the prefetch thread checks the next shard. A ctypes call releases
+    the GIL; it is the same function of the same library (`tests/test_shards.py` checks they agree)."""
+    import ctypes
+    import ctypes.util
+    import glob
+    here = os.path.dirname(google_crc32c.__file__)
+    for path in [*sorted(glob.glob(os.path.join(here + ".libs", "libcrc32c*.so*"))), ctypes.util.find_library("crc32c")]:
+        if not path:
+            continue
+        try:
+            function = ctypes.CDLL(path).crc32c_value
+        except (OSError, AttributeError):
+            continue
+        function.argtypes, function.restype = (ctypes.c_void_p, ctypes.c_size_t), ctypes.c_uint32
+        return function
+    return None
+
+
+_CRC32C_VALUE = _crc32c_library()
+# Below this size the GIL is not worth releasing (google_crc32c's own threshold).
+_CRC32C_NOGIL_BYTES = 1 << 20
+
+
+def crc32c(data):
+    """The crc32c of bytes or a contiguous uint8 array, without holding the GIL on large arrays."""
+    if isinstance(data, np.ndarray) and data.nbytes >= _CRC32C_NOGIL_BYTES and _CRC32C_VALUE is not None:
+        if not data.flags.c_contiguous:
+            data = np.ascontiguousarray(data)
+        return int(_CRC32C_VALUE(data.ctypes.data, data.nbytes))
+    return google_crc32c.value(data)
 
 
 def fingerprint(data):
@@ -309,7 +406,7 @@ def fingerprint(data):
     What it does not catch is a deliberate edit that keeps the crc32c (a forged file between two
     reads of one process); the sha256 of the next process's first read does. crc32c runs at
     memory speed (a CPU instruction: ~11 GB/s here, sha256 ~1.7 GB/s)."""
-    return len(data), google_crc32c.value(data)
+    return len(data), crc32c(data)
 
 
 def checksum(files):
@@ -384,32 +481,46 @@ def remove_temporaries(fs, path):
         fs.rm(leftover, recursive=True)
 
 
-def read_files(fs, path, keys=None):
+def read_files(fs, path, keys=None, buffers=None):
     """The files of a shard as written by `write_atomic`; ShardError if it is missing.
 
     keys: read only these files of a zarr group (relative paths; those that do not exist are left
-    out, as zarr leaves out a chunk of fill values), without listing it."""
+    out, as zarr leaves out a chunk of fill values), without listing it. buffers: a `ShardBuffers`
+    to read a local shard's large files into (then uint8 arrays viewing it, not bytes)."""
     if keys is not None and fs.isdir(path):
         files = {}
         for key in keys:
             try:
-                files[key] = _cat(fs, f"{path}/{key}")
+                files[key] = _cat(fs, f"{path}/{key}", buffers, key)
             except FileNotFoundError:
                 pass
         return files
     if not fs.exists(path):
         raise ShardError(f"shard {path} is missing")
     if not fs.isdir(path):
-        return {"": _cat(fs, path)}
+        return {"": _cat(fs, path, buffers, "")}
     prefix = path.rstrip("/") + "/"
-    return {name[len(prefix):]: _cat(fs, name) for name in fs.find(path)}
+    return {name[len(prefix):]: _cat(fs, name, buffers, name[len(prefix):]) for name in fs.find(path)}
 
 
-def _cat(fs, path):
+# Files read into `ShardBuffers` from this size on (small ones gain nothing); metadata (zarr.json) never.
+BUFFERED_FILE_BYTES = 1 << 16
+
+
+def _cat(fs, path, buffers=None, key=None):
     if isinstance(fs, LocalFileSystem):   # one read into one buffer, without fsspec's layers
         # (Mapping the file instead measured slower: the gathers then take the page faults.)
-        with open(path, "rb") as file:
-            return file.read()
+        with open(path, "rb", buffering=0) as file:
+            size = os.fstat(file.fileno()).st_size
+            if buffers is None or size < BUFFERED_FILE_BYTES or key.endswith(".json"):
+                return file.read()
+            target, count = buffers.get(f"{key}/file", size), 0
+            while count < size:   # one read(2) returns at most ~2 GiB
+                got = file.readinto(target[count:])
+                if not got:   # the file shrank since the stat: its size now differs from the recorded one
+                    break
+                count += got
+            return target[:count]
     return fs.cat_file(path)
 
 

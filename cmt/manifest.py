@@ -13,7 +13,7 @@ import itertools
 import json
 
 from cmt.errors import FileFormatError
-from cmt.formats import (EXTENSIONS, FIELDS, FORMATS, LEGACY_COMPRESSION, ShardError, checksum, decode_shard,
+from cmt.formats import (EXTENSIONS, FIELDS, FORMATS, LEGACY_COMPRESSION, LEGACY_SHUFFLE, ShardError, checksum, decode_shard,
                          files_bytes, fingerprint, open_location, read_files, write_atomic)
 
 # manifest.json and build-config.json say what they are with "dataset" and "dataset_version"; the
@@ -128,6 +128,14 @@ def dataset_compression(manifest):
     return manifest.get("compression", LEGACY_COMPRESSION)
 
 
+def dataset_shuffle(manifest):
+    """The Blosc shuffle filter a manifest or build configuration records; `LEGACY_SHUFFLE` for one
+    that names none (every dataset built before the field), None for uncompressed or WebDataset shards."""
+    if dataset_compression(manifest) in (None, "none"):
+        return None
+    return manifest.get("shuffle", LEGACY_SHUFFLE)
+
+
 class TrajectoryDataset:
     """A finished dataset: its manifest and checked access to its shards.
 
@@ -159,6 +167,7 @@ class TrajectoryDataset:
         check_manifest(self.manifest, manifest_path)
         self.format = self.manifest["format"]
         self.compression = dataset_compression(self.manifest)
+        self.shuffle = dataset_shuffle(self.manifest)
         self.shards = self.manifest["shards"]
         self.verified = {}   # shard name: {file: fingerprint} of the files whose sha256 matched
         self.max_trajectories = max_trajectories
@@ -188,25 +197,27 @@ class TrajectoryDataset:
                 raise ShardError(f"shard {path} has {size} bytes, the manifest records {entry['bytes']}: it is "
                                  "truncated or was replaced (cmt-inspect --verify checks every checksum)")
 
-    def read_files(self, entry, verify=True, fields=None):
+    def read_files(self, entry, verify=True, fields=None, buffers=None):
         """The shard's files; ShardError naming it if missing or (with `verify`) its checksum differs.
 
         verify: the sha256 on this object's first read of the shard, the files' fingerprints after
         (see the class); "sha256": the sha256 on every read. fields: of a zarr shard already
-        verified, read only the files of these arrays (None: all files)."""
+        verified, read only the files of these arrays (None: all files). buffers: a
+        `cmt.formats.ShardBuffers` to read a local zarr shard's chunk files into (see there)."""
         path = self.shard_path(entry)
+        buffers = buffers if self.format == "zarr" else None
         known = self.verified.get(entry["name"]) if verify != "sha256" else None
         if verify and known is not None:
             keys = None if fields is None or self.format != "zarr" else \
                 [key for key in known if key.split("/", 1)[0] in fields or key == "zarr.json"]
-            files = read_files(self.fs, path, keys)
+            files = read_files(self.fs, path, keys, buffers)
             changed = sorted(key for key in (keys if keys is not None else known)
                              if key not in files or fingerprint(files[key]) != known[key])
             if changed or (keys is None and set(files) != set(known)):
                 raise ShardError(f"shard {path} is corrupt or truncated: {', '.join(changed) or 'its files'} changed "
                                  "since its sha256 was verified by this process (size or crc32c differs)")
             return files
-        files = read_files(self.fs, path)
+        files = read_files(self.fs, path, buffers=buffers)
         if verify and checksum(files) != entry["sha256"]:
             raise ShardError(f"shard {path} is corrupt or truncated: sha256 {checksum(files)[:16]}... "
                              f"({files_bytes(files)} bytes), the manifest has {entry['sha256'][:16]}... "
@@ -215,14 +226,17 @@ class TrajectoryDataset:
             self.verified[entry["name"]] = {key: fingerprint(data) for key, data in files.items()}
         return files
 
-    def read_shard(self, entry, verify=True, fields=FIELDS):
+    def read_shard(self, entry, verify=True, fields=FIELDS, buffers=None):
         """The arrays `fields` of one shard (see `cmt.formats`), checked against the manifest
-        (`verify` as in `read_files`). Arrays may be read-only views of the files' bytes."""
+        (`verify` as in `read_files`). Arrays may be read-only views of the files' bytes. buffers:
+        a `cmt.formats.ShardBuffers` to read and decode into: the arrays then view it, valid
+        until its next use."""
         path = self.shard_path(entry)
         fields = tuple(dict.fromkeys((*fields, "index")))   # the count check needs the indices
-        files = self.read_files(entry, verify, fields=fields if set(fields) != set(FIELDS) else None)
+        files = self.read_files(entry, verify, fields=fields if set(fields) != set(FIELDS) else None,
+                                buffers=buffers)
         try:
-            arrays = decode_shard(files, self.format, fields)
+            arrays = decode_shard(files, self.format, fields, buffers)
         except Exception as error:
             raise ShardError(f"shard {path} cannot be decoded: {type(error).__name__}: {error}") from error
         if self.max_trajectories is not None and len(arrays["index"]) > entry["count"]:   # the cut last shard

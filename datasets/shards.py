@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from cmt.errors import ArgumentError
+from cmt.formats import ShardBuffers
 from cmt.manifest import TrajectoryDataset
 
 # The arrays a batch is gathered from (a shard's noise is never read by the reader).
@@ -92,6 +93,9 @@ class DecodedShards:
 
     def __init__(self, budget):
         self.budget, self.used, self.arrays = budget, 0, {}
+
+    def fits(self, size):
+        return self.used + size <= self.budget
 
     def add(self, key, arrays):
         size = sum(value.nbytes for value in arrays.values())
@@ -166,14 +170,30 @@ class ShardReader(torch.utils.data.IterableDataset):
             units = [units[k] for k in order]
         return units[consumer::consumers]
 
-    def _load(self, unit, cache):
-        """The arrays of one unit: its shard's (strided part of) trajectories, decoded."""
+    def _unit_bytes(self, unit):
+        """Bytes of the decoded arrays of a unit (what the cache would hold of it)."""
+        shard, part, parts = unit
+        rows = len(range(part, self.dataset.shards[shard]["count"], parts))
+        values = int(np.prod(self.dataset.manifest["data_shape"]))
+        itemsize = np.dtype(self.dataset.manifest["dtype"]).itemsize
+        return rows * ((self.num_states + 1) * values * itemsize + 16) + self.num_states * 8
+
+    def _load(self, unit, cache, buffers=None):
+        """The arrays of one unit: its shard's (strided part of) trajectories, decoded.
+
+        buffers: an iterator of `ShardBuffers` to read a unit into when the cache will not keep it
+        (the arrays are then views of them, reused by a later load: see `_stream` for why that is
+        safe); None: new arrays."""
         if unit in cache.arrays:
             return cache.arrays[unit]
         shard, part, parts = unit
-        arrays = self.dataset.read_shard(self.dataset.shards[shard], verify=self.verify, fields=READ_FIELDS)
+        reuse = buffers is not None and not cache.fits(self._unit_bytes(unit))
+        arrays = self.dataset.read_shard(self.dataset.shards[shard], verify=self.verify, fields=READ_FIELDS,
+                                         buffers=next(buffers) if reuse else None)
         if parts > 1:
             arrays = {key: (value if key == "sigmas" else value[part::parts].copy()) for key, value in arrays.items()}
+        elif reuse:
+            return arrays   # views of reused memory: never into the cache
         cache.add(unit, arrays)
         return arrays
 
@@ -231,17 +251,17 @@ class ShardReader(torch.utils.data.IterableDataset):
                 yield epoch, units[k]
             yield epoch, None   # the end of an epoch
 
-    def _loaded(self, units, consumer, cache):
+    def _loaded(self, units, consumer, cache, buffers=None):
         """`(epoch, unit, arrays)` in stream order, the next unit loading in the background."""
         walk = self._epoch_units(units, consumer)
         if not self.prefetch:
             for epoch, unit in walk:
-                yield epoch, unit, None if unit is None else self._load(unit, cache)
+                yield epoch, unit, None if unit is None else self._load(unit, cache, buffers)
             return
         with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cmt-shard-reader") as pool:
             def submit(item):
                 epoch, unit = item
-                return epoch, unit, None if unit is None else pool.submit(self._load, unit, cache)
+                return epoch, unit, None if unit is None else pool.submit(self._load, unit, cache, buffers)
             pending = next((submit(item) for item in walk), None)
             while pending is not None:
                 upcoming = next((submit(item) for item in walk), None)   # loads while this one is cut
@@ -252,9 +272,15 @@ class ShardReader(torch.utils.data.IterableDataset):
     def _stream(self, consumer, consumers):
         units = self._units(consumer, consumers)
         self.cache = cache = DecodedShards(self.cache_bytes)
+        # Units the cache does not keep are read and decoded into two sets of buffers in turn (new
+        # memory costs page faults on every read: `ShardBuffers`). Two suffice: unit k + 2 starts
+        # loading (into unit k's set) only once this loop has asked `_loaded` for unit k + 1, i.e.
+        # after every batch of unit k was gathered, and gathers copy (fancy indexing), so no batch
+        # or leftover views a unit's arrays. Loads run one at a time (one prefetch thread, or none).
+        buffers = itertools.cycle([ShardBuffers(), ShardBuffers()])
         leftover = None  # gathered samples short of a batch, carried into the next shard
         epoch_samples = 0
-        for epoch, unit, arrays in self._loaded(units, consumer, cache):
+        for epoch, unit, arrays in self._loaded(units, consumer, cache, buffers):
             if unit is None:
                 if self.endless and not epoch_samples:
                     raise ValueError(f"{self.dataset.url}: {len(self.dataset)} trajectories are too few for "

@@ -171,18 +171,35 @@ def small_arrays(count=9, shape=(3, 8, 8), states=5, seed=0):
             "sigmas": np.linspace(80, 0.002, states), "endpoint": np.zeros((count, *shape), np.float16)}
 
 
-@pytest.mark.parametrize("compression", COMPRESSIONS)
-def test_direct_zarr_decoding_equals_zarr_byte_for_byte(compression, monkeypatch):
-    for count, shape in ((9, (3, 8, 8)), (1, (2,)), (40, (3, 64, 64))):   # one chunk, many chunks, partial last
-        arrays = small_arrays(count, shape)
-        files = formats.encode_shard(arrays, "zarr", compression=compression)
+CODECS = [(compression, shuffle) for compression in COMPRESSIONS
+          for shuffle in ((None,) if compression == "none" else formats.SHUFFLES)]
+
+
+@pytest.mark.parametrize("compression, shuffle", CODECS)
+def test_direct_zarr_decoding_equals_zarr_byte_for_byte(compression, shuffle, monkeypatch):
+    buffers = formats.ShardBuffers()   # reused over the shapes below, as the reader reuses it
+    for count, shape in ((9, (3, 8, 8)), (1, (2,)), (40, (3, 64, 64)), (7, (3, 8, 8))):   # one chunk, many, partial last
+        arrays = small_arrays(count, shape, seed=count)
+        files = formats.encode_shard(arrays, "zarr", compression=compression, shuffle=shuffle)
+        if compression != "none":
+            codecs = json.loads(files["states/zarr.json"])["codecs"][0]["configuration"]["codecs"]
+            assert codecs[1]["configuration"]["shuffle"] == shuffle
         reference = formats._decode_zarr_api(files, formats.FIELDS)
         with monkeypatch.context() as patched:   # no field may fall back to zarr's API
             patched.setattr(formats, "_decode_zarr_api", lambda *args: pytest.fail("fell back to zarr"))
             direct = formats.decode_shard(files, "zarr")
+            # Read as the reader reads them: files in reused buffers (uint8 arrays), decoded into reused arrays.
+            held = {key: np.frombuffer(buffers.get(f"{key}/file", len(data)), np.uint8) if not key.endswith(".json")
+                    else data for key, data in files.items()}
+            for key, data in files.items():
+                if not key.endswith(".json"):
+                    held[key][:] = np.frombuffer(data, np.uint8)
+            into_buffers = formats.decode_shard(held, "zarr", buffers=buffers)
         for name in formats.FIELDS:
-            assert direct[name].dtype == reference[name].dtype and direct[name].shape == reference[name].shape
-            assert direct[name].tobytes() == reference[name].tobytes() == np.ascontiguousarray(arrays[name]).tobytes()
+            for decoded in (direct, into_buffers):
+                assert decoded[name].dtype == reference[name].dtype and decoded[name].shape == reference[name].shape
+                assert decoded[name].tobytes() == reference[name].tobytes() == \
+                    np.ascontiguousarray(arrays[name]).tobytes()
     # A layout the direct reader does not know (zarr's own default chunking) is read by zarr.
     store = {}
     group = zarr.create_group(store=zarr.storage.MemoryStore(store))
@@ -190,6 +207,39 @@ def test_direct_zarr_decoding_equals_zarr_byte_for_byte(compression, monkeypatch
         group.create_array(name, data=arrays[name], chunks=(1, *arrays[name].shape[1:]))
     other = formats.decode_shard({key: value.to_bytes() for key, value in store.items()}, "zarr")
     assert all(np.array_equal(other[name], arrays[name]) for name in formats.FIELDS)
+
+
+def test_crc32c_of_reused_buffers_equals_google_crc32c():
+    import google_crc32c
+    data = np.random.default_rng(0).integers(0, 256, 3 << 20, dtype=np.uint8)   # above the GIL-release size
+    for piece in (data, data[:100], data[1:]):
+        assert formats.crc32c(piece) == formats.crc32c(piece.tobytes()) == google_crc32c.value(piece.tobytes())
+    assert formats.fingerprint(data) == (len(data), google_crc32c.value(data.tobytes()))
+
+
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_uncached_reads_into_reused_buffers_give_the_cached_batches(compression, tmp_path, monkeypatch):
+    """Every epoch read again into two alternating sets of buffers (files and decoded arrays): the
+    batches are those of a reader that keeps every shard, with and without the prefetch thread."""
+    monkeypatch.setattr(formats, "BUFFERED_FILE_BYTES", 1)   # the test's small files go through the buffers too
+    out = tmp_path / compression
+    build_trajectories(teacher=gmm_teacher(seed=3), out=out, num_trajectories=23, batch_size=8, shard_size=5, nfe=4,
+                       compression=compression, progress=False, log=lambda message: None)
+    for options in ({}, {"prefetch": False}, {"pairs": True}, {"with_trajectory": True}):
+        cached = iter(ShardReader(out, 7, seed=1, cache_bytes=1 << 40, dtype=None, **options))
+        uncached = ShardReader(out, 7, seed=1, cache_bytes=0, dtype=None, **options)
+        stream = iter(uncached)
+        batches = []
+        for _ in range(3 * 23 * 5 // 7):   # three epochs
+            batch, expected = next(stream), next(cached)
+            assert batch.keys() == expected.keys() and all(torch.equal(batch[key], expected[key]) for key in batch)
+            batches.append(batch)
+        assert uncached.cache.used == 0
+    # A batch handed out stays as it was after later shards were read into the same buffers.
+    again = iter(ShardReader(out, 7, seed=1, cache_bytes=1 << 40, dtype=None, with_trajectory=True))
+    for batch in batches:
+        expected = next(again)
+        assert all(torch.equal(batch[key], expected[key]) for key in batch)
 
 
 def test_a_shard_index_that_fails_its_crc32c_is_refused():
@@ -279,3 +329,37 @@ def test_old_zstd_datasets_resume_with_their_compression_and_their_config_hash(t
         np.testing.assert_array_equal(a, b)   # the same trajectories, only stored another way
     with pytest.raises(ValueError, match="compression"):
         build_trajectories(out=tmp_path / "bad", compression="gzip", **options)
+
+
+def test_lz4_bitshuffle_sets_of_earlier_builds_resume_with_their_settings_and_hash(tmp_path, monkeypatch):
+    """Sets built with lz4 before the shuffle field used the bit shuffle and record no shuffle: a resume
+    or extension keeps both (same bytes, same configuration hash); a new lz4 set records its shuffle."""
+    teacher = gmm_teacher(seed=2)
+    options = dict(teacher=teacher, num_trajectories=8, batch_size=4, shard_size=4, nfe=4, progress=False,
+                   log=lambda message: None)
+    with monkeypatch.context() as earlier:   # the lz4 of the build before the field
+        earlier.setitem(formats.DEFAULT_SHUFFLE, "lz4", "bitshuffle")
+        old = build_trajectories(out=tmp_path / "old", compression="lz4", **options)
+    config = json.loads(old["build_config"].read_text())
+    assert config["config"]["compression"] == "lz4" and "shuffle" not in config["config"]
+    assert TrajectoryDataset(old["out"]).shuffle == "bitshuffle"
+
+    def shuffles(result):
+        return {json.loads((shard / "states" / "zarr.json").read_text())["codecs"][0]["configuration"]["codecs"][1]
+                ["configuration"]["shuffle"] for shard in result["shards"]}
+
+    for compression, count in ((None, 12), ("lz4", 16)):   # with or without naming the compression again
+        extended = build_trajectories(out=tmp_path / "old", compression=compression, **{**options, "num_trajectories": count})
+        manifest_after = json.loads(extended["manifest"].read_text())
+        assert manifest_after["config_hash"] == config["config_hash"] and manifest_after["count"] == count
+        assert "shuffle" not in manifest_after and shuffles(extended) == {"bitshuffle"}
+    new = build_trajectories(out=tmp_path / "new", **options)
+    new_manifest = json.loads(new["manifest"].read_text())
+    assert new_manifest["compression"] == "lz4" and new_manifest["shuffle"] == formats.DEFAULT_SHUFFLE["lz4"] == "shuffle"
+    assert new_manifest["config_hash"] != config["config_hash"] and shuffles(new) == {"shuffle"}
+    np.testing.assert_array_equal(stored(old["out"])["states"][:8], stored(new["out"])["states"])
+    # Resuming the new set keeps its shuffle; another compression on either is another configuration.
+    assert json.loads(build_trajectories(out=tmp_path / "new", **options)["manifest"].read_text())["config_hash"] \
+        == new_manifest["config_hash"]
+    with pytest.raises(ValueError, match="compression"):
+        build_trajectories(out=tmp_path / "old", compression="zstd", **options)
