@@ -103,6 +103,14 @@ BUDGETS = {
         "mnist": dict(seeds=[0, 1, 2], num_trajectories=1000, mid_steps=300, post_steps=80, baseline_factor=4,
                       eval_every=40, num_samples=500),
     },
+    # default with a quarter of the mid-training (the CMT start's setup cost); the baselines are the
+    # default's, so their stages can be copied from a default run's OUT (docs/claim.md, "Shorter mid-training").
+    "short-mid": {
+        "toy": dict(seeds=[0, 1, 2], num_trajectories=2000, mid_steps=250, post_steps=250, baseline_factor=4,
+                    eval_every=50, num_samples=2000),
+        "mnist": dict(seeds=[0, 1, 2], num_trajectories=1000, mid_steps=100, post_steps=80, baseline_factor=4,
+                      eval_every=40, num_samples=500),
+    },
     "quick": {
         "toy": dict(seeds=[0], num_trajectories=256, mid_steps=100, post_steps=20, baseline_factor=4, eval_every=20,
                     num_samples=1000),
