@@ -32,6 +32,7 @@ from cmt.datasets.shards import ShardReader
 from cmt.networks import build_network
 from cmt.solvers import sample_trajectory
 from cmt.teachers import builtin_teacher_path, resolve_teacher
+from quick import quick_option
 
 QUICK = {"num_trajectories": 64, "repeats": 1, "reader_batches": 50}
 MNIST_SIZED = dict(architecture="edm2", img_resolution=16, img_channels=1, label_dim=10, model_channels=32,
@@ -135,14 +136,8 @@ def training_step_rate(net_config, batch_size, steps=3):
     return steps / sum(timed(step) for _ in range(steps))
 
 
-def quick_sizes(ctx, param, value):
-    if value:
-        ctx.default_map = {**QUICK, **(ctx.default_map or {})}
-
-
 @click.command()
-@click.option("--quick", is_flag=True, is_eager=True, expose_value=False, callback=quick_sizes,
-              help="Small sizes (" + ", ".join(f"{key}={value}" for key, value in QUICK.items()) + ") unless given.")
+@quick_option(QUICK)
 @click.option("--teacher", default=None, help="A teacher path or built-in name (default: see the module doc).")
 @click.option("--num-trajectories", type=int, default=256)
 @click.option("--batch-size", type=int, default=64)

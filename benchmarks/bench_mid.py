@@ -42,6 +42,7 @@ from cmt.trainers import loop
 from cmt.trainers.distances import squared_l2
 from cmt.trainers.mid import endpoint_loss, mid_train
 from cmt.trainers.students import student_config
+from quick import quick_option
 
 MNIST_SIZED = dict(architecture="edm2", img_resolution=16, img_channels=1, label_dim=10, model_channels=32,
                    channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[4], dropout=0.0)
@@ -123,14 +124,8 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def quick_sizes(ctx, param, value):
-    if value:
-        ctx.default_map = {**QUICK, **(ctx.default_map or {})}
-
-
 @click.command()
-@click.option("--quick", is_flag=True, is_eager=True, expose_value=False, callback=quick_sizes,
-              help="Small sizes (" + ", ".join(f"{key}={value}" for key, value in QUICK.items()) + ") unless given.")
+@quick_option(QUICK)
 @click.option("--teacher", default=None, help="Teacher name or checkpoint [default: mnist, or an MNIST-sized EDM2].")
 @click.option("--batch-size", type=click.IntRange(min=16), default=128, help="Targets (states) per step.")
 @click.option("--nfe", type=click.IntRange(min=1), default=16, help="Teacher solver steps (the official design's).")

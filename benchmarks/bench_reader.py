@@ -41,6 +41,7 @@ from cmt.builders.build import Teacher, build_trajectories
 from cmt.datasets.shards import READ_FIELDS, ShardReader
 from cmt.formats import COMPRESSIONS, DEFAULT_COMPRESSION
 from cmt.manifest import TrajectoryDataset
+from quick import quick_option
 
 SHAPE = (3, 64, 64)
 QUICK = {"num_trajectories": 256, "shard_size": 64, "rounds": 3, "batches": 48}
@@ -141,14 +142,8 @@ def median_spread(values):
     return statistics.median(values), (min(values), max(values))
 
 
-def quick_sizes(ctx, param, value):
-    if value:
-        ctx.default_map = {**QUICK, **(ctx.default_map or {})}
-
-
 @click.command()
-@click.option("--quick", is_flag=True, is_eager=True, expose_value=False, callback=quick_sizes,
-              help="Small sizes (" + ", ".join(f"{key}={value}" for key, value in QUICK.items()) + ") unless given.")
+@quick_option(QUICK)
 @click.option("--num-trajectories", type=click.IntRange(min=8), default=4096)
 @click.option("--shard-size", type=click.IntRange(min=1), default=512)
 @click.option("--batch-size", type=click.IntRange(min=1), default=128)
