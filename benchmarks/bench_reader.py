@@ -10,7 +10,8 @@ round to round, so a change of machine load hits all of them):
    the training access pattern (`exclude_endpoint`, shuffled shards and samples, stored dtype),
    against the same reader walking an `np.memmap` of the same states (the same code gathers the
    same batches; only reading and decoding differ): states/s, at the default thread settings
-   and at one thread (torch and Blosc). Target >= 0.5.
+   and at one thread (torch and Blosc). Target >= 0.5. Beside it the same reader checking size
+   and crc32c on every re-read (`verify="crc32c"`) instead of sizes only (the default, "once").
 2. WebDataset shards against zarr. Target >= 0.5.
 3. 2 DataLoader workers against none (the machine's free cores decide this one).
 4. Peak RSS of a reader process (a subprocess each, two epochs) over a set of 1x, 2x, 4x its cache
@@ -186,6 +187,7 @@ def run(root, num_trajectories, shard_size, batch_size, rounds, batches):
     contenders = {"memmap": lambda: MemmapReader(sets[default], memmaps, batch_size, **options)}
     contenders.update({name: (lambda path=path: ShardReader(path, batch_size, **options)) for name, path in sets.items()})
     contenders["no-prefetch"] = lambda: ShardReader(sets[default], batch_size, prefetch=False, **options)
+    contenders["crc32c"] = lambda: ShardReader(sets[default], batch_size, verify="crc32c", **options)
     contenders["workers2"] = lambda: ShardReader(sets[default], batch_size, num_workers=2, **options)
     streams = {name: iter(make()) for name, make in contenders.items()}
     for stream in streams.values():   # start-up (worker processes, the first shard) is not throughput
@@ -226,6 +228,7 @@ def run(root, num_trajectories, shard_size, batch_size, rounds, batches):
         if compression != DEFAULT_COMPRESSION:
             figures[f"{compression}_vs_memmap"] = ratios(f"zarr-{compression}")[0]
     figures["no_prefetch_vs_prefetch"] = ratios("no-prefetch", base=default)[0]
+    figures["crc32c_vs_once"] = ratios("crc32c", base=default)[0]
     figures["wds_vs_zarr"] = ratios("wds", base=default)[0]
     figures["workers2_vs_workers0"] = ratios("workers2", base=default)[0]
     print(f"WebDataset / zarr ({DEFAULT_COMPRESSION}) = {figures['wds_vs_zarr']:.3f}; 2 workers / none = "

@@ -26,6 +26,24 @@ MANIFEST = "manifest.json"
 BUILD_CONFIG = "build-config.json"
 
 
+# How a reader checks shards (`TrajectoryDataset.read_files`): the sha256 at a process's first read,
+# then on re-reads the sizes only ("once", the default: the issue's "once per shard per process";
+# shards are written once and never change in place), sizes and crc32c ("crc32c": any later
+# change but one in 2^32 random corruptions, ~15% of an uncached read), or the sha256 every time.
+VERIFY_MODES = ("once", "crc32c", "sha256")
+
+
+def check_verify(verify):
+    """The verify mode of `verify` (True: "once"; False: None); ValueError naming it otherwise."""
+    if verify is True:
+        return "once"
+    if verify is False or verify is None:
+        return None
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify must be one of {', '.join(VERIFY_MODES)} (or True / False), got {verify!r}")
+    return verify
+
+
 def canonical_json(value):
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
@@ -144,9 +162,9 @@ class TrajectoryDataset:
 
     Integrity: the first read of a shard by this object (so by each reader process: a DataLoader
     worker has its own copy) checks the manifest's sha256 over all its files; later reads check
-    each file's `cmt.formats.fingerprint` (size and crc32c) taken then, which is what lets an
-    uncached reader re-read every epoch at the cost of the read alone (see `fingerprint` for what
-    it catches).
+    what `verify` asks (`read_files`): by default the files' sizes only, which is what lets an
+    uncached reader re-read every epoch at the cost of the read alone; "crc32c" adds each file's
+    `cmt.formats.fingerprint` (see there for what it catches).
     """
 
     def __init__(self, url, max_trajectories=None):
@@ -200,30 +218,36 @@ class TrajectoryDataset:
     def read_files(self, entry, verify=True, fields=None, buffers=None):
         """The shard's files; ShardError naming it if missing or (with `verify`) its checksum differs.
 
-        verify: the sha256 on this object's first read of the shard, the files' fingerprints after
-        (see the class); "sha256": the sha256 on every read. fields: of a zarr shard already
-        verified, read only the files of these arrays (None: all files). buffers: a
+        verify: one of `VERIFY_MODES` (True is "once"): the sha256 on this object's first read of the
+        shard, and on later reads "once" checks the files' sizes, "crc32c" their sizes and crc32c
+        (`cmt.formats.fingerprint`), "sha256" the sha256 again; False: nothing. fields: of a zarr
+        shard already verified, read only the files of these arrays (None: all files). buffers: a
         `cmt.formats.ShardBuffers` to read a local zarr shard's chunk files into (see there)."""
+        mode = check_verify(verify)
         path = self.shard_path(entry)
         buffers = buffers if self.format == "zarr" else None
-        known = self.verified.get(entry["name"]) if verify != "sha256" else None
-        if verify and known is not None:
+        known = self.verified.get(entry["name"]) if mode in ("once", "crc32c") else None
+        if known is not None and (mode == "once" or all(crc is not None for _, crc in known.values())):
             keys = None if fields is None or self.format != "zarr" else \
                 [key for key in known if key.split("/", 1)[0] in fields or key == "zarr.json"]
             files = read_files(self.fs, path, keys, buffers)
+            seen = (lambda data: (len(data), None)) if mode == "once" else fingerprint
             changed = sorted(key for key in (keys if keys is not None else known)
-                             if key not in files or fingerprint(files[key]) != known[key])
+                             if key not in files or seen(files[key]) != (known[key][0], None if mode == "once"
+                                                                         else known[key][1]))
             if changed or (keys is None and set(files) != set(known)):
+                what = "size" if mode == "once" else "size or crc32c"
                 raise ShardError(f"shard {path} is corrupt or truncated: {', '.join(changed) or 'its files'} changed "
-                                 "since its sha256 was verified by this process (size or crc32c differs)")
+                                 f"since its sha256 was verified by this process ({what} differs)")
             return files
         files = read_files(self.fs, path, buffers=buffers)
-        if verify and checksum(files) != entry["sha256"]:
+        if mode and checksum(files) != entry["sha256"]:
             raise ShardError(f"shard {path} is corrupt or truncated: sha256 {checksum(files)[:16]}... "
                              f"({files_bytes(files)} bytes), the manifest has {entry['sha256'][:16]}... "
                              f"({entry['bytes']} bytes)")
-        if verify:
-            self.verified[entry["name"]] = {key: fingerprint(data) for key, data in files.items()}
+        if mode in ("once", "crc32c"):
+            self.verified[entry["name"]] = {key: fingerprint(data) if mode == "crc32c" else (len(data), None)
+                                            for key, data in files.items()}
         return files
 
     def read_shard(self, entry, verify=True, fields=FIELDS, buffers=None):

@@ -12,8 +12,8 @@ with `with_trajectory=True` every sample also carries its trajectory's `states` 
 Work is split by shards: once per reader (seeded by `seed`), the shards are dealt round-robin to
 every reader process of every rank (`rank * num_workers + worker`); when there are fewer shards
 than reader processes, each shard is dealt in strided parts. A process reads its shards whole (the
-arrays it yields only: never the noise; the sha256 checked on its first read of a shard, a
-crc32c after, see `cmt.manifest.TrajectoryDataset`), keeps them decoded in memory up to
+arrays it yields only: never the noise; the sha256 checked on its first read of a shard, the
+sizes after, or what `verify` asks, see `cmt.manifest.TrajectoryDataset`), keeps them decoded in memory up to
 `cache_bytes`, and in every epoch (seeded by (seed, epoch)) walks them in a new order, each shard's
 samples shuffled and cut into batches; a background thread reads and decodes the next shard while
 the current one is cut. So each trajectory is seen once per epoch over all processes, a process
@@ -30,7 +30,7 @@ import torch
 
 from cmt.errors import ArgumentError
 from cmt.formats import ShardBuffers
-from cmt.manifest import TrajectoryDataset
+from cmt.manifest import TrajectoryDataset, check_verify
 
 # The arrays a batch is gathered from (a shard's noise is never read by the reader).
 READ_FIELDS = ("index", "label", "states", "sigmas", "endpoint")
@@ -115,8 +115,10 @@ class ShardReader(torch.utils.data.IterableDataset):
         None: `default_cache_bytes` of the reader processes on this machine).
     dtype: of the states and sigmas yielded; None: as stored (float16 usually: half the bytes
         through the workers' pipes, upcast on the device by the consumer).
+    verify: how shards are checked (`cmt.manifest.VERIFY_MODES`; True: "once", the sha256 at this
+        process's first read of each shard, its files' sizes on re-reads).
     prefetch: read and decode the next shard in a background thread while batches of the current
-        one are cut (file reads, crc32c and Blosc decoding run outside the GIL).
+        one are cut (file reads, checksums and Blosc decoding run outside the GIL).
     exclude_endpoint: never yield the last stored state (the endpoint itself) as a sample's state;
         for targets that are the endpoint, where it would cost nothing and teach nothing.
     """
@@ -148,7 +150,10 @@ class ShardReader(torch.utils.data.IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.num_workers = num_workers
         self.endless = endless
-        self.verify = verify
+        try:
+            self.verify = check_verify(verify)
+        except ValueError as error:
+            raise ArgumentError("verify", str(error)) from None
         if cache_bytes is None:
             cache_bytes = default_cache_bytes(local_processes(world_size) * max(1, num_workers))
         if cache_bytes < 0:

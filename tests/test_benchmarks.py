@@ -101,6 +101,8 @@ QUICK_FORMS = {
                          "rss_4x_vs_1x")),
     "bench_mid.py": (("--num-trajectories", "16", "--steps", "1", "--warmup", "1", "--rounds", "1"),
                      ("step_vs_bare", "mid_vs_official")),
+    "bench_meanflow_drift.py": (("--num-trajectories", "32", "--mid-steps", "4", "--steps", "2", "--num-samples", "200"),
+                                ("u_error_r=0", "dudt_error_r=0", "recipe_2step_vs_start")),
 }
 
 
@@ -110,6 +112,6 @@ def test_quick_form_ends_with_its_ratios(script):
     result = subprocess.run([sys.executable, str(BENCHMARKS / script), "--quick", *args], env=TWO_CPU_ENV,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    pairs = dict(pair.split("=", 1) for pair in result.stdout.strip().splitlines()[-1].split())
+    pairs = dict(pair.rsplit("=", 1) for pair in result.stdout.strip().splitlines()[-1].split())
     for name in names:
         assert math.isfinite(float(pairs[name])) and float(pairs[name]) > 0, (name, pairs)

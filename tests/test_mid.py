@@ -229,7 +229,8 @@ def test_mismatched_data_and_bad_options_fail_before_training(shards, tmp_path):
     code, output = run_mid("--data", data, "--out", tmp_path / "run", "--states-per-trajectory", "0")
     assert code == 2 and "--states-per-trajectory" in output
     for options, argument in ((dict(target="flowmap", loss="lpips"), "loss"), (dict(target="x"), "target"),
-                              (dict(states_per_trajectory=1.5), "states_per_trajectory"), (dict(max_steps=0), "max_steps")):
+                              (dict(states_per_trajectory=1.5), "states_per_trajectory"), (dict(max_steps=0), "max_steps"),
+                              (dict(verify="md5"), "verify")):
         with pytest.raises(ArgumentError) as error:
             mid_train(data=data, out=tmp_path / "run", **options)
         assert error.value.argument == argument

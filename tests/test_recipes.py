@@ -2,6 +2,7 @@
 guided teacher, MeanFlow's classifier-free guidance, the 16 mid-training states, and the 2-step
 sampler of an ECT student started from a flow-map checkpoint."""
 import json
+import math
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from conftest import FAST, MLP, TEACHER, context, make_shards
 from cmt.checkpoint import load_network, save_network
 from cmt.cli.train import main
 from cmt.datasets.shards import ShardReader
-from cmt.edm import broadcast_sigma, sample_lognormal_sigmas
+from cmt.edm import SIGMA_MAX, SIGMA_MIN, broadcast_sigma, sample_lognormal_sigmas, sigma_grid
 from cmt.errors import ArgumentError
 from cmt.gmm import gmm_denoiser, gmm_sample, random_gmm
 from cmt.guidance import autoguidance
@@ -372,6 +373,59 @@ def test_meanflow_adaptive_weight_pulls_an_exact_flow_map_away_and_plain_l2_does
     assert float(z_scores[1.0].max()) > 8, z_scores
     for name in ("mnist", "toy"):
         assert recipes.recipe_values("post", name, "meanflow")["norm_p"] == 0.0
+
+
+class GridBlindFlowMap(ExactConditionalFlowMap):
+    """The exact flow map, off by `eps * sin(pi k(sigma)) * offset` in its output, where k is the
+    position on the 16-step log-sigma grid the trajectories are stored on: exact at every stored
+    state, so no mid-training target can see the error, but with a wrong time derivative."""
+
+    def __init__(self, mu, logw, s, eps, steps=32):
+        super().__init__(mu, logw, s, steps)
+        self.eps, self.offset = eps, torch.tensor([1.0, -0.5], dtype=torch.float64)
+        self.log_step = (math.log(SIGMA_MAX) - math.log(SIGMA_MIN)) / 16
+
+    def grid_position(self, sigma):
+        return (math.log(SIGMA_MAX) - torch.as_tensor(sigma, dtype=torch.float64).log()) / self.log_step
+
+    def forward(self, x, sigma, labels=None, target_sigma=None):
+        sigma = torch.as_tensor(sigma, dtype=x.dtype).expand(x.shape[0])
+        wave = torch.sin(math.pi * self.grid_position(sigma))[:, None]
+        return super().forward(x, sigma, labels, target_sigma) + self.eps * wave * self.offset
+
+
+def test_meanflow_target_is_further_from_the_flow_map_than_weights_exact_at_the_stored_states():
+    """Why MeanFlow post-training can make CMT flow-map weights worse (the toy's drift, issue 10;
+    docs/claim.md, "Why MeanFlow from CMT degrades on the toy"): mid-training fits the flow map at the
+    stored states only, while MeanFlow's target v - (t - r) du/dt uses the network's own time
+    derivative, which no mid-training target constrains. A network exact at every stored state but
+    with a small error in between has a MeanFlow target (t - r) du/dt-errors away: several times
+    further from the exact flow map than the network itself, so MeanFlow trains it away from it."""
+    mu, logw, s = conditional_mixture()
+    exact, blind = ExactConditionalFlowMap(mu, logw, s, steps=32), GridBlindFlowMap(mu, logw, s, eps=0.01)
+    grid = sigma_grid("logsnr", 16).tolist()
+    generator = torch.Generator().manual_seed(3)
+    x, noise = gmm_sample(mu, logw, s, 8, generator), torch.randn(8, 2, generator=generator, dtype=torch.float64)
+    for sigma, target_sigma in [(grid[i], grid[j]) for i in range(16) for j in (i + 1, 16)]:
+        states = x + sigma * noise
+        torch.testing.assert_close(blind(states, sigma, None, target_sigma), exact(states, sigma, None, target_sigma))
+    n = 256
+    generator = torch.Generator().manual_seed(4)
+    data = gmm_sample(mu, logw, s, n, generator)
+    t = 0.2 + 0.6 * torch.rand(n, generator=generator, dtype=torch.float64)   # between the stored times
+    r = t / 4
+    z = (1 - t[:, None]) * data + t[:, None] * torch.randn(n, 2, generator=generator, dtype=torch.float64)
+    velocity = average_velocity(exact, z, t, t).detach()   # the exact instantaneous velocity: no data noise
+    truth = average_velocity(exact, z, t, r).detach()
+
+    def distance(u):
+        return float((u - truth).square().sum(1).sqrt().mean())
+
+    value_error = distance(average_velocity(blind, z, t, r).detach())
+    target_error = distance(meanflow_target(blind, z, t, r, velocity))
+    assert 0 < value_error < 0.05 and target_error > 3 * value_error, (value_error, target_error)
+    # the exact map is (up to its 32-step solve) a fixed point: its target is where it is
+    assert distance(meanflow_target(exact, z, t, r, velocity)) < min(0.25 * value_error, 0.05 * target_error)
 
 
 def test_meanflow_cfg_needs_class_conditional_data(mids, tmp_path):

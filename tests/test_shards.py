@@ -254,27 +254,41 @@ def test_a_shard_index_that_fails_its_crc32c_is_refused():
 def test_the_sha256_is_checked_once_per_shard_and_a_later_change_is_still_caught(dataset, tmp_path, monkeypatch):
     copy = tmp_path / "copy"
     shutil.copytree(dataset, copy)
-    data = TrajectoryDataset(copy)
-    hashed = []
+    hashed, summed = [], []
     monkeypatch.setattr(manifest, "checksum", lambda files: hashed.append(1) or formats.checksum(files))
-    first = [data.read_shard(entry) for entry in data.shards]
-    again = [data.read_shard(entry) for entry in data.shards]
-    assert len(hashed) == len(data.shards)   # the re-reads checked fingerprints, not the sha256
+    monkeypatch.setattr(manifest, "fingerprint", lambda data: summed.append(1) or formats.fingerprint(data))
+    once, crc = TrajectoryDataset(copy), TrajectoryDataset(copy)
+    first = [once.read_shard(entry) for entry in once.shards]
+    again = [once.read_shard(entry) for entry in once.shards]
+    assert len(hashed) == len(once.shards) and not summed   # the re-reads checked sizes, not the sha256
     for one, two in zip(first, again):
         assert all(np.array_equal(one[key], two[key]) for key in one)
-    path = copy / data.shards[0]["name"]
+    for _ in range(2):
+        [crc.read_shard(entry, verify="crc32c") for entry in crc.shards]
+    assert len(hashed) == 2 * len(once.shards) and summed   # sha256 once, then crc32c
+    path = copy / once.shards[0]["name"]
     victim = next(p for p in sorted(path.rglob("*")) if p.is_file() and p.stat().st_size > 64 and "states" in str(p)) \
         if path.is_dir() else path
     content = bytearray(victim.read_bytes())
     content[len(content) // 3] ^= 0x04   # one flipped bit
     victim.write_bytes(bytes(content))
     with pytest.raises(ShardError, match="changed since its sha256 was verified"):
-        data.read_shard(data.shards[0])
+        crc.read_shard(crc.shards[0], verify="crc32c")
+    with pytest.raises(ShardError, match="sha256"):   # a check on every read sees it too
+        once.read_shard(once.shards[0], verify="sha256")
+    try:   # "once": the sizes agree; only the format's own check (gzip's CRC) can see the bit
+        once.read_shard(once.shards[0])
+        assert once.format == "zarr"
+    except ShardError as error:
+        assert once.format == "wds" and "cannot be decoded" in str(error)
     victim.write_bytes(bytes(content[:-5]))   # truncated
-    with pytest.raises(ShardError, match=data.shards[0]["name"]):
-        data.read_shard(data.shards[0])
+    for data, verify in ((once, True), (crc, "crc32c")):
+        with pytest.raises(ShardError, match=data.shards[0]["name"]):
+            data.read_shard(data.shards[0], verify=verify)
     with pytest.raises(ShardError, match="sha256"):   # a new process (object) checks the sha256 again
         TrajectoryDataset(copy).read_shard(TrajectoryDataset(copy).shards[0])
+    with pytest.raises(ValueError, match="verify"):
+        once.read_shard(once.shards[1], verify="md5")
 
 
 def test_the_cache_never_holds_more_than_its_budget(dataset):

@@ -18,7 +18,7 @@ import torch
 from cmt.datasets.shards import ShardReader, auto_workers, local_processes
 from cmt.edm import SIGMA_MAX, SIGMA_MIN, TWO_STEP_SIGMA, broadcast_sigma, sigma_to_t, x_to_z
 from cmt.errors import ArgumentError
-from cmt.manifest import TrajectoryDataset
+from cmt.manifest import TrajectoryDataset, check_verify
 from cmt.trainers import loop, recipes
 from cmt.trainers.distances import DISTANCES, make_distance, squared_l2
 from cmt.trainers.students import (STUDENT_INITS, average_velocity, build_student, check_report_options,
@@ -66,6 +66,8 @@ OBJECTIVES = {"endpoint": endpoint_loss, "flowmap": flowmap_loss}
 MID_LR = {"edm2": 2e-3, "mlp": 2e-4}
 # The trainer options whose defaults differ from loop.TRAIN_DEFAULTS in this phase.
 MID_DEFAULTS = {"max_steps": 2000, "batch_size": 128, "lr": None}
+# Reader settings that change no batch (left out of the options a resumed run must repeat).
+READER_ONLY = ("cache_gb", "verify")
 
 
 # ---- mid_train --------------------------------------------------------------------------------
@@ -153,7 +155,7 @@ def builtin_teacher_recipe(given):
 @recipes.with_recipe("mid", default_recipe=builtin_teacher_recipe)
 def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_resize=None, teacher=None,
               student_init="teacher", states_per_trajectory="all", max_trajectories=None, dropout=None, workers="auto",
-              cache_gb=None, eval_data=None, num_samples=1000, mid_sigma=TWO_STEP_SIGMA, recipe=None, resolved_options=None, **train_options):
+              cache_gb=None, verify="once", eval_data=None, num_samples=1000, mid_sigma=TWO_STEP_SIGMA, recipe=None, resolved_options=None, **train_options):
     """CMT mid-training: regress a student onto the stored teacher trajectories -> `out/mid.pt`.
 
     recipe: a named set of every setting (`cmt.trainers.recipes.RECIPES`: cifar10, ffhq64, afhq64,
@@ -176,6 +178,9 @@ def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_re
     inter-process copies; on --resume the run's own count); cache_gb: GiB of decoded shards each
     rank keeps in memory, over its reader processes (0: read from storage every epoch; None:
     `cmt.datasets.shards.default_cache_bytes`, a quarter of the machine's memory over its readers).
+    verify: how the reader checks shards (`cmt.manifest.VERIFY_MODES`): the sha256 at each reader
+    process's first read of a shard, then "once" the files' sizes, "crc32c" sizes and crc32c,
+    "sha256" the sha256 on every read.
     eval_data: data set whose built-in metric scores 1- and 2-step samples (toy:NAME, mnist; None:
     the teacher's built-in name, if any); num_samples: samples for the metric and pictures;
     mid_sigma: the intermediate sigma of 2-step sampling.
@@ -193,6 +198,10 @@ def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_re
     if workers != "auto":
         reader_workers(workers, None, 1)   # a bad count fails before anything is read or made
     cache_bytes_per_reader(cache_gb, 1)
+    try:
+        check_verify(verify)
+    except ValueError as error:
+        raise ArgumentError("verify", str(error)) from None
     if max_trajectories is not None and (isinstance(max_trajectories, bool) or not isinstance(max_trajectories, int)
                                          or max_trajectories < 1):
         raise ArgumentError("max_trajectories", f"must be a positive integer, got {max_trajectories!r}")
@@ -234,16 +243,18 @@ def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_re
     batches = ShardReader(dataset, trainer.micro_batch_size, seed=trainer.seed_for(0), pairs=flow_map,
                           states_per_trajectory=states_per_trajectory, rank=trainer.rank,
                           world_size=trainer.num_processes, num_workers=workers, exclude_endpoint=not flow_map,
-                          cache_bytes=cache_bytes, dtype=None)   # stored dtype; the loop upcasts on the device
+                          cache_bytes=cache_bytes, verify=verify, dtype=None)   # stored dtype; the loop upcasts on the device
     if resolved_options is not None:   # what the run records: the worker count used (resume needs it)
         resolved_options = {**resolved_options, "options": {**resolved_options["options"], "workers": workers}}
     info = {"phase": "mid", "target": target, "loss": loss, "data": str(data), "teacher": identity,
             "guidance": manifest.get("guidance"), **(resolved_options or {"recipe": recipe})}
-    # The cache changes no batch: a resumed run may set another (and runs saved before it had none).
+    # The cache and the checks change no batch: a resumed run may set others (and runs saved before
+    # them had none).
     run_options = {"recipe": recipe, **(resolved_options or loop.phase_options(mid_train, locals()))}
-    run_options = {key: value for key, value in run_options.items() if key != "cache_gb"}
+    run_options = {key: value for key, value in run_options.items() if key not in READER_ONLY}
     if isinstance(run_options.get("options"), dict):
-        run_options["options"] = {key: value for key, value in run_options["options"].items() if key != "cache_gb"}
+        run_options["options"] = {key: value for key, value in run_options["options"].items()
+                                  if key not in READER_ONLY}
 
     def sample_fn(ema, step, out):
         return sampling_report(ema, out, step, eval_data=eval_data, num_samples=num_samples, mid_sigma=mid_sigma,

@@ -13,6 +13,7 @@ from click.core import ParameterSource
 
 from cmt.cli.common import CONTEXT_SETTINGS, WithAliases, run_summary, summary, translate_errors
 from cmt.datasets import TOY_NAMES
+from cmt.manifest import VERIFY_MODES
 from cmt.solvers import SOLVERS
 from cmt.trainers import loop, recipes
 from cmt.trainers.data import ARCHITECTURES, DEFAULT_ARCH
@@ -234,6 +235,9 @@ MID = defaults_of(mid_train)
 @click.option("--cache-gb", type=click.FloatRange(min=0), default=MID["cache_gb"],
               help="GiB of decoded shards each rank keeps in memory, shared by its reader processes; 0: read "
                    "from storage every epoch [default: a quarter of the machine's memory over its reader processes].")
+@click.option("--verify", type=click.Choice(VERIFY_MODES), default=MID["verify"], show_default=True,
+              help="How the reader checks shards: the sha256 at each reader process's first read of a shard, "
+                   "then once: the files' sizes on re-reads; crc32c: sizes and crc32c; sha256: the sha256 on every read.")
 @click.option("--eval-data", default=MID["eval_data"],
               help="Data set whose built-in metric scores 1- and 2-step samples (toy:NAME, mnist) "
                    "[default: the teacher's built-in name, if any].")

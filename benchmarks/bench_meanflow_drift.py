@@ -1,0 +1,140 @@
+"""Why MeanFlow post-training from CMT flow-map weights degrades on the toy (issue 10); prints figures.
+
+1. The flow-map checkpoint's average velocity u(z_t, t, r) and its time derivative du/dt along the
+   teacher's ODE (what MeanFlow's target v - (t - r) du/dt takes from the network, by a JVP), each
+   against the teacher's own flow map from a 256-step solve, as a relative RMS error over the
+   solve's times, for r = 0 and r at sigma 0.4.
+2. MeanFlow post-training from the checkpoint under variants of the toy recipe, one after the other
+   from the same start and seed: the 1- and 2-step energy distance (8000 samples, the teacher's
+   beside it) at step 0 and at the end.
+
+    python benchmarks/bench_meanflow_drift.py --init runs/claim/checkerboard/seed0/mid-flowmap/mid.pt
+    python benchmarks/bench_meanflow_drift.py --quick     # builds and mid-trains a small start: ~2 minutes
+
+Without --init, a start is made here as bench_claim's default budget does (2000 trajectories, 1000
+flow-map mid-training steps). The last line holds the figures as name=value pairs.
+"""
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import click
+import torch
+
+import cmt
+from cmt.checkpoint import load_network
+from cmt.edm import flow_map_jump, sigma_to_t, x_to_z
+from cmt.metrics import embedded_metric
+from cmt.solvers import sample, sample_trajectory
+from cmt.teachers import resolve_teacher
+from cmt.trainers.students import average_velocity
+from quick import quick_option
+
+DATA = "toy:checkerboard"
+MID_SIGMA = 0.821
+# name: post_train options over the toy recipe (lr 1e-5, batch 256, norm_p 0, equal_share 0.75,
+# logit-normal(-0.4, 1.0)); "cifar10": MeanFlow's CIFAR-10 time sampler (Gsunshine/py-meanflow
+# meanflow/scripts/cifar10_v0.sh: P_mean -2.0, P_std 2.0, ratio of r != t 0.75).
+VARIANTS = {
+    "recipe": {},
+    "lr 3e-6": {"lr": 3e-6},
+    "batch 1024": {"batch_size": 1024},
+    "equal_share 0": {"equal_share": 0.0},
+    "equal_share 0.25": {"equal_share": 0.25},
+    "cifar10 sampler": {"p_mean": -2.0, "p_std": 2.0, "equal_share": 0.25},
+}
+
+
+def teacher_flow_map_errors(net, teacher, num=2000, substeps=16):
+    """Relative RMS error of u and of du/dt along the teacher's trajectories, per target time."""
+    noise = torch.randn(num, 2, generator=torch.Generator().manual_seed(5))
+    sigmas = torch.exp(torch.linspace(math.log(80.0), math.log(0.002), 16 * substeps + 1, dtype=torch.float64))
+    with torch.no_grad():
+        trajectory = sample_trajectory(lambda x, s, l: teacher(x, s, l), noise, sigmas.tolist(), "dpm++3m")
+    sigma = trajectory.sigmas.float()
+    t = sigma_to_t(sigma)
+    z = torch.stack([x_to_z(state, s) for state, s in zip(trajectory.states.float(), sigma)])
+    z[-1], t[-1] = trajectory.states[-1].float(), 0.0   # the endpoint is clean data, t = 0
+    errors = {}
+    for name, end in (("r=0", len(sigma) - 1), ("r=sigma0.4", 8 * substeps)):
+        r = torch.full((num,), float(t[end]))
+        value, slope = [], []
+        for i in range(1, end - 1):
+            exact = (z[i] - z[end]) / (t[i] - t[end])
+            before, after = (z[i - 1] - z[end]) / (t[i - 1] - t[end]), (z[i + 1] - z[end]) / (t[i + 1] - t[end])
+            exact_slope = (before - after) / (t[i - 1] - t[i + 1])
+            tangent = (z[i - 1] - z[i + 1]) / (t[i - 1] - t[i + 1])   # dz/dt along the solve
+            times = torch.full((num,), float(t[i]))
+            with torch.no_grad():
+                u, du = torch.func.jvp(lambda z_, t_: average_velocity(net, z_, t_, r), (z[i], times),
+                                       (tangent, torch.ones_like(times)))
+            value.append(float((u - exact).square().sum(1).mean() / exact.square().sum(1).mean()) ** 0.5)
+            slope.append(float((du - exact_slope).square().sum(1).mean() / exact_slope.square().sum(1).mean()) ** 0.5)
+        errors[name] = {"u": float(torch.tensor(value).median()), "du_dt": float(torch.tensor(slope).median())}
+    return errors
+
+
+def energy_distances(net, noise):
+    """1- and 2-step energy distance of a flow-map network from `80 * noise`."""
+    def jump(x, sigma, target):
+        size = (x.shape[0],)
+        return flow_map_jump(x, sigma, target, net(x, torch.full(size, sigma), None, target_sigma=torch.full(size, target)))
+
+    with torch.no_grad():
+        x = 80.0 * noise
+        one, two = jump(x, 80.0, 0.0), jump(jump(x, 80.0, MID_SIGMA), MID_SIGMA, 0.0)
+    return (embedded_metric(DATA, one)["energy_distance"], embedded_metric(DATA, two)["energy_distance"])
+
+
+def make_start(root, num_trajectories, mid_steps):
+    cmt.build_trajectories(teacher=DATA, out=str(root / "trajectories"), num_trajectories=num_trajectories, nfe=16,
+                           seed=0, progress=False)
+    cmt.mid_train(data=str(root / "trajectories"), target="flowmap", out=str(root / "mid"), max_steps=mid_steps, seed=0,
+                  workers=0, num_samples=256, log_every=max(1, mid_steps // 4), progress=False)
+    return root / "mid" / "mid.pt"
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--init", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="A toy:checkerboard flow-map checkpoint (mid.pt) [default: make one here].")
+@click.option("--steps", type=click.IntRange(min=1), default=250, help="MeanFlow steps per variant.")
+@click.option("--num-samples", type=click.IntRange(min=100), default=8000)
+@click.option("--num-trajectories", type=click.IntRange(min=16), default=2000, help="Without --init.")
+@click.option("--mid-steps", type=click.IntRange(min=1), default=1000, help="Without --init.")
+@quick_option({"steps": 20, "num_samples": 2000, "num_trajectories": 256, "mid_steps": 100})
+def main(init, steps, num_samples, num_trajectories, mid_steps):
+    torch.set_num_threads(1)
+    teacher, _ = resolve_teacher(DATA)
+    noise = torch.randn(num_samples, 2, generator=torch.Generator().manual_seed(123))
+    with torch.no_grad():
+        teacher_samples = sample(lambda x, s, l: teacher(x, s, l), noise, torch.exp(torch.linspace(
+            math.log(80.0), math.log(0.002), 65)).tolist(), "dpm++3m")
+    teacher_ed = embedded_metric(DATA, teacher_samples)["energy_distance"]
+    figures = {}
+    with tempfile.TemporaryDirectory(prefix="bench-mf-drift-") as scratch:
+        root = Path(scratch)
+        init = init or make_start(root, num_trajectories, mid_steps)
+        start = load_network(init)
+        errors = teacher_flow_map_errors(start, teacher, num=min(2000, num_samples))
+        print(f"start {init}: relative RMS error against the teacher's flow map (median over the solve's times)")
+        for name, error in errors.items():
+            print(f"  {name:11s} u {error['u']:.3f}   du/dt {error['du_dt']:.3f}")
+            figures[f"u_error_{name}"], figures[f"dudt_error_{name}"] = error["u"], error["du_dt"]
+        first = energy_distances(start, noise)
+        print(f"energy distance at {num_samples} samples: teacher {teacher_ed:.5f}; step 0: 1-step {first[0]:.5f}, "
+              f"2-step {first[1]:.5f}")
+        print(f"{'variant':18s} {'1-step':>8s} {'2-step':>8s}   after {steps} MeanFlow steps (x step 0)")
+        for name, options in VARIANTS.items():
+            out = root / "post" / name.replace(" ", "-")
+            cmt.post_train(init=str(init), method="meanflow", data=DATA, out=str(out), recipe="toy", max_steps=steps,
+                           seed=0, log_every=steps, ckpt_every=steps, num_samples=256, progress=False, **options)
+            last = energy_distances(load_network(out / "post.safetensors"), noise)
+            print(f"{name:18s} {last[0]:8.5f} {last[1]:8.5f}   ({last[0] / first[0]:.2f}, {last[1] / first[1]:.2f})"
+                  f"  {json.dumps(options)}")
+            figures[f"{name.replace(' ', '_')}_2step_vs_start"] = last[1] / first[1]
+    print(" ".join(f"{name}={value:.3f}" for name, value in figures.items()))
+
+
+if __name__ == "__main__":
+    main()
