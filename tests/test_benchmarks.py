@@ -101,6 +101,7 @@ QUICK_FORMS = {
                          "rss_4x_vs_1x")),
     "bench_mid.py": (("--num-trajectories", "16", "--steps", "1", "--warmup", "1", "--rounds", "1"),
                      ("step_vs_bare", "mid_vs_official")),
+    "gpu_data_path.py": ((), ("build_vs_bare", "build_trajectories_per_s", "mid_step_s", "data_wait_share")),
     "bench_meanflow_drift.py": (("--num-trajectories", "32", "--mid-steps", "4", "--steps", "2", "--num-samples", "200"),
                                 ("u_error_r=0", "dudt_error_r=0", "recipe_2step_vs_start")),
 }
