@@ -5,6 +5,7 @@ A job is cut into the same batches whatever the number of processes; rank r take
 r + world, ...; the results are gathered back in batch order. Every batch is then computed exactly
 as in a single process, so the gathered result is the same, bit for bit (same device and threads).
 """
+import atexit
 import os
 
 import torch
@@ -12,12 +13,26 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 
 
+_REGISTERED = []
+
+
 def distributed_state():
     """accelerate's process state; processes launched on a machine without CUDA (or with
     ACCELERATE_USE_CPU=true) join one CPU (gloo) group instead of each running alone."""
     use_cpu = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes")
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return PartialState(cpu=use_cpu or (launched and not torch.cuda.is_available()))
+    state = PartialState(cpu=use_cpu or (launched and not torch.cuda.is_available()))
+    if launched and _leave_group not in _REGISTERED:
+        atexit.register(_leave_group)
+        _REGISTERED.append(_leave_group)
+    return state
+
+
+def _leave_group():
+    """Destroy the process group before the interpreter exits: a gloo group left alive was seen to
+    abort one rank at exit ("terminate called without an active exception") after all its work."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def batch_starts(total, batch_size):
