@@ -543,6 +543,7 @@ def plot(summary, data, path):
     import matplotlib.pyplot as plt
     import numpy as np
 
+    summary = {method: entry for method, entry in summary.items() if any(entry["curves"].values())}   # methods that ran
     fig, axes = plt.subplots(len(summary), 2, figsize=(13, 4.2 * len(summary)), squeeze=False)
     for row, (method, entry) in enumerate(summary.items()):
         teachers = [node["teacher_16step"] for node in entry["seeds"].values()]
