@@ -231,10 +231,12 @@ class TrajectoryDataset:
             keys = None if fields is None or self.format != "zarr" else \
                 [key for key in known if key.split("/", 1)[0] in fields or key == "zarr.json"]
             files = read_files(self.fs, path, keys, buffers)
-            seen = (lambda data: (len(data), None)) if mode == "once" else fingerprint
-            changed = sorted(key for key in (keys if keys is not None else known)
-                             if key not in files or seen(files[key]) != (known[key][0], None if mode == "once"
-                                                                         else known[key][1]))
+            def unchanged(key):
+                data = files.get(key)
+                return data is not None and (len(data) == known[key][0] if mode == "once"
+                                             else fingerprint(data) == known[key])
+
+            changed = sorted(key for key in (keys if keys is not None else known) if not unchanged(key))
             if changed or (keys is None and set(files) != set(known)):
                 what = "size" if mode == "once" else "size or crc32c"
                 raise ShardError(f"shard {path} is corrupt or truncated: {', '.join(changed) or 'its files'} changed "
