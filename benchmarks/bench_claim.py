@@ -103,24 +103,6 @@ BUDGETS = {
         "mnist": dict(seeds=[0, 1, 2], num_trajectories=1000, mid_steps=300, post_steps=80, baseline_factor=4,
                       eval_every=40, num_samples=500),
     },
-    # default with a quarter of the mid-training (the CMT start's setup cost); the baselines are the
-    # default's, so their stages can be copied from a default run's OUT (docs/claim.md, "Shorter mid-training").
-    "short-mid": {
-        "toy": dict(seeds=[0, 1, 2], num_trajectories=2000, mid_steps=250, post_steps=250, baseline_factor=4,
-                    eval_every=50, num_samples=2000),
-        "mnist": dict(seeds=[0, 1, 2], num_trajectories=1000, mid_steps=100, post_steps=80, baseline_factor=4,
-                      eval_every=40, num_samples=500),
-    },
-    # default with the baselines run 10x the CMT start's post-training steps: more than twice the CMT
-    # start's build and mid-training cost, so that a baseline that gets there gives a measured
-    # ratio and one that does not a bound below 0.5 (docs/claim.md, "Longer baselines"); the CMT
-    # stages are the default's, and can be copied from a default run's OUT.
-    "long-baselines": {
-        "toy": dict(seeds=[0, 1, 2], num_trajectories=2000, mid_steps=1000, post_steps=250, baseline_factor=10,
-                    eval_every=50, num_samples=2000),
-        "mnist": dict(seeds=[0, 1, 2], num_trajectories=1000, mid_steps=300, post_steps=80, baseline_factor=10,
-                      eval_every=40, num_samples=500),
-    },
     "quick": {
         "toy": dict(seeds=[0], num_trajectories=256, mid_steps=100, post_steps=20, baseline_factor=4, eval_every=20,
                     num_samples=1000),
@@ -138,6 +120,15 @@ BUDGETS = {
                       eval_every=25, num_samples=2000),
     },
 }
+# default with a quarter of the mid-training (the CMT start's setup cost); the baselines are the
+# default's, so their stages can be copied from a default run's OUT (docs/claim.md, "Shorter mid-training").
+BUDGETS["short-mid"] = {"toy": {**BUDGETS["default"]["toy"], "mid_steps": 250},
+                        "mnist": {**BUDGETS["default"]["mnist"], "mid_steps": 100}}
+# default with the baselines run 10x the CMT start's post-training steps: more than twice the CMT
+# start's build and mid-training cost, so that a baseline that gets there gives a measured ratio and
+# one that does not a bound below 0.5 (docs/claim.md, "Longer baselines"); the CMT stages are the
+# default's, and can be copied from a default run's OUT.
+BUDGETS["long-baselines"] = {kind: {**budget, "baseline_factor": 10} for kind, budget in BUDGETS["default"].items()}
 DEFAULT_DATA = ("mnist", "toy:checkerboard")
 
 

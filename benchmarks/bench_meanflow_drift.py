@@ -24,8 +24,9 @@ import torch
 
 import cmt
 from cmt.checkpoint import load_network
-from cmt.edm import flow_map_jump, sigma_to_t, x_to_z
+from cmt.edm import sigma_to_t, x_to_z
 from cmt.metrics import embedded_metric
+from cmt.sampling import flow_map_sample
 from cmt.solvers import sample, sample_trajectory
 from cmt.teachers import resolve_teacher
 from cmt.trainers.students import average_velocity
@@ -77,14 +78,9 @@ def teacher_flow_map_errors(net, teacher, num=2000, substeps=16):
 
 def energy_distances(net, noise):
     """1- and 2-step energy distance of a flow-map network from `80 * noise`."""
-    def jump(x, sigma, target):
-        size = (x.shape[0],)
-        return flow_map_jump(x, sigma, target, net(x, torch.full(size, sigma), None, target_sigma=torch.full(size, target)))
-
     with torch.no_grad():
-        x = 80.0 * noise
-        one, two = jump(x, 80.0, 0.0), jump(jump(x, 80.0, MID_SIGMA), MID_SIGMA, 0.0)
-    return (embedded_metric(DATA, one)["energy_distance"], embedded_metric(DATA, two)["energy_distance"])
+        return tuple(embedded_metric(DATA, flow_map_sample(net, noise, sigmas))["energy_distance"]
+                     for sigmas in ([80.0, 0.0], [80.0, MID_SIGMA, 0.0]))
 
 
 def make_start(root, num_trajectories, mid_steps):

@@ -13,18 +13,15 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 
 
-_REGISTERED = []
-
-
 def distributed_state():
     """accelerate's process state; processes launched on a machine without CUDA (or with
     ACCELERATE_USE_CPU=true) join one CPU (gloo) group instead of each running alone."""
     use_cpu = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes")
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     state = PartialState(cpu=use_cpu or (launched and not torch.cuda.is_available()))
-    if launched and _leave_group not in _REGISTERED:
+    if launched:
+        atexit.unregister(_leave_group)   # once, however often the state is asked for
         atexit.register(_leave_group)
-        _REGISTERED.append(_leave_group)
     return state
 
 

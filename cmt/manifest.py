@@ -12,7 +12,7 @@ import hashlib
 import itertools
 import json
 
-from cmt.errors import FileFormatError
+from cmt.errors import ArgumentError, FileFormatError
 from cmt.formats import (EXTENSIONS, FIELDS, FORMATS, LEGACY_COMPRESSION, LEGACY_SHUFFLE, ShardError, checksum, decode_shard,
                          files_bytes, fingerprint, open_location, read_files, write_atomic)
 
@@ -34,13 +34,13 @@ VERIFY_MODES = ("once", "crc32c", "sha256")
 
 
 def check_verify(verify):
-    """The verify mode of `verify` (True: "once"; False: None); ValueError naming it otherwise."""
+    """The verify mode of `verify` (True: "once"; False: None); ArgumentError naming it otherwise."""
     if verify is True:
         return "once"
     if verify is False or verify is None:
         return None
     if verify not in VERIFY_MODES:
-        raise ValueError(f"verify must be one of {', '.join(VERIFY_MODES)} (or True / False), got {verify!r}")
+        raise ArgumentError("verify", f"one of {', '.join(VERIFY_MODES)} (or True / False), got {verify!r}")
     return verify
 
 

@@ -150,10 +150,7 @@ class ShardReader(torch.utils.data.IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.num_workers = num_workers
         self.endless = endless
-        try:
-            self.verify = check_verify(verify)
-        except ValueError as error:
-            raise ArgumentError("verify", str(error)) from None
+        self.verify = check_verify(verify)
         if cache_bytes is None:
             cache_bytes = default_cache_bytes(local_processes(world_size) * max(1, num_workers))
         if cache_bytes < 0:

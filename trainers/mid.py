@@ -198,10 +198,7 @@ def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_re
     if workers != "auto":
         reader_workers(workers, None, 1)   # a bad count fails before anything is read or made
     cache_bytes_per_reader(cache_gb, 1)
-    try:
-        check_verify(verify)
-    except ValueError as error:
-        raise ArgumentError("verify", str(error)) from None
+    check_verify(verify)
     if max_trajectories is not None and (isinstance(max_trajectories, bool) or not isinstance(max_trajectories, int)
                                          or max_trajectories < 1):
         raise ArgumentError("max_trajectories", f"must be a positive integer, got {max_trajectories!r}")
