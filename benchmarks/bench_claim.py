@@ -20,8 +20,9 @@ Cost, counted two ways in the same run, both including the build and the mid-tra
 starts (the teacher's own pre-training is shared by every start and not counted):
 - network passes: images through a student forward+backward (one per image per training step, for
   every method: ECT's no-grad target forward and MeanFlow's JVP are not counted, the same for every
-  start of a method), plus the teacher's forward evaluations in the build at 1/3 of a
-  forward+backward each (trajectories x nfe / 3);
+  start of a method), plus the teacher's forward evaluations at 1/3 of a forward+backward each: in
+  the build (trajectories x nfe / 3) and in flow-map mid-training's velocity rows (steps x batch x
+  velocity share / 3);
 - wall seconds: the build call's wall time plus the training loops' logged time up to the step
   (evaluations excluded: the runs evaluate after training, from snapshots).
 
@@ -286,7 +287,8 @@ def train_stage(folder, program, function, kwargs, model_name):
     records = read_log(folder)
     result = {"command": command, "call_seconds": seconds, "batch_size": run["train"]["batch_size"],
               "max_steps": run["train"]["max_steps"], "lr": run["train"]["lr"], "recipe": run.get("recipe"),
-              "wall": cumulative_wall(records), "options": run.get("options")}
+              "wall": cumulative_wall(records), "options": run.get("options"),
+              "velocity_share": run.get("velocity_share") or 0.0}
     write_json(folder.with_name(folder.name + ".json"), result)
     return result
 
@@ -373,7 +375,10 @@ def setup_cost(root, init):
     if not init.startswith("mid-"):
         return 0.0, 0.0
     built, mid = read_json(root / "build.json"), read_json(root / f"{init}.json")
-    passes = built["num_trajectories"] * built["nfe"] * TEACHER_FORWARD_SHARE + mid["max_steps"] * mid["batch_size"]
+    # flow-map mid-training's velocity rows add one teacher forward each
+    teacher_forwards = built["num_trajectories"] * built["nfe"] + mid["max_steps"] * mid["batch_size"] * mid.get(
+        "velocity_share", 0.0)
+    passes = teacher_forwards * TEACHER_FORWARD_SHARE + mid["max_steps"] * mid["batch_size"]
     return passes, built["seconds"] + mid["wall"][-1][1]
 
 
@@ -456,6 +461,8 @@ def summarize(out, data, budget):
                             "not reached" if point is None else
                             {"step": point["step"], "passes": point["passes"], "wall_s": point["wall_s"]})
             per_seed[str(seed)] = row
+        if not per_seed and not any(r["method"] == method for node in seeds.values() for r in node["starts"].values()):
+            continue   # no run of this method under OUT: report() keeps what OUT/claim.json holds for it
         if per_seed:
             for key in THRESHOLDS:
                 entry[f"cost_ratio_{key}"] = median_ratio([row[f"cost_ratio_{key}"] for row in per_seed.values()])
@@ -473,8 +480,9 @@ def summarize(out, data, budget):
                                              if r["method"] == method and name != cmt_name])]
             entry["best_baseline_final_2step_over_teacher"] = statistics.mean(best_finals) if best_finals else None
         entry.update({
-            "cost_unit": "network passes: images through a student forward+backward, plus the build's teacher "
-                         "forward evaluations at 1/3 each; cost_ratio_*_wall: the same in wall seconds",
+            "cost_unit": "network passes: images through a student forward+backward, plus the teacher's forward "
+                         "evaluations (the build's, flow-map mid-training's velocity rows) at 1/3 each; "
+                         "cost_ratio_*_wall: the same in wall seconds",
             "not_reached": "a baseline that does not reach the threshold counts with its whole budget (the ratio "
                            "is then an upper bound); a seed where the CMT start does not reach it counts as an "
                            "infinite ratio; the value is the median over seeds (null: not reached on most seeds)",
@@ -483,6 +491,7 @@ def summarize(out, data, budget):
             "metric": METRICS[data_kind(data)], "cmt_start": cmt_name,
             "baselines": [name for name in STARTS if STARTS[name][0] == method and name != cmt_name],
             "seeds": per_seed,
+            "teacher_16step": {str(seed): node["teacher"] for seed, node in seeds.items()},
             "curves": {name: {str(seed): node["starts"][name] for seed, node in seeds.items() if name in node["starts"]}
                        for name in STARTS if STARTS[name][0] == method},
         })
@@ -505,10 +514,10 @@ def markdown_tables(summary, data):
         for name, per_seed in entry["curves"].items():
             if not per_seed:
                 continue
+            teacher = entry.get("teacher_16step", {})
             cells = [name, str(next(iter(per_seed.values()))["steps"]),
-                     _fmt(statistics.mean(r["curve"][-1]["metric_2step"] / entry["seeds"][s]["teacher_16step"]
-                                          for s, r in per_seed.items() if s in entry["seeds"]))]
-            for key in THRESHOLDS:
+                     _fmt(statistics.mean(r["curve"][-1]["metric_2step"] / teacher[s] for s, r in per_seed.items()))]
+            for key in THRESHOLDS:   # reaching is summarised where the CMT start ran (a baseline-only run: "0 of 0")
                 reached = [entry["seeds"][s]["cost_to_reach"][name][key] for s in per_seed if s in entry["seeds"]]
                 hits = [r for r in reached if r != "not reached"]
                 cells += [f"{len(hits)} of {len(reached)}",
@@ -737,7 +746,7 @@ def report(out, settings, docs=None):
     tables = []
     for data, budget in settings["budgets"].items():
         kind = data_kind(data)
-        claim[kind] = summarize(out, data, budget)
+        claim[kind] = {**claim.get(kind, {}), **summarize(out, data, budget)}   # methods run here replace theirs
         tables.append(markdown_tables(claim[kind], data))
         plot(claim[kind], data, out / f"claim_cost_{slug(data)}.png")
         sample_figure(out, data, budget["seeds"][0], out / f"claim_cost_{slug(data)}_samples.png")

@@ -1,18 +1,22 @@
-"""Why MeanFlow post-training from CMT flow-map weights degrades on the toy (issue 10); prints figures.
+"""Why MeanFlow post-training from CMT flow-map weights degraded on the toy (issue 10); prints figures.
 
-1. The flow-map checkpoint's average velocity u(z_t, t, r) and its time derivative du/dt along the
-   teacher's ODE (what MeanFlow's target v - (t - r) du/dt takes from the network, by a JVP), each
-   against the teacher's own flow map from a 256-step solve, as a relative RMS error over the
-   solve's times, for r = 0 and r at sigma 0.4.
-2. MeanFlow post-training from the checkpoint under variants of the toy recipe, one after the other
-   from the same start and seed: the 1- and 2-step energy distance (8000 samples, the teacher's
+For each start (flow-map mid-training with `--velocity-share` 0, pairs only, and 0.25, the default,
+whose diagonal rows fit u(z, t, t) to the teacher's velocity; or the checkpoints given as --init):
+1. the average velocity u(z_t, t, r) and its time derivative du/dt along the teacher's ODE (what
+   MeanFlow's target v - (t - r) du/dt takes from the network, by a JVP), each against the
+   teacher's own flow map from a 256-step solve, as a relative RMS error over the solve's times,
+   for r = 0 and r at sigma 0.4; and the diagonal u(z_t, t, t) against the teacher's velocity
+   (what MeanFlow's r = t rows, 0.75 of its batch, regress onto);
+2. MeanFlow post-training from it under the toy recipe (and with --variants all, variants of it),
+   for each post-training seed: the 1- and 2-step energy distance (8000 samples, the teacher's
    beside it) at step 0 and at the end.
 
-    python benchmarks/bench_meanflow_drift.py --init runs/claim/checkerboard/seed0/mid-flowmap/mid.pt
-    python benchmarks/bench_meanflow_drift.py --quick     # builds and mid-trains a small start: ~2 minutes
+    python benchmarks/bench_meanflow_drift.py                     # both starts, 3 post-training seeds
+    python benchmarks/bench_meanflow_drift.py --init runs/claim/checkerboard/seed0/mid-flowmap/mid.pt --variants all
+    python benchmarks/bench_meanflow_drift.py --quick             # small starts: ~1 minute
 
-Without --init, a start is made here as bench_claim's default budget does (2000 trajectories, 1000
-flow-map mid-training steps). The last line holds the figures as name=value pairs.
+Starts are made as bench_claim's default budget does (2000 trajectories, 1000 flow-map mid-training
+steps, seed 0). The last line holds the figures as name=value pairs.
 """
 import json
 import math
@@ -29,6 +33,7 @@ from cmt.metrics import embedded_metric
 from cmt.sampling import flow_map_sample
 from cmt.solvers import sample, sample_trajectory
 from cmt.teachers import resolve_teacher
+from cmt.trainers.mid import FLOWMAP_VELOCITY_SHARE, teacher_velocity
 from cmt.trainers.students import average_velocity
 from quick import quick_option
 
@@ -73,6 +78,14 @@ def teacher_flow_map_errors(net, teacher, num=2000, substeps=16):
             value.append(float((u - exact).square().sum(1).mean() / exact.square().sum(1).mean()) ** 0.5)
             slope.append(float((du - exact_slope).square().sum(1).mean() / exact_slope.square().sum(1).mean()) ** 0.5)
         errors[name] = {"u": float(torch.tensor(value).median()), "du_dt": float(torch.tensor(slope).median())}
+    diagonal = []
+    for i in range(0, len(sigma) - 1, substeps):   # the stored times of a 16-step solve
+        times = torch.full((num,), float(t[i]))
+        velocity = teacher_velocity(teacher, trajectory.states[i].float(), torch.full((num,), float(sigma[i])))
+        with torch.no_grad():
+            u = average_velocity(net, z[i], times, times)
+        diagonal.append(float((u - velocity).square().sum(1).mean() / velocity.square().sum(1).mean()) ** 0.5)
+    errors["r=t"] = {"u": float(torch.tensor(diagonal).median())}
     return errors
 
 
@@ -83,23 +96,30 @@ def energy_distances(net, noise):
                      for sigmas in ([80.0, 0.0], [80.0, MID_SIGMA, 0.0]))
 
 
-def make_start(root, num_trajectories, mid_steps):
-    cmt.build_trajectories(teacher=DATA, out=str(root / "trajectories"), num_trajectories=num_trajectories, nfe=16,
-                           seed=0, progress=False)
-    cmt.mid_train(data=str(root / "trajectories"), target="flowmap", out=str(root / "mid"), max_steps=mid_steps, seed=0,
-                  workers=0, num_samples=256, log_every=max(1, mid_steps // 4), progress=False)
-    return root / "mid" / "mid.pt"
+def make_start(root, num_trajectories, mid_steps, velocity_share):
+    if not (root / "trajectories").exists():
+        cmt.build_trajectories(teacher=DATA, out=str(root / "trajectories"), num_trajectories=num_trajectories,
+                               nfe=16, seed=0, progress=False)
+    out = root / f"mid-share{velocity_share:g}"
+    cmt.mid_train(data=str(root / "trajectories"), target="flowmap", out=str(out), max_steps=mid_steps, seed=0,
+                  velocity_share=velocity_share, workers=0, num_samples=256, log_every=max(1, mid_steps // 4),
+                  progress=False)
+    return out / "mid.pt"
 
 
 @click.command(context_settings={"show_default": True})
-@click.option("--init", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="A toy:checkerboard flow-map checkpoint (mid.pt) [default: make one here].")
-@click.option("--steps", type=click.IntRange(min=1), default=250, help="MeanFlow steps per variant.")
+@click.option("--init", "inits", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="toy:checkerboard flow-map checkpoints (mid.pt) [default: make one per --velocity-shares].")
+@click.option("--velocity-shares", default=f"0,{FLOWMAP_VELOCITY_SHARE}", help="Without --init: the starts made.")
+@click.option("--variants", type=click.Choice(["recipe", "all"]), default="recipe",
+              help="recipe: the toy recipe only; all: also the variants of it (seed 0 only).")
+@click.option("--post-seeds", default="0,1,2", help="MeanFlow post-training seeds of the recipe run.")
+@click.option("--steps", type=click.IntRange(min=1), default=250, help="MeanFlow steps per run.")
 @click.option("--num-samples", type=click.IntRange(min=100), default=8000)
 @click.option("--num-trajectories", type=click.IntRange(min=16), default=2000, help="Without --init.")
 @click.option("--mid-steps", type=click.IntRange(min=1), default=1000, help="Without --init.")
-@quick_option({"steps": 20, "num_samples": 2000, "num_trajectories": 256, "mid_steps": 100})
-def main(init, steps, num_samples, num_trajectories, mid_steps):
+@quick_option({"steps": 20, "num_samples": 2000, "num_trajectories": 256, "mid_steps": 100, "post_seeds": "0"})
+def main(inits, velocity_shares, variants, post_seeds, steps, num_samples, num_trajectories, mid_steps):
     torch.set_num_threads(1)
     teacher, _ = resolve_teacher(DATA)
     noise = torch.randn(num_samples, 2, generator=torch.Generator().manual_seed(123))
@@ -107,28 +127,38 @@ def main(init, steps, num_samples, num_trajectories, mid_steps):
         teacher_samples = sample(lambda x, s, l: teacher(x, s, l), noise, torch.exp(torch.linspace(
             math.log(80.0), math.log(0.002), 65)).tolist(), "dpm++3m")
     teacher_ed = embedded_metric(DATA, teacher_samples)["energy_distance"]
+    print(f"teacher energy distance at {num_samples} samples: {teacher_ed:.5f}")
+    seeds = [int(seed) for seed in post_seeds.split(",")]
     figures = {}
     with tempfile.TemporaryDirectory(prefix="bench-mf-drift-") as scratch:
         root = Path(scratch)
-        init = init or make_start(root, num_trajectories, mid_steps)
-        start = load_network(init)
-        errors = teacher_flow_map_errors(start, teacher, num=min(2000, num_samples))
-        print(f"start {init}: relative RMS error against the teacher's flow map (median over the solve's times)")
-        for name, error in errors.items():
-            print(f"  {name:11s} u {error['u']:.3f}   du/dt {error['du_dt']:.3f}")
-            figures[f"u_error_{name}"], figures[f"dudt_error_{name}"] = error["u"], error["du_dt"]
-        first = energy_distances(start, noise)
-        print(f"energy distance at {num_samples} samples: teacher {teacher_ed:.5f}; step 0: 1-step {first[0]:.5f}, "
-              f"2-step {first[1]:.5f}")
-        print(f"{'variant':18s} {'1-step':>8s} {'2-step':>8s}   after {steps} MeanFlow steps (x step 0)")
-        for name, options in VARIANTS.items():
-            out = root / "post" / name.replace(" ", "-")
-            cmt.post_train(init=str(init), method="meanflow", data=DATA, out=str(out), recipe="toy", max_steps=steps,
-                           seed=0, log_every=steps, ckpt_every=steps, num_samples=256, progress=False, **options)
-            last = energy_distances(load_network(out / "post.safetensors"), noise)
-            print(f"{name:18s} {last[0]:8.5f} {last[1]:8.5f}   ({last[0] / first[0]:.2f}, {last[1] / first[1]:.2f})"
-                  f"  {json.dumps(options)}")
-            figures[f"{name.replace(' ', '_')}_2step_vs_start"] = last[1] / first[1]
+        starts = {str(path): path for path in inits} or {
+            f"share{share:g}": make_start(root, num_trajectories, mid_steps, share)
+            for share in map(float, velocity_shares.split(","))}
+        for label, init in starts.items():
+            start = load_network(init)
+            errors = teacher_flow_map_errors(start, teacher, num=min(2000, num_samples))
+            print(f"start {label}: relative RMS error against the teacher's flow map (median over the solve's times)")
+            for name, error in errors.items():
+                print(f"  {name:11s} u {error['u']:.3f}" + (f"   du/dt {error['du_dt']:.3f}" if "du_dt" in error else ""))
+                for key, value in error.items():
+                    figures[f"{label}_{'dudt' if key == 'du_dt' else key}_error_{name}"] = value
+            first = energy_distances(start, noise)
+            print(f"  step 0: 1-step {first[0]:.5f}, 2-step {first[1]:.5f}")
+            print(f"  {'variant':18s} {'seed':>4s} {'1-step':>8s} {'2-step':>8s}   after {steps} MeanFlow steps (x step 0)")
+            runs = [("recipe", {}, seed) for seed in seeds]
+            if variants == "all":
+                runs += [(name, options, 0) for name, options in VARIANTS.items() if name != "recipe"]
+            for name, options, seed in runs:
+                out = root / "post" / label.replace("/", "_") / f"{name.replace(' ', '-')}-seed{seed}"
+                cmt.post_train(init=str(init), method="meanflow", data=DATA, out=str(out), recipe="toy",
+                               max_steps=steps, seed=seed, log_every=steps, ckpt_every=steps, num_samples=256,
+                               progress=False, **options)
+                last = energy_distances(load_network(out / "post.safetensors"), noise)
+                print(f"  {name:18s} {seed:4d} {last[0]:8.5f} {last[1]:8.5f}   ({last[0] / first[0]:.2f}, "
+                      f"{last[1] / first[1]:.2f})  {json.dumps(options)}", flush=True)
+                figures[f"{label}_{name.replace(' ', '_')}_seed{seed}_2step_vs_start"] = last[1] / first[1]
+                figures[f"{label}_{name.replace(' ', '_')}_seed{seed}_1step_vs_start"] = last[0] / first[0]
     print(" ".join(f"{name}={value:.3f}" for name, value in figures.items()))
 
 

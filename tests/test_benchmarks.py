@@ -12,6 +12,7 @@ from conftest import TWO_CPU_ENV
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 import bench_claim  # noqa: E402
+from cmt.trainers.mid import FLOWMAP_VELOCITY_SHARE  # noqa: E402
 
 
 def curve(values, batch=10, setup=0.0):
@@ -58,8 +59,11 @@ def test_claim_smoke_writes_the_summary_schema_curves_and_figures(tmp_path):
         cmt, baseline = entry["curves"][cmt_start]["0"], entry["curves"][entry["baselines"][0]]["0"]
         assert baseline["steps"] == 4 * cmt["steps"]                       # baselines run 4x the CMT start
         assert [p["step"] for p in cmt["curve"]] == [0, 2] and [p["step"] for p in baseline["curve"]] == [0, 2, 4, 6, 8]
-        # The CMT start's cost includes the build (64 x 16 teacher forwards at 1/3) and mid-training (4 x 32).
-        assert cmt["curve"][0]["passes"] == pytest.approx(64 * 16 / 3 + 4 * 32) and baseline["curve"][0]["passes"] == 0
+        # The CMT start's cost includes the build (64 x 16 teacher forwards at 1/3) and mid-training (4 x 32,
+        # and for flow maps the velocity rows' teacher forwards at 1/3).
+        velocity_rows = 4 * 32 * FLOWMAP_VELOCITY_SHARE if method == "meanflow" else 0   # one teacher forward each
+        assert cmt["curve"][0]["passes"] == pytest.approx((64 * 16 + velocity_rows) / 3 + 4 * 32)
+        assert baseline["curve"][0]["passes"] == 0
         assert cmt["curve"][-1]["passes"] - cmt["curve"][0]["passes"] == pytest.approx(2 * cmt["batch_size"])
         assert all(math.isfinite(p["metric_2step"]) for p in cmt["curve"] + baseline["curve"])
     for name in ("claim.md", "claim_cost_checkerboard.png", "claim_cost_checkerboard_samples.png"):
@@ -103,7 +107,8 @@ QUICK_FORMS = {
                      ("step_vs_bare", "mid_vs_official")),
     "gpu_data_path.py": ((), ("build_vs_bare", "build_trajectories_per_s", "mid_step_s", "data_wait_share")),
     "bench_meanflow_drift.py": (("--num-trajectories", "32", "--mid-steps", "4", "--steps", "2", "--num-samples", "200"),
-                                ("u_error_r=0", "dudt_error_r=0", "recipe_2step_vs_start")),
+                                ("share0_u_error_r=0", "share0_dudt_error_r=0", "share0_u_error_r=t",
+                                 "share0.25_recipe_seed0_2step_vs_start", "share0.25_u_error_r=t")),
 }
 
 

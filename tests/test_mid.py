@@ -1,3 +1,4 @@
+import functools
 import json
 import subprocess
 
@@ -6,7 +7,9 @@ import torch
 from click.testing import CliRunner
 from conftest import FAST, MLP, TEACHER, TWO_CPU_ENV, TWO_CPU_PROCESSES, command_line, context, make_shards
 
-from cmt.checkpoint import load_network
+from cmt.builders.build import build_trajectories
+from cmt.checkpoint import load_network, save_network
+from cmt.manifest import TrajectoryDataset
 from cmt.cli.train import main
 from cmt.edm import flow_map_jump, sigma_grid, sigma_to_t, x_to_z, z_to_x
 from cmt.errors import ArgumentError
@@ -16,7 +19,7 @@ from cmt.solvers import sample_trajectory
 from cmt.trainers.distances import squared_l2
 from cmt.trainers import mid as mid_module
 from cmt.trainers.loop import STATE_FILE, read_log
-from cmt.trainers.mid import endpoint_loss, flowmap_loss, mid_train, secant_velocity
+from cmt.trainers.mid import endpoint_loss, flowmap_loss, mid_train, secant_velocity, teacher_velocity
 from cmt.trainers.students import average_velocity, consistency_output
 
 MID_FAST = dict(FAST, workers=0)
@@ -155,6 +158,61 @@ def test_flowmap_objective_decreases_the_loss():
     assert after < 0.3 * before
 
 
+def gmm_teacher_and_trajectories(n=256, steps=6):
+    """A mixture's exact float32 denoiser and its 16-bit-free ODE trajectories (as `gmm_trajectories`)."""
+    generator = torch.Generator().manual_seed(0)
+    mu, logw, s = random_gmm(4, 2, std=0.1, generator=generator)
+    exact = gmm_denoiser(mu, logw, s)
+    noise = torch.randn(n, 2, generator=generator, dtype=torch.float64)
+    trajectory = sample_trajectory(exact, noise, sigma_grid("logsnr", steps), solver="dpm++3m")
+
+    def teacher(x, sigma, labels=None):
+        return exact(x.double(), sigma.double(), labels).float()
+
+    return teacher, trajectory.states.float(), trajectory.sigmas.float()
+
+
+def test_flowmap_velocity_rows_regress_the_diagonal_onto_the_teachers_velocity():
+    teacher, states, sigmas = gmm_teacher_and_trajectories(n=8, steps=4)
+    batch = pair_batches(states, sigmas)
+    torch.manual_seed(0)
+    net = build_network({**MLP, "flow_map": True})
+    rows = len(batch["sigma"]) // 4
+    x, sigma = batch["state"], batch["sigma"]
+    denoised = teacher(x, sigma)
+    velocity = (x - denoised) / sigma[:, None] - denoised   # noise - data estimate, from EDM's x = data + sigma noise
+    torch.testing.assert_close(teacher_velocity(teacher, x, sigma), velocity)
+    t = sigma_to_t(sigma)
+    with torch.no_grad():
+        loss = flowmap_loss(net, batch, context(), teacher=teacher, velocity_share=0.25)
+        pairs_only = flowmap_loss(net, batch, context())
+        diagonal = squared_l2(average_velocity(net, x_to_z(x, sigma), t, t)[:rows], velocity[:rows])
+    torch.testing.assert_close(loss[:rows], diagonal)
+    torch.testing.assert_close(loss[rows:], pairs_only[rows:])
+    assert float((loss[:rows] - pairs_only[:rows]).abs().max()) > 0.1   # not the pairs' own targets
+
+
+def test_pairs_alone_leave_the_diagonal_that_meanflow_trains_unfitted_and_velocity_rows_fit_it():
+    """The cause of the toy's MeanFlow drift (docs/claim.md): MeanFlow regresses u(z, t, t) onto the
+    velocity in most of its batch (r = t share 0.75), and mid-training on pairs never sees r = t."""
+    teacher, states, sigmas = gmm_teacher_and_trajectories()
+    data = pair_batches(states, sigmas)
+    x, sigma = states[:-1].reshape(-1, 2), sigmas[:-1].repeat_interleave(states.shape[1])
+    velocity, t = teacher_velocity(teacher, x, sigma), sigma_to_t(sigma)
+    errors = {}
+    for share in (0.0, 0.25):
+        torch.manual_seed(0)
+        net = build_network({**MLP, "flow_map": True})
+        train(net, functools.partial(flowmap_loss, teacher=teacher, velocity_share=share), data, steps=300)
+        with torch.no_grad():
+            u = average_velocity(net.eval(), x_to_z(x, sigma), t, t)
+            pairs = float(flowmap_loss(net, data, context()).mean())
+        errors[share] = (float((u - velocity).square().sum(1).mean() / velocity.square().sum(1).mean()) ** 0.5, pairs)
+    # measured: diagonal 1.17 against 0.38 (relative RMS), pair loss 0.34 against 0.58
+    assert errors[0.0][0] > 0.9 and errors[0.25][0] < 0.5 * errors[0.0][0]
+    assert errors[0.25][1] < 3 * errors[0.0][1]   # the pairs are still fitted
+
+
 def test_flowmap_pairs_must_go_down_in_sigma():
     states, sigmas = gmm_trajectories(n=4, steps=3)
     batch = pair_batches(states, sigmas)
@@ -230,11 +288,33 @@ def test_mismatched_data_and_bad_options_fail_before_training(shards, tmp_path):
     assert code == 2 and "--states-per-trajectory" in output
     for options, argument in ((dict(target="flowmap", loss="lpips"), "loss"), (dict(target="x"), "target"),
                               (dict(states_per_trajectory=1.5), "states_per_trajectory"), (dict(max_steps=0), "max_steps"),
-                              (dict(verify="md5"), "verify")):
+                              (dict(verify="md5"), "verify"), (dict(velocity_share=0.3), "velocity_share"),
+                              (dict(target="flowmap", velocity_share=1.0), "velocity_share")):
         with pytest.raises(ArgumentError) as error:
             mid_train(data=data, out=tmp_path / "run", **options)
         assert error.value.argument == argument
     assert not (tmp_path / "run").exists()
+
+
+def test_velocity_rows_use_the_teacher_guided_as_the_build_recorded(tmp_path):
+    torch.manual_seed(0)
+    conditional = {**TEACHER, "label_dim": 3}
+    nets = [build_network(conditional) for _ in range(2)]
+    paths = [save_network(tmp_path / f"net{k}.safetensors", net) for k, net in enumerate(nets)]
+    build_trajectories(teacher=str(paths[0]), guidance=2.0, guide_ckpt=str(paths[1]), out=tmp_path / "shards",
+                       num_trajectories=8, batch_size=8, nfe=3, labels="random", progress=False, log=lambda m: None)
+    manifest = TrajectoryDataset(tmp_path / "shards").manifest
+    *_, denoiser = mid_module.load_mid_teacher(manifest, None, True, need_denoiser=True)
+    x, sigma = torch.randn(5, 2), torch.tensor([80.0, 5.0, 1.0, 0.3, 0.01])
+    labels = torch.nn.functional.one_hot(torch.arange(5) % 3, 3).float()
+    with torch.no_grad():
+        guided = 2 * nets[0](x, sigma, labels) - nets[1](x, sigma, labels)   # autoguidance, weight 2
+        torch.testing.assert_close(denoiser(x, sigma, labels), guided)
+    assert not any(parameter.requires_grad for parameter in denoiser.parameters())
+    save_network(paths[1], build_network(conditional))   # another guide under the recorded path
+    with pytest.raises(ArgumentError, match="guide network .*sha256 differs") as error:
+        mid_module.load_mid_teacher(manifest, None, True, need_denoiser=True)
+    assert error.value.argument == "teacher"
 
 
 def test_mid_runs_on_two_cpu_processes(shards, tmp_path):

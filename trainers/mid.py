@@ -8,7 +8,11 @@ training step is one student forward and backward, with no teacher in the loop.
 - `target="flowmap"` (CMT-MF): for two states i, j of one trajectory (sigma_i > sigma_j), the
   student's average velocity from t_i to t_j regresses onto the secant `(z_i - z_j) / (t_i - t_j)`,
   in linear-interpolation time `t = sigma / (1 + sigma)`, `z = x / (1 + sigma)` (docs/design.md,
-  "Flow maps"); summed squared error, as the official code.
+  "Flow maps"); summed squared error, as the official code. A share of each batch (`velocity_share`)
+  trains the diagonal r = t instead: u(z_i, t_i, t_i) onto the teacher's own velocity at the stored
+  state, one teacher forward per such row. Pairs alone leave u(z, t, t) untrained, and MeanFlow's
+  post-training spends most of its batch there (r = t share 0.75), which moved the toy's CMT
+  weights away from the flow map (docs/claim.md, "Why MeanFlow from CMT degraded on the toy, and the fix").
 """
 import functools
 import json
@@ -42,11 +46,21 @@ def endpoint_loss(net, batch, ctx, *, distance):
     return distance(prediction, batch["endpoint"].to(prediction.dtype))
 
 
-def flowmap_loss(net, batch, ctx, *, distance=squared_l2, clean_sigma=SIGMA_MIN):
+def teacher_velocity(denoiser, x, sigma, labels=None):
+    """The probability-flow ODE's velocity dz/dt = (z - D(x, sigma)) / t at an EDM state, in float32."""
+    x = x.float()
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):   # a fixed target: float32, as the build
+        denoised = denoiser(x, sigma.float(), labels).float()
+    return (x_to_z(x, sigma) - denoised) / broadcast_sigma(sigma_to_t(sigma), x)
+
+
+def flowmap_loss(net, batch, ctx, *, distance=squared_l2, clean_sigma=SIGMA_MIN, teacher=None, velocity_share=0.0):
     """CMT-MF: `d(u(z_i, t_i, t_j), (z_i - z_j) / (t_i - t_j))` per sample (a batch of state pairs).
 
     Later states at `sigma <= clean_sigma` (the solver's endpoint at sigma_min) count as clean data,
     t = 0, as the endpoint target does: the student learns the jump that 1-step sampling asks for.
+    The first `velocity_share` of the rows (the reader shuffles them) regress u(z_i, t_i, t_i) onto
+    `teacher_velocity` at their first state instead (`teacher`: the denoiser the build solved with).
     """
     plain = plain_network(net, ctx)
     labels = network_labels(plain, batch.get("label"))
@@ -56,6 +70,12 @@ def flowmap_loss(net, batch, ctx, *, distance=squared_l2, clean_sigma=SIGMA_MIN)
         raise ValueError("flow-map mid-training pairs need sigma > target_sigma (the first state noisier)")
     sigma_j = torch.where(sigma_j <= clean_sigma, torch.zeros_like(sigma_j), sigma_j)
     target = secant_velocity(x_i, sigma_i, x_j, sigma_j)
+    diagonal = int(x_i.shape[0] * velocity_share)
+    if diagonal:
+        sigma_j = torch.cat([sigma_i[:diagonal], sigma_j[diagonal:]])
+        teacher_labels = None if labels is None else labels[:diagonal]
+        target = torch.cat([teacher_velocity(teacher, x_i[:diagonal], sigma_i[:diagonal], teacher_labels).to(target.dtype),
+                            target[diagonal:]])
     velocity = average_velocity(net, x_to_z(x_i, sigma_i), sigma_to_t(sigma_i), sigma_to_t(sigma_j), labels)
     return distance(velocity, target.to(velocity.dtype))
 
@@ -66,28 +86,47 @@ OBJECTIVES = {"endpoint": endpoint_loss, "flowmap": flowmap_loss}
 MID_LR = {"edm2": 2e-3, "mlp": 2e-4}
 # The trainer options whose defaults differ from loop.TRAIN_DEFAULTS in this phase.
 MID_DEFAULTS = {"max_steps": 2000, "batch_size": 128, "lr": None}
+# The diagonal's share of a flow-map batch: 0.25 kept the toy's CMT weights under MeanFlow (2-step
+# 1.04x / 1.06x / 0.88x after 250 steps over 3 seeds, against 2.29x with none; 0.5: 1.16x on seed 0;
+# docs/claim.md). This project's measurement: the official CMT code trains no MeanFlow.
+FLOWMAP_VELOCITY_SHARE = 0.25
 # Reader settings that change no batch (left out of the options a resumed run must repeat).
 READER_ONLY = ("cache_gb", "verify")
 
 
 # ---- mid_train --------------------------------------------------------------------------------
 
-def load_mid_teacher(manifest, teacher, need_weights):
-    """`(config, state_dict or None, identity)` of the teacher that shapes (and starts) the student."""
+def load_mid_teacher(manifest, teacher, need_weights, need_denoiser=False):
+    """`(config, state_dict or None, identity, denoiser or None)` of the teacher that shapes (and
+    starts) the student; `denoiser`: the frozen network the build solved with, guided as it records."""
     recorded = manifest.get("teacher") or {}
     spec = teacher or recorded_teacher_spec(recorded)
     if spec is None:
-        if need_weights or "config" not in recorded:
+        if need_weights or need_denoiser or "config" not in recorded:
             raise ArgumentError("teacher", "the dataset manifest names no teacher file; name one")
-        return recorded["config"], None, recorded
-    if not need_weights and teacher is None and "config" in recorded:
-        return recorded["config"], None, recorded
+        return recorded["config"], None, recorded, None
+    if not (need_weights or need_denoiser) and teacher is None and "config" in recorded:
+        return recorded["config"], None, recorded, None
     hint = "" if teacher else " (the teacher recorded in the dataset manifest; name another copy to use it)"
     net, identity = resolve_teacher_or_fail(spec, "teacher", hint)
     if teacher is None and recorded.get("sha256") and identity.get("sha256") != recorded["sha256"]:
         raise ArgumentError("teacher", f"{spec} is not the teacher the dataset was built with (sha256 differs); "
                                        "name it explicitly to use it anyway")
-    return net.config, net.state_dict(), identity
+    denoiser = recorded_denoiser(spec, net, manifest.get("guidance")) if need_denoiser else None
+    return net.config, net.state_dict(), identity, denoiser
+
+
+def recorded_denoiser(spec, net, guidance):
+    """`net` frozen, guided as the manifest's `guidance` record says (its guide file must match)."""
+    if guidance:
+        guide = guidance.get("guide") or {}
+        net, identity = resolve_teacher_or_fail(spec, "teacher", " (guided as the dataset manifest records)",
+                                                guidance=guidance["weight"], guide_ckpt=guide.get("path"))
+        found = (identity.get("guidance") or {}).get("guide") or {}
+        if guide.get("sha256") and found.get("sha256") != guide["sha256"]:
+            raise ArgumentError("teacher", f"the guide network {guide.get('path')} is not the one the dataset was "
+                                           "built with (sha256 differs)")
+    return net.eval().requires_grad_(False)
 
 
 def check_agreement(manifest, net, data):
@@ -154,8 +193,9 @@ def builtin_teacher_recipe(given):
 
 @recipes.with_recipe("mid", default_recipe=builtin_teacher_recipe)
 def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_resize=None, teacher=None,
-              student_init="teacher", states_per_trajectory="all", max_trajectories=None, dropout=None, workers="auto",
-              cache_gb=None, verify="once", eval_data=None, num_samples=1000, mid_sigma=TWO_STEP_SIGMA, recipe=None, resolved_options=None, **train_options):
+              student_init="teacher", velocity_share=None, states_per_trajectory="all", max_trajectories=None,
+              dropout=None, workers="auto", cache_gb=None, verify="once", eval_data=None, num_samples=1000,
+              mid_sigma=TWO_STEP_SIGMA, recipe=None, resolved_options=None, **train_options):
     """CMT mid-training: regress a student onto the stored teacher trajectories -> `out/mid.pt`.
 
     recipe: a named set of every setting (`cmt.trainers.recipes.RECIPES`: cifar10, ffhq64, afhq64,
@@ -171,6 +211,9 @@ def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_re
     sqrt(dim)); lpips_resize: upsample images to this side before LPIPS (None: their own size).
     teacher: name or checkpoint giving the student's architecture and initial weights (None: the
     one recorded in the dataset manifest); student_init: teacher (its weights) or random.
+    velocity_share: flowmap: the share of each batch that trains the diagonal u(z_i, t_i, t_i) onto
+    the teacher's velocity at the stored state (one teacher forward per such row, in float32; the
+    teacher is the one recorded, guided as recorded). None: `FLOWMAP_VELOCITY_SHARE`; 0: pairs only.
     states_per_trajectory: states (flowmap: state pairs) drawn per trajectory and epoch, 'all' or K.
     max_trajectories: train on the first N trajectories of the set only (by index; None: all).
     dropout: the student's (None: the teacher's); workers: shard reader processes per rank ("auto":
@@ -210,17 +253,25 @@ def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_re
     if max_trajectories is not None and max_trajectories > manifest["count"]:
         raise ArgumentError("max_trajectories", f"{data} holds {manifest['count']} trajectories, fewer than "
                                                 f"{max_trajectories}")
+    if target != "flowmap":
+        refuse_inapplicable(mid_train, locals(), ("velocity_share",), f"to target {target} (only to flowmap)")
+    elif velocity_share is None:
+        velocity_share = FLOWMAP_VELOCITY_SHARE
+    elif isinstance(velocity_share, bool) or not isinstance(velocity_share, (int, float)) or not 0 <= velocity_share < 1:
+        raise ArgumentError("velocity_share", f"must be a number in [0, 1), got {velocity_share!r}")
     if loss != "huber":
         refuse_inapplicable(mid_train, locals(), ("huber_c",), f"to loss {loss} (only to huber)")
     if loss != "lpips":
         refuse_inapplicable(mid_train, locals(), ("lpips_resize",), f"to loss {loss} (only to lpips)")
     dataset.check_shards_present()
-    teacher_config, teacher_state, identity = load_mid_teacher(manifest, teacher, student_init == "teacher")
+    teacher_config, teacher_state, identity, denoiser = load_mid_teacher(
+        manifest, teacher, student_init == "teacher", need_denoiser=bool(velocity_share))
     config = loop.train_config(out, MID_DEFAULTS, train_options, default_lr=MID_LR[teacher_config["architecture"]])
     flow_map = target == "flowmap"
+    init_state = teacher_state if student_init == "teacher" else None   # the velocity rows may load it anyway
     student = build_student(
         student_config(teacher_config, flow_map=flow_map, sigma_min=0.0 if flow_map else SIGMA_MIN, dropout=dropout),
-        teacher_state, source=f"teacher {identity.get('path', identity.get('name'))}", seed=config.seed)
+        init_state, source=f"teacher {identity.get('path', identity.get('name'))}", seed=config.seed)
     check_agreement(manifest, student, data)
     if flow_map and loss == "lpips":
         raise ArgumentError("loss", "flowmap regresses velocities: use l2 or huber")
@@ -243,7 +294,8 @@ def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_re
                           cache_bytes=cache_bytes, verify=verify, dtype=None)   # stored dtype; the loop upcasts on the device
     if resolved_options is not None:   # what the run records: the worker count used (resume needs it)
         resolved_options = {**resolved_options, "options": {**resolved_options["options"], "workers": workers}}
-    info = {"phase": "mid", "target": target, "loss": loss, "data": str(data), "teacher": identity,
+    info = {"phase": "mid", "target": target, "loss": loss, "velocity_share": velocity_share, "data": str(data),
+            "teacher": identity,
             "guidance": manifest.get("guidance"), **(resolved_options or {"recipe": recipe})}
     # The cache and the checks change no batch: a resumed run may set others (and runs saved before
     # them had none).
@@ -257,7 +309,10 @@ def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_re
         return sampling_report(ema, out, step, eval_data=eval_data, num_samples=num_samples, mid_sigma=mid_sigma,
                                sigma_max=float(manifest.get("sigma_max", SIGMA_MAX)), progress=config.progress)
 
-    settings = {"clean_sigma": float(manifest.get("sigma_min", SIGMA_MIN))} if flow_map else {}
+    settings = {}
+    if flow_map:
+        settings = {"clean_sigma": float(manifest.get("sigma_min", SIGMA_MIN)), "velocity_share": velocity_share,
+                    "teacher": None if denoiser is None else denoiser.to(trainer.device)}
     trainer.fit(student, functools.partial(OBJECTIVES[target], distance=distance, **settings), batches,
                 sample_fn=sample_fn,
                 save_final=lambda ema, net, out: save_student(out, "mid", ema, net, info),

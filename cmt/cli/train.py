@@ -19,7 +19,7 @@ from cmt.trainers import loop, recipes
 from cmt.trainers.data import ARCHITECTURES, DEFAULT_ARCH
 from cmt.trainers.diffusion import DIFFUSION_DEFAULTS, DIFFUSION_LR, EVAL_NUM, train_diffusion
 from cmt.trainers.distances import DISTANCES
-from cmt.trainers.mid import MID_DEFAULTS, MID_LR, OBJECTIVES as MID_TARGETS, mid_train
+from cmt.trainers.mid import FLOWMAP_VELOCITY_SHARE, MID_DEFAULTS, MID_LR, OBJECTIVES as MID_TARGETS, mid_train
 from cmt.trainers.post import (ECT_P_MEAN, ECT_P_STD, MF_P_MEAN, MF_P_STD, OBJECTIVES as POST_METHODS,
                                POST_DEFAULTS, POST_LR, WEIGHTINGS, post_train)
 from cmt.trainers.students import STUDENT_INITS
@@ -223,6 +223,9 @@ MID = defaults_of(mid_train)
               help="Teacher name or checkpoint giving the student's architecture and initial weights "
                    "[default: the one recorded in the dataset manifest].")
 @click.option("--student-init", type=click.Choice(STUDENT_INITS), default=MID["student_init"])
+@click.option("--velocity-share", type=click.FloatRange(0, 1, max_open=True), default=MID["velocity_share"],
+              help=f"flowmap: share of each batch that trains u(z, t, t) onto the teacher's velocity at the stored "
+                   f"state (one teacher forward each) [default: {FLOWMAP_VELOCITY_SHARE}].")
 @click.option("--states-per-trajectory", default=MID["states_per_trajectory"],
               help="States (flowmap: state pairs) drawn per trajectory and epoch: all, or K.")
 @click.option("--max-trajectories", type=click.IntRange(min=1), default=MID["max_trajectories"],
