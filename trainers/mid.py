@@ -22,7 +22,9 @@ import torch
 from cmt.datasets.shards import ShardReader, auto_workers, local_processes
 from cmt.edm import SIGMA_MAX, SIGMA_MIN, TWO_STEP_SIGMA, broadcast_sigma, sigma_to_t, x_to_z
 from cmt.errors import ArgumentError
+from cmt.guidance import apply_guidance
 from cmt.manifest import TrajectoryDataset, check_verify
+from cmt.teachers import teacher_label_dropout
 from cmt.trainers import loop, recipes
 from cmt.trainers.distances import DISTANCES, make_distance, squared_l2
 from cmt.trainers.students import (STUDENT_INITS, average_velocity, build_student, check_report_options,
@@ -112,20 +114,23 @@ def load_mid_teacher(manifest, teacher, need_weights, need_denoiser=False):
     if teacher is None and recorded.get("sha256") and identity.get("sha256") != recorded["sha256"]:
         raise ArgumentError("teacher", f"{spec} is not the teacher the dataset was built with (sha256 differs); "
                                        "name it explicitly to use it anyway")
-    denoiser = recorded_denoiser(spec, net, manifest.get("guidance")) if need_denoiser else None
+    denoiser = recorded_denoiser(net, identity, manifest.get("guidance")) if need_denoiser else None
     return net.config, net.state_dict(), identity, denoiser
 
 
-def recorded_denoiser(spec, net, guidance):
-    """`net` frozen, guided as the manifest's `guidance` record says (its guide file must match)."""
+def recorded_denoiser(net, identity, guidance):
+    """`net` frozen, guided as the manifest's `guidance` record says (`cmt.guidance.apply_guidance`,
+    the builder's own; the guide file must match the record)."""
     if guidance:
-        guide = guidance.get("guide") or {}
-        net, identity = resolve_teacher_or_fail(spec, "teacher", " (guided as the dataset manifest records)",
-                                                guidance=guidance["weight"], guide_ckpt=guide.get("path"))
-        found = (identity.get("guidance") or {}).get("guide") or {}
-        if guide.get("sha256") and found.get("sha256") != guide["sha256"]:
-            raise ArgumentError("teacher", f"the guide network {guide.get('path')} is not the one the dataset was "
-                                           "built with (sha256 differs)")
+        recorded = guidance.get("guide") or {}
+        guide = guide_identity = None
+        if recorded.get("path"):
+            guide, guide_identity = resolve_teacher_or_fail(recorded["path"], "teacher",
+                                                            " (the guide the dataset manifest records)")
+            if recorded.get("sha256") and guide_identity.get("sha256") != recorded["sha256"]:
+                raise ArgumentError("teacher", f"the guide network {recorded['path']} is not the one the dataset "
+                                               "was built with (sha256 differs)")
+        net, _ = apply_guidance(net, guidance["weight"], guide, guide_identity, teacher_label_dropout(identity))
     return net.eval().requires_grad_(False)
 
 

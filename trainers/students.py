@@ -86,10 +86,10 @@ def recorded_teacher_spec(identity):
     return identity.get("path") or identity.get("preset")
 
 
-def resolve_teacher_or_fail(spec, argument, hint="", **guidance):
-    """`resolve_teacher(spec, **guidance)`, a missing or unreadable file an ArgumentError of `argument`."""
+def resolve_teacher_or_fail(spec, argument, hint=""):
+    """`resolve_teacher(spec)`, a missing or unreadable file an ArgumentError of `argument`."""
     try:
-        return resolve_teacher(spec, **guidance)
+        return resolve_teacher(spec)
     except (ValueError, OSError) as error:
         message = error.message if isinstance(error, ArgumentError) else str(error)
         raise ArgumentError(argument, f"{message}{hint}") from None
