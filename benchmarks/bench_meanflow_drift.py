@@ -13,6 +13,7 @@ whose diagonal rows fit u(z, t, t) to the teacher's velocity; or the checkpoints
 
     python benchmarks/bench_meanflow_drift.py                     # both starts, 3 post-training seeds
     python benchmarks/bench_meanflow_drift.py --init runs/claim/checkerboard/seed0/mid-flowmap/mid.pt --variants all
+    python benchmarks/bench_meanflow_drift.py --velocity-shares 0.25 --variants all --variant-seeds 0,1,2
     python benchmarks/bench_meanflow_drift.py --quick             # small starts: ~1 minute
 
 Starts are made as bench_claim's default budget does (2000 trajectories, 1000 flow-map mid-training
@@ -39,16 +40,26 @@ from quick import quick_option
 
 DATA = "toy:checkerboard"
 MID_SIGMA = 0.821
-# name: post_train options over the toy recipe (lr 1e-5, batch 256, norm_p 0, equal_share 0.75,
-# logit-normal(-0.4, 1.0)); "cifar10": MeanFlow's CIFAR-10 time sampler (Gsunshine/py-meanflow
-# meanflow/scripts/cifar10_v0.sh: P_mean -2.0, P_std 2.0, ratio of r != t 0.75).
+# name: post_train options over the toy recipe (lr 1e-5, batch 1024 since 2026-12-03, norm_p 0,
+# equal_share 0.75, logit-normal(-0.4, 1.0)); "cifar10": MeanFlow's CIFAR-10 time sampler
+# (Gsunshine/py-meanflow meanflow/scripts/cifar10_v0.sh: P_mean -2.0, P_std 2.0, ratio of r != t 0.75).
+# The variants before 2026-12-03 were measured over the recipe's batch 256 then (docs/claim.md).
 VARIANTS = {
     "recipe": {},
-    "lr 3e-6": {"lr": 3e-6},
-    "batch 1024": {"batch_size": 1024},
-    "equal_share 0": {"equal_share": 0.0},
-    "equal_share 0.25": {"equal_share": 0.25},
-    "cifar10 sampler": {"p_mean": -2.0, "p_std": 2.0, "equal_share": 0.25},
+    "batch 256": {"batch_size": 256},
+    "lr 3e-6": {"lr": 3e-6, "batch_size": 256},
+    "equal_share 0": {"equal_share": 0.0, "batch_size": 256},
+    "equal_share 0.25": {"equal_share": 0.25, "batch_size": 256},
+    "cifar10 sampler": {"p_mean": -2.0, "p_std": 2.0, "equal_share": 0.25, "batch_size": 256},
+    # Whether the 1-step drift comes from rarely sampling the 1-step jump (t near t_max): t, the
+    # larger of two draws, is above 0.9 in 7.1% (p_mean 0.4) and 10.2% (p_std 1.6) of the rows,
+    # against 0.9% in the recipe.
+    "p_mean 0.4": {"p_mean": 0.4, "batch_size": 256},
+    "p_std 1.6": {"p_std": 1.6, "batch_size": 256},
+    "equal_share 0.9": {"equal_share": 0.9, "batch_size": 256},
+    "p_std 1.6 lr 3e-6": {"p_std": 1.6, "lr": 3e-6, "batch_size": 256},
+    # Whether it is gradient noise from the conditional velocity e - x: the teacher's velocity instead.
+    "velocity teacher": {"velocity": "teacher", "batch_size": 256},
 }
 
 
@@ -112,14 +123,15 @@ def make_start(root, num_trajectories, mid_steps, velocity_share):
               help="toy:checkerboard flow-map checkpoints (mid.pt) [default: make one per --velocity-shares].")
 @click.option("--velocity-shares", default=f"0,{FLOWMAP_VELOCITY_SHARE}", help="Without --init: the starts made.")
 @click.option("--variants", type=click.Choice(["recipe", "all"]), default="recipe",
-              help="recipe: the toy recipe only; all: also the variants of it (seed 0 only).")
+              help="recipe: the toy recipe only; all: also the variants of it.")
 @click.option("--post-seeds", default="0,1,2", help="MeanFlow post-training seeds of the recipe run.")
+@click.option("--variant-seeds", default="0", help="MeanFlow post-training seeds of each variant's run.")
 @click.option("--steps", type=click.IntRange(min=1), default=250, help="MeanFlow steps per run.")
 @click.option("--num-samples", type=click.IntRange(min=100), default=8000)
 @click.option("--num-trajectories", type=click.IntRange(min=16), default=2000, help="Without --init.")
 @click.option("--mid-steps", type=click.IntRange(min=1), default=1000, help="Without --init.")
 @quick_option({"steps": 20, "num_samples": 2000, "num_trajectories": 256, "mid_steps": 100, "post_seeds": "0"})
-def main(inits, velocity_shares, variants, post_seeds, steps, num_samples, num_trajectories, mid_steps):
+def main(inits, velocity_shares, variants, post_seeds, variant_seeds, steps, num_samples, num_trajectories, mid_steps):
     torch.set_num_threads(1)
     teacher, _ = resolve_teacher(DATA)
     noise = torch.randn(num_samples, 2, generator=torch.Generator().manual_seed(123))
@@ -148,7 +160,8 @@ def main(inits, velocity_shares, variants, post_seeds, steps, num_samples, num_t
             print(f"  {'variant':18s} {'seed':>4s} {'1-step':>8s} {'2-step':>8s}   after {steps} MeanFlow steps (x step 0)")
             runs = [("recipe", {}, seed) for seed in seeds]
             if variants == "all":
-                runs += [(name, options, 0) for name, options in VARIANTS.items() if name != "recipe"]
+                runs += [(name, options, seed) for name, options in VARIANTS.items() if name != "recipe"
+                         for seed in map(int, variant_seeds.split(","))]
             for name, options, seed in runs:
                 out = root / "post" / label.replace("/", "_") / f"{name.replace(' ', '-')}-seed{seed}"
                 cmt.post_train(init=str(init), method="meanflow", data=DATA, out=str(out), recipe="toy",

@@ -1,4 +1,5 @@
 import functools
+import json
 
 import pytest
 import torch
@@ -184,6 +185,39 @@ def test_meanflow_target_of_the_exact_flow_map_is_its_average_velocity():
     assert float((exact_velocity - average).norm(dim=1).mean()) > 0.1 * float(average.norm(dim=1).mean())
 
 
+class ExactFlowMapNetwork(torch.nn.Module):
+    """`exact_flow_map` with the attributes MeanFlow's loss reads from a flow-map network."""
+    flow_map, label_dim = True, 0
+
+    def __init__(self, mu, logw, s):
+        super().__init__()
+        self.map = exact_flow_map(mu, logw, s)
+
+    def forward(self, x, sigma, labels=None, target_sigma=None):
+        return self.map(x, sigma, labels, target_sigma)
+
+
+def test_meanflow_teacher_velocity_makes_the_teachers_flow_map_its_fixed_point():
+    """The cause of the toy's MeanFlow drift (docs/claim.md, "the toy's 1-step drift"): at the exact
+    flow map, MeanFlow's loss with the data's velocity e - x is the conditional velocity's variance,
+    so every batch still pushes an exact network away (Adam makes it a random walk of lr-sized
+    steps); with the teacher's velocity the exact map has zero loss, and zero gradient."""
+    mu, logw, s = mixture(seed=3)
+    net = ExactFlowMapNetwork(mu, logw, s)
+    exact_denoiser = gmm_denoiser(mu, logw, s)
+
+    def teacher(x, sigma, labels=None):
+        return exact_denoiser(x, sigma)
+
+    batch = points(128, seed=4)
+    losses = {}
+    for name, velocity_teacher in (("data", None), ("teacher", teacher)):
+        loss, _ = meanflow_loss(net, batch, context(seed=5), equal_share=0.0, norm_p=0.0, teacher=velocity_teacher)
+        losses[name] = float(loss.mean())
+    assert losses["data"] > 0.1   # the mixture's e - x varies by O(1) around its mean given z_t
+    assert losses["teacher"] < 1e-4 * losses["data"]
+
+
 def test_meanflow_needs_a_flow_map_network():
     with pytest.raises(ValueError, match="flow-map network"):
         meanflow_loss(build_network(MLP), points(4), context())
@@ -261,6 +295,20 @@ def test_post_meanflow_from_flowmap_mid_and_ecd_from_random(students, tmp_path):
     assert float((student.inp.weight - teacher.inp.weight).detach().abs().max()) > 1e-3
 
 
+def test_post_meanflow_teacher_velocity_trains_from_the_recorded_teacher(students, tmp_path):
+    """`cmt-train post --velocity teacher`: the teacher mid.pt records gives the target's velocity,
+    and the run records it; the loss is then the reducible part only (no e - x variance)."""
+    code, output = run("post", "--init", students["flowmap"], "--method", "meanflow", "--velocity", "teacher",
+                       "--out", tmp_path / "teacher-v", "--max-steps", "2", *command_line(POST_FAST))
+    assert code == 0, output
+    post_train(init=students["flowmap"], method="meanflow", out=tmp_path / "data-v", max_steps=2, **POST_FAST)
+    checkpoint = torch.load(tmp_path / "teacher-v" / "post.pt", weights_only=True)
+    assert checkpoint["teacher"] == str(students["teacher"])
+    first = {name: json.loads((tmp_path / name / "log.jsonl").read_text().splitlines()[0])["velocity_error"]
+             for name in ("teacher-v", "data-v")}
+    assert first["teacher-v"] < 0.5 * first["data-v"]
+
+
 def test_post_resume_repeats_an_uninterrupted_run(students, tmp_path):
     common = dict(init=students["endpoint"], method="ect", ckpt_every=2, lr=1e-3, **POST_FAST)
     post_train(**common, out=tmp_path / "whole", max_steps=4)
@@ -285,5 +333,12 @@ def test_post_bad_input_fails_before_training(students, tmp_path):
                               (dict(init=students["endpoint"], method="ctm"), "method")):
         with pytest.raises(ArgumentError) as error:
             post_train(out=tmp_path / "run", **{**POST_FAST, **options})
+        assert error.value.argument == argument
+    for options, argument in ((dict(method="ect", velocity="teacher"), "velocity"),
+                              (dict(method="meanflow", velocity="teacher", label_dropout=0.1), "label_dropout"),
+                              (dict(method="meanflow", guidance=2.0), "guidance"),
+                              (dict(method="meanflow", velocity="fresh"), "velocity")):
+        with pytest.raises(ArgumentError) as error:
+            post_train(init=students["flowmap"], out=tmp_path / "run", **{**POST_FAST, **options})
         assert error.value.argument == argument
     assert not (tmp_path / "run").exists()

@@ -8,7 +8,9 @@
 - MeanFlow (Geng et al. 2025, Gsunshine/meanflow): z_t = (1 - t) x + t e, v = e - x; the average
   velocity u(z, t, r) regresses onto v - (t - r) du/dt, du/dt the JVP of u along (v, 1, 0),
   stop-gradient, with the adaptive weight 1 / (|delta|^2 + c)^p. The network stays in EDM sigma
-  space (docs/design.md, "Flow maps").
+  space (docs/design.md, "Flow maps"). With velocity='teacher', v is the frozen teacher's ODE
+  velocity at z_t instead of e - x: the same identity, whose fixed point is then the teacher's flow
+  map (the one mid-training fits), without the conditional velocity's variance.
 """
 import contextlib
 import functools
@@ -17,13 +19,14 @@ from pathlib import Path
 import torch
 
 from cmt.checkpoint import read_safetensors, read_torch_file
-from cmt.edm import SIGMA_MAX, SIGMA_MIN, TWO_STEP_SIGMA, broadcast_sigma, sample_lognormal_sigmas
+from cmt.edm import SIGMA_MAX, SIGMA_MIN, TWO_STEP_SIGMA, broadcast_sigma, sample_lognormal_sigmas, t_to_sigma, z_to_x
 from cmt.errors import ArgumentError, FileFormatError
 from cmt.solvers import heun_step
 from cmt.teachers import BUILTIN_TEACHERS, resolve_teacher
 from cmt.trainers import loop, recipes
 from cmt.trainers.data import ARCHITECTURES, data_batches, default_arch, network_for, training_data
 from cmt.trainers.distances import DISTANCES, make_distance, squared_l2
+from cmt.trainers.mid import teacher_velocity
 from cmt.trainers.students import (average_velocity, build_student, check_report_options, consistency_output,
                                    network_labels, plain_network, recorded_teacher_spec, refuse_inapplicable,
                                    resolve_teacher_or_fail, sampling_report, save_student, student_config,
@@ -41,6 +44,8 @@ POST_DEFAULTS = {"max_steps": 2000, "batch_size": 128, "lr": None}
 MF_P_MEAN, MF_P_STD = -0.4, 1.0
 MF_EQUAL_SHARE = 0.75          # share of samples with r = t (plain flow matching)
 MF_NORM_P, MF_NORM_EPS = 1.0, 0.01
+# MeanFlow's target velocity: the data's conditional e - x (the paper's), or the teacher's ODE velocity.
+MF_VELOCITIES = ("data", "teacher")
 # Samplers start at sigma_max; t beyond it is never used.
 MF_T_MAX = SIGMA_MAX / (1 + SIGMA_MAX)
 
@@ -169,7 +174,7 @@ def guided_velocity(plain, z, t, velocity, labels, dropped, *, omega, kappa=0.0,
 
 def meanflow_loss(net, batch, ctx, *, p_mean=MF_P_MEAN, p_std=MF_P_STD, equal_share=MF_EQUAL_SHARE,
                   norm_p=MF_NORM_P, norm_eps=MF_NORM_EPS, cfg_omega=None, cfg_kappa=0.0, cfg_t_min=0.0,
-                  cfg_t_max=1.0, label_dropout=0.0):
+                  cfg_t_max=1.0, label_dropout=0.0, teacher=None):
     """MeanFlow per-sample loss `|u - target|^2 / (|u - target|^2 + eps)^p` (weight without gradient).
 
     The JVP runs on the unwrapped network without gradient (the target is stop-gradient anyway);
@@ -177,6 +182,7 @@ def meanflow_loss(net, batch, ctx, *, p_mean=MF_P_MEAN, p_std=MF_P_STD, equal_sh
     Everything runs in float32 whatever autocast is around it (`full_precision`).
     Class-conditional data: `label_dropout` of the rows train unconditionally (null label, target
     from v), and `cfg_omega` (None: off) guides the target's velocity (`guided_velocity`).
+    `teacher` (a frozen denoiser; None: the data's e - x): v is its ODE velocity at z_t.
     """
     plain = plain_network(net, ctx)
     if not plain.flow_map:
@@ -187,7 +193,10 @@ def meanflow_loss(net, batch, ctx, *, p_mean=MF_P_MEAN, p_std=MF_P_STD, equal_sh
     noise = torch.randn(x.shape, generator=ctx.generator, device=x.device, dtype=x.dtype)
     t_b = broadcast_sigma(t, x)
     z = (1 - t_b) * x + t_b * noise
-    velocity = noise - x
+    if teacher is None:
+        velocity = noise - x
+    else:
+        velocity = teacher_velocity(teacher, z_to_x(z, t), t_to_sigma(t), labels)
     with full_precision(x.device), frozen_weight_norm(plain):
         if labels is not None and (label_dropout > 0 or cfg_omega is not None):
             dropped = label_dropout_mask(x.shape[0], label_dropout, ctx.generator, x.device)
@@ -281,6 +290,24 @@ def ecd_guidance(guidance, guide_ckpt, init_record):
     return float(record["weight"]), guide_ckpt if guide_ckpt is not None else guide
 
 
+def frozen_teacher(teacher, guidance, guide_ckpt, init_record, student, needed_by):
+    """`(denoiser, guidance record)`: the teacher ECD solves with, or MeanFlow's velocity 'teacher'
+    takes its velocity from, guided as asked (`ecd_guidance`), frozen, checked against the student."""
+    if teacher is None:
+        raise ArgumentError("teacher", f"{needed_by} needs a diffusion teacher: name one")
+    weight, guide = ecd_guidance(guidance, guide_ckpt, init_record)
+    try:
+        net, identity = resolve_teacher(teacher, guidance=weight, guide_ckpt=guide)
+    except ArgumentError:
+        raise
+    except (ValueError, OSError) as error:
+        raise ArgumentError("teacher", str(error)) from None
+    if tuple(net.data_shape) != tuple(student.data_shape) or net.label_dim != student.label_dim:
+        raise ArgumentError("teacher", f"{teacher} does not take the student's data (shape "
+                                       f"{tuple(student.data_shape)}, {student.label_dim} classes)")
+    return net.eval().requires_grad_(False), identity.get("guidance")
+
+
 def load_init(init, teacher, data, arch):
     """`(config, state_dict or None, identity, teacher)` of the network post-training starts from;
     `teacher` is the given teacher spec, else the one recorded in `init`, else `init` itself when it
@@ -320,7 +347,8 @@ def check_data_fits(data, net):
 def post_train(*, init, method=None, data, out, teacher=None, arch=None, stage=None, stage_every=None, q=ECT_Q,
                k=ECT_K, b=ECT_B, p_mean=None, p_std=None, weighting="gap", loss="huber", huber_c=None,
                guidance=None, guide_ckpt=None, equal_share=MF_EQUAL_SHARE, norm_p=MF_NORM_P, norm_eps=MF_NORM_EPS,
-               cfg_omega=None, cfg_kappa=0.0, cfg_t_min=0.0, cfg_t_max=1.0, label_dropout=0.0, dropout=None,
+               cfg_omega=None, cfg_kappa=0.0, cfg_t_min=0.0, cfg_t_max=1.0, label_dropout=0.0, velocity="data",
+               dropout=None,
                resolution=None, eval_data=None, num_samples=1000, mid_sigma=TWO_STEP_SIGMA, recipe=None,
                resolved_options=None, **train_options):
     """Post-train a student with ECT, ECD or MeanFlow -> `out/post.pt` (1- and 2-step sampling).
@@ -345,12 +373,15 @@ def post_train(*, init, method=None, data, out, teacher=None, arch=None, stage=N
     1 / t^2 + 1 / sigma_data^2 (ECT on EDM2); loss: the distance; huber_c: the pseudo-Huber
     constant (None: 0.00054 sqrt(dim); 0: the L2 norm, ECT's CIFAR-10 setting).
     p_mean, p_std: the time distribution (None: ECT log-normal -1.1, 2.0; MeanFlow logit-normal -0.4, 1.0).
-    ECD: guidance, guide_ckpt: guide the teacher (`cmt.guidance.apply_guidance`: autoguidance by
-    guide_ckpt, else classifier-free); guidance='manifest' takes the guidance the mid checkpoint's
-    dataset manifest records.
+    ECD (and MeanFlow with velocity 'teacher'): guidance, guide_ckpt: guide the teacher
+    (`cmt.guidance.apply_guidance`: autoguidance by guide_ckpt, else classifier-free);
+    guidance='manifest' takes the guidance the mid checkpoint's dataset manifest records.
     MeanFlow: equal_share, the share of r = t; the adaptive weight 1 / (|delta|^2 + norm_eps)^norm_p;
     class-conditional data: cfg_omega (None: no guidance), cfg_kappa, cfg_t_min, cfg_t_max, MeanFlow's
-    guided target velocity (`guided_velocity`), label_dropout, the share of rows trained without label.
+    guided target velocity (`guided_velocity`), label_dropout, the share of rows trained without label;
+    velocity: the target's velocity, 'data' (MeanFlow's e - x) or 'teacher' (the teacher's ODE
+    velocity at z_t, one teacher forward per row: the teacher's flow map as the fixed point, and a
+    target without the data's conditional variance; docs/claim.md, "the toy's 1-step drift").
     dropout: the student's (None: the init's). eval_data: data set whose built-in metric scores
     samples (None: data, if built in); num_samples: samples for the metric and pictures; mid_sigma:
     the intermediate sigma of 2-step sampling.
@@ -365,8 +396,11 @@ def post_train(*, init, method=None, data, out, teacher=None, arch=None, stage=N
     loop.check_choice("method", method, OBJECTIVES)
     if not 0 <= label_dropout < 1:
         raise ArgumentError("label_dropout", f"must be in [0, 1), got {label_dropout}")
-    if method != "ecd" and (guidance is not None or guide_ckpt is not None):
-        raise ArgumentError("guidance", "guides ECD's teacher (method ecd); MeanFlow guides its target with cfg_omega")
+    loop.check_choice("velocity", velocity, MF_VELOCITIES)
+    teacher_velocity_target = method == "meanflow" and velocity == "teacher"
+    if method != "ecd" and not teacher_velocity_target and (guidance is not None or guide_ckpt is not None):
+        raise ArgumentError("guidance", "guides the teacher of ECD or of MeanFlow's velocity 'teacher'; MeanFlow "
+                                        "guides its own target with cfg_omega")
     init_record = checkpoint_record(init) if init not in ("random", "teacher") else {}
     if method != "meanflow" and stage is None and stage_every is None and init_record.get("phase") == "mid":
         stage = recipes.CMT_POST_STAGE   # never restart ECT's curriculum on mid-trained weights
@@ -391,10 +425,17 @@ def post_train(*, init, method=None, data, out, teacher=None, arch=None, stage=N
     check_data_fits(data, student)
     if meanflow:
         refuse_inapplicable(post_train, locals(), ("stage", "stage_every", "q", "k", "b", "weighting", "loss",
-                                                   "huber_c", "guidance", "guide_ckpt"), "to method meanflow")
+                                                   "huber_c"), "to method meanflow")
+        if teacher_velocity_target:
+            refuse_inapplicable(post_train, locals(), ("cfg_omega", "cfg_kappa", "cfg_t_min", "cfg_t_max",
+                                                       "label_dropout"),
+                                "to velocity 'teacher' (guide the teacher with guidance instead)")
+        else:
+            refuse_inapplicable(post_train, locals(), ("guidance", "guide_ckpt"),
+                                "to MeanFlow's velocity 'data' (only to ecd or velocity 'teacher')")
     else:
         refuse_inapplicable(post_train, locals(), ("equal_share", "norm_p", "norm_eps", "cfg_omega", "cfg_kappa",
-                                                   "cfg_t_min", "cfg_t_max", "label_dropout"),
+                                                   "cfg_t_min", "cfg_t_max", "label_dropout", "velocity"),
                             f"to method {method} (only to meanflow)")
         if method != "ecd":
             refuse_inapplicable(post_train, locals(), ("guidance", "guide_ckpt"), f"to method {method} (only to ecd)")
@@ -405,30 +446,22 @@ def post_train(*, init, method=None, data, out, teacher=None, arch=None, stage=N
         if (cfg_omega is not None or label_dropout) and not student.label_dim:
             raise ArgumentError("cfg_omega" if cfg_omega is not None else "label_dropout",
                                 "MeanFlow's guidance and label dropout need class-conditional data and network")
+        if teacher_velocity_target:
+            teacher_net, guidance_record = frozen_teacher(teacher, guidance, guide_ckpt, init_record, student,
+                                                          "MeanFlow's velocity 'teacher'")
         objective = functools.partial(meanflow_loss, p_mean=MF_P_MEAN if p_mean is None else p_mean,
                                       p_std=MF_P_STD if p_std is None else p_std, equal_share=equal_share,
                                       norm_p=norm_p, norm_eps=norm_eps, cfg_omega=cfg_omega, cfg_kappa=cfg_kappa,
-                                      cfg_t_min=cfg_t_min, cfg_t_max=cfg_t_max, label_dropout=label_dropout)
+                                      cfg_t_min=cfg_t_min, cfg_t_max=cfg_t_max, label_dropout=label_dropout,
+                                      teacher=teacher_net)
     else:
         try:
             distance = make_distance(loss, student.data_shape, huber_c=huber_c)
         except (ValueError, FileNotFoundError, ModuleNotFoundError) as error:
             raise ArgumentError("loss", str(error)) from None
         if method == "ecd":
-            if teacher is None:
-                raise ArgumentError("teacher", "method ecd needs a diffusion teacher: name one")
-            weight, guide = ecd_guidance(guidance, guide_ckpt, init_record)
-            try:
-                teacher_net, teacher_identity = resolve_teacher(teacher, guidance=weight, guide_ckpt=guide)
-            except ArgumentError:
-                raise
-            except (ValueError, OSError) as error:
-                raise ArgumentError("teacher", str(error)) from None
-            guidance_record = teacher_identity.get("guidance")
-            if tuple(teacher_net.data_shape) != tuple(student.data_shape) or teacher_net.label_dim != student.label_dim:
-                raise ArgumentError("teacher", f"{teacher} does not take the student's data (shape "
-                                               f"{tuple(student.data_shape)}, {student.label_dim} classes)")
-            teacher_net.eval().requires_grad_(False)
+            teacher_net, guidance_record = frozen_teacher(teacher, guidance, guide_ckpt, init_record, student,
+                                                          "method ecd")
         objective = functools.partial(
             consistency_training_loss, distance=distance, teacher=teacher_net, stage=stage,
             stage_every=stage_every or max(1, -(-config.max_steps // 8)), q=q, k=k, b=b,
@@ -439,13 +472,13 @@ def post_train(*, init, method=None, data, out, teacher=None, arch=None, stage=N
     check_report_options(student, eval_data=eval_data, mid_sigma=mid_sigma)
     info = {"phase": "post", "method": method, "init": str(init), "init_identity": identity, "teacher": teacher,
             "data": data.name, "stage": None if meanflow else stage,
-            "teacher_guidance": guidance_record if method == "ecd" else None, **(resolved_options or {"recipe": recipe})}
+            "teacher_guidance": guidance_record, **(resolved_options or {"recipe": recipe})}
     trainer = loop.Trainer(config)
     if trainer.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True   # float32 loss path, TF32 matmuls (ImageNet-512's setting)
         torch.backends.cudnn.allow_tf32 = True
     if teacher_net is not None:
-        teacher_net.to(trainer.device)  # the frozen ECD teacher; fit() moves the student
+        teacher_net.to(trainer.device)  # the frozen teacher (ECD's, MeanFlow's velocity); fit() moves the student
 
     def sample_fn(ema, step, out):
         return sampling_report(ema, out, step, eval_data=eval_data, num_samples=num_samples, mid_sigma=mid_sigma,

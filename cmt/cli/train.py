@@ -20,8 +20,8 @@ from cmt.trainers.data import ARCHITECTURES, DEFAULT_ARCH
 from cmt.trainers.diffusion import DIFFUSION_DEFAULTS, DIFFUSION_LR, EVAL_NUM, train_diffusion
 from cmt.trainers.distances import DISTANCES
 from cmt.trainers.mid import FLOWMAP_VELOCITY_SHARE, MID_DEFAULTS, MID_LR, OBJECTIVES as MID_TARGETS, mid_train
-from cmt.trainers.post import (ECT_P_MEAN, ECT_P_STD, MF_P_MEAN, MF_P_STD, OBJECTIVES as POST_METHODS,
-                               POST_DEFAULTS, POST_LR, WEIGHTINGS, post_train)
+from cmt.trainers.post import (ECT_P_MEAN, ECT_P_STD, MF_P_MEAN, MF_P_STD, MF_VELOCITIES,
+                               OBJECTIVES as POST_METHODS, POST_DEFAULTS, POST_LR, WEIGHTINGS, post_train)
 from cmt.trainers.students import STUDENT_INITS
 
 COMMAND_SETTINGS = CONTEXT_SETTINGS
@@ -304,7 +304,7 @@ POST = defaults_of(post_train)
 @click.option("--mid-sigma", type=click.FloatRange(min=0, min_open=True), default=POST["mid_sigma"],
               help="Intermediate sigma of 2-step sampling.")
 @click.option("--guidance", default=POST["guidance"],
-              help="ECD: guide the teacher with this weight (autoguidance with --guide-ckpt, else classifier-free); "
+              help="ECD, MeanFlow --velocity teacher: guide the teacher with this weight (autoguidance with --guide-ckpt, else classifier-free); "
                    "'manifest': the guidance recorded in --init's dataset manifest [default: unguided].")
 @click.option("--guide-ckpt", default=POST["guide_ckpt"],
               help="ECD: the guide network (EDM2's autoguidance: a smaller or less trained model; an "
@@ -318,6 +318,10 @@ POST = defaults_of(post_train)
 @click.option("--cfg-t-max", type=click.FloatRange(0, 1), default=POST["cfg_t_max"])
 @click.option("--label-dropout", type=click.FloatRange(0, 1, max_open=True), default=POST["label_dropout"],
               help="MeanFlow: share of rows trained without label (MeanFlow's official 0.1).")
+@click.option("--velocity", type=click.Choice(MF_VELOCITIES), default=POST["velocity"],
+              help="MeanFlow's target velocity: data = e - x (MeanFlow's), teacher = the teacher's ODE velocity "
+                   "at z_t (one teacher forward per row; its flow map is then the fixed point; guide it with "
+                   "--guidance).")
 @recipe_option("post")
 @trainer_options(POST_DEFAULTS, POST_LR)
 @translate_errors
