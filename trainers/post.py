@@ -430,9 +430,6 @@ def post_train(*, init, method=None, data, out, teacher=None, arch=None, stage=N
             refuse_inapplicable(post_train, locals(), ("cfg_omega", "cfg_kappa", "cfg_t_min", "cfg_t_max",
                                                        "label_dropout"),
                                 "to velocity 'teacher' (guide the teacher with guidance instead)")
-        else:
-            refuse_inapplicable(post_train, locals(), ("guidance", "guide_ckpt"),
-                                "to MeanFlow's velocity 'data' (only to ecd or velocity 'teacher')")
     else:
         refuse_inapplicable(post_train, locals(), ("equal_share", "norm_p", "norm_eps", "cfg_omega", "cfg_kappa",
                                                    "cfg_t_min", "cfg_t_max", "label_dropout", "velocity"),
