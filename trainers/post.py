@@ -270,10 +270,10 @@ def post_precision(mixed_precision, method):
     return mixed_precision
 
 
-def ecd_guidance(guidance, guide_ckpt, init_record):
-    """ECD's teacher guidance `(weight, guide)`: as given, or with guidance='manifest' the one the mid
-    checkpoint records from its dataset manifest (the official mid teacher is unguided, so only
-    when asked)."""
+def teacher_guidance_of(guidance, guide_ckpt, init_record):
+    """The frozen teacher's guidance `(weight, guide)` (ECD's, MeanFlow's velocity 'teacher'): as
+    given, or with guidance='manifest' the one the mid checkpoint records from its dataset manifest
+    (the official mid teacher is unguided, so only when asked)."""
     if guidance != "manifest":
         try:
             return (None if guidance is None else float(guidance)), guide_ckpt
@@ -292,10 +292,11 @@ def ecd_guidance(guidance, guide_ckpt, init_record):
 
 def frozen_teacher(teacher, guidance, guide_ckpt, init_record, student, needed_by):
     """`(denoiser, guidance record)`: the teacher ECD solves with, or MeanFlow's velocity 'teacher'
-    takes its velocity from, guided as asked (`ecd_guidance`), frozen, checked against the student."""
+    takes its velocity from, guided as asked (`teacher_guidance_of`), frozen, checked against the
+    student."""
     if teacher is None:
         raise ArgumentError("teacher", f"{needed_by} needs a diffusion teacher: name one")
-    weight, guide = ecd_guidance(guidance, guide_ckpt, init_record)
+    weight, guide = teacher_guidance_of(guidance, guide_ckpt, init_record)
     try:
         net, identity = resolve_teacher(teacher, guidance=weight, guide_ckpt=guide)
     except ArgumentError:

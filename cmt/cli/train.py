@@ -304,11 +304,12 @@ POST = defaults_of(post_train)
 @click.option("--mid-sigma", type=click.FloatRange(min=0, min_open=True), default=POST["mid_sigma"],
               help="Intermediate sigma of 2-step sampling.")
 @click.option("--guidance", default=POST["guidance"],
-              help="ECD, MeanFlow --velocity teacher: guide the teacher with this weight (autoguidance with --guide-ckpt, else classifier-free); "
-                   "'manifest': the guidance recorded in --init's dataset manifest [default: unguided].")
+              help="ECD, MeanFlow --velocity teacher: guide the teacher with this weight (autoguidance with "
+                   "--guide-ckpt, else classifier-free); 'manifest': the guidance recorded in --init's dataset "
+                   "manifest [default: unguided].")
 @click.option("--guide-ckpt", default=POST["guide_ckpt"],
-              help="ECD: the guide network (EDM2's autoguidance: a smaller or less trained model; an "
-                   "unconditional model: classifier-free guidance against it).")
+              help="ECD, MeanFlow --velocity teacher: the guide network (EDM2's autoguidance: a smaller or "
+                   "less trained model; an unconditional model: classifier-free guidance against it).")
 @click.option("--cfg-omega", type=float, default=POST["cfg_omega"],
               help="MeanFlow, class-conditional data: guidance in training, v_g = omega v + (1 - omega - kappa) "
                    "u_uncond + kappa u_cond [default: off].")
