@@ -112,7 +112,7 @@ def mid_steps(student, shards, batch_size, steps, warmup, workers, out):
     config = loop.TrainConfig(out=out, max_steps=warmup + steps, batch_size=batch_size, lr=1e-4, log_every=1,
                               ckpt_every=10**9, progress=False, ema_beta=EMA_BETA)
     trainer = loop.Trainer(config)
-    batches = ShardReader(shards, trainer.micro_batch_size, seed=trainer.seed_for(0), num_workers=workers,
+    batches = ShardReader(shards, trainer.micro_batch_size, seed=trainer.shared_seed_for(0), num_workers=workers,
                           exclude_endpoint=True, dtype=None)
     trainer.fit(student, functools.partial(endpoint_loss, distance=squared_l2), batches)
     records = loop.read_log(out)

@@ -9,9 +9,10 @@ Each sample is one stored state of one trajectory with that trajectory's endpoin
 (smaller sigma), given as `target_state` / `target_sigma` (for flow-map / mean-flow objectives);
 with `with_trajectory=True` every sample also carries its trajectory's `states` / `sigmas`.
 
-Work is split by shards: once per reader (seeded by `seed`), the shards are dealt round-robin to
-every reader process of every rank (`rank * num_workers + worker`); when there are fewer shards
-than reader processes, each shard is dealt in strided parts. A process reads its shards whole (the
+Work is split by shards: once per reader (seeded by `seed`, which must be the same on every rank:
+a reader built under a process group checks that it is), the shards are dealt round-robin to every
+reader process of every rank (`rank * num_workers + worker`), so the deals partition the shards;
+when there are fewer shards than reader processes, each shard is dealt in strided parts. A process reads its shards whole (the
 arrays it yields only: never the noise; the sha256 checked on its first read of a shard, the
 sizes after, or what `verify` asks, see `cmt.manifest.TrajectoryDataset`), keeps them decoded in memory up to
 `cache_bytes`, and in every epoch (seeded by (seed, epoch)) walks them in a new order, each shard's
@@ -81,10 +82,27 @@ def default_cache_bytes(reader_processes):
     return int(physical_memory() * CACHE_SHARE) // max(1, reader_processes)
 
 
+def _process_group():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _default_rank():
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if _process_group():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
+
+
+def check_same_seed(seed, world_size):
+    """Every rank of the process group was given the same `seed` (one small all-gather; nothing
+    without a group): with per-rank seeds the deals overlap, some shards are read twice and others
+    never, and a corrupt unread shard goes unnoticed."""
+    if world_size < 2 or not _process_group() or torch.distributed.get_world_size() != world_size:
+        return
+    seeds = [None] * world_size
+    torch.distributed.all_gather_object(seeds, int(seed))
+    if len(set(seeds)) > 1:
+        raise ValueError(f"ShardReader: the ranks were given different seeds ({seeds}); the shards are dealt from "
+                         "one permutation that every rank must share (pass the run's seed, not a per-rank one)")
 
 
 class DecodedShards:
@@ -107,6 +125,8 @@ class DecodedShards:
 class ShardReader(torch.utils.data.IterableDataset):
     """An endless (or one-epoch) stream of batches over a trajectory dataset.
 
+    seed: the run's seed, the same on every rank (the shards are dealt from one permutation of it;
+        each reader process then walks its own shards in its own order).
     states_per_trajectory: "all" (every stored state of every trajectory, once per epoch) or k
         (k states drawn per trajectory and epoch; with `pairs`, k pairs; "all" then means all pairs).
     num_workers: reader processes when iterated directly (a DataLoader is made inside); as the
@@ -141,6 +161,7 @@ class ShardReader(torch.utils.data.IterableDataset):
             rank, world_size = _default_rank()
         if not 0 <= rank < world_size:
             raise ArgumentError("rank", f"{rank} is not in [0, {world_size})")
+        check_same_seed(seed, world_size)
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle

@@ -19,8 +19,14 @@ from cmt.trainers.loop import Context
 # The reference numbers of the official implementations (their README says where each came from).
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 # `accelerate launch` with two CPU processes, one thread each: prefix a module (`-m cmt.cli.build ...`).
-TWO_CPU_PROCESSES = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                     "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+def cpu_processes(count):
+    """`accelerate launch` with `count` CPU processes (one thread each with TWO_CPU_ENV): prefix a
+    script or `-m module`."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(count),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+TWO_CPU_PROCESSES = cpu_processes(2)
 TWO_CPU_ENV = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
 
 # Trainer tests: a student-sized MLP for the objective tests, a smaller teacher for the end-to-end

@@ -1,11 +1,15 @@
+import collections
 import functools
 import json
+import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import FAST, MLP, TEACHER, TWO_CPU_ENV, TWO_CPU_PROCESSES, command_line, context, make_shards
+from conftest import (FAST, MLP, TEACHER, TWO_CPU_ENV, TWO_CPU_PROCESSES, command_line, context, cpu_processes,
+                      make_shards)
 
 from cmt.builders.build import build_trajectories
 from cmt.checkpoint import load_network, save_network
@@ -350,3 +354,72 @@ def test_max_trajectories_trains_on_the_first_n_only(shards, tmp_path, monkeypat
     code, output = run_mid("--data", data, "--out", tmp_path / "other", "--max-trajectories", 25)
     assert code == 2 and "--max-trajectories" in output and "24 trajectories" in output
     assert not (tmp_path / "other").exists()
+
+
+# ---- many processes: every stored state read once per epoch ------------------------------------
+
+RECORDING_DRIVER = """
+import json, os, sys
+from cmt.trainers import mid
+
+seen_file = sys.argv[1] + f"-rank{os.environ.get('RANK', '0')}.jsonl"
+original = mid.OBJECTIVES["endpoint"]
+
+
+def recording(net, batch, ctx, **settings):
+    with open(seen_file, "a") as handle:
+        handle.write(json.dumps([batch["index"].tolist(), batch["sigma"].tolist()]) + "\\n")
+    return original(net, batch, ctx, **settings)
+
+
+mid.OBJECTIVES["endpoint"] = recording
+mid.mid_train(data=sys.argv[2], out=sys.argv[3], max_steps=int(sys.argv[4]), batch_size=int(sys.argv[5]),
+              workers=0, progress=False, num_samples=16, log_every=1, eval_data="toy:moons")
+"""
+
+
+@pytest.fixture(scope="module")
+def six_shards(tmp_path_factory):
+    """6 shards of 4 trajectories (4 states each besides the endpoint): 1, 2 and 3 ranks get equal deals."""
+    return make_shards(tmp_path_factory.mktemp("six"), "teacher", TEACHER, num_trajectories=24, shard_size=4)[1]
+
+
+@pytest.mark.parametrize("processes", [1, 2, 3])
+def test_mid_training_reads_every_stored_state_once_per_epoch_on_any_rank_count(six_shards, tmp_path, processes):
+    """Ranks are dealt a partition of the shards: over one epoch (96 samples, micro-batches of 8)
+    every (trajectory, state) is trained on exactly once, whatever the number of processes."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(RECORDING_DRIVER)
+    steps = 96 // (8 * processes)
+    launcher = cpu_processes(processes) if processes > 1 else [sys.executable]
+    run = subprocess.run([*launcher, str(driver), str(tmp_path / "seen"), str(six_shards), str(tmp_path / "run"),
+                          str(steps), str(8 * processes)], env=TWO_CPU_ENV, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    sigmas = TrajectoryDataset(six_shards).read_shard(TrajectoryDataset(six_shards).shards[0])["sigmas"]
+    seen = collections.Counter()
+    for path in sorted(tmp_path.glob("seen-rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            indices, batch_sigmas = json.loads(line)
+            states = [int(abs(sigmas - sigma).argmin()) for sigma in batch_sigmas]
+            seen.update(zip(indices, states))
+    assert len(list(tmp_path.glob("seen-rank*.jsonl"))) == processes
+    assert seen == collections.Counter({(index, state): 1 for index in range(24) for state in range(4)})
+
+
+def test_a_flipped_bit_in_any_shard_stops_two_process_training(six_shards, tmp_path):
+    """With per-rank deal seeds, shards 4 and 5 of this set were never read at seed 0 on 2 ranks (and
+    0 and 2 twice), so a bit flipped in one trained to exit 0; the dealt partition reads (and checks)
+    every shard."""
+    data = tmp_path / "shards"
+    shutil.copytree(six_shards, data)
+    entry = TrajectoryDataset(data).shards[4]
+    victim = max((path for path in (data / entry["name"]).rglob("*") if path.is_file()), key=lambda path: path.stat().st_size) \
+        if (data / entry["name"]).is_dir() else data / entry["name"]
+    content = bytearray(victim.read_bytes())
+    content[len(content) // 2] ^= 0x10
+    victim.write_bytes(bytes(content))
+    command = [*TWO_CPU_PROCESSES, "-m", "cmt.cli.train", "mid", "--data", str(data), "--out", str(tmp_path / "run"),
+               "--max-steps", "6", "--eval-data", "toy:moons", *command_line(MID_FAST)]
+    run = subprocess.run(command, env=TWO_CPU_ENV, capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and entry["name"] in run.stderr + run.stdout, run.stderr[-3000:]
+    assert not (tmp_path / "run" / "mid.pt").exists()

@@ -369,6 +369,11 @@ class Trainer:
         """Seed of a per-rank stream (0 = data); streams of different ranks differ."""
         return derive_seed(self.config.seed, self.rank, 1000 + stream)
 
+    def shared_seed_for(self, stream: int) -> int:
+        """Seed of a stream that every rank must draw alike (0 = data): a deal of shards to ranks is a
+        partition only when every rank permutes them with the same seed."""
+        return derive_seed(self.config.seed, 1000 + stream)
+
     def fit(
         self,
         net: torch.nn.Module,

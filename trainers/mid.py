@@ -293,7 +293,7 @@ def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_re
     cache_bytes = cache_bytes_per_reader(cache_gb, workers)
     # The endpoint target never feeds the endpoint state itself (its loss is 0 by the boundary
     # condition): the official 16 states (sony/cmt loss.py trains on Traj[:-1]).
-    batches = ShardReader(dataset, trainer.micro_batch_size, seed=trainer.seed_for(0), pairs=flow_map,
+    batches = ShardReader(dataset, trainer.micro_batch_size, seed=trainer.shared_seed_for(0), pairs=flow_map,
                           states_per_trajectory=states_per_trajectory, rank=trainer.rank,
                           world_size=trainer.num_processes, num_workers=workers, exclude_endpoint=not flow_map,
                           cache_bytes=cache_bytes, verify=verify, dtype=None)   # stored dtype; the loop upcasts on the device
