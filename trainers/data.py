@@ -5,11 +5,15 @@ from cmt.errors import ArgumentError
 from cmt.networks import build_network
 from cmt.trainers.loop import RandomBatches
 
-ARCHITECTURES = ("edm2", "mlp")
-DEFAULT_ARCH = {  # sized for a few minutes on a CPU
+# The networks pre-training (and post-training from random weights) builds from scratch, sized for
+# a few minutes on a CPU where an option is left out.
+DEFAULT_ARCH = {
     "edm2": dict(channels=32, channel_mult=(1, 2, 2), num_blocks=1, attn_res=(4,)),
     "mlp": dict(channels=256, num_blocks=4),
 }
+
+
+PRETRAINING_ARCHITECTURES = tuple(DEFAULT_ARCH)
 
 
 def training_data(data, resolution=None, argument="data"):
@@ -29,7 +33,7 @@ def network_for(data, arch, channels=None, channel_mult=None, num_blocks=None, a
                 cond=True):
     """The teacher network for `data`, with the `DEFAULT_ARCH` of `arch` where an option is None."""
     if arch not in DEFAULT_ARCH:
-        raise ArgumentError("arch", f"{arch!r} is not one of {', '.join(ARCHITECTURES)}")
+        raise ArgumentError("arch", f"{arch!r} is not one of {', '.join(PRETRAINING_ARCHITECTURES)}")
     defaults = DEFAULT_ARCH[arch]
     label_dim = data.label_dim if cond else 0
     channels = channels or defaults["channels"]

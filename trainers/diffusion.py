@@ -21,11 +21,10 @@ from cmt.outputs import step_file_name
 from cmt.sampling import check_finite, generate, metric_title, pick_labels, save_samples
 from cmt.solvers import SOLVERS
 from cmt.trainers import loop, recipes
-from cmt.trainers.data import data_batches, default_arch, network_for, training_data
+from cmt.networks import family_of
+from cmt.trainers.data import PRETRAINING_ARCHITECTURES, data_batches, default_arch, network_for, training_data
 
 P_MEAN, P_STD = -0.4, 1.0   # EDM2's training sigma distribution
-# lr=None: per architecture. EDM2's magnitude-preserving net takes a larger lr.
-DIFFUSION_LR = {"edm2": 1e-2, "mlp": 3e-3}
 # num_samples=None: samples for the metric, per kind of data.
 EVAL_NUM = {"images": 2000, "points": 4096}
 # The trainer options whose defaults differ from loop.TRAIN_DEFAULTS in this phase.
@@ -113,18 +112,18 @@ def train_diffusion(*, data, out, resolution=None, arch=None, channels=None, cha
     0: none; the old keyword eval_num still works).
     train_options: the shared trainer options, `TrainConfig`'s fields (max_steps, batch_size, lr, ...,
     resume, tensorboard, progress), defaults `DIFFUSION_DEFAULTS` over `loop.TRAIN_DEFAULTS`;
-    lr=None takes `DIFFUSION_LR` of the architecture.
+    lr=None takes the architecture's pre-training rate (`cmt.networks.learning_rates("diffusion")`).
 
     Returns `{"out", "model", "log", "state": Path, "metrics": the last logged scalars}`.
     """
     data = training_data(data, resolution)
     arch = default_arch(data) if arch is None else arch
-    loop.check_choice("arch", arch, DIFFUSION_LR)
+    loop.check_choice("arch", arch, PRETRAINING_ARCHITECTURES)
     loop.check_choice("sample_solver", sample_solver, SOLVERS)
     for name, value in (("dropout", dropout), ("label_dropout", label_dropout)):
         if not 0 <= value <= 1:
             raise ArgumentError(name, f"must be in [0, 1], got {value}")
-    config = loop.train_config(out, DIFFUSION_DEFAULTS, train_options, default_lr=DIFFUSION_LR[arch])
+    config = loop.train_config(out, DIFFUSION_DEFAULTS, train_options, default_lr=family_of(arch).learning_rates["diffusion"])
     trainer = loop.Trainer(config, find_unused_parameters=not uncertainty)
     net = network_for(data, arch, channels, channel_mult, num_blocks, attn_res, dropout, cond)
     objective = functools.partial(diffusion_loss, label_dim=net.label_dim, sigma_data=net.sigma_data,

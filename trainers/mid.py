@@ -30,7 +30,7 @@ from cmt.trainers.distances import DISTANCES, make_distance, squared_l2
 from cmt.trainers.students import (STUDENT_INITS, average_velocity, build_student, check_report_options,
                                    consistency_output, network_labels, plain_network, recorded_teacher_spec,
                                    refuse_inapplicable, resolve_teacher_or_fail, sampling_report, save_student,
-                                   student_config, student_result)
+                                   student_config, student_learning_rate, student_result)
 
 
 def secant_velocity(x_i, sigma_i, x_j, sigma_j):
@@ -83,9 +83,6 @@ def flowmap_loss(net, batch, ctx, *, distance=squared_l2, clean_sigma=SIGMA_MIN,
 
 
 OBJECTIVES = {"endpoint": endpoint_loss, "flowmap": flowmap_loss}
-# lr=None: per architecture. Fine-tuning rates: the official CMT mid-training runs at twice its
-# post-training rate.
-MID_LR = {"edm2": 2e-3, "mlp": 2e-4}
 # The trainer options whose defaults differ from loop.TRAIN_DEFAULTS in this phase.
 MID_DEFAULTS = {"max_steps": 2000, "batch_size": 128, "lr": None}
 # The diagonal's share of a flow-map batch: 0.25 kept the toy's CMT weights under MeanFlow (2-step
@@ -234,7 +231,7 @@ def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_re
     mid_sigma: the intermediate sigma of 2-step sampling.
     train_options: the shared trainer options, `TrainConfig`'s fields (max_steps, batch_size, lr, ...,
     resume, tensorboard, progress), defaults `MID_DEFAULTS` over `loop.TRAIN_DEFAULTS`; lr=None
-    takes `MID_LR` of the student's architecture.
+    takes the student's network family's mid-training rate (`cmt.networks.learning_rates("mid")`).
 
     Returns `{"out", "checkpoint" (mid.pt), "model" (mid.safetensors), "log", "state": Path,
     "metrics": the last logged scalars}`.
@@ -271,7 +268,7 @@ def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_re
     dataset.check_shards_present()
     teacher_config, teacher_state, identity, denoiser = load_mid_teacher(
         manifest, teacher, student_init == "teacher", need_denoiser=bool(velocity_share))
-    config = loop.train_config(out, MID_DEFAULTS, train_options, default_lr=MID_LR[teacher_config["architecture"]])
+    config = loop.train_config(out, MID_DEFAULTS, train_options, default_lr=student_learning_rate(teacher_config, "mid"))
     flow_map = target == "flowmap"
     init_state = teacher_state if student_init == "teacher" else None   # the velocity rows may load it anyway
     student = build_student(

@@ -24,20 +24,18 @@ from cmt.errors import ArgumentError, FileFormatError
 from cmt.solvers import heun_step
 from cmt.teachers import BUILTIN_TEACHERS, resolve_teacher
 from cmt.trainers import loop, recipes
-from cmt.trainers.data import ARCHITECTURES, data_batches, default_arch, network_for, training_data
+from cmt.trainers.data import PRETRAINING_ARCHITECTURES, data_batches, default_arch, network_for, training_data
 from cmt.trainers.distances import DISTANCES, make_distance, squared_l2
 from cmt.trainers.mid import teacher_velocity
 from cmt.trainers.students import (average_velocity, build_student, check_report_options, consistency_output,
                                    network_labels, plain_network, recorded_teacher_spec, refuse_inapplicable,
                                    resolve_teacher_or_fail, sampling_report, save_student, student_config,
-                                   student_result)
+                                   student_learning_rate, student_result)
 
 # ECT's defaults (CIFAR-10 ECM, locuslab/ect ct_train.py).
 ECT_P_MEAN, ECT_P_STD = -1.1, 2.0
 ECT_Q, ECT_K, ECT_B = 2.0, 8.0, 1.0
 WEIGHTINGS = ("gap", "snr")
-# lr=None: per architecture, a tenth of the diffusion phase's.
-POST_LR = {"edm2": 1e-3, "mlp": 1e-4}
 # The trainer options whose defaults differ from loop.TRAIN_DEFAULTS in this phase.
 POST_DEFAULTS = {"max_steps": 2000, "batch_size": 128, "lr": None}
 # MeanFlow's defaults (Gsunshine/meanflow configs/default.py).
@@ -388,7 +386,7 @@ def post_train(*, init, method=None, data, out, teacher=None, arch=None, stage=N
     the intermediate sigma of 2-step sampling.
     train_options: the shared trainer options, `TrainConfig`'s fields (max_steps, batch_size, lr, ...,
     resume, tensorboard, progress), defaults `POST_DEFAULTS` over `loop.TRAIN_DEFAULTS`; lr=None
-    takes `POST_LR` of the student's architecture.
+    takes the student's network family's post-training rate (`cmt.networks.learning_rates("post")`).
 
     Returns `{"out", "checkpoint" (post.pt), "model" (post.safetensors), "log", "state": Path,
     "metrics": the last logged scalars}`.
@@ -408,7 +406,7 @@ def post_train(*, init, method=None, data, out, teacher=None, arch=None, stage=N
     loop.check_choice("weighting", weighting, WEIGHTINGS)
     loop.check_choice("loss", loss, DISTANCES)
     if arch is not None:
-        loop.check_choice("arch", arch, ARCHITECTURES)
+        loop.check_choice("arch", arch, PRETRAINING_ARCHITECTURES)
     data_spec = data
     data = training_data(data_spec, resolution)
     arch = arch or default_arch(data)
@@ -416,7 +414,7 @@ def post_train(*, init, method=None, data, out, teacher=None, arch=None, stage=N
     if resolution is None and init_config.get("architecture") == "edm2" and data.kind == "images":
         data = training_data(data_spec, init_config["img_resolution"])
     train_options["mixed_precision"] = post_precision(train_options.get("mixed_precision", "auto"), method)
-    config = loop.train_config(out, POST_DEFAULTS, train_options, default_lr=POST_LR[init_config["architecture"]])
+    config = loop.train_config(out, POST_DEFAULTS, train_options, default_lr=student_learning_rate(init_config, "post"))
     meanflow = method == "meanflow"
     network = student_config(init_config, flow_map=True if meanflow else None, sigma_min=None if meanflow else SIGMA_MIN,
                              dropout=dropout)

@@ -11,7 +11,7 @@ from cmt.datasets import one_hot_labels, resolve_data
 from cmt.edm import SIGMA_MAX, SIGMA_MIN, TWO_STEP_SIGMA, broadcast_sigma, t_to_sigma, z_to_x
 from cmt.errors import ArgumentError
 from cmt.metrics import embedded_metric
-from cmt.networks import build_network, network_config
+from cmt.networks import build_network, family_of, network_config
 from cmt.outputs import step_file_name
 from cmt.sampling import check_finite, generate, metric_title, pick_labels, sampler_sigmas, save_samples
 from cmt.teachers import resolve_teacher
@@ -61,6 +61,15 @@ def student_config(config, *, flow_map=None, sigma_min=None, dropout=None):
         if value is not None:
             config[key] = value
     return config
+
+
+def student_learning_rate(config, phase):
+    """The default lr of `phase` for a student of this network config's family; an unknown
+    architecture (a file from elsewhere) is an ArgumentError naming the teacher."""
+    try:
+        return family_of(config).learning_rates[phase]
+    except ValueError as error:
+        raise ArgumentError("teacher" if phase == "mid" else "init", str(error)) from None
 
 
 def build_student(config, init_state=None, source="teacher", seed=0):

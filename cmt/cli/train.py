@@ -16,12 +16,13 @@ from cmt.datasets import TOY_NAMES
 from cmt.manifest import VERIFY_MODES
 from cmt.solvers import SOLVERS
 from cmt.trainers import loop, recipes
-from cmt.trainers.data import ARCHITECTURES, DEFAULT_ARCH
-from cmt.trainers.diffusion import DIFFUSION_DEFAULTS, DIFFUSION_LR, EVAL_NUM, train_diffusion
+from cmt.networks import learning_rates
+from cmt.trainers.data import DEFAULT_ARCH, PRETRAINING_ARCHITECTURES
+from cmt.trainers.diffusion import DIFFUSION_DEFAULTS, EVAL_NUM, train_diffusion
 from cmt.trainers.distances import DISTANCES
-from cmt.trainers.mid import FLOWMAP_VELOCITY_SHARE, MID_DEFAULTS, MID_LR, OBJECTIVES as MID_TARGETS, mid_train
+from cmt.trainers.mid import FLOWMAP_VELOCITY_SHARE, MID_DEFAULTS, OBJECTIVES as MID_TARGETS, mid_train
 from cmt.trainers.post import (ECT_P_MEAN, ECT_P_STD, MF_P_MEAN, MF_P_STD, MF_VELOCITIES,
-                               OBJECTIVES as POST_METHODS, POST_DEFAULTS, POST_LR, WEIGHTINGS, post_train)
+                               OBJECTIVES as POST_METHODS, POST_DEFAULTS, WEIGHTINGS, post_train)
 from cmt.trainers.students import STUDENT_INITS
 
 COMMAND_SETTINGS = CONTEXT_SETTINGS
@@ -167,7 +168,7 @@ DIFFUSION = defaults_of(train_diffusion)
               help=f"mnist, toy:NAME ({', '.join(TOY_NAMES)}), or a path to an image folder / .npz / EDM dataset .zip.")
 @click.option("--resolution", type=click.IntRange(min=4), default=DIFFUSION["resolution"],
               help="Resize images to this size (mnist: 16 by default).")
-@click.option("--arch", type=click.Choice(ARCHITECTURES), default=DIFFUSION["arch"],
+@click.option("--arch", type=click.Choice(PRETRAINING_ARCHITECTURES), default=DIFFUSION["arch"],
               help="edm2 U-Net (default for images) or mlp (default for 2-D data).")
 @click.option("--channels", type=click.IntRange(min=1), default=DIFFUSION["channels"],
               help=f"edm2: model_channels (default {DEFAULT_ARCH['edm2']['channels']}); mlp: width "
@@ -197,7 +198,7 @@ DIFFUSION = defaults_of(train_diffusion)
               help=f"Samples for the embedded metric at each --sample-every and the end (default: "
                    f"{EVAL_NUM['images']} for images, {EVAL_NUM['points']} for 2-D; 0: no metric).")
 @recipe_option("diffusion")
-@trainer_options(DIFFUSION_DEFAULTS, DIFFUSION_LR)
+@trainer_options(DIFFUSION_DEFAULTS, learning_rates("diffusion"))
 @translate_errors
 def diffusion(**options):
     """Pre-train a diffusion teacher (EDM2 objective); writes OUT/teacher.safetensors (EMA weights)."""
@@ -249,7 +250,7 @@ MID = defaults_of(mid_train)
 @click.option("--mid-sigma", type=click.FloatRange(min=0, min_open=True), default=MID["mid_sigma"],
               help="Intermediate sigma of 2-step sampling.")
 @recipe_option("mid")
-@trainer_options(MID_DEFAULTS, MID_LR)
+@trainer_options(MID_DEFAULTS, learning_rates("mid"))
 @translate_errors
 def mid(**options):
     """CMT mid-training: regress a student onto the stored teacher trajectories -> OUT/mid.pt."""
@@ -269,7 +270,7 @@ POST = defaults_of(post_train)
 @click.option("--teacher", default=POST["teacher"],
               help="Diffusion teacher (name or checkpoint): ECD's solver, and what 'teacher' / 'random' inits "
                    "copy [default: the teacher recorded in --init].")
-@click.option("--arch", type=click.Choice(ARCHITECTURES), default=POST["arch"],
+@click.option("--arch", type=click.Choice(PRETRAINING_ARCHITECTURES), default=POST["arch"],
               help="--init random without --teacher: the diffusion command's default network of this kind.")
 @click.option("--stage", type=click.IntRange(min=0), default=POST["stage"],
               help="ECT/ECD: a fixed curriculum stage (CMT post-training: 11, i.e. q^12 = 4096 with q = 2) "
@@ -324,7 +325,7 @@ POST = defaults_of(post_train)
                    "at z_t (one teacher forward per row; its flow map is then the fixed point; guide it with "
                    "--guidance).")
 @recipe_option("post")
-@trainer_options(POST_DEFAULTS, POST_LR)
+@trainer_options(POST_DEFAULTS, learning_rates("post"))
 @translate_errors
 def post(**options):
     """Post-train a student with ECT, ECD or MeanFlow -> OUT/post.pt (1- and 2-step sampling)."""

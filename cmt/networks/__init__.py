@@ -1,24 +1,44 @@
-"""Networks: EDM2's U-Net (`edm2`) and a small MLP (`mlp`), both EDM-preconditioned denoisers.
+"""Networks: one module per family (EDM2's U-Net `edm2`, a small MLP `mlp`), each an
+EDM-preconditioned denoiser, each family described by its `FAMILY` record (`cmt.networks.family`,
+the network contract).
 
-A network is described by a plain config dict: its init kwargs plus `"architecture"`. Model code
-only: files (our checkpoints, downloads) are `cmt.checkpoint`'s and `cmt.teachers`'.
+A network is described by a plain config dict: its init kwargs plus `"architecture"`, the name of
+its family. Model code only: files (our checkpoints, downloads) are `cmt.checkpoint`'s and
+`cmt.teachers`'.
+
+To add a family: one module with its networks and a `FAMILY = NetworkFamily(...)`, and one line in
+`FAMILIES` below (docs/design.md, "How to add a network family").
 """
 import copy
 
+from cmt.networks import edm2, mlp
 from cmt.networks.edm2 import Precond
+from cmt.networks.family import NetworkFamily
 from cmt.networks.mlp import MLPDenoiser
 
-ARCHITECTURES = {"edm2": Precond, "mlp": MLPDenoiser}
+FAMILIES = {family.name: family for family in (edm2.FAMILY, mlp.FAMILY)}
+# The build function of each architecture (what `build_network` looks up).
+ARCHITECTURES = {name: family.build for name, family in FAMILIES.items()}
+
+
+def family_of(config):
+    """The `NetworkFamily` of a network config (or of its `"architecture"` name); a ValueError that
+    names the known families otherwise."""
+    architecture = config.get("architecture") if isinstance(config, dict) else config
+    if architecture not in FAMILIES:
+        raise ValueError(f"unknown network architecture {architecture!r}; valid: {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[architecture]
+
+
+def learning_rates(phase):
+    """`{architecture: default lr}` of a training phase ("diffusion", "mid", "post")."""
+    return {name: family.learning_rates[phase] for name, family in FAMILIES.items()}
 
 
 def build_network(config):
-    """Build a network from `config` (`{"architecture": "edm2" | "mlp", **init_kwargs}`)."""
+    """Build a network from `config` (`{"architecture": family name, **init_kwargs}`)."""
     kwargs = dict(config)
-    architecture = kwargs.pop("architecture", None)
-    if architecture not in ARCHITECTURES:
-        raise ValueError(f"unknown network architecture {architecture!r} in config; "
-                         f"valid: {', '.join(sorted(ARCHITECTURES))}")
-    return ARCHITECTURES[architecture](**kwargs)
+    return family_of(kwargs.pop("architecture", None)).build(**kwargs)
 
 
 def network_config(net):
@@ -51,5 +71,5 @@ def load_state_dict_strict_or_explain(net, state_dict, source="state dict", allo
     return net
 
 
-__all__ = ["ARCHITECTURES", "MLPDenoiser", "Precond", "build_network", "load_state_dict_strict_or_explain",
-           "network_config"]
+__all__ = ["ARCHITECTURES", "FAMILIES", "MLPDenoiser", "NetworkFamily", "Precond", "build_network", "family_of",
+           "learning_rates", "load_state_dict_strict_or_explain", "network_config"]

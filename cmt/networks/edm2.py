@@ -19,12 +19,8 @@ import math
 import numpy as np
 import torch
 
-from cmt.edm import SIGMA_DATA, SIGMA_MIN, edm_scalings
-
-# Flow-map targets may be 0 (consistency models): their noise label is log(target + floor) / 4,
-# smooth in target_sigma (so jvp through it is finite at 0) and equal to EDM's log(sigma) / 4 for
-# targets well above the floor. The floor is EDM's sigma_min.
-TARGET_SIGMA_FLOOR = SIGMA_MIN
+from cmt.edm import SIGMA_DATA, edm_scalings
+from cmt.networks.family import NetworkFamily, batch_sigmas, target_noise_labels
 
 
 def normalize(x, dim=None, eps=1e-4):
@@ -307,13 +303,9 @@ class Precond(torch.nn.Module):
         finally:
             self.set_forced_weight_norm(True)
 
-    def _prepare(self, x, sigma):
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
-        return sigma.expand(x.shape[0]) if sigma.numel() == 1 else sigma
-
     def forward(self, x, sigma, labels=None, target_sigma=None, return_logvar=False):
         x = x.to(torch.float32)
-        sigma = self._prepare(x, sigma)
+        sigma = batch_sigmas(x, sigma)
         if self.label_dim == 0:
             labels = None
         elif labels is None:
@@ -323,11 +315,7 @@ class Precond(torch.nn.Module):
         dtype = torch.float16 if (self.use_fp16 and x.device.type == "cuda") else torch.float32
 
         c_skip, c_out, c_in, c_noise = edm_scalings(sigma, self.sigma_data, self.sigma_min)
-        target_noise = None
-        if self.flow_map:
-            if target_sigma is None:
-                raise ValueError("this flow-map network needs target_sigma (0 for a consistency jump)")
-            target_noise = (self._prepare(x, target_sigma) + TARGET_SIGMA_FLOOR).log() / 4
+        target_noise = target_noise_labels(x, target_sigma) if self.flow_map else None
 
         x_in = (c_in[:, None, None, None] * x).to(dtype)
         F_x = self.unet(x_in, c_noise, labels, target_noise)
@@ -336,3 +324,10 @@ class Precond(torch.nn.Module):
             logvar = self.logvar_linear(self.logvar_fourier(c_noise)).reshape(-1, 1, 1, 1)
             return D_x, logvar
         return D_x
+
+
+# Default learning rates: the magnitude-preserving U-Net takes EDM2's large rates (train_edm2.py:
+# 0.0100 to 0.0120 for the S/XS presets at batch 2048); the student phases fine-tune at a tenth
+# (post-training, ECT's EDM2 runs: locuslab/ect ct_train_512.py) and twice that in mid-training (the
+# official CMT mid-training runs at twice its post-training rate, sony/cmt run scripts).
+FAMILY = NetworkFamily(name="edm2", build=Precond, learning_rates={"diffusion": 1e-2, "mid": 2e-3, "post": 1e-3})

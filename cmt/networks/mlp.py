@@ -11,7 +11,7 @@ import math
 import torch
 
 from cmt.edm import SIGMA_DATA, edm_scalings
-from cmt.networks.edm2 import TARGET_SIGMA_FLOOR
+from cmt.networks.family import NetworkFamily, batch_sigmas, target_noise_labels
 
 
 class FourierEmbedding(torch.nn.Module):
@@ -87,16 +87,12 @@ class MLPDenoiser(torch.nn.Module):
     def forward(self, x, sigma, labels=None, target_sigma=None, return_logvar=False):
         x = x.to(torch.float32)
         batch = x.shape[0]
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(batch)
+        sigma = batch_sigmas(x, sigma)
         c_skip, c_out, c_in, c_noise = edm_scalings(sigma, self.sigma_data, self.sigma_min)
 
         emb = self.emb_noise(self.emb_fourier(c_noise))
         if self.flow_map:
-            if target_sigma is None:
-                raise ValueError("this flow-map network needs target_sigma (0 for a consistency jump)")
-            target_sigma = torch.as_tensor(target_sigma, dtype=torch.float32, device=x.device).reshape(-1)
-            target_noise = (target_sigma.expand(batch) + TARGET_SIGMA_FLOOR).log() / 4
-            emb = emb + self.emb_target(self.emb_fourier_target(target_noise))
+            emb = emb + self.emb_target(self.emb_fourier_target(target_noise_labels(x, target_sigma)))
         if self.emb_label is not None and labels is not None:
             emb = emb + self.emb_label(labels.to(torch.float32).reshape(-1, self.label_dim))
         emb = torch.nn.functional.silu(self.emb_out(torch.nn.functional.silu(emb)))
@@ -111,3 +107,9 @@ class MLPDenoiser(torch.nn.Module):
             logvar = self.logvar_linear(self.logvar_fourier(c_noise)).reshape(shape)
             return D_x, logvar
         return D_x
+
+
+# Default learning rates of the toy networks, this project's: pre-training as the built-in 2-D
+# teachers were trained (cmt/assets/teachers/README.md); the student phases' rates keep the
+# official CMT ratio (mid-training at twice post-training's rate, sony/cmt run scripts).
+FAMILY = NetworkFamily(name="mlp", build=MLPDenoiser, learning_rates={"diffusion": 3e-3, "mid": 2e-4, "post": 1e-4})
