@@ -62,7 +62,7 @@ from cmt.builders.build import build_trajectories
 from cmt.checkpoint import load_network
 from cmt.cli.train import main as train_command
 from cmt.datasets import resolve_data
-from cmt.edm import SIGMA_MAX, SIGMA_MIN, TWO_STEP_SIGMA
+from cmt.edm import SIGMA_MAX, TWO_STEP_SIGMA
 from cmt.flags import command_words
 from cmt.images import image_grid, save_scatter
 from cmt.metrics import embedded_metric
@@ -72,8 +72,8 @@ from cmt.teachers import builtin_teacher_path, resolve_teacher
 from cmt.trainers import recipes
 from cmt.trainers.loop import SNAPSHOT_DIR, STATE_FILE, read_log
 from cmt.trainers.mid import mid_train
-from cmt.trainers.post import load_init, post_train
-from cmt.trainers.students import build_student, student_config
+from cmt.trainers.post import METHODS as POST_METHODS, load_init, post_train
+from cmt.trainers.students import build_student
 
 # name: (post-training method, what it starts from); "mid-endpoint" / "mid-flowmap" are the CMT weights.
 STARTS = {
@@ -238,10 +238,8 @@ def teacher_metric(data, num_samples):
 def initial_student(data, method, init, seed):
     """The network `post_train` starts from (its step 0), built the way it builds it."""
     teacher = None if Path(init).is_file() else data
-    config, state, _, _ = load_init(init, teacher, resolve_data(data), None)
-    meanflow = method == "meanflow"
-    return build_student(student_config(config, flow_map=True if meanflow else None,
-                                        sigma_min=None if meanflow else SIGMA_MIN), state, seed=seed)
+    config, state, _, _, _ = load_init(init, teacher, resolve_data(data), None)
+    return build_student(POST_METHODS[method].student(config), state, seed=seed)
 
 
 # ---- training stages ----------------------------------------------------------------------------

@@ -31,7 +31,9 @@ from cmt.teachers import resolve_teacher
 from cmt.trainers.distances import make_distance
 from cmt.trainers.loop import Context, read_log
 from cmt.trainers.mid import mid_train
-from cmt.trainers.post import consistency_training_loss, ect_r, meanflow_loss, post_train
+from cmt.trainers.ect import consistency_training_loss, ect_target_sigma
+from cmt.trainers.meanflow import meanflow_loss
+from cmt.trainers.post import post_train
 from cmt.trainers.students import build_student, consistency_output, student_config
 
 FAILURES = []
@@ -69,7 +71,7 @@ def residual_rounding(net, batch, device, dtype):
     labels = torch.nn.functional.one_hot(batch["label"], net.label_dim).float() if net.label_dim else None
     generator = torch.Generator(device).manual_seed(1)
     t = sample_lognormal_sigmas(len(x), -1.1, 2.0, generator=generator, device=device)
-    r = ect_r(t, 11)
+    r = ect_target_sigma(t, 11)
     noise = torch.randn(x.shape, generator=generator, device=device)
     x_t, x_r = x + broadcast_sigma(t, x) * noise, x + broadcast_sigma(r, x) * noise
     with torch.no_grad():

@@ -6,7 +6,16 @@ Two formats:
 - training checkpoints `*.pt`: a dict `{"config", "net", "ema", ...}` read with
   `torch.load(weights_only=True)`; `"config"` is the network config, or a training config holding
   it as one of its values (e.g. under `"network"`).
+
+A loaded network carries its file's record (`net.record`: the safetensors' extra information, a
+training checkpoint's entries besides weights, an official pickle's encoder), so nothing
+downstream opens the file again to learn what the network is or how to sample it. Inside
+`reading_once()` (every command's entry point opens one) a file is read and parsed once, however
+many loads ask for it.
 """
+import contextlib
+import contextvars
+import copy
 import json
 import pickle
 import re
@@ -120,8 +129,56 @@ def _network_config_of(checkpoint, path):
     return config
 
 
+_READ_ONCE = contextvars.ContextVar("cmt_checkpoint_reads", default=None)
+# The entries of a training checkpoint that are weights or optimizer state, not its record.
+_STATE_ENTRIES = ("net", "ema", "optimizer", "scaler", "data")
+
+
+@contextlib.contextmanager
+def reading_once():
+    """Within the block every checkpoint file (same path, size and modification time) is read and
+    parsed once; later loads of it build from what was read. Nested blocks share the outermost."""
+    if _READ_ONCE.get() is not None:
+        yield
+        return
+    token = _READ_ONCE.set({})
+    try:
+        yield
+    finally:
+        _READ_ONCE.reset(token)
+
+
+def read_once(kind, path, read):
+    """`read()` of the file `path` (its `kind` of reading), once per `reading_once` block; every
+    time outside one."""
+    cache = _READ_ONCE.get()
+    if cache is None:
+        return read()
+    stat = path.stat()
+    key = (kind, str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in cache:
+        cache[key] = read()
+    return cache[key]
+
+
+def _parse_checkpoint(path):
+    """`(config, {name: state dict}, record)` of one of our network files, read once per
+    `reading_once` block."""
+    if path.suffix == ".safetensors":
+        state_dict, config, extra = read_safetensors(path)
+        return config, {"ema": state_dict}, extra
+    checkpoint = read_torch_file(path)
+    if not isinstance(checkpoint, dict):
+        raise FileFormatError(f"{path}: expected a training checkpoint dict with 'config' and 'net'/'ema'")
+    config = _network_config_of(checkpoint, path)
+    weights = {name: checkpoint[name] for name in ("net", "ema") if isinstance(checkpoint.get(name), dict)}
+    record = {name: value for name, value in checkpoint.items() if name not in _STATE_ENTRIES + ("config",)}
+    return config, weights, record
+
+
 def load_network(path, key="ema", device="cpu"):
-    """Build and load the network stored at `path`, in eval mode.
+    """Build and load the network stored at `path`, in eval mode, with its file's record as
+    `net.record` (a dict; see the module docstring).
 
     `.safetensors` from `save_network` / `cmt-convert`; `.pt` training checkpoints, where `key`
     picks the weights ("ema" by default, falling back to "net" when there is no EMA); `.pkl`
@@ -130,22 +187,19 @@ def load_network(path, key="ema", device="cpu"):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"network file not found: {path}")
-    if path.suffix == ".safetensors":
-        state_dict, config, _ = read_safetensors(path)
-    elif path.suffix == ".pt":
-        checkpoint = read_torch_file(path)
-        if not isinstance(checkpoint, dict):
-            raise FileFormatError(f"{path}: expected a training checkpoint dict with 'config' and 'net'/'ema'")
-        config = _network_config_of(checkpoint, path)
-        if checkpoint.get(key) is None and key == "ema":
-            key = "net"
-        if checkpoint.get(key) is None:
-            raise FileFormatError(f"{path}: no weights under {key!r}; it has {', '.join(map(str, sorted(checkpoint)))}")
-        state_dict = checkpoint[key]
-    elif path.suffix == ".pkl":
-        return read_edm2_pickle(path).net.to(device).eval()
-    else:
+    if path.suffix == ".pkl":
+        loaded = read_once("pickle", path, lambda: read_edm2_pickle(path))
+        net = copy.deepcopy(loaded.net) if _READ_ONCE.get() is not None else loaded.net   # the cache keeps its own
+        net.record = {"encoder": loaded.encoder, "module_src_sha256": loaded.module_src_sha256}
+        return net.to(device).eval()
+    if path.suffix not in (".safetensors", ".pt"):
         raise ValueError(f"{path}: unknown network file type {path.suffix!r}; expected .safetensors, .pt or .pkl")
+    config, weights, record = read_once("checkpoint", path, lambda: _parse_checkpoint(path))
+    if key == "ema" and key not in weights:
+        key = "net"
+    if key not in weights:
+        raise FileFormatError(f"{path}: no weights under {key!r}; it has {', '.join(sorted(weights)) or 'none'}")
+    state_dict = weights[key]
     if config.get("architecture") not in ARCHITECTURES:
         raise FileFormatError(f"{path}: unknown architecture {config.get('architecture')!r}; "
                          f"valid: {', '.join(sorted(ARCHITECTURES))}")
@@ -157,7 +211,14 @@ def load_network(path, key="ema", device="cpu"):
         load_state_dict_strict_or_explain(net, state_dict, source=str(path))
     except ValueError as error:
         raise FileFormatError(str(error)) from None
+    net.record = copy.deepcopy(record)
     return net.to(device).eval()
+
+
+def network_record(net):
+    """What a loaded network's file records besides its weights (`load_network`); {} for a network
+    that was not loaded from one of our files. Guided denoisers answer for the network they guide."""
+    return getattr(net, "record", None) or getattr(getattr(net, "net", None), "record", None) or {}
 
 
 def read_edm2_pickle(path):

@@ -12,7 +12,7 @@ import torch
 
 from tqdm.auto import tqdm
 
-from cmt.checkpoint import read_safetensors
+from cmt.checkpoint import network_record, reading_once
 from cmt.datasets import TOY_NAMES, one_hot_labels, reference_sample
 from cmt.distributed import distributed_state, map_batches
 from cmt.edm import SIGMA_GRIDS, SIGMA_MAX, SIGMA_MIN, TWO_STEP_SIGMA, flow_map_jump, sigma_grid
@@ -26,6 +26,11 @@ from cmt.solvers import SOLVERS, sample as solve
 from cmt.teachers import resolve_teacher
 
 SAMPLERS = ("ode", "flowmap")
+# How a student's few steps go, which its record says (`student_sampler`): "consistency" jumps to
+# sigma 0 and re-noises to the next sigma with fresh noise (ECT / ECD students, CMT endpoint
+# students); "flowmap" jumps from each sigma to the next (CMT flow-map and MeanFlow students; in
+# linear time this is MeanFlow's z_r = z_t - (t - r) u, from t = sigma_max / (1 + sigma_max)).
+STUDENT_SAMPLERS = ("consistency", "flowmap")
 # What every command that takes class labels accepts (`pick_labels`, and the builder per trajectory).
 LABEL_CHOICES = ("random", "cycle", "none")
 LABELS_HELP = "Class labels: random, cycle (0, 1, ...), a class id, or none (unconditional)."
@@ -190,15 +195,26 @@ def generate(net, seeds, labels, *, sampler="ode", solver=DEFAULT_SOLVER, steps=
     return torch.cat(map_batches(batch, len(seeds), batch_size, state=state, progress=progress))
 
 
-def consistency_student(identity):
-    """True for an ECT / ECD student (its checkpoint records the method): sampled by jumps to 0 and
-    re-noising, even when its network is a flow map (started from a flow-map mid checkpoint)."""
-    path = Path(str(identity.get("path", "")))
-    if path.suffix == ".safetensors" and path.is_file():
-        return read_safetensors(path)[2].get("method") in ("ect", "ecd")
-    if path.suffix == ".pt" and path.is_file():
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("method") in ("ect", "ecd")
-    return False
+def student_sampler(kind, mid_sigma=TWO_STEP_SIGMA, sigma_max=SIGMA_MAX):
+    """The record a student is saved with that says how to sample it (its `"sampler"`): `kind` of
+    `STUDENT_SAMPLERS` and the jumps' defaults."""
+    if kind not in STUDENT_SAMPLERS:
+        raise ValueError(f"unknown student sampler {kind!r}; valid: {', '.join(STUDENT_SAMPLERS)}")
+    return {"kind": kind, "mid_sigma": float(mid_sigma), "sigma_max": float(sigma_max)}
+
+
+def recorded_sampler(net):
+    """How the model says it is sampled (`student_sampler`'s record), or None for a teacher (its ODE).
+    Students saved before the record existed: ECT / ECD ones by re-noising, the others by their
+    network (a flow map jumps, a consistency network re-noises)."""
+    record = network_record(net)
+    if isinstance(record.get("sampler"), dict):
+        return record["sampler"]
+    if record.get("method") in ("ect", "ecd"):
+        return student_sampler("consistency")
+    if record.get("phase") in ("mid", "post"):
+        return student_sampler("flowmap" if getattr(net, "flow_map", False) else "consistency")
+    return None
 
 
 def save_samples(samples, path, labels=None, reference=None, nrow=None, title=None, max_images=MAX_GRID_IMAGES,
@@ -217,19 +233,10 @@ def metric_title(name, metrics):
     return f"{name}\n{figures}" if figures else name
 
 
-def toy_data_name(identity):
-    """`toy:NAME` when the checkpoint records that it was trained on a built-in toy, else None."""
-    path = Path(identity["path"])
-    if path.suffix != ".safetensors" or identity["config"].get("architecture") != "mlp":
-        return None
-    data = read_safetensors(path)[2].get("data", "")
+def toy_data_name(net):
+    """`toy:NAME` when the network's record says it was trained on a built-in toy, else None."""
+    data = str(network_record(net).get("data", ""))
     return data if data.startswith("toy:") and data[4:] in TOY_NAMES else None
-
-
-def toy_reference(identity):
-    """The data's reference points behind a 2-D scatter, when the checkpoint records its toy data."""
-    name = toy_data_name(identity)
-    return None if name is None else reference_sample(name[4:])
 
 
 def _check_sampling(*, sampler, solver, steps, grid, sigma_min, sigma_max, mid_sigma, num_samples, seed, batch_size):
@@ -268,8 +275,8 @@ def latent_decoder(identity, vae, device):
 
 
 @renamed_keywords(num="num_samples")
-def sample(*, ckpt, out, sampler="ode", solver=DEFAULT_SOLVER, steps=DEFAULT_STEPS, grid=DEFAULT_GRID,
-           sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, mid_sigma=TWO_STEP_SIGMA, num_samples=64, seed=0, labels="random",
+def sample(*, ckpt, out, sampler=None, solver=DEFAULT_SOLVER, steps=None, grid=DEFAULT_GRID,
+           sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, mid_sigma=None, num_samples=64, seed=0, labels="random",
            npz=None, vae=None, batch_size=DEFAULT_BATCH_SIZE, device=None, progress=True):
     """Sample a teacher or a student checkpoint to a PNG (and optionally an .npz); `cmt-sample`.
 
@@ -277,8 +284,11 @@ def sample(*, ckpt, out, sampler="ode", solver=DEFAULT_SOLVER, steps=DEFAULT_STE
     teacher (mnist, toy:checkerboard, toy:8gaussians, toy:moons) or an EDM2 preset. out: the PNG
     (a grid of the first `MAX_GRID_IMAGES` images, enlarged to `READABLE_CELL` px, or a scatter plot
     of 2-D data with the toy metric in its title). sampler "ode" solves the teacher's ODE with
-    `solver` over `steps` steps of the `grid` sigmas; "flowmap" makes 1 or 2 jumps of a student
-    (2: via `mid_sigma`, default `cmt.edm.TWO_STEP_SIGMA`). Sample i uses seed `seed + i`; labels:
+    `solver` over `steps` steps (default `DEFAULT_STEPS`) of the `grid` sigmas; "flowmap" makes 1
+    or 2 (default) jumps of a student as its record says (`recorded_sampler`: re-noising between
+    consistency jumps, or flow-map jumps; 2 steps via `mid_sigma`, default the record's, else
+    `cmt.edm.TWO_STEP_SIGMA`). None: the model's own, "flowmap" for a student and "ode" for a
+    teacher. Sample i uses seed `seed + i`; labels:
     "random", "cycle", a class id K or "none" (ignored by an unconditional network). npz: also save
     all samples, labels and seeds there (written before the picture). vae: for a latent network
     (EDM2 img512), the diffusers AutoencoderKL (directory or hub id) that decodes the picture; the
@@ -299,19 +309,28 @@ def sample(*, ckpt, out, sampler="ode", solver=DEFAULT_SOLVER, steps=DEFAULT_STE
     npz = None if npz is None else Path(npz)
     if npz is not None and npz.suffix.lower() != ".npz":
         raise ArgumentError("npz", f"{npz}: must end in .npz")
-    _check_sampling(sampler=sampler, solver=solver, steps=steps, grid=grid, sigma_min=sigma_min,
-                    sigma_max=sigma_max, mid_sigma=mid_sigma, num_samples=num_samples, seed=seed,
-                    batch_size=batch_size)
+    check = dict(sampler=sampler, solver=solver, steps=steps, grid=grid, sigma_min=sigma_min, sigma_max=sigma_max,
+                 mid_sigma=mid_sigma, num_samples=num_samples, seed=seed, batch_size=batch_size)
+    _check_sampling(**{**check, "sampler": sampler or "ode", "steps": 1 if steps is None else steps,
+                       "mid_sigma": TWO_STEP_SIGMA if mid_sigma is None else mid_sigma})   # wrong for any model
     state = distributed_state()
     device = device or (str(state.device) if state.num_processes > 1 else
                         "cuda" if torch.cuda.is_available() else "cpu")
     device = str(torch_device(device))
     try:
-        net, identity = resolve_teacher(ckpt, device=device)
+        with reading_once():
+            net, identity = resolve_teacher(ckpt, device=device)
     except ArgumentError:
         raise
     except (ValueError, FileNotFoundError) as error:
         raise ArgumentError("ckpt", str(error)) from None
+    recorded = recorded_sampler(net)
+    sampler = sampler or ("flowmap" if recorded else "ode")
+    if steps is None:
+        steps = DEFAULT_STEPS if sampler == "ode" else 2
+    if mid_sigma is None:
+        mid_sigma = (recorded or {}).get("mid_sigma", TWO_STEP_SIGMA)
+    _check_sampling(**{**check, "sampler": sampler, "steps": steps, "mid_sigma": mid_sigma})
     codec = latent_decoder(identity, vae, device)
     sample_labels = pick_labels(labels, num_samples, net.label_dim, seed)
     seeds = list(range(seed, seed + num_samples))
@@ -320,10 +339,10 @@ def sample(*, ckpt, out, sampler="ode", solver=DEFAULT_SOLVER, steps=DEFAULT_STE
     samples = generate(net, seeds, sample_labels, sampler=sampler, solver=solver, steps=steps, grid=grid,
                        sigma_min=sigma_min, sigma_max=sigma_max, mid_sigma=mid_sigma,
                        batch_size=batch_size, device=device, state=state, progress=bar,
-                       renoise=consistency_student(identity))
+                       renoise=(recorded or {}).get("kind") == "consistency")
     bar.close()
     check_finite(samples, f"{identity.get('path') or ckpt}")
-    toy = toy_data_name(identity) if samples.ndim == 2 else None
+    toy = toy_data_name(net) if samples.ndim == 2 else None
     metrics = {}
     if state.is_main_process:
         metrics = embedded_metric(toy, samples) if toy is not None else {}
@@ -336,4 +355,4 @@ def sample(*, ckpt, out, sampler="ode", solver=DEFAULT_SOLVER, steps=DEFAULT_STE
                      title=metric_title(what, metrics))
     state.wait_for_everyone()
     return {"out": out, "npz": npz, "seeds": seeds, "labels": sample_labels, "samples": samples, "metrics": metrics,
-            "identity": identity, "rank": state.process_index}
+            "identity": identity, "sampler": sampler, "steps": steps, "rank": state.process_index}

@@ -15,7 +15,7 @@ import hashlib
 import pickle
 from pathlib import Path
 
-from cmt.checkpoint import load_network, read_edm2_pickle, read_safetensors, save_network
+from cmt.checkpoint import load_network, network_record, read_edm2_pickle, read_once, save_network
 from cmt.download import DownloadError, fetch, is_url
 from cmt.errors import ArgumentError
 from cmt.guidance import apply_guidance
@@ -52,11 +52,14 @@ def builtin_teacher_path(name):
 
 
 def file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """The sha256 of a file (once per `cmt.checkpoint.reading_once` block)."""
+    def digest():
+        hashed = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                hashed.update(chunk)
+        return hashed.hexdigest()
+    return read_once("sha256", Path(path), digest)
 
 
 def fetch_edm2_checkpoint(name_or_url):
@@ -90,12 +93,8 @@ def _resolve_edm2(source, device):
     path = _edm2_path(source)
     if not path.is_file():
         raise FileNotFoundError(f"EDM2 checkpoint not found: {path}")
-    if path.suffix == ".pkl":
-        loaded = read_edm2_pickle(path)
-        net = loaded.net.to(device).eval()
-        return net, _identity("edm2", path, net, preset=preset, encoder=loaded.encoder)
     net = load_network(path, device=device)
-    encoder = read_safetensors(path)[2].get("encoder") if path.suffix == ".safetensors" else None
+    encoder = network_record(net).get("encoder")
     return net, _identity("edm2", path, net, preset=preset, encoder=encoder or {"kind": "standard_rgb"})
 
 
@@ -119,24 +118,22 @@ def resolve_teacher(name_or_path, ckpt=None, device="cpu", guidance=None, guide_
         except (ValueError, OSError) as error:
             raise ArgumentError("guide_ckpt", str(error)) from None
     try:
-        denoiser, record = apply_guidance(net, guidance, guide, guide_identity, teacher_label_dropout(identity))
+        denoiser, record = apply_guidance(net, guidance, guide, guide_identity, teacher_label_dropout(identity, net))
     except ArgumentError as error:
         raise ArgumentError({"guide": "guide_ckpt"}.get(error.argument, error.argument), error.message) from None
     return denoiser, identity if record is None else dict(identity, guidance=record)
 
 
-def teacher_label_dropout(identity):
+def teacher_label_dropout(identity, net):
     """The share of label-free training a teacher records: 0 for EDM2's official networks (EDM2 trains
     none) and the built-in teachers (`BUILTIN_LABEL_DROPOUT`), what `train_diffusion` records in our
-    checkpoints (`label_dropout`), None when unknown (then classifier-free guidance is allowed)."""
+    checkpoints (`label_dropout`, in `net`'s record), None when unknown (then classifier-free
+    guidance is allowed)."""
     if identity.get("kind") == "edm2":
         return 0.0
     if identity.get("kind") == "builtin":
         return BUILTIN_LABEL_DROPOUT.get(identity.get("name"))
-    path = Path(str(identity.get("path", "")))
-    if path.suffix == ".safetensors" and path.is_file():
-        return read_safetensors(path)[2].get("label_dropout")
-    return None
+    return network_record(net).get("label_dropout")
 
 
 def _resolve(name, ckpt, device):

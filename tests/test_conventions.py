@@ -29,7 +29,7 @@ from cmt.evaluation import evaluate
 from cmt.images import LABEL_HEIGHT, grid_with_layout, scatter_figure
 from cmt.manifest import TrajectoryDataset, upgrade_manifest
 from cmt.networks import build_network
-from cmt.sampling import pick_labels, sample, save_samples
+from cmt.sampling import pick_labels, sample, save_samples, student_sampler
 from cmt.trainers.loop import IMAGES_SEEN, read_log
 from conftest import TEACHER, TWO_CPU_ENV, TWO_CPU_PROCESSES, command_line, gmm_teacher, invoke_command
 
@@ -90,8 +90,11 @@ def test_command_options_are_the_library_keywords(command, function):
 
 
 def test_mid_sigma_defaults_to_the_two_step_sigma_everywhere():
-    for function in (cmt.sample, cmt.mid_train, cmt.post_train):
+    for function in (cmt.mid_train, cmt.post_train, student_sampler):
         assert inspect.signature(function).parameters["mid_sigma"].default == TWO_STEP_SIGMA
+    # cmt-sample takes the student's recorded one (what it was trained and reported with), and a
+    # student records student_sampler's
+    assert inspect.signature(cmt.sample).parameters["mid_sigma"].default is None
 
 
 def test_labels_take_random_cycle_class_none():

@@ -1,3 +1,4 @@
+import collections
 import functools
 import json
 
@@ -6,17 +7,26 @@ import torch
 from click.testing import CliRunner
 from conftest import FAST, MLP, TEACHER, command_line, context, make_shards
 
+import cmt
+from cmt import checkpoint as checkpoint_module
 from cmt.checkpoint import load_network, save_network
+from cmt.cli.sample import main as sample_main
 from cmt.cli.train import main
+from cmt.edm import broadcast_sigma, flow_map_jump, sample_lognormal_sigmas
 from cmt.errors import ArgumentError
 from cmt.gmm import gmm_denoiser, gmm_sample, random_gmm
 from cmt.networks import build_network
+from cmt.options import Option
 from cmt.solvers import heun_step
+from cmt.trainers import post as post_module
 from cmt.trainers.distances import make_distance
+from cmt.trainers.ect import consistency_training_loss, ect_stage, ect_target_sigma
+from cmt.trainers.loop import read_log
+from cmt.trainers.meanflow import MF_T_MAX, meanflow_loss, meanflow_target, sample_t_r
+from cmt.trainers.methods import PostMethod
 from cmt.trainers.mid import mid_train
-from cmt.trainers.post import (MF_T_MAX, consistency_training_loss, ect_r, ect_stage, meanflow_loss,
-                               meanflow_target, post_train, sample_t_r)
-from cmt.trainers.students import average_velocity
+from cmt.trainers.post import post_train
+from cmt.trainers.students import average_velocity, network_labels, plain_network
 
 POST_FAST = dict(FAST, data="toy:moons")
 
@@ -54,11 +64,11 @@ def train(net, objective, steps=150, batch_size=64, lr=3e-3, watch=None):
 def test_ect_r_schedule():
     t = torch.tensor([0.01, 0.5, 2.0, 80.0])
     # q = 2, stage 0: r = t (1 - (1 + 8 sigmoid(-t)) / 2); n(0.5) = 4.02 > 2 -> clamped to 0
-    assert ect_r(t, stage=0).tolist() == pytest.approx([0.0, 0.0, 0.046377, 40.0], abs=1e-5)
-    later = ect_r(t, stage=11)  # q^12 = 4096: CMT's fixed post-training gap
+    assert ect_target_sigma(t, stage=0).tolist() == pytest.approx([0.0, 0.0, 0.046377, 40.0], abs=1e-5)
+    later = ect_target_sigma(t, stage=11)  # q^12 = 4096: CMT's fixed post-training gap
     assert (t - later).tolist() == pytest.approx([0.01 * 4.98 / 4096, 0.5 * 4.0203 / 4096, 2.0 * 1.95362 / 4096,
                                                   80.0 / 4096], rel=1e-3)
-    assert bool((ect_r(t, 3) >= ect_r(t, 2)).all())
+    assert bool((ect_target_sigma(t, 3) >= ect_target_sigma(t, 2)).all())
     assert [ect_stage(s, stage_every=100) for s in (0, 99, 100, 250)] == [0, 0, 1, 2]
     assert ect_stage(250, stage_every=100, stage=11) == 11
 
@@ -250,6 +260,11 @@ def run(command, *args):
     return result.exit_code, result.output
 
 
+def run_sample(*args):
+    result = CliRunner().invoke(sample_main, list(map(str, args)))
+    return result.exit_code, result.output
+
+
 @pytest.fixture(scope="module")
 def students(tmp_path_factory):
     """A teacher checkpoint, its trajectories, and a mid-trained student of each target."""
@@ -342,3 +357,65 @@ def test_post_bad_input_fails_before_training(students, tmp_path):
             post_train(init=students["flowmap"], out=tmp_path / "run", **{**POST_FAST, **options})
         assert error.value.argument == argument
     assert not (tmp_path / "run").exists()
+
+
+# ---- the methods table: a new method is its own module and one registry line -------------------
+
+def flow_map_distillation_loss(net, batch, ctx, *, teacher, p_mean, p_std):
+    """A plain flow-map distillation, written here as a newcomer would: the student's jump from sigma
+    to a random smaller target regresses onto one Heun step of the frozen teacher."""
+    plain = plain_network(net, ctx)
+    x = batch["data"].float()
+    labels = network_labels(plain, batch.get("label"))
+    sigma = sample_lognormal_sigmas(x.shape[0], p_mean, p_std, generator=ctx.generator, device=x.device)
+    target_sigma = sigma * torch.rand(x.shape[0], generator=ctx.generator, device=x.device)
+    x_sigma = x + broadcast_sigma(sigma, x) * torch.randn(x.shape, generator=ctx.generator, dtype=x.dtype)
+    with torch.no_grad():
+        target = heun_step(teacher, x_sigma, sigma, target_sigma, labels).float()
+    jump = flow_map_jump(x_sigma, sigma, target_sigma, net(x_sigma, sigma, labels, target_sigma=target_sigma))
+    return ((jump - target) ** 2).mean(dim=1)
+
+
+FLOW_MAP_DISTILLATION = PostMethod(
+    name="fmd", summary="Flow-map distillation: the student's jump onto one Heun step of the teacher.",
+    options={"p_mean": Option(-1.1, "log(sigma) ~ N(p_mean, p_std^2)."), "p_std": Option(2.0, "See p_mean.", low=0)},
+    student=lambda config: {**config, "flow_map": True}, sampler="flowmap",
+    build=lambda setup: functools.partial(flow_map_distillation_loss, teacher=setup.teacher, **setup.options),
+    residual="the jump's distance to a Heun step", teacher=lambda options: "method fmd")
+
+
+def test_a_method_registered_from_outside_runs_end_to_end(students, tmp_path, monkeypatch):
+    monkeypatch.setitem(post_module.METHODS, "fmd", FLOW_MAP_DISTILLATION)
+    result = post_train(init="random", teacher=students["teacher"], method="fmd", out=tmp_path / "fmd", max_steps=60,
+                        p_std=1.0, lr=1e-2, **{**POST_FAST, "log_every": 30, "batch_size": 64})
+    losses = [record["loss"] for record in read_log(tmp_path / "fmd")]
+    assert len(losses) == 2 and losses[-1] < 0.75 * losses[0]
+    student = load_network(result["model"])
+    assert student.flow_map and student.record["method"] == "fmd" and student.record["sampler"]["kind"] == "flowmap"
+    sampled = cmt.sample(ckpt=result["model"], out=tmp_path / "fmd.png", num_samples=8, progress=False)
+    assert sampled["sampler"] == "flowmap" and sampled["steps"] == 2   # the model says how it is sampled
+    with pytest.raises(ArgumentError) as error:   # another method's option
+        post_train(init=students["teacher"], method="fmd", out=tmp_path / "x", stage=3, **POST_FAST)
+    assert error.value.argument == "stage" and "only to ect, ecd" in error.value.message
+    with pytest.raises(ArgumentError) as error:   # its own option, checked from its table
+        post_train(init=students["teacher"], method="fmd", out=tmp_path / "x", p_std=-1.0, **POST_FAST)
+    assert error.value.argument == "p_std"
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_checkpoint_is_read_once_per_command(students, tmp_path, monkeypatch):
+    """post_train from a mid checkpoint and cmt-sample of the student parse each file once, however
+    many places need its weights or its record."""
+    reads = collections.Counter()
+    for name in ("read_safetensors", "read_torch_file"):
+        original = getattr(checkpoint_module, name)
+        monkeypatch.setattr(checkpoint_module, name,
+                            lambda path, *args, _original=original, **kwargs: reads.update([str(path)]) or
+                            _original(path, *args, **kwargs))
+    post_train(init=students["endpoint"], method="ecd", out=tmp_path / "ecd", max_steps=1, **POST_FAST)
+    assert reads[str(students["endpoint"])] == 1 and reads[str(students["teacher"])] == 1, reads
+    reads.clear()
+    code, output = run_sample("--ckpt", tmp_path / "ecd" / "post.pt", "--out", tmp_path / "s.png", "--num-samples", 4,
+                              "--no-progress")
+    assert code == 0, output
+    assert reads == collections.Counter({str(tmp_path / "ecd" / "post.pt"): 1}), reads

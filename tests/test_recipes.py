@@ -17,13 +17,14 @@ from cmt.errors import ArgumentError
 from cmt.gmm import gmm_denoiser, gmm_sample, random_gmm
 from cmt.guidance import autoguidance
 from cmt.networks import build_network
-from cmt.sampling import consistency_student, flow_map_sample
+from cmt.sampling import flow_map_sample, recorded_sampler
 from cmt.trainers import recipes
 from cmt.trainers.distances import make_distance
 from cmt.trainers.loop import read_log
 from cmt.trainers.mid import mid_train
-from cmt.trainers.post import (consistency_training_loss, ect_r, ecd_state, guided_velocity, label_dropout_mask,
-                               meanflow_loss, meanflow_target, post_train, sample_t_r)
+from cmt.trainers.ect import consistency_training_loss, ecd_state, ect_target_sigma
+from cmt.trainers.meanflow import guided_velocity, label_dropout_mask, meanflow_loss, meanflow_target, sample_t_r
+from cmt.trainers.post import post_train
 from cmt.trainers.students import average_velocity, consistency_output
 
 POST_FAST = dict(FAST, data="toy:moons")
@@ -66,7 +67,7 @@ def test_post_loss_path_is_float32_under_bf16_autocast():
     generator = torch.Generator().manual_seed(3)
     x = batch["data"]
     t = sample_lognormal_sigmas(len(x), -1.1, 2.0, generator=generator)
-    r = ect_r(t, 11)
+    r = ect_target_sigma(t, 11)
     noise = torch.randn(x.shape, generator=generator)
     x_t, x_r = x + broadcast_sigma(t, x) * noise, x + broadcast_sigma(r, x) * noise
     with torch.no_grad():
@@ -216,7 +217,7 @@ def test_ecd_with_a_guided_teacher_matches_the_direct_formula(mids, tmp_path):
     generator = torch.Generator().manual_seed(5)
     data = batch["data"]
     t = sample_lognormal_sigmas(32, -1.1, 2.0, generator=generator)
-    r = ect_r(t, 2)
+    r = ect_target_sigma(t, 2)
     noise = torch.randn(data.shape, generator=generator)
     x_t = data + t[:, None] * noise
     with torch.no_grad():
@@ -449,8 +450,8 @@ def test_endpoint_mid_training_never_feeds_the_endpoint_state(mids):
 def test_ect_student_from_a_flow_map_checkpoint_samples_by_renoising(mids, tmp_path):
     post_train(init=mids["flowmap"], method="ect", out=tmp_path / "ect", max_steps=1, **POST_FAST)
     student = load_network(tmp_path / "ect" / "post.safetensors")
-    assert student.flow_map and consistency_student({"path": str(tmp_path / "ect" / "post.safetensors")})
-    assert not consistency_student({"path": str(mids["flowmap"])})
+    assert student.flow_map and recorded_sampler(student)["kind"] == "consistency"
+    assert recorded_sampler(load_network(mids["flowmap"]))["kind"] == "flowmap"
     noise, fresh = torch.randn(8, 2, generator=torch.Generator().manual_seed(0)), torch.randn(8, 2)
     with torch.no_grad():
         sample = flow_map_sample(student, noise, [80.0, 0.821, 0.0], fresh_noise=lambda jump: fresh, renoise=True)

@@ -163,7 +163,7 @@ def test_sample_entry_point_returns_what_it_wrote(tmp_path, points_ckpt):
     ({"out": "grid.jpg"}, "out"),
     ({"npz": "s.txt"}, "npz"),
     ({"ckpt": "no/such.safetensors"}, "ckpt"),
-    ({"sampler": "flowmap", "steps": 2, "mid_sigma": None}, "mid_sigma"),
+    ({"sampler": "flowmap", "steps": 2, "mid_sigma": 100.0}, "mid_sigma"),   # None: the model's own
     ({"sampler": "flowmap", "steps": 3}, "steps"),
     ({"solver": "rk4"}, "solver"),
     ({"sigma_min": 90.0}, "sigma_min"),

@@ -22,7 +22,7 @@ from cmt.sampling import generate, pick_labels
 from cmt.trainers import loop
 from cmt.trainers.diffusion import DIFFUSION_DEFAULTS, diffusion_loss, train_diffusion
 from cmt.trainers.mid import MID_DEFAULTS, mid_train
-from cmt.trainers.post import POST_DEFAULTS, post_train
+from cmt.trainers.post import METHODS, POST_DEFAULTS, post_train
 
 TINY_EDM2 = dict(data="mnist", resolution=8, channels=8, channel_mult=(1, 2), num_blocks=1, attn_res=(), batch_size=8,
                  eval_num=0, progress=False)
@@ -134,10 +134,14 @@ def test_command_options_are_the_entry_point_keywords_with_its_defaults(command,
     params = {param.name: param for param in main.commands[command].params if param.name != "help"}
     keywords = {name: parameter for name, parameter in inspect.signature(function).parameters.items()
                 if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name != "resolved_options"}
-    assert set(params) == set(keywords) | set(loop.TRAIN_DEFAULTS) | {"out"}
+    # post: each method's own options come from its table; left out, they are the chosen method's default
+    methods = {name for method in METHODS.values() for name in method.options} if command == "post" else set()
+    assert set(params) == set(keywords) | set(loop.TRAIN_DEFAULTS) | {"out"} | methods
     train_defaults = {**loop.TRAIN_DEFAULTS, **phase_defaults}
     for name, param in params.items():
-        if name in keywords and keywords[name].default is inspect.Parameter.empty:
+        if name in methods:
+            assert param.default is None and not param.required, name
+        elif name in keywords and keywords[name].default is inspect.Parameter.empty:
             assert param.required, name
         else:
             default = keywords[name].default if name in keywords else train_defaults[name]

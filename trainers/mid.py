@@ -24,13 +24,14 @@ from cmt.edm import SIGMA_MAX, SIGMA_MIN, TWO_STEP_SIGMA, broadcast_sigma, sigma
 from cmt.errors import ArgumentError
 from cmt.guidance import apply_guidance
 from cmt.manifest import TrajectoryDataset, check_verify
+from cmt.sampling import student_sampler
 from cmt.teachers import teacher_label_dropout
 from cmt.trainers import loop, recipes
 from cmt.trainers.distances import DISTANCES, make_distance, squared_l2
 from cmt.trainers.students import (STUDENT_INITS, average_velocity, build_student, check_report_options,
                                    consistency_output, network_labels, plain_network, recorded_teacher_spec,
                                    refuse_inapplicable, resolve_teacher_or_fail, sampling_report, save_student,
-                                   student_config, student_learning_rate, student_result)
+                                   student_config, student_learning_rate, student_result, teacher_velocity)
 
 
 def secant_velocity(x_i, sigma_i, x_j, sigma_j):
@@ -46,14 +47,6 @@ def endpoint_loss(net, batch, ctx, *, distance):
     labels = network_labels(plain, batch.get("label"))
     prediction = consistency_output(net, plain, batch["state"], batch["sigma"], labels)
     return distance(prediction, batch["endpoint"].to(prediction.dtype))
-
-
-def teacher_velocity(denoiser, x, sigma, labels=None):
-    """The probability-flow ODE's velocity dz/dt = (z - D(x, sigma)) / t at an EDM state, in float32."""
-    x = x.float()
-    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):   # a fixed target: float32, as the build
-        denoised = denoiser(x, sigma.float(), labels).float()
-    return (x_to_z(x, sigma) - denoised) / broadcast_sigma(sigma_to_t(sigma), x)
 
 
 def flowmap_loss(net, batch, ctx, *, distance=squared_l2, clean_sigma=SIGMA_MIN, teacher=None, velocity_share=0.0):
@@ -127,7 +120,7 @@ def recorded_denoiser(net, identity, guidance):
             if recorded.get("sha256") and guide_identity.get("sha256") != recorded["sha256"]:
                 raise ArgumentError("teacher", f"the guide network {recorded['path']} is not the one the dataset "
                                                "was built with (sha256 differs)")
-        net, _ = apply_guidance(net, guidance["weight"], guide, guide_identity, teacher_label_dropout(identity))
+        net, _ = apply_guidance(net, guidance["weight"], guide, guide_identity, teacher_label_dropout(identity, net))
     return net.eval().requires_grad_(False)
 
 
@@ -296,8 +289,10 @@ def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_re
                           cache_bytes=cache_bytes, verify=verify, dtype=None)   # stored dtype; the loop upcasts on the device
     if resolved_options is not None:   # what the run records: the worker count used (resume needs it)
         resolved_options = {**resolved_options, "options": {**resolved_options["options"], "workers": workers}}
+    sampler = student_sampler("flowmap" if flow_map else "consistency", mid_sigma=mid_sigma,
+                              sigma_max=float(manifest.get("sigma_max", SIGMA_MAX)))
     info = {"phase": "mid", "target": target, "loss": loss, "velocity_share": velocity_share, "data": str(data),
-            "teacher": identity,
+            "teacher": identity, "sampler": sampler,
             "guidance": manifest.get("guidance"), **(resolved_options or {"recipe": recipe})}
     # The cache and the checks change no batch: a resumed run may set others (and runs saved before
     # them had none).
@@ -308,7 +303,8 @@ def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_re
                                   if key not in READER_ONLY}
 
     def sample_fn(ema, step, out):
-        return sampling_report(ema, out, step, eval_data=eval_data, num_samples=num_samples, mid_sigma=mid_sigma,
+        return sampling_report(ema, out, step, sampler=sampler["kind"], eval_data=eval_data, num_samples=num_samples,
+                               mid_sigma=mid_sigma,
                                sigma_max=float(manifest.get("sigma_max", SIGMA_MAX)), progress=config.progress)
 
     settings = {}

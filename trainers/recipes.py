@@ -22,6 +22,7 @@ import inspect
 import os
 from pathlib import Path
 
+from cmt.checkpoint import reading_once
 from cmt.edm import TWO_STEP_SIGMA
 from cmt.errors import ArgumentError
 from cmt.trainers.loop import TRAIN_DEFAULTS
@@ -301,16 +302,22 @@ def recorded_options(values):
     return {key: plain(value) for key, value in values.items()}
 
 
-def with_recipe(phase, default_recipe=None):
+def with_recipe(phase, default_recipe=None, method_names=None):
     """Decorator for a phase's entry point: `recipe=` fills in a recipe's values under the
     arguments given explicitly (and over the defaults); `default_recipe(given)` names the implicit
     recipe (the built-in teacher's) when none is given. The function receives every option
     resolved, plus `recipe` (the name) and `resolved_options`: what the run records (run.json and its
     checkpoint), `{"options": every phase option resolved, "recipe": {"name", "values": what the
-    recipe set}}` (the trainer options are recorded as run.json's "train")."""
+    recipe set}}` (the trainer options are recorded as run.json's "train"). post: `method_names()`
+    lists the methods a missing `method` is asked among. The whole call reads each checkpoint file
+    once (`cmt.checkpoint.reading_once`)."""
     def decorate(function):
         @functools.wraps(function)
         def wrapper(**given):
+            with reading_once():
+                return resolve_and_call(dict(given))
+
+        def resolve_and_call(given):
             name = given.pop("recipe", None)
             explicit = name is not None
             if name is None and default_recipe is not None:
@@ -319,7 +326,7 @@ def with_recipe(phase, default_recipe=None):
             if phase == "post":
                 method = given.get("method") or (post_recipe_method(name) if explicit else None)
                 if method is None:
-                    raise ArgumentError("method", "name one: ect, ecd or meanflow" +
+                    raise ArgumentError("method", "name one: " + ", ".join(method_names()) +
                                         (f" (recipe {name} has several)" if explicit else ""))
             values, from_recipe = resolve_options(function, phase, given, name, method, explicit)
             if method is not None:

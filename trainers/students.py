@@ -1,5 +1,6 @@
 """What mid-training and post-training share: the student built from its teacher (or its init), its
 consistency output and average velocity, its 1- and 2-step sampling report, and how it is saved."""
+import contextlib
 import inspect
 from pathlib import Path
 
@@ -8,7 +9,7 @@ from tqdm.auto import tqdm
 
 from cmt.checkpoint import init_student_from_teacher, save_network
 from cmt.datasets import one_hot_labels, resolve_data
-from cmt.edm import SIGMA_MAX, SIGMA_MIN, TWO_STEP_SIGMA, broadcast_sigma, t_to_sigma, z_to_x
+from cmt.edm import SIGMA_MAX, SIGMA_MIN, TWO_STEP_SIGMA, broadcast_sigma, sigma_to_t, t_to_sigma, x_to_z, z_to_x
 from cmt.errors import ArgumentError
 from cmt.metrics import embedded_metric
 from cmt.networks import build_network, family_of, network_config
@@ -41,6 +42,35 @@ def average_velocity(net, z, t, r, labels=None):
     """
     denoised = net(z_to_x(z, t), t_to_sigma(t), labels, target_sigma=t_to_sigma(r))
     return (z - denoised) / broadcast_sigma(t, z)
+
+
+def teacher_velocity(denoiser, x, sigma, labels=None):
+    """The probability-flow ODE's velocity dz/dt = (z - D(x, sigma)) / t at an EDM state, in float32."""
+    x = x.float()
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):   # a fixed target: float32, as the build
+        denoised = denoiser(x, sigma.float(), labels).float()
+    return (x_to_z(x, sigma) - denoised) / broadcast_sigma(sigma_to_t(sigma), x)
+
+
+def frozen_weight_norm(plain):
+    """EDM2 rewrites its weights in place at each train-mode forward; a second forward (or a JVP)
+    in the same step must not, so normalise once up front (a no-op for networks without it)."""
+    freeze = getattr(plain, "frozen_weight_norm", None)
+    return freeze() if freeze is not None else contextlib.nullcontext()
+
+
+def same_dropout(device):
+    """Run the block, then restore the RNG: the next forward draws the same dropout masks."""
+    device = torch.device(device)
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
+def full_precision(device):
+    """No autocast inside the block: the loss path of post-training runs in float32 (TF32 matmuls on
+    CUDA). At CMT's fixed gap the residual f(x_t, t) - f(x_r, r) is far below bf16's rounding error
+    (~20x smaller, median, on the built-in MNIST teacher; fp16 ~3.6x), so half-precision forwards
+    would train on rounding noise. The official runs are fp32 (CIFAR-10) and TF32 (ImageNet-512)."""
+    return torch.autocast(device_type=torch.device(device).type, enabled=False)
 
 
 def consistency_output(net, plain, x, sigma, labels):
@@ -134,12 +164,13 @@ def check_report_options(net, *, eval_data, mid_sigma, sigma_max=SIGMA_MAX, sigm
 
 # ---- reports and results ----------------------------------------------------------------------
 
-def sampling_report(net, out, step, *, eval_data=None, num_samples=1000, mid_sigma=TWO_STEP_SIGMA,
-                    sigma_max=SIGMA_MAX, consistency=None, progress=False):
+def sampling_report(net, out, step, *, sampler, eval_data=None, num_samples=1000, mid_sigma=TWO_STEP_SIGMA,
+                    sigma_max=SIGMA_MAX, progress=False):
     """1- and 2-step samples of a student: a picture each in `out/samples/` (its path as
     `samples_{steps}step`, which the trainer's TensorBoard shows), and the built-in metric of
-    `eval_data` (toy:NAME, mnist) as scalars `{metric}_{steps}step`. consistency=True: 2 steps
-    re-noise between jumps to 0 even for a flow-map network (ECT / ECD students). progress: a tqdm bar."""
+    `eval_data` (toy:NAME, mnist) as scalars `{metric}_{steps}step`. sampler: the student's kind
+    (`cmt.sampling.STUDENT_SAMPLERS`; "consistency" re-noises between jumps to 0 even for a flow-map
+    network, as ECT / ECD students are sampled). progress: a tqdm bar."""
     seeds = list(range(10**6, 10**6 + num_samples))
     labels = pick_labels("random", num_samples, net.label_dim, seed=step)
     data = resolve_data(eval_data) if eval_data is not None else None
@@ -149,7 +180,7 @@ def sampling_report(net, out, step, *, eval_data=None, num_samples=1000, mid_sig
         with tqdm(total=num_samples, unit="sample", desc=f"{steps}-step samples at step {step}", leave=False,
                   disable=not progress, dynamic_ncols=True) as bar:
             samples = generate(net, seeds, labels, sampler="flowmap", steps=steps, mid_sigma=mid_sigma,
-                               sigma_max=sigma_max, renoise=consistency, progress=bar)
+                               sigma_max=sigma_max, renoise=sampler == "consistency", progress=bar)
         check_finite(samples, f"the {steps}-step sampler")   # fit reports it once the model is saved
         metrics = embedded_metric(data, samples) if data is not None else {}
         scalars.update({f"{name}_{steps}step": float(value) for name, value in metrics.items()})

@@ -128,3 +128,31 @@ def run_summary(command, result):
     if snapshots:
         lines.append(f"  kept {len(snapshots)} EMA snapshots in {snapshots[0].parent} (last {snapshots[-1].name})")
     return lines
+
+
+def click_type(option):
+    """The click type of a `cmt.options.Option` (its choices or its range)."""
+    if option.choices is not None:
+        return click.Choice(option.choices)
+    if option.type in (int, float) and (option.low is not None or option.high is not None):
+        range_type = click.IntRange if option.type is int else click.FloatRange
+        return range_type(min=option.low, max=option.high, min_open=option.low_open, max_open=option.high_open)
+    return option.type
+
+
+def table_options(owners_of):
+    """Click options for keywords declared in tables (`cmt.options.Option`): `owners_of` maps each
+    keyword to `{owner name: Option}` (e.g. the post-training methods that take it). The default is
+    None, so a keyword left out is the owner's own default; the help says whose option it is and
+    each owner's default."""
+    def decorate(command):
+        for name, owners in reversed(list(owners_of.items())):
+            first = next(iter(owners.values()))
+            helps = {option.help for option in owners.values()}
+            defaults = "; ".join(f"{owner}: {option.default}" for owner, option in owners.items())
+            text = (f"{', '.join(owners)}: {first.help}" if len(helps) == 1 else
+                    " ".join(f"{owner}: {option.help}" for owner, option in owners.items()))
+            command = click.option("--" + name.replace("_", "-"), name, type=click_type(first), default=None,
+                                   help=f"{text} [default: {defaults}]")(command)
+        return command
+    return decorate

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from cmt.cli.common import CONTEXT_SETTINGS, WithAliases, run_summary, summary, translate_errors
+from cmt.cli.common import CONTEXT_SETTINGS, WithAliases, run_summary, summary, table_options, translate_errors
 from cmt.datasets import TOY_NAMES
 from cmt.manifest import VERIFY_MODES
 from cmt.solvers import SOLVERS
@@ -21,8 +21,7 @@ from cmt.trainers.data import DEFAULT_ARCH, PRETRAINING_ARCHITECTURES
 from cmt.trainers.diffusion import DIFFUSION_DEFAULTS, EVAL_NUM, train_diffusion
 from cmt.trainers.distances import DISTANCES
 from cmt.trainers.mid import FLOWMAP_VELOCITY_SHARE, MID_DEFAULTS, OBJECTIVES as MID_TARGETS, mid_train
-from cmt.trainers.post import (ECT_P_MEAN, ECT_P_STD, MF_P_MEAN, MF_P_STD, MF_VELOCITIES,
-                               OBJECTIVES as POST_METHODS, POST_DEFAULTS, WEIGHTINGS, post_train)
+from cmt.trainers.post import METHODS, POST_DEFAULTS, post_train
 from cmt.trainers.students import STUDENT_INITS
 
 COMMAND_SETTINGS = CONTEXT_SETTINGS
@@ -258,42 +257,34 @@ def mid(**options):
 
 
 POST = defaults_of(post_train)
+# Every post-training method's own options, each with the methods that take it.
+METHOD_OPTIONS = {}
+for _method in METHODS.values():
+    for _name, _option in _method.options.items():
+        METHOD_OPTIONS.setdefault(_name, {})[_method.name] = _option
 
 
 @main.command("post", context_settings=COMMAND_SETTINGS)
 @click.option("--init", required=True,
               help="mid.pt (or another checkpoint of ours, or a built-in teacher name), 'teacher' (the --teacher "
                    "weights) or 'random'.")
-@click.option("--method", type=click.Choice(list(POST_METHODS)), default=None,
-              help="Required, unless --recipe has one method (imagenet256-meanflow).")
+@click.option("--method", type=click.Choice(list(METHODS)), default=None,
+              help="; ".join(f"{method.name}: {method.summary}" for method in METHODS.values())
+                   + " Required, unless --recipe has one method (imagenet256-meanflow).")
 @click.option("--data", required=True, help="mnist, toy:NAME, or an image folder / .npz / EDM .zip.")
 @click.option("--teacher", default=POST["teacher"],
-              help="Diffusion teacher (name or checkpoint): ECD's solver, and what 'teacher' / 'random' inits "
-                   "copy [default: the teacher recorded in --init].")
+              help="Diffusion teacher (name or checkpoint): the frozen teacher a method asks for (ECD's solver, "
+                   "MeanFlow's --velocity teacher), and what 'teacher' / 'random' inits copy [default: the teacher "
+                   "recorded in --init].")
 @click.option("--arch", type=click.Choice(PRETRAINING_ARCHITECTURES), default=POST["arch"],
               help="--init random without --teacher: the diffusion command's default network of this kind.")
-@click.option("--stage", type=click.IntRange(min=0), default=POST["stage"],
-              help="ECT/ECD: a fixed curriculum stage (CMT post-training: 11, i.e. q^12 = 4096 with q = 2) "
-                   "[default: 11 (or the recipe's) when --init is a mid checkpoint, else the curriculum].")
-@click.option("--stage-every", type=click.IntRange(min=1), default=POST["stage_every"],
-              help="ECT/ECD: advance the stage every this many steps [default: max-steps / 8].")
-@click.option("--q", type=click.FloatRange(min=1, min_open=True), default=POST["q"], help="ECT: gap decay per stage.")
-@click.option("--k", type=float, default=POST["k"], help="ECT: n(t) = 1 + k sigmoid(-b t).")
-@click.option("--b", type=float, default=POST["b"], help="ECT: n(t) = 1 + k sigmoid(-b t).")
-@click.option("--p-mean", type=float, default=POST["p_mean"],
-              help=f"Time distribution mean [ECT: log-normal {ECT_P_MEAN}; MeanFlow: logit-normal {MF_P_MEAN}].")
-@click.option("--p-std", type=click.FloatRange(min=0, min_open=True), default=POST["p_std"],
-              help=f"[ECT: {ECT_P_STD}; MeanFlow: {MF_P_STD}]")
-@click.option("--weighting", type=click.Choice(WEIGHTINGS), default=POST["weighting"],
-              help="ECT/ECD: gap = 1 / (t - r) (ECT on CIFAR-10), snr = 1 / t^2 + 1 / sigma_data^2 (ECT on EDM2).")
-@click.option("--loss", type=click.Choice(DISTANCES), default=POST["loss"], help="ECT/ECD distance.")
-@click.option("--huber-c", type=click.FloatRange(min=0), default=POST["huber_c"],
-              help="Pseudo-Huber constant [default: 0.00054 sqrt(dim); 0 = the L2 norm, ECT's CIFAR-10 setting].")
-@click.option("--equal-share", type=click.FloatRange(0, 1), default=POST["equal_share"],
-              help="MeanFlow: share of r = t.")
-@click.option("--norm-p", type=click.FloatRange(min=0), default=POST["norm_p"], help="MeanFlow: adaptive weight power.")
-@click.option("--norm-eps", type=click.FloatRange(min=0, min_open=True), default=POST["norm_eps"],
-              help="MeanFlow: adaptive weight 1 / (|delta|^2 + eps)^p.")
+@click.option("--guidance", default=POST["guidance"],
+              help="Guide the frozen teacher of ECD or of MeanFlow's --velocity teacher with this weight "
+                   "(autoguidance with --guide-ckpt, else classifier-free); 'manifest': the guidance recorded in "
+                   "--init's dataset manifest [default: unguided].")
+@click.option("--guide-ckpt", default=POST["guide_ckpt"],
+              help="The guide network of --guidance (EDM2's autoguidance: a smaller or less trained model; an "
+                   "unconditional model: classifier-free guidance against it).")
 @click.option("--dropout", type=click.FloatRange(0, 1), default=POST["dropout"],
               help="Student dropout [default: the init's].")
 @click.option("--resolution", type=click.IntRange(min=4), default=POST["resolution"],
@@ -304,31 +295,12 @@ POST = defaults_of(post_train)
               help="Samples for the metric and pictures.")
 @click.option("--mid-sigma", type=click.FloatRange(min=0, min_open=True), default=POST["mid_sigma"],
               help="Intermediate sigma of 2-step sampling.")
-@click.option("--guidance", default=POST["guidance"],
-              help="ECD, MeanFlow --velocity teacher: guide the teacher with this weight (autoguidance with "
-                   "--guide-ckpt, else classifier-free); 'manifest': the guidance recorded in --init's dataset "
-                   "manifest [default: unguided].")
-@click.option("--guide-ckpt", default=POST["guide_ckpt"],
-              help="ECD, MeanFlow --velocity teacher: the guide network (EDM2's autoguidance: a smaller or "
-                   "less trained model; an unconditional model: classifier-free guidance against it).")
-@click.option("--cfg-omega", type=float, default=POST["cfg_omega"],
-              help="MeanFlow, class-conditional data: guidance in training, v_g = omega v + (1 - omega - kappa) "
-                   "u_uncond + kappa u_cond [default: off].")
-@click.option("--cfg-kappa", type=float, default=POST["cfg_kappa"], help="MeanFlow: the kappa of --cfg-omega.")
-@click.option("--cfg-t-min", type=click.FloatRange(0, 1), default=POST["cfg_t_min"],
-              help="MeanFlow: guide only for t in [--cfg-t-min, --cfg-t-max].")
-@click.option("--cfg-t-max", type=click.FloatRange(0, 1), default=POST["cfg_t_max"])
-@click.option("--label-dropout", type=click.FloatRange(0, 1, max_open=True), default=POST["label_dropout"],
-              help="MeanFlow: share of rows trained without label (MeanFlow's official 0.1).")
-@click.option("--velocity", type=click.Choice(MF_VELOCITIES), default=POST["velocity"],
-              help="MeanFlow's target velocity: data = e - x (MeanFlow's), teacher = the teacher's ODE velocity "
-                   "at z_t (one teacher forward per row; its flow map is then the fixed point; guide it with "
-                   "--guidance).")
+@table_options(METHOD_OPTIONS)
 @recipe_option("post")
 @trainer_options(POST_DEFAULTS, learning_rates("post"))
 @translate_errors
 def post(**options):
-    """Post-train a student with ECT, ECD or MeanFlow -> OUT/post.pt (1- and 2-step sampling)."""
+    """Post-train a student with a post-training method (ECT, ECD, MeanFlow) -> OUT/post.pt (1- and 2-step sampling)."""
     summary(run_summary("cmt-train post", post_train(**given_options(options))))
 
 
