@@ -1,18 +1,21 @@
-"""Networks: EDM2's U-Net (`edm2`) and a small MLP (`mlp`), both EDM-preconditioned denoisers.
+"""Networks: EDM2's U-Net (`edm2`), EDM's (v1) U-Nets under its preconditionings (`edm`) and a small
+MLP (`mlp`), all EDM-style denoisers D(x; sigma).
 
 A network is described by a plain config dict: its init kwargs plus `"architecture"`. Model code
 only: files (our checkpoints, downloads) are `cmt.checkpoint`'s and `cmt.teachers`'.
 """
 import copy
 
+from cmt.networks.edm import build_edm_network
 from cmt.networks.edm2 import Precond
 from cmt.networks.mlp import MLPDenoiser
 
-ARCHITECTURES = {"edm2": Precond, "mlp": MLPDenoiser}
+# name -> builder of its config's kwargs; "edm" picks its class from the config's "precond".
+ARCHITECTURES = {"edm2": Precond, "edm": build_edm_network, "mlp": MLPDenoiser}
 
 
 def build_network(config):
-    """Build a network from `config` (`{"architecture": "edm2" | "mlp", **init_kwargs}`)."""
+    """Build a network from `config` (`{"architecture": "edm2" | "edm" | "mlp", **init_kwargs}`)."""
     kwargs = dict(config)
     architecture = kwargs.pop("architecture", None)
     if architecture not in ARCHITECTURES:
