@@ -18,7 +18,7 @@ from cmt.checkpoint import load_network, read_nvlabs_pickle
 from cmt.cli.build import main as build_main
 from cmt.cli.convert import main as convert_main
 from cmt.errors import FileFormatError
-from cmt.networks.nvlabs_pickle import UnsafePickleError, load_nvlabs_pickle
+from cmt.networks.nvlabs_pickle import UnsafePickleError, load_edm2_pickle, load_edm_pickle, load_nvlabs_pickle
 from cmt.teachers import EDM_PRESETS, fetch_edm_checkpoint, resolve_teacher
 
 from conftest import FIXTURES
@@ -144,6 +144,9 @@ def test_a_file_of_the_other_family_names_the_teacher_kind_that_reads_it(tmp_pat
         resolve_teacher("edm", ckpt=edm2_path)
     with pytest.raises(FileFormatError, match="class EDMPrecond; expected an EDM2 .* use teacher 'edm'"):
         resolve_teacher("edm2", ckpt=edm_path)
+    with pytest.raises(ValueError, match="use teacher 'edm2'"):
+        load_edm_pickle(edm2_path)
+    assert load_edm_pickle(edm_path).kind == "edm" and load_edm2_pickle(edm2_path).kind == "edm2"
     result = CliRunner().invoke(build_main, ["--teacher", "edm2", "--teacher-ckpt", str(edm_path),
                                              "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and "--teacher-ckpt" in result.output and "use teacher 'edm'" in result.output

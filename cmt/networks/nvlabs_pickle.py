@@ -265,11 +265,6 @@ def network_from_record(record, source="pickle", expect=None):
     return net.eval()
 
 
-def precond_from_record(record, source="pickle"):
-    """Our EDM2 `Precond` with the weights of an EDM2 `Precond` record (float32, eval mode)."""
-    return network_from_record(record, source, expect="edm2")
-
-
 def load_nvlabs_pickle(path_or_file, expect=None):
     """Read an official EDM or EDM2 network pickle without running code from it -> `NVlabsPickle`.
 
