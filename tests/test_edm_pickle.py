@@ -89,7 +89,8 @@ def test_refused_files_are_one_line_naming_the_file(tmp_path, monkeypatch):
     message = str(refused.value)
     assert message.startswith(str(evil)) and "refusing global '" in message and "system'" in message
     assert "\n" not in message and "weights_only" not in message
-    code = CliRunner().invoke(build_main, ["--teacher", "edm", "--teacher-ckpt", str(evil), "--out", str(tmp_path / "o")])
+    code = CliRunner().invoke(build_main, ["--teacher", "edm", "--teacher-ckpt", str(evil),
+                                           "--out", str(tmp_path / "o")])
     errors = [line for line in code.output.splitlines() if line.startswith("Error")]   # click's usage error
     assert code.exit_code == 2 and len(errors) == 1 and "--teacher-ckpt" in errors[0]
     assert "refusing global" in errors[0] and str(evil) in errors[0]
@@ -227,7 +228,8 @@ def check_official_trajectories(arrays):
 
 def test_build_from_an_official_pickle_reproduces_the_official_trajectories(tmp_path, monkeypatch):
     settings = TINY["trajectory"]
-    path, marker = official_pickle(tmp_path, monkeypatch, settings["network"], settings["precond"], settings["label_dim"])
+    path, marker = official_pickle(tmp_path, monkeypatch, settings["network"], settings["precond"],
+                                   settings["label_dim"])
     built = build_trajectories(teacher=str(path), out=tmp_path / "lib", nfe=settings["nfe"], seed=settings["seed"],
                                num_trajectories=settings["count"], labels="random", dtype="float32", progress=False,
                                log=lambda message: None)

@@ -257,7 +257,8 @@ class iDDPMPrecond(_Precond):  # noqa: N801 (the official class name)
     def round_sigma(self, sigma, return_index=False):
         """The nearest of the discrete sigmas `u` (or its index)."""
         sigma = torch.as_tensor(sigma)
-        index = torch.cdist(sigma.to(self.u.device).to(torch.float32).reshape(1, -1, 1), self.u.reshape(1, -1, 1)).argmin(2)
+        sigma_column = sigma.to(self.u.device).to(torch.float32).reshape(1, -1, 1)
+        index = torch.cdist(sigma_column, self.u.reshape(1, -1, 1)).argmin(2)   # cdist as the official
         result = index if return_index else self.u[index.flatten()].to(sigma.dtype)
         return result.reshape(sigma.shape).to(sigma.device)
 

@@ -3,7 +3,8 @@
 Architectures of "Elucidating the Design Space of Diffusion-Based Generative Models" (Karras et al.
 2022), as NVlabs/edm `training/networks.py` defines them (commit 008a4e5). Module, parameter and
 buffer names are the official ones, so the weights of an official checkpoint load by name; the
-preconditionings around these networks are in `cmt.networks.edm`.
+preconditionings around these networks are in `cmt.networks.edm`. (A little over 400 lines: both
+U-Nets share every layer class, so they stay in one file, as in the official one.)
 
 Conventions the official code fixes, kept here exactly:
 - Layers cast their weights to the input's dtype (EDM's mixed precision runs the U-Net in float16
@@ -69,8 +70,8 @@ class Conv2d(torch.nn.Module):
         self.down = down
         self.fused_resample = fused_resample
         fans = dict(mode=init_mode, fan_in=in_channels * kernel * kernel, fan_out=out_channels * kernel * kernel)
-        self.weight = (torch.nn.Parameter(weight_init([out_channels, in_channels, kernel, kernel], **fans) * init_weight)
-                       if kernel else None)
+        shape = [out_channels, in_channels, kernel, kernel]
+        self.weight = torch.nn.Parameter(weight_init(shape, **fans) * init_weight) if kernel else None
         self.bias = torch.nn.Parameter(weight_init([out_channels], **fans) * init_bias) if kernel and bias else None
         f = torch.as_tensor(resample_filter, dtype=torch.float32)
         f = torch.outer(f, f)[None, None] / f.sum().square()
@@ -126,7 +127,10 @@ class UNetBlock(torch.nn.Module):
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.emb_channels = emb_channels
-        self.num_heads = 0 if not attention else num_heads if num_heads is not None else out_channels // channels_per_head
+        if not attention:
+            self.num_heads = 0
+        else:
+            self.num_heads = num_heads if num_heads is not None else out_channels // channels_per_head
         self.dropout = dropout
         self.skip_scale = skip_scale
         self.adaptive_scale = adaptive_scale
@@ -144,7 +148,8 @@ class UNetBlock(torch.nn.Module):
                                resample_filter=resample_filter, **init)
         if self.num_heads:
             self.norm2 = GroupNorm(out_channels, eps=eps)
-            self.qkv = Conv2d(out_channels, out_channels * 3, kernel=1, **(init_attn if init_attn is not None else init))
+            self.qkv = Conv2d(out_channels, out_channels * 3, kernel=1,
+                              **(init_attn if init_attn is not None else init))
             self.proj = Conv2d(out_channels, out_channels, kernel=1, **init_zero)
 
     def forward(self, x, emb):
@@ -225,9 +230,9 @@ class SongUNet(torch.nn.Module):
         init = dict(init_mode="xavier_uniform")
         init_zero = dict(init_mode="xavier_uniform", init_weight=1e-5)
         init_attn = dict(init_mode="xavier_uniform", init_weight=math.sqrt(0.2))
-        block_kwargs = dict(emb_channels=emb_channels, num_heads=1, dropout=dropout, skip_scale=math.sqrt(0.5), eps=1e-6,
-                            resample_filter=resample_filter, resample_proj=True, adaptive_scale=False, init=init,
-                            init_zero=init_zero, init_attn=init_attn)
+        block_kwargs = dict(emb_channels=emb_channels, num_heads=1, dropout=dropout, skip_scale=math.sqrt(0.5),
+                            eps=1e-6, resample_filter=resample_filter, resample_proj=True, adaptive_scale=False,
+                            init=init, init_zero=init_zero, init_attn=init_attn)
 
         # Mapping.
         self.map_noise = (PositionalEmbedding(noise_channels, endpoint=True) if embedding_type == "positional"

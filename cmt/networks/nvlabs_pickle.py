@@ -171,7 +171,8 @@ ALLOWED_GLOBALS = {
     ("numpy._core.multiarray", "_reconstruct"): lambda: _numpy_global("_reconstruct"),
     ("numpy.core.multiarray", "scalar"): lambda: _numpy_global("scalar"),
     ("numpy._core.multiarray", "scalar"): lambda: _numpy_global("scalar"),
-    **{("torch.nn.modules.container", name): (lambda record=record: record) for name, record in _MODULE_RECORDS.items()},
+    **{("torch.nn.modules.container", name): (lambda record=record: record)
+       for name, record in _MODULE_RECORDS.items()},
 }
 
 
