@@ -187,8 +187,8 @@ def load_teacher(teacher, teacher_ckpt=None, guidance=None, guide_ckpt=None, dev
 
 
 def _teacher_argument(teacher, teacher_ckpt):
-    """Which keyword a teacher that cannot be loaded is named by: 'edm2' needs its checkpoint."""
-    return "teacher_ckpt" if teacher_ckpt is not None or str(teacher) == "edm2" else "teacher"
+    """Which keyword a teacher that cannot be loaded is named by: 'edm2' and 'edm' need their checkpoint."""
+    return "teacher_ckpt" if teacher_ckpt is not None or str(teacher) in ("edm2", "edm") else "teacher"
 
 
 def trajectory_seed(seed, index):

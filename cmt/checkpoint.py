@@ -30,7 +30,7 @@ from cmt.errors import FileFormatError
 
 from cmt.outputs import use_default_mode
 from cmt.networks import ARCHITECTURES, build_network, load_state_dict_strict_or_explain, network_config
-from cmt.networks.edm2_pickle import load_edm2_pickle
+from cmt.networks.nvlabs_pickle import load_nvlabs_pickle
 
 
 def save_network(path, net, extra_config=None):
@@ -182,16 +182,14 @@ def load_network(path, key="ema", device="cpu"):
 
     `.safetensors` from `save_network` / `cmt-convert`; `.pt` training checkpoints, where `key`
     picks the weights ("ema" by default, falling back to "net" when there is no EMA); `.pkl`
-    official EDM2 pickles through the restricted loader of `cmt.networks.edm2_pickle`.
+    official EDM / EDM2 pickles through the restricted loader of `cmt.networks.nvlabs_pickle`
+    (the family from the pickled class of the network).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"network file not found: {path}")
     if path.suffix == ".pkl":
-        loaded = read_once("pickle", path, lambda: read_edm2_pickle(path))
-        net = copy.deepcopy(loaded.net) if _READ_ONCE.get() is not None else loaded.net   # the cache keeps its own
-        net.record = {"encoder": loaded.encoder, "module_src_sha256": loaded.module_src_sha256}
-        return net.to(device).eval()
+        return load_official_pickle(path, device=device)[0]
     if path.suffix not in (".safetensors", ".pt"):
         raise ValueError(f"{path}: unknown network file type {path.suffix!r}; expected .safetensors, .pt or .pkl")
     config, weights, record = read_once("checkpoint", path, lambda: _parse_checkpoint(path))
@@ -221,20 +219,38 @@ def network_record(net):
     return getattr(net, "record", None) or getattr(getattr(net, "net", None), "record", None) or {}
 
 
-def read_edm2_pickle(path):
-    """An official EDM2 network pickle through the restricted unpickler of `cmt.networks.edm2_pickle`
-    (no code from the file runs); a refused, truncated or foreign file is a FileFormatError naming it."""
+def load_official_pickle(path, expect=None, device="cpu"):
+    """`(net, NVlabsPickle)` of an official EDM / EDM2 pickle (`read_nvlabs_pickle`), read once per
+    `reading_once` block; the network carries the pickle's record (its encoder, its class)."""
     path = Path(path)
+    loaded = read_once(f"pickle-{expect}", path, lambda: read_nvlabs_pickle(path, expect=expect))
+    net = copy.deepcopy(loaded.net) if _READ_ONCE.get() is not None else loaded.net   # the cache keeps its own
+    net.record = {"encoder": loaded.encoder, "official_class": loaded.class_name,
+                  "module_src_sha256": loaded.module_src_sha256}
+    return net.to(device).eval(), loaded
+
+
+_PICKLE_KINDS = {None: "EDM / EDM2", "edm": "EDM", "edm2": "EDM2"}
+
+
+def read_nvlabs_pickle(path, expect=None):
+    """An official EDM or EDM2 network pickle through the restricted unpickler of
+    `cmt.networks.nvlabs_pickle` (no code from the file runs); `expect` "edm" / "edm2" refuses the
+    other family. A refused, truncated or foreign file is a FileFormatError naming it."""
+    path = Path(path)
+    what = f"{_PICKLE_KINDS[expect]} network pickle"
     if path.is_file() and path.stat().st_size == 0:
-        raise FileFormatError(f"{path}: empty file (0 bytes), not an EDM2 network pickle")
+        raise FileFormatError(f"{path}: empty file (0 bytes), not an {what}")
     try:
-        return load_edm2_pickle(path)
-    except (pickle.UnpicklingError, EOFError, ValueError, KeyError, AttributeError, IndexError) as error:
-        detail = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        return load_nvlabs_pickle(path, expect=expect)
+    except (pickle.UnpicklingError, EOFError, ValueError, KeyError, AttributeError, IndexError, TypeError) as error:
+        detail = str(error).splitlines()[0][:300] if str(error) else type(error).__name__
         if isinstance(error, pickle.UnpicklingError):
-            raise FileFormatError(f"{path}: refused or unreadable EDM2 network pickle ({detail}); nothing from "
-                                  "it was run") from None
-        raise FileFormatError(f"{path}: not a readable EDM2 network pickle ({detail})") from None
+            raise FileFormatError(f"{path}: refused or unreadable {what} ({detail}); nothing from it was run") \
+                from None
+        if str(error).startswith(str(path)):   # our own message, naming the file already
+            raise FileFormatError(str(error).splitlines()[0]) from None
+        raise FileFormatError(f"{path}: not a readable {what} ({type(error).__name__}: {detail})") from None
 
 
 def init_student_from_teacher(student, teacher_state_dict, source="teacher"):

@@ -6,16 +6,21 @@ Accepted:
   `cmt/assets/teachers/<name with ':' -> '-'>.safetensors`;
 - `edm2` with `ckpt` = an official EDM2 `.pkl` (path or URL), a `.safetensors` export of one, or a
   preset name; or a preset name directly (`edm2-img64-s`, `edm2-img512-xs`, ...), downloaded into
-  the cache (`cmt.download`, `$CMT_CACHE/edm2`) when online.
+  the cache (`cmt.download`, `$CMT_CACHE/edm2`) when online;
+- `edm` with `ckpt` = an official EDM (v1) `.pkl` (NVlabs/edm's presets and snapshots, ECT's and
+  sony/cmt's `network-snapshot-*.pkl`), a `.safetensors` export of one, or a preset name; or a
+  preset name directly (`edm-cifar10-32x32-uncond-vp`, `baseline-cifar10-32x32-uncond-ve`, ...),
+  downloaded into `$CMT_CACHE/edm`;
+- any `.pkl` path or URL: EDM or EDM2 by the pickled class of its network (never by its name).
 
-`convert_checkpoint` (the `cmt-convert` command) turns an official EDM2 pickle into our
-`.safetensors`.
+`load_teacher` gives the network alone; `convert_checkpoint` (the `cmt-convert` command) turns an
+official EDM or EDM2 pickle into our `.safetensors`.
 """
 import hashlib
 import pickle
 from pathlib import Path
 
-from cmt.checkpoint import load_network, network_record, read_edm2_pickle, read_once, save_network
+from cmt.checkpoint import load_network, load_official_pickle, network_record, read_nvlabs_pickle, read_once, save_network
 from cmt.download import DownloadError, fetch, is_url
 from cmt.errors import ArgumentError
 from cmt.guidance import apply_guidance
@@ -46,6 +51,22 @@ _EDM2_PRESET_FILES = {
 }
 EDM2_PRESETS = {name: f"{EDM2_MODEL_ROOT}/{file}" for name, file in _EDM2_PRESET_FILES.items()}
 
+EDM_MODEL_ROOT = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained"
+# NVlabs/edm README, "Pre-trained models": EDM's own networks (config F) in pretrained/, the baselines
+# (config A: VPPrecond / VEPrecond around Song et al.'s DDPM++ / NCSN++, iDDPMPrecond around ADM) in
+# pretrained/baseline/. The README names baseline-cifar10-32x32-uncond-{vp,ve} and
+# baseline-imagenet-64x64-cond-adm; the other baseline names (config A of every data set of the paper's
+# Table 2) follow the same pattern, as third-party code that downloads them spells them (not checked here).
+# The "-vp" / "-ve" EDM networks are EDMPrecond around DDPM++ / NCSN++ (the suffix names the architecture).
+_EDM_DATASETS = ["cifar10-32x32-cond-vp", "cifar10-32x32-cond-ve", "cifar10-32x32-uncond-vp", "cifar10-32x32-uncond-ve",
+                 "ffhq-64x64-uncond-vp", "ffhq-64x64-uncond-ve", "afhqv2-64x64-uncond-vp", "afhqv2-64x64-uncond-ve",
+                 "imagenet-64x64-cond-adm"]
+EDM_PRESETS = {**{f"edm-{name}": f"{EDM_MODEL_ROOT}/edm-{name}.pkl" for name in _EDM_DATASETS},
+               **{f"baseline-{name}": f"{EDM_MODEL_ROOT}/baseline/baseline-{name}.pkl" for name in _EDM_DATASETS}}
+# teacher kind -> its presets; the kind is also the cache folder of its downloads.
+OFFICIAL_PRESETS = {"edm2": EDM2_PRESETS, "edm": EDM_PRESETS}
+_OFFICIAL_NAMES = {"edm2": "EDM2", "edm": "EDM"}
+
 
 def builtin_teacher_path(name):
     return TEACHER_DIR / (name.replace(":", "-") + ".safetensors")
@@ -62,20 +83,43 @@ def file_sha256(path):
     return read_once("sha256", Path(path), digest)
 
 
-def fetch_edm2_checkpoint(name_or_url):
-    """Local path of an EDM2 preset name or URL, downloaded once into `$CMT_CACHE/edm2`."""
-    url = EDM2_PRESETS.get(name_or_url, name_or_url)
+def fetch_official_checkpoint(name_or_url, kind):
+    """Local path of an official preset name or URL (`kind` "edm" or "edm2"), downloaded once into
+    `$CMT_CACHE/<kind>`; offline, a DownloadError names the file and where to put it."""
+    presets = OFFICIAL_PRESETS[kind]
+    url = presets.get(name_or_url, name_or_url)
     if not is_url(url):
-        raise ValueError(f"{name_or_url!r} is neither an EDM2 preset ({', '.join(sorted(EDM2_PRESETS))}) nor a URL")
+        raise ValueError(f"{name_or_url!r} is neither an {_OFFICIAL_NAMES[kind]} preset "
+                         f"({', '.join(sorted(presets))}) nor a URL")
     try:
-        return fetch(url, subdir="edm2")
+        return fetch(url, subdir=kind)
     except DownloadError as error:
         raise DownloadError(f"{error}, or pass the path of a local copy instead") from error
 
 
-def _edm2_path(source):
-    """A preset or URL fetched into the cache, or a local path as is."""
-    return fetch_edm2_checkpoint(source) if source in EDM2_PRESETS or is_url(source) else Path(source)
+def fetch_edm2_checkpoint(name_or_url):
+    """Local path of an EDM2 preset name or URL, downloaded once into `$CMT_CACHE/edm2`."""
+    return fetch_official_checkpoint(name_or_url, "edm2")
+
+
+def fetch_edm_checkpoint(name_or_url):
+    """Local path of an EDM preset name (`edm-*`, `baseline-*`) or URL, downloaded once into `$CMT_CACHE/edm`."""
+    return fetch_official_checkpoint(name_or_url, "edm")
+
+
+def _preset_kind(name):
+    return next((kind for kind, presets in OFFICIAL_PRESETS.items() if name in presets), None)
+
+
+def _official_path(source, kind=None):
+    """A preset or URL fetched into the cache (an URL of EDM's folder into `edm/`, others into `edm2/`
+    unless `kind` says), or a local path as is."""
+    preset_kind = _preset_kind(source)
+    if preset_kind is not None:
+        return fetch_official_checkpoint(source, preset_kind)
+    if is_url(source):
+        return fetch_official_checkpoint(source, kind or ("edm" if source.startswith(EDM_MODEL_ROOT + "/") else "edm2"))
+    return Path(source)
 
 
 def _identity(kind, path, net, **more):
@@ -84,25 +128,42 @@ def _identity(kind, path, net, **more):
 
 def _accepted():
     return ("a checkpoint path (.safetensors, .pt, .pkl), a built-in name (" + ", ".join(BUILTIN_TEACHERS)
-            + "), 'edm2' with a checkpoint, or an EDM2 preset (" + ", ".join(sorted(EDM2_PRESETS)) + ")")
+            + "), 'edm2' or 'edm' with a checkpoint, an EDM2 preset (" + ", ".join(sorted(EDM2_PRESETS))
+            + ") or an EDM preset (" + ", ".join(sorted(EDM_PRESETS)) + ")")
 
 
-def _resolve_edm2(source, device):
-    """An official EDM2 network: a preset name, a URL, a `.pkl` path or a `.safetensors` export."""
-    preset = source if source in EDM2_PRESETS else None
-    path = _edm2_path(source)
+def _resolve_official(source, device, expect=None):
+    """An official EDM / EDM2 network: a preset name, a URL, a `.pkl` path or a `.safetensors` export.
+    `expect` ("edm" / "edm2", the teacher kind asked for) refuses a file of the other family."""
+    preset = source if _preset_kind(source) else None
+    if preset and expect and _preset_kind(source) != expect:
+        raise ValueError(f"{source!r} is an {_OFFICIAL_NAMES[_preset_kind(source)]} preset; use teacher "
+                         f"'{_preset_kind(source)}' (or give the preset name alone)")
+    what = _OFFICIAL_NAMES.get(expect, "EDM / EDM2")
+    path = _official_path(source, expect)
     if not path.is_file():
-        raise FileNotFoundError(f"EDM2 checkpoint not found: {path}")
+        raise FileNotFoundError(f"{what} checkpoint not found: {path}")
+    if path.suffix == ".pkl":
+        net, loaded = load_official_pickle(path, expect=expect, device=device)
+        # (an EDM2 identity stays as it was: it is hashed into the build configurations of existing sets)
+        more = dict(official_class=loaded.class_name) if loaded.kind == "edm" else {}
+        return net, _identity(loaded.kind, path, net, preset=preset, encoder=loaded.encoder, **more)
     net = load_network(path, device=device)
+    kind = net.config.get("architecture")
+    if expect is not None and kind != expect:
+        raise ValueError(f"{path}: a network of architecture {kind!r}, not an {what} one"
+                         + (f"; use teacher '{kind}'" if kind in OFFICIAL_PRESETS else ""))
     encoder = network_record(net).get("encoder")
-    return net, _identity("edm2", path, net, preset=preset, encoder=encoder or {"kind": "standard_rgb"})
+    return net, _identity(kind if kind in OFFICIAL_PRESETS else "checkpoint", path, net, preset=preset,
+                          encoder=encoder or {"kind": "standard_rgb"})
 
 
 def resolve_teacher(name_or_path, ckpt=None, device="cpu", guidance=None, guide_ckpt=None):
     """`(net, identity)` for a teacher; identity = {"kind", "path", "sha256", "config", ...}.
 
-    `kind` is "checkpoint" (a path), "builtin" or "edm2" (edm2 identities also carry `preset` and
-    `encoder`: the latent encoder settings of a latent-space model, or standard_rgb for pixels).
+    `kind` is "checkpoint" (a path), "builtin", "edm2" or "edm" (official identities also carry
+    `preset` and `encoder`: the latent encoder settings of a latent-space model, or standard_rgb for
+    pixels; a pickle's also `official_class`, the pickled class of its network).
     With `guidance` (a weight other than 1) the net is a guided denoiser (`cmt.guidance.apply_guidance`):
     autoguidance by the teacher `guide_ckpt` names (any form accepted here), else classifier-free
     guidance; then `identity["guidance"]` holds its record. Guidance errors raise `ArgumentError`
@@ -126,23 +187,35 @@ def resolve_teacher(name_or_path, ckpt=None, device="cpu", guidance=None, guide_
 
 def teacher_label_dropout(identity, net):
     """The share of label-free training a teacher records: 0 for EDM2's official networks (EDM2 trains
-    none) and the built-in teachers (`BUILTIN_LABEL_DROPOUT`), what `train_diffusion` records in our
-    checkpoints (`label_dropout`, in `net`'s record), None when unknown (then classifier-free
-    guidance is allowed)."""
+    none), the U-Net's `label_dropout` for EDM's (0 unless set: EDM's train.py never sets it), the
+    built-in teachers' (`BUILTIN_LABEL_DROPOUT`), what `train_diffusion` records in our checkpoints
+    (`label_dropout`, in `net`'s record), None when unknown (then classifier-free guidance is allowed)."""
     if identity.get("kind") == "edm2":
         return 0.0
+    if identity.get("kind") == "edm":
+        return float((identity.get("config") or {}).get("label_dropout", 0.0))
     if identity.get("kind") == "builtin":
         return BUILTIN_LABEL_DROPOUT.get(identity.get("name"))
     return network_record(net).get("label_dropout")
 
 
+def load_teacher(teacher, ckpt=None, device="cpu"):
+    """The teacher's network alone: a `torch.nn.Module` denoiser `net(x, sigma, labels=None) -> D(x; sigma)`
+    (eval mode, float32), for every teacher the commands accept (see `resolve_teacher`): a built-in
+    name, one of our checkpoints, `"edm2"` / `"edm"` with `ckpt` (a .pkl, URL, preset or .safetensors
+    export), a preset name, or any official .pkl. `net.data_shape`, `net.label_dim` and `net.config`
+    describe it; labels are one-hot `[B, label_dim]`."""
+    return _resolve(str(teacher), None if ckpt is None else str(ckpt), device)[0]
+
+
 def _resolve(name, ckpt, device):
-    if name == "edm2":
+    if name in OFFICIAL_PRESETS:   # "edm2" / "edm" with a checkpoint
         if ckpt is None:
-            raise ValueError("teacher 'edm2' needs a checkpoint: a .pkl / .safetensors path, a URL or a preset name")
-        return _resolve_edm2(str(ckpt), device)
-    if name in EDM2_PRESETS or is_url(name):
-        return _resolve_edm2(name, device)
+            raise ValueError(f"teacher {name!r} needs a checkpoint: a .pkl / .safetensors path, a URL or a preset "
+                             f"name ({', '.join(sorted(OFFICIAL_PRESETS[name]))})")
+        return _resolve_official(str(ckpt), device, expect=name)
+    if _preset_kind(name) or is_url(name):
+        return _resolve_official(name, device)
     if name in BUILTIN_TEACHERS:
         path = builtin_teacher_path(name)
         if not path.is_file():
@@ -155,18 +228,19 @@ def _resolve(name, ckpt, device):
         if not path.is_file():
             raise FileNotFoundError(f"teacher checkpoint not found: {path}")
         if path.suffix == ".pkl":
-            return _resolve_edm2(name, device)
+            return _resolve_official(name, device)
         net = load_network(path, device=device)
         return net, _identity("checkpoint", path, net)
     raise ValueError(f"unknown teacher {name!r}; accepted: {_accepted()}")
 
 
 def convert_checkpoint(*, source, out, overwrite=False):
-    """Convert an official EDM2 network pickle to our `.safetensors` (the `cmt-convert` command).
+    """Convert an official EDM or EDM2 network pickle to our `.safetensors` (the `cmt-convert` command).
 
-    `source`: a `.pkl` path, a URL or an EDM2 preset name (fetched into the cache). The pickle is
-    read with the restricted unpickler of `cmt.networks.edm2_pickle`: no code from the file runs.
-    Returns `{"out": Path, "source": Path, "parameters": int, "encoder": {...}}`.
+    `source`: a `.pkl` path, a URL or a preset name (EDM2's or EDM's; fetched into the cache). The
+    pickle is read with the restricted unpickler of `cmt.networks.nvlabs_pickle`: no code from the
+    file runs; its family comes from the pickled class of its network. Returns `{"out": Path,
+    "source": Path, "parameters": int, "encoder": {...}, "kind": "edm" | "edm2", "official_class"}`.
     """
     out = Path(out)
     if out.suffix != ".safetensors":
@@ -174,16 +248,17 @@ def convert_checkpoint(*, source, out, overwrite=False):
     if out.exists() and not overwrite:
         raise ArgumentError("out", f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     try:
-        path = _edm2_path(str(source))
+        path = _official_path(str(source))
     except (FileNotFoundError, ValueError) as error:
         raise ArgumentError("source", str(error)) from None
     if not path.is_file():
         raise ArgumentError("source", f"file not found: {path}")
     try:
-        loaded = read_edm2_pickle(path)
+        loaded = read_nvlabs_pickle(path)
     except (pickle.UnpicklingError, EOFError, ValueError) as error:
         raise ArgumentError("source", str(error)) from None
     save_network(out, loaded.net, extra_config={"source": str(path), "encoder": loaded.encoder,
-                                                "module_src_sha256": loaded.module_src_sha256})
+                                                "module_src_sha256": loaded.module_src_sha256,
+                                                "official_class": loaded.class_name})
     return {"out": out, "source": path, "parameters": sum(p.numel() for p in loaded.net.parameters()),
-            "encoder": loaded.encoder}
+            "encoder": loaded.encoder, "kind": loaded.kind, "official_class": loaded.class_name}

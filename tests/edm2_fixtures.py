@@ -36,8 +36,10 @@ class Persistent:
         self.class_name, self.state = class_name, state
 
 
-def write_edm2_pickle(path, monkeypatch, data, module_src):
-    """Pickle `data` as EDM2 would; `monkeypatch` (pytest's) holds the fake modules named in the file."""
+def write_edm2_pickle(path, monkeypatch, data, module_src, persistent=PERSISTENT):
+    """Pickle `data` as EDM2 would; `monkeypatch` (pytest's) holds the fake modules named in the file.
+    `persistent`: the network classes that pickle through persistence (EDM's for `edm_fixtures`); a
+    network's recorded init kwargs are its `_edm2_init_kwargs` / `_official_init_kwargs`."""
     def _reconstruct_persistent_obj(meta):
         raise AssertionError("never called: only its name goes into the pickle")
 
@@ -51,11 +53,14 @@ def write_edm2_pickle(path, monkeypatch, data, module_src):
 
     class PersistencePickler(pickle.Pickler):
         def reducer_override(self, obj):
-            if isinstance(obj, PERSISTENT):
-                state = dict(obj.__dict__, _init_args=(), _init_kwargs=getattr(obj, "_edm2_init_kwargs", {}))
+            if isinstance(obj, persistent):
+                kwargs = getattr(obj, "_edm2_init_kwargs", None) or getattr(obj, "_official_init_kwargs", {})
+                state = dict(obj.__dict__, _init_args=(), _init_kwargs=kwargs)
                 class_name = type(obj).__name__
-            elif isinstance(obj, Persistent):
-                state, class_name = dict(obj.state, _init_args=(), _init_kwargs={}), obj.class_name
+            elif isinstance(obj, Persistent):   # its state is the one dict, as persistence pickles __dict__
+                state, class_name = obj.state, obj.class_name
+                state.setdefault("_init_args", ())
+                state.setdefault("_init_kwargs", {})
             else:
                 return NotImplemented
             meta = dict(type="class", version=6, module_src=module_src, class_name=class_name, state=state)

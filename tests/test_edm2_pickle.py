@@ -12,7 +12,7 @@ from cmt.checkpoint import load_network
 from cmt.cli.convert import main as convert_main
 from cmt.errors import ArgumentError
 from cmt.networks import edm2
-from cmt.networks.edm2_pickle import UnsafePickleError, load_edm2_pickle
+from cmt.networks.nvlabs_pickle import UnsafePickleError, load_edm2_pickle
 from cmt.teachers import EDM2_PRESETS as PRESETS
 from cmt.teachers import convert_checkpoint, fetch_edm2_checkpoint, resolve_teacher
 
@@ -94,7 +94,7 @@ def test_code_hidden_inside_a_persistent_state_is_refused(tmp_path, monkeypatch)
 def test_not_a_network_pickle(tmp_path, monkeypatch):
     path = tmp_path / "loss.pkl"
     write_edm2_pickle(path, monkeypatch, dict(ema=Persistent("EDM2Loss", P_mean=0.0)), module_src="")
-    with pytest.raises(ValueError, match="'ema' is not an EDM2 Precond network \\(found EDM2Loss\\)"):
+    with pytest.raises(ValueError, match="its 'ema' network is of class EDM2Loss; expected an EDM2"):
         load_edm2_pickle(path)
 
 

@@ -17,10 +17,10 @@ from cmt.solvers import SOLVERS
 
 @click.command(context_settings=CONTEXT_SETTINGS)
 @click.option("--teacher", required=True,
-              help="A checkpoint of ours (path), a built-in name (mnist, toy:NAME), 'edm2' with --teacher-ckpt, "
-                   "or an EDM2 preset.")
+              help="A checkpoint of ours (path), a built-in name (mnist, toy:NAME), 'edm2' or 'edm' with "
+                   "--teacher-ckpt, an EDM2 or EDM preset, or an official .pkl.")
 @click.option("--teacher-ckpt", default=DEFAULTS["teacher_ckpt"],
-              help="For --teacher edm2: an official .pkl, its .safetensors export or a preset.")
+              help="For --teacher edm2 / edm: an official .pkl, its .safetensors export or a preset.")
 @click.option("--guidance", type=float, default=DEFAULTS["guidance"],
               help="Guidance weight: autoguidance with --guide-ckpt, else classifier-free (conditional teachers); "
                    "1 is no guidance.")

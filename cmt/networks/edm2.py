@@ -2,7 +2,7 @@
 
 Architecture of "Analyzing and Improving the Training Dynamics of Diffusion Models" (Karras et
 al. 2024, NVlabs/edm2 `training/networks_edm2.py`). Module and parameter names are EDM2's, so the
-state dict of an official checkpoint loads by name (see `cmt.networks.edm2_pickle`).
+state dict of an official checkpoint loads by name (see `cmt.networks.nvlabs_pickle`).
 
 Additions of ours:
 - `Precond(flow_map=True)`: a second noise embedding for `target_sigma` (the flow-map / consistency

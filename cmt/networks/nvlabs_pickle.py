@@ -1,30 +1,47 @@
-"""Official EDM2 network pickles, read without running any code from the file.
+"""Official NVlabs network pickles (EDM and EDM2), read without running any code from the file.
 
-An EDM2 `.pkl` (NVlabs/edm2) is a pickled dict `{"ema", "encoder", "loss_fn", "dataset_kwargs"}`
-whose networks were made with `torch_utils.persistence`: each persistent object pickles as
+An NVlabs/edm or NVlabs/edm2 `.pkl` is a pickled dict whose `ema` entry is the network: EDM2's
+`{"ema", "encoder", "loss_fn", "dataset_kwargs"}` (training_loop.py / reconstruct_phema.py), EDM's
+`{"ema", "loss_fn", "augment_pipe", "dataset_kwargs"}` (training/training_loop.py; ECT's
+ct_training_loop.py writes the same, sony/cmt's loops leave `loss_fn` out). The networks were made
+with `torch_utils.persistence`: each persistent object pickles as
 `torch_utils.persistence._reconstruct_persistent_obj(meta)` with
 `meta = {"type": "class", "version": 6, "module_src": <source of the whole module>,
 "class_name": ..., "state": <the object's __dict__>}`, and unpickling it with `pickle` would
 `exec` `module_src`. Here a restricted unpickler answers only an explicit allow-list of globals:
 persistent objects become inert `PersistentObject` records (the source is kept as text, never
-run), tensors are rebuilt by torch's weights-only loader, and the few containers a module's
-state uses become plain stand-ins. Any other global is refused with `UnsafePickleError`.
-From the records we read the init kwargs and tensors of `ema` and build our own
-`cmt.networks.edm2.Precond`; the `encoder` entry gives the latent settings (see cmt.latents).
-The official presets, their download and `cmt-convert` are in `cmt.teachers` / `cmt.cli.convert`.
+run), tensor storages are read by torch's weights-only loader (a storage blob is itself a torch
+file, so it gets the same refusal), and the few containers and callables a pickle of a module
+names become plain stand-ins (a bound method, e.g. ECT's `ECMLoss.t_to_r`, is a `MethodRecord`:
+never looked up). Any other global is refused with `UnsafePickleError`.
+
+Which network it is comes from the pickled class of `ema`, never from the file name: `Precond` is
+EDM2's (our `cmt.networks.edm2.Precond`), `EDMPrecond`, `VPPrecond`, `VEPrecond`, `iDDPMPrecond`
+(NVlabs/edm) and `ECMPrecond` (locuslab/ect, sony/cmt) are EDM's (`cmt.networks.edm`). From the
+record we read the init kwargs and tensors and build our own network; EDM2's `encoder` entry gives
+the latent settings (see cmt.latents). The official presets, their download and `cmt-convert` are
+in `cmt.teachers` / `cmt.cli.convert`.
 """
 import collections
 import dataclasses
 import hashlib
 import io
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cmt.networks import load_state_dict_strict_or_explain
+from cmt.networks import build_network, load_state_dict_strict_or_explain
+from cmt.networks.edm import PRECONDS as EDM_PRECONDS
+from cmt.networks.edm import config_from_official
 from cmt.networks.edm2 import Precond
+
+# The pickled class of `ema` -> which family it is.
+EDM2_CLASSES = ("Precond",)
+EDM_CLASSES = tuple(EDM_PRECONDS)
+KINDS = {"edm2": EDM2_CLASSES, "edm": EDM_CLASSES}
 
 
 class UnsafePickleError(pickle.UnpicklingError):
@@ -59,6 +76,13 @@ class StateRecord:
         self.state = state[0] if isinstance(state, tuple) else state
 
 
+@dataclasses.dataclass
+class MethodRecord:
+    """What `getattr(owner, name)` would have returned (a bound method in an object's state), unresolved."""
+    owner: object
+    name: str
+
+
 class RecordDict(dict):
     """Stand-in for `dnnlib.util.EasyDict` (a dict subclass)."""
 
@@ -84,11 +108,33 @@ def _reconstructor(cls, base, state):
 
 
 def _load_storage_bytes(data):
-    return torch.load(io.BytesIO(data), weights_only=True)  # torch's own allow-listed loader
+    """A tensor storage: the blob is a torch file, read by torch's own allow-listed (weights-only) loader."""
+    if not isinstance(data, (bytes, bytearray)):
+        raise UnsafePickleError("a tensor storage must be stored as bytes")
+    try:
+        storage = torch.load(io.BytesIO(data), weights_only=True)
+    except pickle.UnpicklingError as error:   # torch's message ends in advice to load it unsafely
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        raise UnsafePickleError(f"refusing a tensor storage that holds Python objects"
+                                f"{f' (global {found.group(1)})' if found else ''}") from None
+    if not isinstance(storage, (torch.TypedStorage, torch.UntypedStorage)):
+        raise UnsafePickleError(f"a tensor storage blob holds a {type(storage).__name__}, not a storage")
+    return storage
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
+    """torch's `_rebuild_tensor_v2` without the pickled backward hooks (nothing stored is ever called)."""
+    if not isinstance(storage, (torch.TypedStorage, torch.UntypedStorage)):
+        raise UnsafePickleError(f"a tensor needs a storage, found {type(storage).__name__}")
+    return torch._utils._rebuild_tensor_v2(storage, storage_offset, size, stride, False, collections.OrderedDict())
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
     return data
+
+
+def _method_record(owner, name):
+    return MethodRecord(owner, str(name))
 
 
 def _numpy_dtype(name, align=False, copy=False):
@@ -109,7 +155,7 @@ def _numpy_global(name):
 ALLOWED_GLOBALS = {
     ("torch_utils.persistence", "_reconstruct_persistent_obj"): lambda: _reconstruct_persistent_obj,
     ("torch.storage", "_load_from_bytes"): lambda: _load_storage_bytes,
-    ("torch._utils", "_rebuild_tensor_v2"): lambda: torch._utils._rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_tensor_v2"): lambda: _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): lambda: _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): lambda: _rebuild_parameter,
     ("collections", "OrderedDict"): lambda: collections.OrderedDict,
@@ -117,6 +163,7 @@ ALLOWED_GLOBALS = {
     ("builtins", "frozenset"): lambda: frozenset,
     ("copyreg", "_reconstructor"): lambda: _reconstructor,
     ("builtins", "object"): lambda: object,
+    ("builtins", "getattr"): lambda: _method_record,
     ("dnnlib.util", "EasyDict"): lambda: RecordDict,
     ("numpy", "ndarray"): lambda: np.ndarray,
     ("numpy", "dtype"): lambda: _numpy_dtype,
@@ -124,7 +171,8 @@ ALLOWED_GLOBALS = {
     ("numpy._core.multiarray", "_reconstruct"): lambda: _numpy_global("_reconstruct"),
     ("numpy.core.multiarray", "scalar"): lambda: _numpy_global("scalar"),
     ("numpy._core.multiarray", "scalar"): lambda: _numpy_global("scalar"),
-    **{("torch.nn.modules.container", name): (lambda record=record: record) for name, record in _MODULE_RECORDS.items()},
+    **{("torch.nn.modules.container", name): (lambda record=record: record)
+       for name, record in _MODULE_RECORDS.items()},
 }
 
 
@@ -134,8 +182,8 @@ class RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         factory = ALLOWED_GLOBALS.get((module, name))
         if factory is None:
-            raise UnsafePickleError(f"refusing global '{module}.{name}': not in the EDM2 pickle allow-list "
-                                    "(the file may be tampered with or is not an EDM2 network pickle)")
+            raise UnsafePickleError(f"refusing global '{module}.{name}': not in the allow-list of NVlabs network "
+                                    "pickles (the file may be tampered with, or is not an EDM / EDM2 network pickle)")
         return factory()
 
     def persistent_load(self, pid):
@@ -143,9 +191,11 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 
 @dataclasses.dataclass
-class EDM2Pickle:
-    net: Precond               # the `ema` network, float32, eval mode
-    init_kwargs: dict          # Precond's kwargs as recorded in the pickle
+class NVlabsPickle:
+    net: torch.nn.Module       # the `ema` network as ours (edm2 Precond or an edm preconditioning), float32, eval
+    kind: str                  # "edm2" or "edm"
+    class_name: str            # the pickled class of `ema` (Precond, EDMPrecond, ECMPrecond, ...)
+    init_kwargs: dict          # our network's config, from the kwargs recorded in the pickle
     encoder: dict              # {"kind": "standard_rgb"} or {"kind": "stability_vae", "vae_name", "scale", "bias"}
     module_src_sha256: str     # digest of the (never run) network source stored in the file
 
@@ -183,23 +233,44 @@ def _encoder_info(record):
 
 
 _PRECOND_POSITIONAL = ("img_resolution", "img_channels", "label_dim")
+_KIND_NAMES = {"edm2": "EDM2 (NVlabs/edm2)", "edm": "EDM (NVlabs/edm, ECT, sony/cmt)"}
 
 
-def precond_from_record(record, source="pickle"):
-    """Our `Precond` with the weights of an EDM2 `Precond` record (float32, eval mode)."""
-    if not isinstance(record, PersistentObject) or record.class_name != "Precond":
+def kind_of_record(record):
+    """"edm2" or "edm" from the pickled class of a network record, else None."""
+    name = record.class_name if isinstance(record, PersistentObject) else None
+    return next((kind for kind, classes in KINDS.items() if name in classes), None)
+
+
+def network_from_record(record, source="pickle", expect=None):
+    """Our network with the weights of an official network record (float32, eval mode).
+
+    `expect`: "edm" or "edm2" to accept only that family (a file of the other is refused, naming the
+    teacher kind that reads it); None accepts both.
+    """
+    kind = kind_of_record(record)
+    if kind is None or (expect is not None and kind != expect):
         found = record.class_name if isinstance(record, PersistentObject) else type(record).__name__
-        raise ValueError(f"{source}: 'ema' is not an EDM2 Precond network (found {found})")
-    kwargs = dict(zip(_PRECOND_POSITIONAL, record.init_args), **record.init_kwargs)
-    kwargs.pop("class_name", None)
-    net = Precond(**kwargs)
+        wanted = [expect] if expect else list(KINDS)
+        expected = " or ".join(f"an {_KIND_NAMES[name]} network ({', '.join(KINDS[name])})" for name in wanted)
+        hint = f"; it is an {_KIND_NAMES[kind]} network: use teacher '{kind}'" if kind else ""
+        raise ValueError(f"{source}: its 'ema' network is of class {found}; expected {expected}{hint}")
+    if kind == "edm2":
+        kwargs = dict(zip(_PRECOND_POSITIONAL, record.init_args), **record.init_kwargs)
+        kwargs.pop("class_name", None)
+        net = Precond(**kwargs)
+    else:
+        net = build_network(config_from_official(record.class_name, record.init_args, record.init_kwargs))
     tensors = {key: value.to(torch.float32) for key, value in _module_tree_tensors(record, "", {}).items()}
     load_state_dict_strict_or_explain(net, tensors, source=source)
     return net.eval()
 
 
-def load_edm2_pickle(path_or_file):
-    """Read an official EDM2 network pickle without running code from it -> `EDM2Pickle`."""
+def load_nvlabs_pickle(path_or_file, expect=None):
+    """Read an official EDM or EDM2 network pickle without running code from it -> `NVlabsPickle`.
+
+    `expect`: "edm" / "edm2" to refuse the other family (ValueError naming the kind that reads it).
+    """
     source = getattr(path_or_file, "name", str(path_or_file))
     if isinstance(path_or_file, (str, Path)):
         with open(path_or_file, "rb") as handle:
@@ -209,8 +280,23 @@ def load_edm2_pickle(path_or_file):
     if isinstance(data, PersistentObject):  # a bare pickled network
         data = {"ema": data}
     if not isinstance(data, dict) or "ema" not in data:
-        raise ValueError(f"{source}: not an EDM2 network pickle (expected a dict with an 'ema' entry)")
+        found = (f"a dict with {', '.join(map(repr, list(data)[:8]))}" if isinstance(data, dict)
+                 else f"a {type(data).__name__}")
+        raise ValueError(f"{source}: not an EDM / EDM2 network pickle: expected a dict with an 'ema' network, "
+                         f"found {found}")
     record = data["ema"]
-    net = precond_from_record(record, source)
-    return EDM2Pickle(net=net, init_kwargs=dict(net.config), encoder=_encoder_info(data.get("encoder")),
-                      module_src_sha256=hashlib.sha256(record.module_src.encode()).hexdigest())
+    net = network_from_record(record, source, expect)
+    kind = kind_of_record(record)
+    encoder = _encoder_info(data.get("encoder")) if kind == "edm2" else {"kind": "standard_rgb"}
+    return NVlabsPickle(net=net, kind=kind, class_name=record.class_name, init_kwargs=dict(net.config),
+                        encoder=encoder, module_src_sha256=hashlib.sha256(record.module_src.encode()).hexdigest())
+
+
+def load_edm2_pickle(path_or_file):
+    """An official EDM2 network pickle (an EDM one is refused) -> `NVlabsPickle`."""
+    return load_nvlabs_pickle(path_or_file, expect="edm2")
+
+
+def load_edm_pickle(path_or_file):
+    """An official EDM (v1) network pickle, ECT's and sony/cmt's included (an EDM2 one is refused)."""
+    return load_nvlabs_pickle(path_or_file, expect="edm")
