@@ -1,4 +1,4 @@
-"""Networks: EDM2's U-Net (`edm2`) and a small MLP (`mlp`), both EDM-preconditioned denoisers.
+"""Networks: EDM2's U-Net (`edm2`), a small MLP (`mlp`) and SiT transformers (`sit`), all denoisers in EDM sigma space.
 
 A network is described by a plain config dict: its init kwargs plus `"architecture"`. Model code
 only: files (our checkpoints, downloads) are `cmt.checkpoint`'s and `cmt.teachers`'.
@@ -7,12 +7,13 @@ import copy
 
 from cmt.networks.edm2 import Precond
 from cmt.networks.mlp import MLPDenoiser
+from cmt.networks.sit import SiT
 
-ARCHITECTURES = {"edm2": Precond, "mlp": MLPDenoiser}
+ARCHITECTURES = {"edm2": Precond, "mlp": MLPDenoiser, "sit": SiT}
 
 
 def build_network(config):
-    """Build a network from `config` (`{"architecture": "edm2" | "mlp", **init_kwargs}`)."""
+    """Build a network from `config` (`{"architecture": "edm2" | "mlp" | "sit", **init_kwargs}`)."""
     kwargs = dict(config)
     architecture = kwargs.pop("architecture", None)
     if architecture not in ARCHITECTURES:
@@ -51,5 +52,5 @@ def load_state_dict_strict_or_explain(net, state_dict, source="state dict", allo
     return net
 
 
-__all__ = ["ARCHITECTURES", "MLPDenoiser", "Precond", "build_network", "load_state_dict_strict_or_explain",
+__all__ = ["ARCHITECTURES", "MLPDenoiser", "Precond", "SiT", "build_network", "load_state_dict_strict_or_explain",
            "network_config"]
