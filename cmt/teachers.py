@@ -6,7 +6,9 @@ Accepted:
   `cmt/assets/teachers/<name with ':' -> '-'>.safetensors`;
 - `edm2` with `ckpt` = an official EDM2 `.pkl` (path or URL), a `.safetensors` export of one, or a
   preset name; or a preset name directly (`edm2-img64-s`, `edm2-img512-xs`, ...), downloaded into
-  the cache (`cmt.download`, `$CMT_CACHE/edm2`) when online.
+  the cache (`cmt.download`, `$CMT_CACHE/edm2`) when online;
+- a SiT size (`sit-s/2` ... `sit-xl/8`) with `ckpt` = an official SiT `.pt` (or ours) of that size;
+  `sit-xl/2` without one is SiT's released ImageNet-256 checkpoint, downloaded into `$CMT_CACHE/sit`.
 
 `convert_checkpoint` (the `cmt-convert` command) turns an official EDM2 pickle into our
 `.safetensors`.
@@ -19,6 +21,8 @@ from cmt.checkpoint import load_network, read_edm2_pickle, read_safetensors, sav
 from cmt.download import DownloadError, fetch, is_url
 from cmt.errors import ArgumentError
 from cmt.guidance import apply_guidance
+from cmt.networks.sit import SIT_PRESETS
+from cmt.sit_checkpoint import SIT_ENCODER, SIT_LABEL_DROPOUT, SIT_XL2_256_FILE, SIT_XL2_256_URL, load_sit_checkpoint
 
 BUILTIN_TEACHERS = ("mnist", "toy:checkerboard", "toy:8gaussians", "toy:moons")
 # The share of label-free training of the built-in teachers (their recipes, cmt/assets/teachers/README.md):
@@ -75,13 +79,39 @@ def _edm2_path(source):
     return fetch_edm2_checkpoint(source) if source in EDM2_PRESETS or is_url(source) else Path(source)
 
 
+def fetch_sit_checkpoint(name_or_url=SIT_XL2_256_FILE):
+    """Local path of SiT's released `SiT-XL-2-256x256.pt` (by that name) or a URL, downloaded once into
+    `$CMT_CACHE/sit` (willisma/SiT download.py's URL)."""
+    official = name_or_url == SIT_XL2_256_FILE
+    try:
+        return fetch(SIT_XL2_256_URL if official else name_or_url, subdir="sit",
+                     filename=SIT_XL2_256_FILE if official else None)
+    except DownloadError as error:
+        raise DownloadError(f"{error}, or pass the path of a local copy instead") from error
+
+
+def _resolve_sit(size, ckpt, device):
+    """A SiT velocity teacher of the named size: a checkpoint path or URL, or SiT's release (sit-xl/2)."""
+    if ckpt is None and size != "sit-xl/2":
+        raise ValueError(f"teacher {size!r} needs a checkpoint (a SiT .pt state dict or ours); only sit-xl/2 "
+                         "(ImageNet 256) is released")
+    source = SIT_XL2_256_FILE if ckpt is None else str(ckpt)
+    download = is_url(source) or (source == SIT_XL2_256_FILE and not Path(source).is_file())
+    path = fetch_sit_checkpoint(source) if download else Path(source)
+    net = load_sit_checkpoint(path, size=size, flow_map=False, device=device)
+    encoder = read_safetensors(path)[2].get("encoder") if path.suffix == ".safetensors" else None
+    return net, _identity("sit", path, net, preset=SIT_XL2_256_FILE if source == SIT_XL2_256_FILE else None,
+                          size=size, encoder=encoder or SIT_ENCODER)
+
+
 def _identity(kind, path, net, **more):
     return {"kind": kind, "path": str(path), "sha256": file_sha256(path), "config": dict(net.config), **more}
 
 
 def _accepted():
     return ("a checkpoint path (.safetensors, .pt, .pkl), a built-in name (" + ", ".join(BUILTIN_TEACHERS)
-            + "), 'edm2' with a checkpoint, or an EDM2 preset (" + ", ".join(sorted(EDM2_PRESETS)) + ")")
+            + "), 'edm2' with a checkpoint, an EDM2 preset (" + ", ".join(sorted(EDM2_PRESETS)) + ")"
+            + ", or a SiT size (" + ", ".join(SIT_PRESETS) + ") with a checkpoint")
 
 
 def _resolve_edm2(source, device):
@@ -102,8 +132,9 @@ def _resolve_edm2(source, device):
 def resolve_teacher(name_or_path, ckpt=None, device="cpu", guidance=None, guide_ckpt=None):
     """`(net, identity)` for a teacher; identity = {"kind", "path", "sha256", "config", ...}.
 
-    `kind` is "checkpoint" (a path), "builtin" or "edm2" (edm2 identities also carry `preset` and
-    `encoder`: the latent encoder settings of a latent-space model, or standard_rgb for pixels).
+    `kind` is "checkpoint" (a path), "builtin", "edm2" or "sit" (edm2 and sit identities also carry
+    `preset` and `encoder`: the latent encoder settings of a latent-space model, or standard_rgb for
+    pixels; sit ones their `size`).
     With `guidance` (a weight other than 1) the net is a guided denoiser (`cmt.guidance.apply_guidance`):
     autoguidance by the teacher `guide_ckpt` names (any form accepted here), else classifier-free
     guidance; then `identity["guidance"]` holds its record. Guidance errors raise `ArgumentError`
@@ -131,6 +162,8 @@ def teacher_label_dropout(identity):
     checkpoints (`label_dropout`), None when unknown (then classifier-free guidance is allowed)."""
     if identity.get("kind") == "edm2":
         return 0.0
+    if identity.get("kind") == "sit":
+        return SIT_LABEL_DROPOUT
     if identity.get("kind") == "builtin":
         return BUILTIN_LABEL_DROPOUT.get(identity.get("name"))
     path = Path(str(identity.get("path", "")))
@@ -146,6 +179,8 @@ def _resolve(name, ckpt, device):
         return _resolve_edm2(str(ckpt), device)
     if name in EDM2_PRESETS or is_url(name):
         return _resolve_edm2(name, device)
+    if name in SIT_PRESETS:
+        return _resolve_sit(name, ckpt, device)
     if name in BUILTIN_TEACHERS:
         path = builtin_teacher_path(name)
         if not path.is_file():

@@ -74,6 +74,12 @@ DEFAULTS = {
 }
 
 
+def is_sit_state_dict(state_dict):
+    """Whether `state_dict` has SiT's layout (an official or MeanFlow-port checkpoint's weights)."""
+    keys = ("x_embedder.proj.weight", "pos_embed", "t_embedder.mlp.0.weight")
+    return isinstance(state_dict, dict) and all(torch.is_tensor(state_dict.get(key)) for key in keys)
+
+
 def sit_config(size, data_shape=(4, 32, 32), label_dim=1000, **options):
     """The config (for `cmt.networks.build_network`) of a SiT of the named size, e.g. "sit-b/4";
     `options`: any other `SiT` keyword (learn_sigma, flow_map, time_convention, ...)."""
