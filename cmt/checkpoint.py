@@ -13,6 +13,7 @@ downstream opens the file again to learn what the network is or how to sample it
 `reading_once()` (every command's entry point opens one) a file is read and parsed once, however
 many loads ask for it.
 """
+import argparse
 import contextlib
 import contextvars
 import copy
@@ -31,6 +32,7 @@ from cmt.errors import FileFormatError
 from cmt.outputs import use_default_mode
 from cmt.networks import ARCHITECTURES, build_network, load_state_dict_strict_or_explain, network_config
 from cmt.networks.nvlabs_pickle import load_nvlabs_pickle
+from cmt.networks.sit import is_sit_state_dict
 
 
 def save_network(path, net, extra_config=None):
@@ -60,7 +62,8 @@ def read_json_file(path, what="JSON file"):
 
 def read_torch_file(path, what="checkpoint", mmap=False):
     """The contents of a `.pt` file, read with `torch.load(weights_only=True)`: tensors and plain
-    Python values only. An empty, truncated or foreign file, or one holding objects whose pickle
+    Python values only (and `argparse.Namespace`, a plain attribute bag: SiT's and MeanFlow's train.py
+    store their args so). An empty, truncated or foreign file, or one holding objects whose pickle
     could run code, is a FileFormatError naming the file (and never suggests weights_only=False)."""
     path = Path(path)
     if not path.is_file():
@@ -71,7 +74,8 @@ def read_torch_file(path, what="checkpoint", mmap=False):
         raise FileFormatError(f"{path}: not a torch {what} (a .pt written by torch.save); the file is foreign "
                               "or truncated")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         # torch's message ends in advice to load it unsafely; keep only what it refused
         found = re.search(r"GLOBAL ([\w.]+)", str(error))
@@ -167,9 +171,13 @@ def _parse_checkpoint(path):
     if path.suffix == ".safetensors":
         state_dict, config, extra = read_safetensors(path)
         return config, {"ema": state_dict}, extra
-    checkpoint = read_torch_file(path)
+    checkpoint = read_once("torch", path, lambda: read_torch_file(path))
     if not isinstance(checkpoint, dict):
         raise FileFormatError(f"{path}: expected a training checkpoint dict with 'config' and 'net'/'ema'")
+    if "config" not in checkpoint and is_sit_state_dict(checkpoint.get("ema", checkpoint)):
+        raise FileFormatError(f"{path}: an official SiT / MeanFlow state dict, not a cmt checkpoint; load it as "
+                              "a SiT teacher: --teacher sit-xl/2 (its size) --teacher-ckpt PATH "
+                              "(cmt.teachers.resolve_teacher('sit-xl/2', ckpt=PATH))")
     config = _network_config_of(checkpoint, path)
     weights = {name: checkpoint[name] for name in ("net", "ema") if isinstance(checkpoint.get(name), dict)}
     record = {name: value for name, value in checkpoint.items() if name not in _STATE_ENTRIES + ("config",)}

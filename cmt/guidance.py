@@ -16,7 +16,7 @@ from cmt.errors import ArgumentError
 class GuidedDenoiser(torch.nn.Module):
     """`guide(x) + weight * (net(x) - guide(x))`; `guide_labels=False` calls the guide without labels."""
 
-    def __init__(self, net, guide, weight, kind, guide_labels=True, guide_identity=None):
+    def __init__(self, net, guide, weight, kind, guide_labels=True, guide_identity=None, channels=None):
         super().__init__()
         if guide is not net and tuple(guide.data_shape) != tuple(net.data_shape):
             raise ValueError(f"guide network data shape {tuple(guide.data_shape)} differs from the main "
@@ -26,6 +26,7 @@ class GuidedDenoiser(torch.nn.Module):
         self.kind = kind
         self.guide_labels = guide_labels
         self.guide_identity = guide_identity
+        self.channels = None if channels is None else int(channels)   # guide only the first `channels`
         self.data_shape, self.label_dim, self.sigma_data = net.data_shape, net.label_dim, net.sigma_data
         self.flow_map = False
         self.config = net.config
@@ -35,12 +36,16 @@ class GuidedDenoiser(torch.nn.Module):
         if self.weight == 1:
             return denoised
         reference = self.guide(x, sigma, labels if self.guide_labels else None).to(torch.float32)
-        return reference.lerp(denoised, self.weight)
+        guided = reference.lerp(denoised, self.weight)
+        if self.channels is None:
+            return guided
+        return torch.cat([guided[:, :self.channels], denoised[:, self.channels:]], dim=1)
 
     def describe(self):
         guide = self.guide_identity or {}
-        return {"kind": self.kind, "weight": self.weight,
-                "guide": {key: guide.get(key) for key in ("kind", "path", "sha256")} if guide else None}
+        record = {"kind": self.kind, "weight": self.weight,
+                  "guide": {key: guide.get(key) for key in ("kind", "path", "sha256")} if guide else None}
+        return record if self.channels is None else dict(record, channels=self.channels)
 
 
 def autoguidance(net, guide, weight, guide_identity=None):
@@ -48,13 +53,15 @@ def autoguidance(net, guide, weight, guide_identity=None):
     return GuidedDenoiser(net, guide, weight, "autoguidance", guide_labels=True, guide_identity=guide_identity)
 
 
-def classifier_free_guidance(net, weight, uncond=None, uncond_identity=None):
+def classifier_free_guidance(net, weight, uncond=None, uncond_identity=None, channels=None):
     """Classifier-free guidance against `uncond` (default: `net` itself with labels=None, which for
-    EDM2 networks is the all-zero label). Needs a class-conditional `net`."""
+    EDM2 networks is the all-zero label, for SiT its null class). Needs a class-conditional `net`.
+    `channels`: guide only the first `channels` channels, the rest stay conditional (SiT's and DiT's
+    `forward_with_cfg` guide 3 of the 4 latent channels: `cmt.networks.sit.SIT_CFG_CHANNELS`)."""
     if net.label_dim == 0:
         raise ValueError("classifier-free guidance needs a class-conditional teacher (label_dim > 0)")
     return GuidedDenoiser(net, net if uncond is None else uncond, weight, "classifier_free",
-                          guide_labels=False, guide_identity=uncond_identity)
+                          guide_labels=False, guide_identity=uncond_identity, channels=channels)
 
 
 def apply_guidance(net, guidance=None, guide=None, guide_identity=None, label_dropout=None):

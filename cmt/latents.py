@@ -3,7 +3,9 @@
 EDM2 (`training/encoders.py`, `StabilityVAEEncoder`) runs the VAE on pixels in [0, 1] (not the
 usual [-1, 1]) and maps its raw latents to "final" latents, the model's data, with per-channel
 `final = raw * scale + bias`, `scale = final_std / raw_std`, `bias = final_mean - raw_mean * scale`.
-Our images are in [-1, 1], so `decode` returns [-1, 1] and `encode` takes [-1, 1].
+Our images are in [-1, 1], so `decode` returns [-1, 1] and `encode` takes [-1, 1]. An encoder
+record may say `"vae_input_range": [-1, 1]`: SiT and DiT run the same VAE on pixels in [-1, 1]
+(willisma/SiT train.py `Normalize(0.5, 0.5)`, sample.py decodes straight to [-1, 1]).
 """
 from pathlib import Path
 
@@ -53,12 +55,15 @@ def load_vae(name_or_dir=EDM2_VAE, device="cpu"):
 class LatentCodec:
     """Images in [-1, 1] <-> EDM2 final latents through a VAE, in batches of `batch_size`."""
 
-    def __init__(self, vae, scale, bias, vae_name=None, batch_size=8):
+    def __init__(self, vae, scale, bias, vae_name=None, batch_size=8, vae_input_range=(0.0, 1.0)):
         self.vae = vae
         self.scale = torch.as_tensor(scale, dtype=torch.float32)
         self.bias = torch.as_tensor(bias, dtype=torch.float32)
         self.vae_name = vae_name
         self.batch_size = int(batch_size)
+        self.vae_input_range = tuple(float(value) for value in vae_input_range)
+        if self.vae_input_range not in ((0.0, 1.0), (-1.0, 1.0)):
+            raise ValueError(f"vae_input_range must be [0, 1] (EDM2) or [-1, 1] (SiT), got {list(vae_input_range)}")
 
     @classmethod
     def from_encoder_info(cls, info, vae=None, device="cpu"):
@@ -72,11 +77,15 @@ class LatentCodec:
         name = info.get("vae_name", EDM2_VAE)
         if vae is None or isinstance(vae, (str, Path)):
             vae = load_vae(vae or name, device=device)
-        return cls(vae, info["scale"], info["bias"], vae_name=name)
+        return cls(vae, info["scale"], info["bias"], vae_name=name,
+                   vae_input_range=info.get("vae_input_range", (0.0, 1.0)))
 
     def describe(self):
-        return {"kind": "stability_vae", "vae_name": self.vae_name, "scale": self.scale.tolist(),
-                "bias": self.bias.tolist()}
+        record = {"kind": "stability_vae", "vae_name": self.vae_name, "scale": self.scale.tolist(),
+                  "bias": self.bias.tolist()}
+        if self.vae_input_range != (0.0, 1.0):
+            record["vae_input_range"] = list(self.vae_input_range)
+        return record
 
     def _channels(self, values, like):
         return values.to(like.device).reshape(1, -1, 1, 1)
@@ -86,7 +95,9 @@ class LatentCodec:
         """Final latents of images in [-1, 1]; `sample=False` takes the posterior mean."""
         latents = []
         for batch in images.split(self.batch_size):
-            pixels = (batch.to(torch.float32) + 1) / 2  # EDM2's VAE input range is [0, 1]
+            pixels = batch.to(torch.float32)
+            if self.vae_input_range == (0.0, 1.0):
+                pixels = (pixels + 1) / 2  # EDM2's VAE input range is [0, 1]
             posterior = self.vae.encode(pixels.to(self.vae.dtype))["latent_dist"]
             mean, std = posterior.mean.to(torch.float32), posterior.std.to(torch.float32)
             if sample:
@@ -101,4 +112,6 @@ class LatentCodec:
         raw = (latents.to(torch.float32) - self._channels(self.bias, latents)) / self._channels(self.scale, latents)
         pixels = torch.cat([self.vae.decode(batch.to(self.vae.dtype))["sample"].to(torch.float32)
                             for batch in raw.split(self.batch_size)])
-        return pixels.clamp(0, 1) * 2 - 1
+        if self.vae_input_range == (0.0, 1.0):
+            return pixels.clamp(0, 1) * 2 - 1
+        return pixels.clamp(-1, 1)

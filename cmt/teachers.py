@@ -12,6 +12,8 @@ Accepted:
   preset name directly (`edm-cifar10-32x32-uncond-vp`, `baseline-cifar10-32x32-uncond-ve`, ...),
   downloaded into `$CMT_CACHE/edm`;
 - any `.pkl` path or URL: EDM or EDM2 by the pickled class of its network (never by its name).
+- a SiT size (`sit-s/2` ... `sit-xl/8`) with `ckpt` = an official SiT `.pt` (or ours) of that size;
+  `sit-xl/2` without one is SiT's released ImageNet-256 checkpoint, downloaded into `$CMT_CACHE/sit`.
 
 `load_teacher` gives the network alone; `convert_checkpoint` (the `cmt-convert` command) turns an
 official EDM or EDM2 pickle into our `.safetensors`.
@@ -24,6 +26,8 @@ from cmt.checkpoint import load_network, load_official_pickle, network_record, r
 from cmt.download import DownloadError, fetch, is_url
 from cmt.errors import ArgumentError
 from cmt.guidance import apply_guidance
+from cmt.networks.sit import SIT_PRESETS
+from cmt.sit_checkpoint import SIT_ENCODER, SIT_LABEL_DROPOUT, SIT_XL2_256_FILE, SIT_XL2_256_URL, load_sit_checkpoint
 
 BUILTIN_TEACHERS = ("mnist", "toy:checkerboard", "toy:8gaussians", "toy:moons")
 # The share of label-free training of the built-in teachers (their recipes, cmt/assets/teachers/README.md):
@@ -122,6 +126,31 @@ def _official_path(source, kind=None):
     return Path(source)
 
 
+def fetch_sit_checkpoint(name_or_url=SIT_XL2_256_FILE):
+    """Local path of SiT's released `SiT-XL-2-256x256.pt` (by that name) or a URL, downloaded once into
+    `$CMT_CACHE/sit` (willisma/SiT download.py's URL)."""
+    official = name_or_url == SIT_XL2_256_FILE
+    try:
+        return fetch(SIT_XL2_256_URL if official else name_or_url, subdir="sit",
+                     filename=SIT_XL2_256_FILE if official else None)
+    except DownloadError as error:
+        raise DownloadError(f"{error}, or pass the path of a local copy instead") from error
+
+
+def _resolve_sit(size, ckpt, device):
+    """A SiT velocity teacher of the named size: a checkpoint path or URL, or SiT's release (sit-xl/2)."""
+    if ckpt is None and size != "sit-xl/2":
+        raise ValueError(f"teacher {size!r} needs a checkpoint (a SiT .pt state dict or ours); only sit-xl/2 "
+                         "(ImageNet 256) is released")
+    source = SIT_XL2_256_FILE if ckpt is None else str(ckpt)
+    download = is_url(source) or (source == SIT_XL2_256_FILE and not Path(source).is_file())
+    path = fetch_sit_checkpoint(source) if download else Path(source)
+    net = load_sit_checkpoint(path, size=size, flow_map=False, device=device)
+    encoder = network_record(net).get("encoder")
+    return net, _identity("sit", path, net, preset=SIT_XL2_256_FILE if source == SIT_XL2_256_FILE else None,
+                          size=size, encoder=encoder or SIT_ENCODER)
+
+
 def _identity(kind, path, net, **more):
     return {"kind": kind, "path": str(path), "sha256": file_sha256(path), "config": dict(net.config), **more}
 
@@ -129,7 +158,8 @@ def _identity(kind, path, net, **more):
 def _accepted():
     return ("a checkpoint path (.safetensors, .pt, .pkl), a built-in name (" + ", ".join(BUILTIN_TEACHERS)
             + "), 'edm2' or 'edm' with a checkpoint, an EDM2 preset (" + ", ".join(sorted(EDM2_PRESETS))
-            + ") or an EDM preset (" + ", ".join(sorted(EDM_PRESETS)) + ")")
+            + "), an EDM preset (" + ", ".join(sorted(EDM_PRESETS)) + ") or a SiT size ("
+            + ", ".join(SIT_PRESETS) + ") with a checkpoint")
 
 
 def _resolve_official(source, device, expect=None):
@@ -161,9 +191,10 @@ def _resolve_official(source, device, expect=None):
 def resolve_teacher(name_or_path, ckpt=None, device="cpu", guidance=None, guide_ckpt=None):
     """`(net, identity)` for a teacher; identity = {"kind", "path", "sha256", "config", ...}.
 
-    `kind` is "checkpoint" (a path), "builtin", "edm2" or "edm" (official identities also carry
-    `preset` and `encoder`: the latent encoder settings of a latent-space model, or standard_rgb for
-    pixels; a pickle's also `official_class`, the pickled class of its network).
+    `kind` is "checkpoint" (a path), "builtin", "edm2", "edm" or "sit" (official identities also
+    carry `preset` and `encoder`: the latent encoder settings of a latent-space model, or
+    standard_rgb for pixels; a pickle's also `official_class`, the pickled class of its network;
+    sit ones their `size`).
     With `guidance` (a weight other than 1) the net is a guided denoiser (`cmt.guidance.apply_guidance`):
     autoguidance by the teacher `guide_ckpt` names (any form accepted here), else classifier-free
     guidance; then `identity["guidance"]` holds its record. Guidance errors raise `ArgumentError`
@@ -194,6 +225,8 @@ def teacher_label_dropout(identity, net):
         return 0.0
     if identity.get("kind") == "edm":
         return float((identity.get("config") or {}).get("label_dropout", 0.0))
+    if identity.get("kind") == "sit":
+        return SIT_LABEL_DROPOUT
     if identity.get("kind") == "builtin":
         return BUILTIN_LABEL_DROPOUT.get(identity.get("name"))
     return network_record(net).get("label_dropout")
@@ -216,6 +249,8 @@ def _resolve(name, ckpt, device):
         return _resolve_official(str(ckpt), device, expect=name)
     if _preset_kind(name) or is_url(name):
         return _resolve_official(name, device)
+    if name in SIT_PRESETS:
+        return _resolve_sit(name, ckpt, device)
     if name in BUILTIN_TEACHERS:
         path = builtin_teacher_path(name)
         if not path.is_file():

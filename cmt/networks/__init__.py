@@ -1,6 +1,7 @@
 """Networks: one module per family (EDM2's U-Net `edm2`; EDM's (v1) U-Nets under its
-preconditionings `edm`; a small MLP `mlp`), each an EDM-style denoiser D(x; sigma), each family
-described by its `FAMILY` record (`cmt.networks.family`, the network contract).
+preconditionings `edm`; SiT / DiT transformers `sit`; a small MLP `mlp`), each a denoiser D(x; sigma)
+in EDM sigma space, each family described by its `FAMILY` record (`cmt.networks.family`, the
+network contract).
 
 A network is described by a plain config dict: its init kwargs plus `"architecture"`, the name of
 its family. Model code only: files (our checkpoints, downloads) are `cmt.checkpoint`'s and
@@ -11,12 +12,12 @@ To add a family: one module with its networks and a `FAMILY = NetworkFamily(...)
 """
 import copy
 
-from cmt.networks import edm, edm2, mlp
+from cmt.networks import edm, edm2, mlp, sit
 from cmt.networks.edm2 import Precond
 from cmt.networks.family import NetworkFamily
 from cmt.networks.mlp import MLPDenoiser
 
-FAMILIES = {family.name: family for family in (edm2.FAMILY, edm.FAMILY, mlp.FAMILY)}
+FAMILIES = {family.name: family for family in (edm2.FAMILY, edm.FAMILY, sit.FAMILY, mlp.FAMILY)}
 # The build function of each architecture (what `build_network` looks up).
 ARCHITECTURES = {name: family.build for name, family in FAMILIES.items()}
 
