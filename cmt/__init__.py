@@ -9,6 +9,7 @@ The pipeline's entry points are plain functions, imported lazily so that `import
     cmt.post_train(init=..., method=..., data=..., out=...)  # phase 3: ECT / ECD / MeanFlow
     cmt.sample(ckpt=..., ...)                         # samples of a teacher or a student
     cmt.evaluate(samples=..., data=...)               # the metric of a set of samples
+    cmt.reconstruct_ema(snapshots=..., std=..., out=...)  # post-hoc EMA of any length from snapshots
 """
 import importlib
 import os
@@ -29,6 +30,7 @@ _ENTRY_POINTS = {
     "post_train": "cmt.trainers.post",
     "sample": "cmt.sampling",
     "evaluate": "cmt.evaluation",
+    "reconstruct_ema": "cmt.posthoc_ema",
     "ArgumentError": "cmt.errors",
 }
 __all__ = sorted(_ENTRY_POINTS)
