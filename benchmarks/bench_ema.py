@@ -1,13 +1,14 @@
 """Benchmark of EDM2's power-function EMA during training; prints the figures (no pass/fail).
 
-Two contenders, alternating in rounds (the order rotates from round to round, so a change of
-machine load hits both), each round `--steps` timed optimizer steps after `--warmup`, on a small
+Two contenders, taking optimizer steps in turn (the first of each pair alternates, so a change of
+machine load hits both), each round `--steps` timed steps each after `--warmup`, on a small
 EDM2 U-Net (`cmt.networks.edm2.Precond`, the MNIST-sized network of bench_mid.py) with the EDM2
 denoising loss of `cmt-train diffusion`:
 
 - plain: forward, backward, Adam, and the loop's one traditional EMA (`cmt.trainers.loop.update_ema`);
 - phema: the same step plus `cmt.phema.PowerFunctionEMA.update` of EDM2's two profiles (std 0.050
-  and 0.100). `phema_vs_plain` = phema / plain per round; target <= 1.05.
+  and 0.100). `phema_vs_plain`: the median over rounds of each round's median ratio of paired steps
+  (one of each, back to back); target <= 1.05.
 
 It also times `update()` alone (median of `--update-calls` calls) and counts the memory the two
 profiles hold against the training state (parameters, gradients, Adam's two moments, the EMA).
@@ -42,26 +43,31 @@ def tensor_bytes(tensors):
     return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
 
 
-def run_steps(net, batches, steps, warmup, batch_size, phema=None):
-    """Seconds per optimizer step (median after the warm-up): fwd, bwd, Adam, the loop's EMA and, with
-    `phema`, its update."""
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, betas=loop.TRAIN_DEFAULTS["betas"])
-    objective = functools.partial(diffusion_loss, label_dim=net.label_dim)
-    times = []
-    for step, batch in enumerate(batches[:warmup + steps]):
-        ctx = loop.Context(step=step, max_steps=warmup + steps, generator=torch.Generator().manual_seed(step),
+class Contender:
+    """One training setup: its own copy of the network, Adam, the loop's EMA and, with `phema`, the
+    power-function EMA of the default profiles; `step(batch)` returns its seconds."""
+
+    def __init__(self, net, phema):
+        self.net = copy.deepcopy(net)
+        self.ema = copy.deepcopy(net).eval().requires_grad_(False)
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=1e-3, betas=loop.TRAIN_DEFAULTS["betas"])
+        self.phema = PowerFunctionEMA(self.net) if phema else None
+        self.objective = functools.partial(diffusion_loss, label_dim=net.label_dim)
+        self.steps = 0
+
+    def step(self, batch):
+        ctx = loop.Context(step=self.steps, max_steps=10**6, generator=torch.Generator().manual_seed(self.steps),
                            device=torch.device("cpu"), accelerator=None)
         start = time.perf_counter()
-        loss, _ = objective(net, batch, ctx)
-        optimizer.zero_grad(set_to_none=True)
+        loss, _ = self.objective(self.net, batch, ctx)
+        self.optimizer.zero_grad(set_to_none=True)
         loss.mean().backward()
-        optimizer.step()
-        loop.update_ema(ema, net, EMA_BETA)
-        if phema is not None:
-            phema.update(net, phema.step + 1, batch_size)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[warmup:])
+        self.optimizer.step()
+        loop.update_ema(self.ema, self.net, EMA_BETA)
+        self.steps += 1
+        if self.phema is not None:
+            self.phema.update(self.net, self.steps, len(batch["data"]))
+        return time.perf_counter() - start
 
 
 def update_seconds(net, calls, batch_size):
@@ -93,18 +99,22 @@ def main(batch_size, steps, warmup, rounds, update_calls):
           f"batch {batch_size}; {torch.get_num_threads()} threads; {rounds} rounds of {steps} steps (+{warmup} "
           f"warm-up) per contender; profiles {', '.join(f'{std:.3f}' for std in DEFAULT_STDS)}")
 
-    contenders = {
-        "plain": lambda: run_steps(copy.deepcopy(net), batches, steps, warmup, batch_size),
-        "phema": lambda: (lambda copied: run_steps(copied, batches, steps, warmup, batch_size,
-                                                   PowerFunctionEMA(copied)))(copy.deepcopy(net)),
-    }
-    times = {name: [] for name in contenders}
+    times, ratios = {"plain": [], "phema": []}, []
     for k in range(rounds):
-        names = list(contenders)[k % 2:] + list(contenders)[:k % 2]
-        for name in names:
-            times[name].append(contenders[name]())
-        print(f"  round {k}: " + ", ".join(f"{name} {times[name][-1]:.4f} s/step" for name in contenders))
-    ratios = [a / b for a, b in zip(times["phema"], times["plain"])]
+        # Step by step in turn (the first of each pair alternates), so a change of machine load between
+        # steps hits both contenders alike; each round's figure is the median of its timed steps.
+        contenders = {"plain": Contender(net, phema=False), "phema": Contender(net, phema=True)}
+        seconds = {name: [] for name in contenders}
+        for step, batch in enumerate(batches):
+            names = list(contenders) if (step + k) % 2 == 0 else list(contenders)[::-1]
+            for name in names:
+                seconds[name].append(contenders[name].step(batch))
+        for name in contenders:
+            times[name].append(statistics.median(seconds[name][warmup:]))
+        # The ratio of the steps of one pair (run back to back), median over the round's pairs.
+        ratios.append(statistics.median(a / b for a, b in zip(seconds["phema"][warmup:], seconds["plain"][warmup:])))
+        print(f"  round {k}: " + ", ".join(f"{name} {times[name][-1]:.4f} s/step" for name in contenders)
+              + f", paired ratio {ratios[-1]:.3f}")
     update = update_seconds(copy.deepcopy(net), update_calls, batch_size)
 
     parameter_bytes = tensor_bytes(params)
