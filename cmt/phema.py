@@ -149,14 +149,16 @@ class PowerFunctionEMA:
         self.stds = check_stds(stds)
         self.exps = [float(std_to_exp(std)) for std in self.stds]
         self.names = [name for name, _ in net.named_parameters()]
-        self._params = [param.detach() for param in net.parameters()]
-        self.averages = [[self._accumulator(param).clone() for param in self._params] for _ in self.stds]
+        # The Parameter objects, not detached views: `net.to(device)` swaps their data in place of them.
+        self._params = list(net.parameters())
+        self.averages = [[param.detach().to(self._accumulator_dtype(param.dtype), copy=True) for param in self._params]
+                         for _ in self.stds]
         self.step = 0    # optimizer steps averaged so far
         self.nimg = 0    # images seen so far (EDM2's cur_nimg): the time unit of the profiles
 
     @staticmethod
-    def _accumulator(param):
-        return param.float() if param.dtype in (torch.float16, torch.bfloat16) else param
+    def _accumulator_dtype(dtype):
+        return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
     def betas(self, step, batch_size):
         """The decay of each profile for an update at optimizer step `step` (see `update`)."""
@@ -173,16 +175,27 @@ class PowerFunctionEMA:
         if int(batch_size) != batch_size or batch_size < 1:
             raise ValueError(f"PowerFunctionEMA.update: batch_size must be a positive integer, got {batch_size}")
         betas = self.betas(step, batch_size)
-        params = self._params if net is self.net else [param.detach() for param in net.parameters()]
+        params = self._params if net is self.net else list(net.parameters())
         if len(params) != len(self._params):
             raise ValueError(f"PowerFunctionEMA.update: the network has {len(params)} parameters, the EMA tracks "
                              f"{len(self._params)}")
-        if self.averages[0] and self.averages[0][0].device != params[0].device:
-            self.averages = [[average.to(params[0].device) for average in profile] for profile in self.averages]
-        sources = [self._accumulator(param) for param in params]
+        if not params:
+            return self._advance(step, batch_size)
+        accumulate = self._accumulator_dtype(params[0].dtype)
+        if self.averages[0][0].device != params[0].device or self.averages[0][0].dtype != accumulate:
+            # the network moved or was cast since (as a whole): the averages follow it, once
+            self.averages = [[average.to(param.device, self._accumulator_dtype(param.dtype))
+                              for average, param in zip(profile, params)] for profile in self.averages]
+        sources = params              # the usual case: the averages have the parameters' dtype, no copies
+        if any(param.dtype != average.dtype for param, average in zip(params, self.averages[0])):
+            # half-precision parameters: float32 copies to average in
+            sources = [param.to(average.dtype) for param, average in zip(params, self.averages[0])]
         targets = [average for profile in self.averages for average in profile]
-        weights = [1.0 - beta for beta in betas for _ in params]
+        weights = [weight for beta in betas for weight in [1.0 - beta] * len(params)]
         torch._foreach_lerp_(targets, sources * len(self.stds), weights)
+        self._advance(step, batch_size)
+
+    def _advance(self, step, batch_size):
         self.nimg += (step - self.step) * batch_size
         self.step = int(step)
 

@@ -91,6 +91,21 @@ def test_update_is_the_power_function_average_of_the_weights_seen():
         ema.update(net, 59, 5)   # not after the last update
 
 
+def test_the_tracker_follows_a_network_converted_after_it_was_made():
+    """`net.to(...)` after the tracker was built gives the parameters new data: updates read it (and the
+    averages follow the new device and dtype)."""
+    torch.manual_seed(0)
+    net = build_network(TEACHER)
+    ema = PowerFunctionEMA(net, stds=(0.1,))
+    net.to(torch.float64)
+    with torch.no_grad():
+        for param in net.parameters():
+            param.fill_(2.0)
+    ema.update(net, 1, 8)   # the first update copies the weights
+    assert all(torch.equal(average, torch.full_like(average, 2.0)) for average in ema.averages[0])
+    assert all(average.dtype == torch.float64 for average in ema.averages[0])
+
+
 def test_resume_from_the_state_dict_is_exact(tmp_path):
     torch.manual_seed(0)
     net = build_network(TEACHER)
