@@ -10,6 +10,7 @@ The pipeline's entry points are plain functions, imported lazily so that `import
     cmt.sample(ckpt=..., ...)                         # samples of a teacher or a student
     cmt.evaluate(samples=..., data=...)               # the metric of a set of samples
     cmt.load_teacher("edm", ckpt=...)                 # any teacher the commands take, as a denoiser module
+    cmt.reconstruct_ema(snapshots=..., std=..., out=...)  # post-hoc EMA of any length from snapshots
 """
 import importlib
 import os
@@ -31,6 +32,7 @@ _ENTRY_POINTS = {
     "sample": "cmt.sampling",
     "evaluate": "cmt.evaluation",
     "load_teacher": "cmt.teachers",
+    "reconstruct_ema": "cmt.posthoc_ema",
     "ArgumentError": "cmt.errors",
 }
 __all__ = sorted(_ENTRY_POINTS)

@@ -37,12 +37,19 @@ from cmt.networks.sit import is_sit_state_dict
 
 def save_network(path, net, extra_config=None):
     """Write `net`'s weights and config to `path` (`.safetensors`) and its config to `path.json`."""
+    return save_weights(path, net.state_dict(), network_config(net), extra_config)
+
+
+def save_weights(path, state_dict, config, extra_config=None):
+    """`save_network` for weights held apart from a module (averaged EMA weights, a post-hoc EMA
+    reconstruction): `state_dict` (name -> tensor, as `net.state_dict()` names them) and the
+    network `config` that `build_network` turns into the module they fit."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: save_network writes .safetensors files")
-    config = network_config(net)
+    config = dict(config)
     extra = dict(extra_config or {})
-    tensors = {key: value.detach().to("cpu").contiguous() for key, value in net.state_dict().items()}
+    tensors = {key: value.detach().to("cpu").contiguous() for key, value in state_dict.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"format": "cmt", "config": json.dumps(config),
                                             "extra": json.dumps(extra)})
@@ -88,16 +95,17 @@ def read_torch_file(path, what="checkpoint", mmap=False):
                               f"{str(error).splitlines()[0][:200] if str(error) else 'no detail'})") from None
 
 
-def read_safetensors(path):
+def read_safetensors(path, tensors=True):
     """`(state_dict, config, extra)` of a file written by `save_network` (config from the metadata,
-    or from the `.json` beside the file when the metadata has none)."""
+    or from the `.json` beside the file when the metadata has none). tensors=False reads the
+    metadata only (state_dict None)."""
     path = Path(path)
     if not path.is_file():
         raise FileFormatError(f"network file not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-            state_dict = {key: handle.get_tensor(key) for key in handle.keys()}
+            state_dict = {key: handle.get_tensor(key) for key in handle.keys()} if tensors else None
     except (SafetensorError, OSError) as error:
         raise FileFormatError(f"{path}: not a readable .safetensors file ({error}); empty, truncated or "
                               "another format") from None

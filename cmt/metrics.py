@@ -7,6 +7,9 @@
   Inception FID: its numbers are only comparable with other FD-MNIST numbers.
 - `InceptionFID`: the standard FID with the TorchScript Inception-v3 detector used by
   StyleGAN2-ADA / EDM and EDM-format reference statistics (`mu`, `sigma` in an .npz).
+- FD-DINOv2 (EDM2's second metric) uses `cmt.dinov2.DINOv2Detector`'s features with the same
+  `frechet_distance`; its reference statistics sit in the same .npz (`REFERENCE_KEYS`).
+- `FeatureMoments`: mean and covariance accumulated batch by batch (float64), never all features.
 - `embedded_metric(data, samples)`: the metric every command logs for the built-in data sets.
 """
 
@@ -23,6 +26,7 @@ from torch import nn
 
 from cmt.datasets import TOY_NAMES, load_mnist, reference_sample
 from cmt.download import DownloadError, cache_dir, fetch
+from cmt.outputs import write_npz
 
 MNIST_CLASSIFIER = Path(__file__).resolve().parent / "assets" / "mnist_classifier.safetensors"
 MNIST_RESOLUTION = 16
@@ -75,6 +79,39 @@ def feature_statistics(features):
     """Mean `[D]` and covariance `[D, D]` (float64 numpy) of features `[N, D]`."""
     features = np.asarray(features.detach().cpu() if torch.is_tensor(features) else features, dtype=np.float64)
     return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+class FeatureMoments:
+    """Running sums of features for their mean and covariance, batch by batch (memory flat in the
+    number of images, as EDM2's `calculate_stats_for_iterable`): count, sum `[D]` and sum of outer
+    products `[D, D]`, all float64."""
+
+    def __init__(self, dim):
+        self.count = 0
+        self.sum = np.zeros(dim, dtype=np.float64)
+        self.outer = np.zeros((dim, dim), dtype=np.float64)
+
+    def add(self, features):
+        features = np.asarray(features.detach().cpu() if torch.is_tensor(features) else features, dtype=np.float64)
+        self.count += len(features)
+        self.sum += features.sum(axis=0)
+        self.outer += features.T @ features
+
+    def all_reduce(self):
+        """Sum the moments of every rank of the torch.distributed group (each rank added its own batches)."""
+        for values in (self.sum, self.outer):
+            tensor = torch.from_numpy(values)
+            torch.distributed.all_reduce(tensor)
+        count = torch.tensor([self.count], dtype=torch.int64)
+        torch.distributed.all_reduce(count)
+        self.count = int(count)
+
+    def statistics(self):
+        """Mean `[D]` and unbiased covariance `[D, D]`, as `feature_statistics` (np.cov) gives them."""
+        if self.count < 2:
+            raise ValueError(f"feature statistics need at least 2 images, got {self.count}")
+        mu = self.sum / self.count
+        return mu, (self.outer - self.count * np.outer(mu, mu)) / (self.count - 1)
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
@@ -205,14 +242,37 @@ def _local_file(path_or_url, what):
         raise ValueError(f"{what}: {error}") from None
 
 
-def load_reference_statistics(path_or_url):
-    """`(mu, sigma)` from an EDM-format reference .npz (keys `mu`, `sigma`), by path or URL."""
-    path = _local_file(path_or_url, "FID reference statistics")
+# The arrays of each metric in a reference-statistics .npz: Inception FID under EDM's own names (its
+# fid-refs files are such an .npz), FD-DINOv2 beside them (EDM2 keeps both in a .pkl; cmt never
+# loads pickles). `cmt-eval --ref-stats` writes them.
+REFERENCE_KEYS = {"fid": ("mu", "sigma"), "fd_dinov2": ("fd_dinov2_mu", "fd_dinov2_sigma")}
+
+
+def load_reference_statistics(path_or_url, metric="fid"):
+    """`(mu, sigma)` of `metric` ("fid" or "fd_dinov2") from a reference .npz, by path or URL: EDM's
+    fid-refs format (`mu`, `sigma`) or what `cmt-eval --ref-stats` writes (also `fd_dinov2_mu`,
+    `fd_dinov2_sigma`)."""
+    path = _local_file(path_or_url, "reference statistics")
+    mu_key, sigma_key = REFERENCE_KEYS[metric]
     try:
         with np.load(path, allow_pickle=False) as contents:
-            return contents["mu"].astype(np.float64), contents["sigma"].astype(np.float64)
+            return contents[mu_key].astype(np.float64), contents[sigma_key].astype(np.float64)
     except (OSError, ValueError, KeyError) as error:
-        raise ValueError(f"{path}: expected an .npz with arrays 'mu' and 'sigma' (EDM fid-refs format): {error}") from None
+        if metric == "fid":
+            raise ValueError(f"{path}: expected an .npz with arrays 'mu' and 'sigma' (EDM fid-refs format): "
+                             f"{error}") from None
+        raise ValueError(f"{path}: expected an .npz with arrays {mu_key!r} and {sigma_key!r} (FD-DINOv2 reference "
+                         f"statistics; make them with cmt-eval --data DATA --ref-stats OUT.npz --fd-dinov2): "
+                         f"{error}") from None
+
+
+def save_reference_statistics(path, statistics, count, data=None):
+    """Write `{metric: (mu, sigma)}` to an .npz under `REFERENCE_KEYS` (with `num_images`, `data`)."""
+    arrays = {"num_images": np.int64(count), **({"data": np.str_(data)} if data is not None else {})}
+    for metric, (mu, sigma) in statistics.items():
+        mu_key, sigma_key = REFERENCE_KEYS[metric]
+        arrays[mu_key], arrays[sigma_key] = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+    return write_npz(path, **arrays)
 
 
 class InceptionFID:

@@ -106,6 +106,8 @@ QUICK_FORMS = {
     "bench_mid.py": (("--num-trajectories", "16", "--steps", "1", "--warmup", "1", "--rounds", "1"),
                      ("step_vs_bare", "mid_vs_official")),
     "gpu_data_path.py": ((), ("build_vs_bare", "build_trajectories_per_s", "mid_step_s", "data_wait_share")),
+    "bench_ema.py": (("--steps", "1", "--warmup", "0", "--rounds", "1", "--batch-size", "4", "--update-calls", "2"),
+                     ("phema_vs_plain", "update_ms", "update_share", "memory_vs_state")),
     "bench_meanflow_drift.py": (("--num-trajectories", "32", "--mid-steps", "4", "--steps", "2", "--num-samples", "200"),
                                 ("share0_u_error_r=0", "share0_dudt_error_r=0", "share0_u_error_r=t",
                                  "share0.25_recipe_seed0_2step_vs_start", "share0.25_u_error_r=t")),

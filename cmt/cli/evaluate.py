@@ -4,10 +4,14 @@
     cmt-eval --samples samples.npz --data toy:checkerboard
     cmt-eval --samples samples.npz --data mnist --json
     cmt-eval --samples samples.npz --data images.zip --fid --detector inception-2015-12-05.pt [--ref refs.npz]
+    cmt-eval --samples samples.npz --data images.zip --fd-dinov2 [--ref refs.npz]
+    cmt-eval --data images.zip --ref-stats refs.npz --fd-dinov2 [--fid --detector inception-2015-12-05.pt]
 
 Toy data: energy distance and sliced Wasserstein against the fixed reference sample. mnist:
-FD-MNIST (features of a small MNIST classifier, not Inception FID). --fid: Inception FID against
-the --ref statistics, or against statistics of the --data images when --ref is not given.
+FD-MNIST (features of a small MNIST classifier, not Inception FID). --fid: Inception FID, and
+--fd-dinov2: EDM2's FD-DINOv2 (DINOv2 ViT-L/14 features), against the --ref statistics, or against
+statistics of the --data images when --ref is not given. --ref-stats OUT writes those statistics of
+the --data images (both metrics in one pass) instead of scoring samples.
 Under accelerate launch the ranks share the feature extraction and rank 0 prints.
 """
 import inspect
@@ -16,6 +20,7 @@ import json
 import click
 
 from cmt.cli.common import CONTEXT_SETTINGS, summary, translate_errors
+from cmt.dinov2 import DINOV2_URL
 from cmt.evaluation import evaluate
 from cmt.metrics import INCEPTION_URL
 
@@ -23,21 +28,36 @@ DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(eva
 
 
 @click.command(help=__doc__, context_settings=CONTEXT_SETTINGS)
-@click.option("--samples", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="Samples .npz (key 'samples', optional 'labels'), e.g. from cmt-sample.")
+@click.option("--samples", default=DEFAULTS["samples"], type=click.Path(exists=True, dir_okay=False),
+              help="Samples .npz (key 'samples', optional 'labels'), e.g. from cmt-sample (not with --ref-stats).")
 @click.option("--data", required=True, help="mnist | toy:NAME | PATH (image folder, .npz, EDM dataset .zip).")
 @click.option("--fid", is_flag=True, default=DEFAULTS["fid"], help="Also compute Inception FID (needs --detector).")
 @click.option("--detector", default=DEFAULTS["detector"],
               help=f"TorchScript inception-2015-12-05.pt: a path, or its URL {INCEPTION_URL}.")
 @click.option("--ref", default=DEFAULTS["ref"],
-              help="EDM-format FID reference statistics .npz (mu, sigma), path or URL; default: computed from --data.")
+              help="Reference statistics .npz, path or URL: EDM's fid-refs (mu, sigma) or one written by --ref-stats; "
+                   "default: computed from --data.")
+@click.option("--fd-dinov2", is_flag=True, default=DEFAULTS["fd_dinov2"],
+              help="Also compute EDM2's FD-DINOv2 (DINOv2 ViT-L/14 features).")
+@click.option("--dinov2", default=DEFAULTS["dinov2"],
+              help=f"DINOv2 weights (.pth), a path or URL [default: {DINOV2_URL}, downloaded once into the cmt cache].")
+@click.option("--ref-stats", type=click.Path(dir_okay=False), default=DEFAULTS["ref_stats"],
+              help="Write the reference statistics of the --data images for --fid / --fd-dinov2 to this .npz instead.")
 @click.option("--device", default=DEFAULTS["device"],
-              help="Device for the Inception detector [default: cuda if available, else cpu].")
+              help="Device for the detectors [default: cuda if available, else cpu].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @translate_errors
 def main(as_json, **options):
     result = evaluate(**options)
     if result["rank"] != 0:   # rank 0 speaks for all
+        return
+    if "ref_stats" in result:
+        if as_json:
+            click.echo(json.dumps({"ref_stats": str(result["ref_stats"]), "data": result["data"],
+                                   "count": result["count"], "metrics": result["metrics"]}))
+        else:
+            summary([f"cmt-eval: reference statistics ({', '.join(result['metrics'])}) of {result['count']} images "
+                     f"of {result['data']}", f"  wrote {result['ref_stats']}"])
         return
     if result.get("conversion"):
         click.echo(f"cmt-eval: {result['conversion']}", err=True)
