@@ -2,8 +2,12 @@
 
 Toy data: energy distance and sliced Wasserstein against the fixed reference sample. mnist:
 FD-MNIST (features of a small MNIST classifier, not Inception FID). Inception FID on request,
-against EDM-format reference statistics or statistics of the data set's images.
+against EDM-format reference statistics or statistics of the data set's images, streamed from disk
+a batch at a time (`cmt.metrics.FeatureSums`: memory does not grow with the set). A latent set
+(cmt-encode) as data: the samples are latents, decoded through the VAE the set records (or `vae`)
+before the detector sees them; the reference is `ref`, or the images the set was encoded from.
 """
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +17,10 @@ from cmt.datasets import resolve_data
 from cmt.datasets.files import read_npz
 from cmt.distributed import distributed_state, map_batches
 from cmt.errors import ArgumentError
+from cmt.latents import LatentCodec, read_latent_record
 from cmt.sampling import torch_device
-from cmt.metrics import (INCEPTION_URL, InceptionFID, embedded_metric, feature_statistics, frechet_distance,
-                         load_reference_statistics, mnist_features, mnist_reference_statistics)
+from cmt.metrics import (INCEPTION_URL, FeatureSums, InceptionFID, embedded_metric, feature_statistics,
+                         frechet_distance, load_reference_statistics, mnist_features, mnist_reference_statistics)
 
 # Images per feature batch when the ranks of `accelerate launch` share the detector's work (the
 # batch of `cmt.metrics.mnist_features`, so one process computes the same features).
@@ -103,12 +108,39 @@ def evaluate_samples(samples, data, fid=None, state=None):
     if fid is not None:
         if data.kind != "images":
             raise ValueError(f"Inception FID needs image data; {data.name} holds 2-D points")
-        reference = fid.reference if fid.reference is not None else fid.statistics(data.tensors()[0])
+        reference = fid.reference if fid.reference is not None else data_statistics(fid, data)
         results["fid"] = frechet_distance(*fid.statistics(samples), *reference)
     return results
 
 
-def evaluate(*, samples, data, fid=False, detector=None, ref=None, device=None):
+def data_statistics(fid, data, state=None):
+    """Inception `(mu, sigma)` of every image of `data`: a streamed set a batch of `FEATURE_BATCH`
+    at a time (the ranks of `state` take every world-th batch and add their sums: the same figures
+    as one process's to float64 rounding), an in-memory one as it is."""
+    batches = getattr(data, "batches", None)
+    if batches is None:
+        images = data.tensors()[0]
+        if state is not None and state.num_processes > 1:
+            return feature_statistics(shared_features(fid.features, images, state))
+        return fid.statistics(images)
+    rank, world = (0, 1) if state is None else (state.process_index, state.num_processes)
+    sums = FeatureSums()
+    for images, _ in batches(FEATURE_BATCH, first=rank, step=world):
+        sums.add(fid.features(images))
+    if world > 1:   # added up in rank order: every rank gets the same figures
+        sums = functools.reduce(FeatureSums.merge, gather_all(sums, state), FeatureSums())
+    return sums.statistics()
+
+
+def gather_all(value, state):
+    """Every rank's `value`, in rank order (this rank's own object at its place)."""
+    values = [None] * state.num_processes
+    torch.distributed.all_gather_object(values, value)
+    values[state.process_index] = value
+    return values
+
+
+def evaluate(*, samples, data, fid=False, detector=None, ref=None, vae=None, device=None):
     """Score `samples` against `data`; the entry point behind `cmt-eval`.
 
     samples: an .npz from cmt-sample (key `samples`, optional `labels`), or the samples themselves
@@ -117,7 +149,10 @@ def evaluate(*, samples, data, fid=False, detector=None, ref=None, device=None):
     gets FD-MNIST (features of a small MNIST classifier, not Inception FID). fid: also Inception
     FID with `detector` (the TorchScript inception-2015-12-05.pt, path or URL) against the `ref`
     statistics (EDM-format .npz, path or URL), or against statistics of the `data` images when
-    `ref` is None. device: for the detector (default cuda if available, else cpu).
+    `ref` is None. data may also be a latent set (cmt-encode's folder): the samples are then its
+    latents, decoded for the detector through the VAE it records (or `vae`, a diffusers
+    AutoencoderKL directory or hub id), and the reference is `ref` or the images it was encoded
+    from (FID only). device: for the detector and the VAE (default cuda if available, else cpu).
 
     Under `accelerate launch` the ranks share the feature extraction (same figures as one process);
     every rank returns the figures, rank 0 reports them.
@@ -140,12 +175,19 @@ def evaluate(*, samples, data, fid=False, detector=None, ref=None, device=None):
     else:
         samples_path = None
         values = samples.detach().cpu().numpy() if isinstance(samples, torch.Tensor) else np.asarray(samples)
+    if device is not None:
+        torch_device(device)
+    latent_set = read_latent_record(data) if isinstance(data, (str, Path)) else None
+    if latent_set is not None:
+        return _evaluate_latents(values, samples_path, str(data), latent_set, fid=fid, detector=detector, ref=ref,
+                                 vae=vae, device=device)
+    if vae is not None:
+        raise ArgumentError("vae", "decodes the latent samples of a latent set (cmt-encode); this data holds pixels "
+                                   "or points: leave it out")
     try:
         data = resolve_data(data)
     except ValueError as error:
         raise ArgumentError("data", str(error)) from None
-    if device is not None:
-        torch_device(device)
     if not fid and (detector or ref):
         raise ArgumentError("detector" if detector else "ref", "only used with --fid (fid=True)")
     if fid and detector is None:
@@ -179,6 +221,53 @@ def evaluate(*, samples, data, fid=False, detector=None, ref=None, device=None):
             "rank": state.process_index, "conversion": conversion}
 
 
+def _evaluate_latents(values, samples_path, name, record, *, fid, detector, ref, vae, device):
+    """`evaluate` against a latent set: Inception FID of the samples decoded through its VAE."""
+    if not fid:
+        raise ArgumentError("data", f"{name} is a latent set: it has no built-in metric; ask for Inception FID "
+                                    "(--fid --detector PATH [--ref PATH]), of the samples decoded through its VAE")
+    if detector is None:
+        raise ArgumentError("detector", "--fid needs --detector (fid=True needs a detector): the TorchScript "
+                                        f"inception-2015-12-05.pt, a path or its URL {INCEPTION_URL}")
+    shape = tuple(record.get("data_shape") or ())
+    if values.ndim != 4 or tuple(values.shape[1:]) != shape or values.dtype.kind != "f":
+        raise ArgumentError("samples", f"samples have shape {tuple(values.shape)} ({values.dtype}); {name} holds "
+                                       f"latents [N, {', '.join(map(str, shape))}] (cmt-sample --npz keeps a latent "
+                                       "network's latents)")
+    if not np.isfinite(values).all():
+        raise ArgumentError("samples", f"{samples_path or 'samples'}: hold NaN or inf (a diverged model?)")
+    device = str(torch_device(device)) if device else ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        codec = LatentCodec.from_encoder_info(record["encoder"], vae=vae, device=device)
+    except (ImportError, OSError, ValueError) as error:
+        raise ArgumentError("vae", f"{error} (the VAE that encoded {name})") from None
+    try:
+        scorer = InceptionFID(detector, reference=None if ref is None else load_reference_statistics(ref),
+                              device=device)
+    except ValueError as error:
+        raise ArgumentError("ref" if ref is not None and "reference" in str(error) else "detector", str(error)) \
+            from None
+    state = distributed_state()
+    reference = scorer.reference
+    if reference is None:
+        source = record.get("source", {})
+        try:
+            images = resolve_data(source.get("path"), source.get("resolution"), source.get("resize") or "center-crop")
+        except (ValueError, TypeError) as error:
+            raise ArgumentError("ref", f"{name} was encoded from {source.get('path')}, which cannot be read here "
+                                       f"({error}); give FID reference statistics (--ref)") from None
+        reference = data_statistics(scorer, images, state)
+    sums = FeatureSums()
+    for start in range(state.process_index * FEATURE_BATCH, len(values), state.num_processes * FEATURE_BATCH):
+        latents = torch.from_numpy(np.ascontiguousarray(values[start:start + FEATURE_BATCH], np.float32))
+        sums.add(scorer.features(codec.decode(latents.to(device)).cpu()))
+    if state.num_processes > 1:
+        sums = functools.reduce(FeatureSums.merge, gather_all(sums, state), FeatureSums())
+    metrics = {"fid": frechet_distance(*sums.statistics(), *reference)}
+    return {"samples": samples_path, "data": name, "count": len(values), "metrics": metrics,
+            "rank": state.process_index, "conversion": None}
+
+
 def _evaluate_shared(samples, data, fid, state):
     """`evaluate_samples` over several ranks: features in shared batches; point metrics (cheap) on
     rank 0; the figures broadcast, so every rank returns them."""
@@ -192,11 +281,7 @@ def _evaluate_shared(samples, data, fid, state):
         if data.kind != "images":
             raise ValueError(f"Inception FID needs image data; {data.name} holds 2-D points")
         features = feature_statistics(shared_features(fid.features, samples, state))
-        if fid.reference is not None:
-            reference = fid.reference
-        else:
-            images = data.tensors()[0]
-            reference = feature_statistics(shared_features(fid.features, images, state))
+        reference = fid.reference if fid.reference is not None else data_statistics(fid, data, state)
         results["fid"] = frechet_distance(*features, *reference)
     return broadcast_object(results, state)
 

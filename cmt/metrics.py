@@ -77,6 +77,41 @@ def feature_statistics(features):
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
+class FeatureSums:
+    """Mean and covariance of features seen batch by batch (float64 sums of x and of x x^T), for
+    statistics over a whole data set that is never in memory at once. `merge` adds another's sums
+    (the ranks of a shared evaluation); `statistics()` equals `feature_statistics` of all rows to
+    float64 rounding (np.cov's N - 1 normalisation)."""
+
+    def __init__(self):
+        self.count, self.total, self.outer = 0, None, None
+
+    def add(self, features):
+        features = np.asarray(features.detach().cpu() if torch.is_tensor(features) else features, dtype=np.float64)
+        if self.total is None:
+            self.total, self.outer = np.zeros(features.shape[1]), np.zeros((features.shape[1],) * 2)
+        self.count += len(features)
+        self.total += features.sum(axis=0)
+        self.outer += features.T @ features
+        return self
+
+    def merge(self, other):
+        if other.total is not None:
+            if self.total is None:
+                self.total, self.outer = np.zeros_like(other.total), np.zeros_like(other.outer)
+            self.count += other.count
+            self.total += other.total
+            self.outer += other.outer
+        return self
+
+    def statistics(self):
+        """`(mu, sigma)` as `feature_statistics` gives them."""
+        if self.count < 2:
+            raise ValueError(f"statistics need at least 2 rows, got {self.count}")
+        mu = self.total / self.count
+        return mu, (self.outer - self.count * np.outer(mu, mu)) / (self.count - 1)
+
+
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """`|mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))` in float64.
 

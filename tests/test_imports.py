@@ -147,7 +147,7 @@ def layer(module):
         return "demo"
     if module.startswith("cmt.trainers"):
         return "trainers"
-    if module.startswith("cmt.builders") or module == "cmt.datasets.shards":
+    if module.startswith("cmt.builders") or module in ("cmt.datasets.shards", "cmt.datasets.latents"):
         return "builders and reader"
     if module in ("cmt.formats", "cmt.manifest"):
         return "format"

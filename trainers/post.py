@@ -24,7 +24,8 @@ from cmt.errors import ArgumentError, FileFormatError
 from cmt.solvers import heun_step
 from cmt.teachers import BUILTIN_TEACHERS, resolve_teacher
 from cmt.trainers import loop, recipes
-from cmt.trainers.data import ARCHITECTURES, data_batches, default_arch, network_for, training_data
+from cmt.trainers.data import (ARCHITECTURES, check_data_fits, data_batches, default_arch, network_for,
+                               training_data)
 from cmt.trainers.distances import DISTANCES, make_distance, squared_l2
 from cmt.trainers.mid import teacher_velocity
 from cmt.trainers.students import (average_velocity, build_student, check_report_options, consistency_output,
@@ -337,13 +338,6 @@ def load_init(init, teacher, data, arch):
     return net.config, net.state_dict(), identity, teacher
 
 
-def check_data_fits(data, net):
-    if tuple(data.data_shape) != tuple(net.data_shape) or (net.label_dim and data.label_dim != net.label_dim):
-        raise ArgumentError(
-            "data", f"{data.name} holds data of shape {tuple(data.data_shape)} with {data.label_dim} classes; the "
-                    f"network takes shape {tuple(net.data_shape)} with {net.label_dim} classes")
-
-
 @recipes.with_recipe("post", default_recipe=builtin_teacher_recipe)
 def post_train(*, init, method=None, data, out, teacher=None, arch=None, stage=None, stage_every=None, q=ECT_Q,
                k=ECT_K, b=ECT_B, p_mean=None, p_std=None, weighting="gap", loss="huber", huber_c=None,
@@ -470,7 +464,8 @@ def post_train(*, init, method=None, data, out, teacher=None, arch=None, stage=N
     check_report_options(student, eval_data=eval_data, mid_sigma=mid_sigma)
     info = {"phase": "post", "method": method, "init": str(init), "init_identity": identity, "teacher": teacher,
             "data": data.name, "stage": None if meanflow else stage,
-            "teacher_guidance": guidance_record, **(resolved_options or {"recipe": recipe})}
+            "teacher_guidance": guidance_record, **(resolved_options or {"recipe": recipe}),
+            **({"encoder": data.encoder} if data.encoder else {})}   # a latent set's VAE: decodes samples
     trainer = loop.Trainer(config)
     if trainer.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True   # float32 loss path, TF32 matmuls (ImageNet-512's setting)

@@ -4,10 +4,12 @@
     cmt-eval --samples samples.npz --data toy:checkerboard
     cmt-eval --samples samples.npz --data mnist --json
     cmt-eval --samples samples.npz --data images.zip --fid --detector inception-2015-12-05.pt [--ref refs.npz]
+    cmt-eval --samples latents.npz --data latents/ --fid --detector inception-2015-12-05.pt   # a cmt-encode set
 
 Toy data: energy distance and sliced Wasserstein against the fixed reference sample. mnist:
 FD-MNIST (features of a small MNIST classifier, not Inception FID). --fid: Inception FID against
-the --ref statistics, or against statistics of the --data images when --ref is not given.
+the --ref statistics, or against statistics of the --data images when --ref is not given (read a
+batch at a time). A latent set as --data: latent samples, decoded through its VAE (or --vae) first.
 Under accelerate launch the ranks share the feature extraction and rank 0 prints.
 """
 import inspect
@@ -25,12 +27,15 @@ DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(eva
 @click.command(help=__doc__, context_settings=CONTEXT_SETTINGS)
 @click.option("--samples", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Samples .npz (key 'samples', optional 'labels'), e.g. from cmt-sample.")
-@click.option("--data", required=True, help="mnist | toy:NAME | PATH (image folder, .npz, EDM dataset .zip).")
+@click.option("--data", required=True,
+              help="mnist | toy:NAME | PATH (image folder, .npz, EDM dataset .zip, cmt-encode latent set).")
 @click.option("--fid", is_flag=True, default=DEFAULTS["fid"], help="Also compute Inception FID (needs --detector).")
 @click.option("--detector", default=DEFAULTS["detector"],
               help=f"TorchScript inception-2015-12-05.pt: a path, or its URL {INCEPTION_URL}.")
 @click.option("--ref", default=DEFAULTS["ref"],
               help="EDM-format FID reference statistics .npz (mu, sigma), path or URL; default: computed from --data.")
+@click.option("--vae", default=DEFAULTS["vae"], metavar="DIR_OR_HUB_ID",
+              help="A latent set as --data: the AutoencoderKL that decodes the samples [default: the one it records].")
 @click.option("--device", default=DEFAULTS["device"],
               help="Device for the Inception detector [default: cuda if available, else cpu].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
