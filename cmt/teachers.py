@@ -160,7 +160,9 @@ def _resolve(name, ckpt, device):
         if path.suffix == ".pkl":
             return _resolve_edm2(name, device)
         net = load_network(path, device=device)
-        return net, _identity("checkpoint", path, net)
+        # A network trained on a latent set (cmt-encode) records the VAE and scaling that decode its samples.
+        encoder = read_safetensors(path)[2].get("encoder") if path.suffix == ".safetensors" else None
+        return net, _identity("checkpoint", path, net, **({"encoder": encoder} if encoder else {}))
     raise ValueError(f"unknown teacher {name!r}; accepted: {_accepted()}")
 
 
