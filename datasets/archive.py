@@ -33,17 +33,23 @@ class NameTable:
     """Strings in one UTF-8 blob with int64 offsets: ~1/3 the memory of a list of str, and no
     per-item objects whose reference counts a forked worker would copy pages for."""
 
-    def __init__(self, names):
-        encoded = [name.encode("utf-8") for name in names]
-        self.offsets = np.zeros(len(encoded) + 1, np.int64)
-        np.cumsum([len(item) for item in encoded], out=self.offsets[1:])
-        self.blob = b"".join(encoded)
+    def __init__(self, names=(), blob=None, offsets=None):
+        if blob is None:
+            encoded = [name.encode("utf-8") for name in names]
+            offsets = np.zeros(len(encoded) + 1, np.int64)
+            np.cumsum([len(item) for item in encoded], out=offsets[1:])
+            blob = b"".join(encoded)
+        self.blob, self.offsets = bytes(blob), np.asarray(offsets, np.int64)
 
     def __len__(self):
         return len(self.offsets) - 1
 
     def __getitem__(self, index):
-        return self.blob[self.offsets[index]:self.offsets[index + 1]].decode("utf-8")
+        return self.raw(index).decode("utf-8")
+
+    def raw(self, index):
+        """Name `index` as UTF-8 bytes (which sort as the names do)."""
+        return self.blob[self.offsets[index]:self.offsets[index + 1]]
 
     def __iter__(self):
         return (self[index] for index in range(len(self)))
@@ -66,8 +72,11 @@ class _Files:
 
 
 def _parse_central_directory(path, handle, keep, extras):
-    """`(names, {column: array over every entry}, {name: entry row})` of the members whose name
-    `keep(name)` accepts, and of those named in `extras` (dataset.json)."""
+    """`(names, table, others, in_order)` of the members whose name `keep(name)` accepts: their names
+    (a `NameTable`), an int64 table of (header offset, compressed size, size, method, crc) rows in
+    the directory's order, whether that order is sorted by name; and `others`, {name: row} of the
+    members named in `extras` (dataset.json). Built without a Python object per member, so that
+    opening a large set costs little more than its index."""
     size = os.fstat(handle.fileno()).st_size
     tail_size = min(size, _EOCD.size + 65535)
     handle.seek(size - tail_size)
@@ -79,7 +88,6 @@ def _parse_central_directory(path, handle, keep, extras):
     cd_end = size - tail_size + at
     locator = at - _EOCD64_LOCATOR.size
     if locator >= 0 and tail[locator:locator + 4] == b"PK\x06\x07":
-        _, _, eocd64_offset, _ = _EOCD64_LOCATOR.unpack_from(tail, locator)
         handle.seek(cd_end - _EOCD64_LOCATOR.size - _EOCD64.size)
         record = handle.read(_EOCD64.size)
         if len(record) == _EOCD64.size and record[:4] == b"PK\x06\x06":
@@ -90,8 +98,9 @@ def _parse_central_directory(path, handle, keep, extras):
     if concat < 0:
         raise FileFormatError(f"{path}: its central directory lies outside the file (truncated zip?)")
     handle.seek(cd_offset + concat)
-    names, others = [], {}
-    columns = {key: array("q") for key in ("offset", "csize", "size", "method", "crc")}
+    blob, name_ends, others = bytearray(), array("q"), {}
+    columns = array("q")   # offset, compressed size, size, method, crc of each member kept, in turn
+    previous, in_order = b"", True
     buffer, position = b"", 0
     for _ in range(entries):
         if len(buffer) - position < _CENTRAL.size + 65535 * 3:
@@ -114,16 +123,18 @@ def _parse_central_directory(path, handle, keep, extras):
             if method not in (_STORED, _DEFLATED):
                 raise FileFormatError(f"{path}: member {name} uses compression method {method}; cmt reads stored "
                                       "or deflated members (what EDM's dataset tool and zip -r write)")
-            names.append(name)
+            encoded = raw_name if flags & 0x800 or raw_name.isascii() else name.encode("utf-8")
+            in_order = in_order and previous <= encoded
+            previous = encoded
+            blob += encoded
+            name_ends.append(len(blob))
+            columns.extend((offset + concat, csize, usize, method, crc))
         elif name in extras:
-            others[name] = len(columns["offset"])
-        else:
-            continue
-        for key, value in (("offset", offset + concat), ("csize", csize), ("size", usize), ("method", method),
-                           ("crc", crc)):
-            columns[key].append(value)
-    arrays = {key: np.frombuffer(column, np.int64).copy() for key, column in columns.items()}
-    return names, arrays, others
+            others[name] = (offset + concat, csize, usize, method, crc)
+    offsets = np.zeros(len(name_ends) + 1, np.int64)
+    offsets[1:] = np.frombuffer(name_ends, np.int64)
+    table = np.frombuffer(columns, np.int64).reshape(-1, 5)
+    return NameTable(blob=blob, offsets=offsets), table, others, in_order
 
 
 def _zip64_sizes(extra, usize, csize, offset):
@@ -151,22 +162,17 @@ class ZipMembers(_Files):
         self.path = Path(path)
         try:
             with open(self.path, "rb") as handle:
-                names, arrays, others = _parse_central_directory(self.path, handle, keep, set(extras))
+                names, table, self.others, in_order = _parse_central_directory(self.path, handle, keep, set(extras))
         except OSError as error:
             raise FileFormatError(f"{self.path}: cannot read it ({error.strerror or error})") from None
-        kept = np.ones(len(arrays["offset"]), bool)
-        kept[list(others.values())] = False
-        order = np.arange(len(names))
-        if any(a > b for a, b in zip(names, names[1:])):
-            order = np.array(sorted(range(len(names)), key=names.__getitem__), np.int64)
-        rows = np.flatnonzero(kept)[order]
-        self.names = NameTable(names[k] for k in order)
-        del names
-        self.offset, self.csize, self.size = arrays["offset"][rows], arrays["csize"][rows], arrays["size"][rows]
-        self.method = arrays["method"][rows].astype(np.uint8)
-        self.crc = arrays["crc"][rows].astype(np.uint32)
-        self.others = {name: tuple(int(arrays[key][row]) for key in ("offset", "csize", "size", "method", "crc"))
-                       for name, row in others.items()}
+        if not in_order:   # EDM's dataset tool writes its members sorted; anything else is sorted here
+            order = np.array(sorted(range(len(names)), key=names.raw), np.int64)
+            names = NameTable(blob=b"".join(names.raw(k) for k in order),
+                              offsets=np.concatenate([[0], np.cumsum(np.diff(names.offsets)[order])]))
+            table = table[order]
+        self.names = names
+        self.offset, self.csize, self.size = table[:, 0], table[:, 1], table[:, 2]   # views of one table
+        self.method, self.crc = table[:, 3].astype(np.uint8), table[:, 4].astype(np.uint32)
         self._fd = self._pid = None
 
     def __len__(self):
@@ -222,6 +228,22 @@ class ZipMembers(_Files):
         if self.method[index] != _STORED or self.size[index] < count:
             return None
         return self.read_range(index, int(self.size[index]) - count, count)
+
+    def probe(self, index, head, tail):
+        """`(about the first head bytes, the last tail bytes or None)` of member `index`: two reads,
+        for the header scan (a deflated member's tail is None: it would need inflating whole)."""
+        offset, csize = int(self.offset[index]), int(self.csize[index])
+        if self.method[index] != _STORED:
+            return self.head(index, head), None
+        fd = self._descriptor(self.path)
+        data = os.pread(fd, _LOCAL.size + 2 * _LOCAL_SLACK + min(head, csize) + 256, offset)
+        if len(data) < _LOCAL.size or data[:4] != b"PK\x03\x04":
+            raise FileFormatError(f"{self.where(index)}: no local header at offset {offset} (damaged zip?)")
+        start = _LOCAL.size + int.from_bytes(data[26:28], "little") + int.from_bytes(data[28:30], "little")
+        first = data[start:start + min(head, csize)]
+        if len(first) < min(head, csize):
+            first = os.pread(fd, min(head, csize), offset + start)
+        return first, (os.pread(fd, tail, offset + start + csize - tail) if csize >= tail else None)
 
     def data_offset(self, index):
         """Where member `index`'s (compressed) bytes start in the file."""
@@ -293,6 +315,16 @@ class FolderFiles(_Files):
                 if size < count:
                     return None
                 return os.pread(file.fileno(), count, size - count)
+        except OSError as error:
+            raise FileFormatError(f"{path}: cannot read it ({error.strerror or error})") from None
+
+    def probe(self, index, head, tail):
+        path = self.path / self.names[index]
+        try:
+            with open(path, "rb", buffering=0) as file:
+                first = file.read(head)
+                size = os.fstat(file.fileno()).st_size
+                return first, (os.pread(file.fileno(), tail, size - tail) if size >= tail else None)
         except OSError as error:
             raise FileFormatError(f"{path}: cannot read it ({error.strerror or error})") from None
 

@@ -215,15 +215,17 @@ class ImageFiles(torch.utils.data.Dataset):
             if raw[end:match.start()].strip() != (b"" if first else b","):
                 break   # something other than [name, integer] pairs: refused below
             end, first = match.end(), False
+            name = match.group(1)   # compared as UTF-8 bytes, which sort as the names do
             try:
-                name = json.loads(b'"' + match.group(1) + b'"') if b"\\" in match.group(1) else match.group(1).decode()
+                name = json.loads(b'"' + name + b'"').encode() if b"\\" in name else name
             except ValueError as error:
                 raise FileFormatError(f"{expected} ({error})") from None
-            while position < count and self.files.names[position] < name:
-                position += 1
             if int(match.group(2)) < 0:
-                raise FileFormatError(f"{expected} (label {match.group(2).decode()} of {name})")
-            if position < count and self.files.names[position] == name:
+                raise FileFormatError(f"{expected} (label {match.group(2).decode()} of {name.decode()})")
+            names = self.files.names
+            while position < count and names.raw(position) < name:
+                position += 1
+            if position < count and names.raw(position) == name:
                 labels[position] = int(match.group(2))
                 position += 1
             else:   # listed out of the sorted order (or an image that is not there): look names up
@@ -246,14 +248,13 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def _header(self, index):
         """`(width, height, grayscale)` of an item from its header; truncation of a stored PNG found."""
-        head = self.files.head(index, _HEAD_BYTES)
+        head, tail = self.files.probe(index, 64, 12)
         png = _png_header(head)
         if png is not None:
-            tail = self.files.tail(index, 12)
             if tail is not None and tail[4:8] != b"IEND":
                 raise FileFormatError(f"{self.files.where(index)}: truncated PNG (it does not end with its IEND chunk)")
             return png
-        for data in (head, None):
+        for data in (self.files.head(index, _HEAD_BYTES), None):
             try:
                 with PIL.Image.open(io.BytesIO(data if data is not None else self.files.read(index))) as image:
                     return image.size[0], image.size[1], image.mode in _GRAY_MODES

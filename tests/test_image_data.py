@@ -70,7 +70,7 @@ def test_zip_items_labels_and_index(tmp_path):
 def test_zip64_and_a_prefixed_archive_read_like_zipfile(tmp_path):
     path = tmp_path / "big.zip"
     with zipfile.ZipFile(path, "w", allowZip64=True) as archive:
-        for i in range(3):
+        for i in reversed(range(3)):   # out of order: read sorted by name
             with archive.open(f"img{i}.png", "w", force_zip64=True) as member:   # zip64 extra fields
                 member.write(png_bytes(pixels(i)))
     prefixed = tmp_path / "prefixed.zip"   # a self-extractor's stub before the archive
