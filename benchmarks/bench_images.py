@@ -18,7 +18,7 @@ noise, ~9 KB each) repeated under the many names. Then:
    with a small random SD-shaped AutoencoderKL (4 levels, 8x down) on `--encode-count` images of the
    small zip, on this CPU.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_images.py          # 20k and 200k images, ~2.3 GB of scratch
+    OMP_NUM_THREADS=1 python benchmarks/bench_images.py          # 20k and 200k images, 1.7 GiB of scratch, ~6 minutes
     python benchmarks/bench_images.py --quick                     # a minute: small sizes, the script works
 
 The last line holds the figures as name=value pairs.

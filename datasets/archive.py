@@ -223,12 +223,6 @@ class ZipMembers(_Files):
         return self._member(self.names[index], int(self.offset[index]), int(self.csize[index]),
                             int(self.size[index]), int(self.method[index]), int(self.crc[index]), head=count)
 
-    def tail(self, index, count):
-        """The last `count` bytes of a stored member (None for a deflated one)."""
-        if self.method[index] != _STORED or self.size[index] < count:
-            return None
-        return self.read_range(index, int(self.size[index]) - count, count)
-
     def probe(self, index, head, tail):
         """`(about the first head bytes, the last tail bytes or None)` of member `index`: two reads,
         for the header scan (a deflated member's tail is None: it would need inflating whole)."""
@@ -252,10 +246,6 @@ class ZipMembers(_Files):
             raise FileFormatError(f"{self.path}: member {self.names[index]}: no local header (damaged zip?)")
         fields = _LOCAL.unpack(header)
         return int(self.offset[index]) + _LOCAL.size + fields[9] + fields[10]
-
-    def read_range(self, index, start, count):
-        """`count` bytes of a stored member from `start`."""
-        return os.pread(self._descriptor(self.path), count, self.data_offset(index) + start)
 
     def read_other(self, name):
         """The bytes of a member that is not an item (dataset.json), or None if there is none."""
@@ -304,17 +294,6 @@ class FolderFiles(_Files):
         try:
             with open(path, "rb", buffering=0) as file:
                 return file.read(count)
-        except OSError as error:
-            raise FileFormatError(f"{path}: cannot read it ({error.strerror or error})") from None
-
-    def tail(self, index, count):
-        path = self.path / self.names[index]
-        try:
-            with open(path, "rb", buffering=0) as file:
-                size = os.fstat(file.fileno()).st_size
-                if size < count:
-                    return None
-                return os.pread(file.fileno(), count, size - count)
         except OSError as error:
             raise FileFormatError(f"{path}: cannot read it ({error.strerror or error})") from None
 

@@ -23,7 +23,7 @@ What is checked when the set is opened, before any training (`scan`): every zip 
 header is read without decoding pixels (a PNG's IHDR chunk; other formats through PIL's lazy
 `Image.open` of the first 4 KiB), its size and colour compared with the first one's, and a stored
 PNG's last 12 bytes must be its IEND chunk (a truncated file fails there). Cost: two small reads per
-image (~10-20 us from the page cache: ~3 s for 200 k images, see docs/benchmarks.md, "Image data"),
+image (~10 us from the page cache: 2 s for 200 k images, see docs/benchmarks.md, "Image data"),
 no pixel decoding. A float `.npz` is range-checked in one pass over its values. Without
 `resolution`, every image must have the first one's size and colour (grayscale or colour); with
 it, each is center-cropped to a square and resized (`resize`), and a set holding any colour image
@@ -105,6 +105,7 @@ class ImageFiles(torch.utils.data.Dataset):
 
     kind = "images"
     encoder = None
+    unlabelled = None   # why the set has no labels, when it has none (for the error that needs them)
 
     def __init__(self, path, resolution=None, resize="center-crop", name=None, scan=True):
         self.path = Path(path)
@@ -189,7 +190,9 @@ class ImageFiles(torch.utils.data.Dataset):
         if raw is not None:
             return self._labels_from_json(raw)
         labels = np.full(count, -1, np.int64)
+        self.unlabelled = f"no {LABELS_FILE} in {self.path}"
         if isinstance(self.files, FolderFiles):
+            self.unlabelled += " and no class sub-folders"
             tops = [name.split("/", 1)[0] if "/" in name else None for name in self.files.names]
             if None not in tops and len(set(tops)) > 1:   # one sub-folder per class: sorted names are the ids
                 classes = {top: index for index, top in enumerate(sorted(set(tops)))}
@@ -206,6 +209,7 @@ class ImageFiles(torch.utils.data.Dataset):
         count = len(self.files)
         labels = np.full(count, -1, np.int64)
         if re.fullmatch(rb'\s*\{\s*"labels"\s*:\s*null\s*\}\s*', raw):
+            self.unlabelled = f'{source} says {{"labels": null}}'
             return labels
         opening = re.match(rb'\s*\{\s*"labels"\s*:\s*\[\s*', raw)
         if opening is None:

@@ -9,7 +9,10 @@ rank's batches cut its items of epoch 0, 1, 2, ... one after the other, so batch
 function of (seed, r, world_size, batch size, k) alone: what `state_dict` saves is k, and a resumed
 stream repeats an uninterrupted one exactly, whatever the number of workers. Each item's key
 carries its own randomness: `(index, flip, epoch, seed)`; flip (`xflip`: mirrored left-right with
-probability 1/2, MeanFlow's `RandomHorizontalFlip`) is drawn per epoch and item
+probability 1/2, MeanFlow's `RandomHorizontalFlip` in Gsunshine/meanflow utils/input_pipeline.py; off by
+default, as in EDM2's training and in the CMT runs, whose EDM augment pipe is off too: sony/cmt's
+run_cmt_cifar.sh, run_cmt_afhq.sh, run_cmt_ffhq.sh and run_cmt+ecm_*.sh pass --augment=0.0 and no
+--xflip, so none of its geometric augmentations is reproduced here) is drawn per epoch and item
 (`default_rng([seed, epoch, 1])`), and a data set that draws more per item (a latent set's
 posterior sample) seeds it from the key.
 

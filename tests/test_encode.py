@@ -3,7 +3,6 @@ a time as training data, inspected, and scored; with a tiny random SD-shaped Aut
 import io
 import json
 import subprocess
-import sys
 import warnings
 import zipfile
 

@@ -2,7 +2,7 @@
 only in the command modules, and the layers import downwards only:
 
     core (cmt/*.py, cmt/networks, the data sets) <- format (cmt.formats, cmt.manifest)
-      <- builders and the shard reader <- trainers <- the demo <- commands (cmt/cli)
+      <- builders and the readers (shards, latent sets) <- trainers <- the demo <- commands (cmt/cli)
 
 Every .py file is parsed with `ast` (nothing is imported), under the name it is installed as
 (builders/ -> cmt.builders, trainers/ -> cmt.trainers, datasets/ -> cmt.datasets). An import of

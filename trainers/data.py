@@ -55,8 +55,8 @@ def check_data_fits(data, net, argument="data"):
                                       f"{expected[0]}-channel latents {list(expected)}: encode the images with "
                                       "cmt-encode and give it the latent set")
     if shape != expected or (net.label_dim and data.label_dim != net.label_dim):
-        missing = " (it has no labels" + (": no dataset.json)" if str(data.name).endswith(".zip") else ")") \
-            if net.label_dim and not data.label_dim else ""
+        reason = getattr(data, "unlabelled", None) if not data.label_dim else None
+        missing = f" ({reason}: it has no labels)" if net.label_dim and reason else ""
         raise ArgumentError(
             argument, f"{data.name} holds data of shape {shape} with {data.label_dim} classes{missing}; the "
                       f"network takes shape {expected} with {net.label_dim} classes")
