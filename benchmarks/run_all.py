@@ -20,6 +20,7 @@ def main():
     with tempfile.TemporaryDirectory(prefix="cmt-bench-") as scratch:
         for script, *args in (["bench_build.py", "--quick"], ["bench_mid.py", "--quick"], ["bench_reader.py", "--quick"],
                               ["bench_ema.py", "--quick"],
+                              ["bench_images.py", "--quick"],
                               ["bench_claim.py", "--quick", "--out", str(Path(scratch) / "claim")],
                               ["bench_trajectories.py", "--quick", "--out", str(Path(scratch) / "trajectories")]):
             print(f"== {script} {' '.join(args)}", flush=True)

@@ -5,6 +5,7 @@
     inspect_trajectories("shards/", stats=True)         # + per state: mean / std against what its sigma predicts
     inspect_trajectories("shards/", preview="t.png")    # + a PNG: rows trajectories, columns states
     inspect_trajectories("shards/", preview="t.png", vae="stabilityai/sd-vae-ft-mse")  # latent sets: decoded
+    inspect_trajectories("latents/")                    # a cmt-encode latent set: its summary (verify, preview too)
 
 The `cmt-inspect` command prints the same report (or, with --json, the dict as JSON).
 """
@@ -16,10 +17,11 @@ import torch
 
 from cmt.edm import SIGMA_DATA
 from cmt.errors import ArgumentError
-from cmt.formats import ShardError
+from cmt.datasets.latents import LatentSet
+from cmt.formats import ShardError, checksum, read_files
 from cmt.images import READABLE_CELL, save_image_grid, save_scatter, save_trajectory_grid, sigma_label
-from cmt.latents import EDM2_VAE, LatentCodec
-from cmt.manifest import BUILD_CONFIG, MANIFEST, TrajectoryDataset, sidecar_name
+from cmt.latents import EDM2_VAE, LatentCodec, decode_latents, read_latent_record
+from cmt.manifest import BUILD_CONFIG, MANIFEST, LatentManifest, TrajectoryDataset, sidecar_name
 
 ITEM_BYTES = {"float16": 2, "float32": 4}
 
@@ -37,6 +39,8 @@ def inspect_trajectories(path, *, verify=False, stats=False, preview=None, previ
     `vae`; `cmt.formats.ShardError` when a shard that stats or preview reads is broken (verify
     collects those as faults instead).
     """
+    if read_latent_record(path) is not None:
+        return inspect_latents(path, verify=verify, stats=stats, preview=preview, preview_count=preview_count, vae=vae)
     try:
         dataset = TrajectoryDataset(path)
     except (FileNotFoundError, ValueError, KeyError) as error:
@@ -210,3 +214,53 @@ def save_preview(dataset, path, count=8, points=2000, codec=None):
             panels.append((states[:, column] / scale, title))
         return save_scatter(panels, path)
     raise ArgumentError("preview", f"draws images [C, H, W] or 2-D points; this dataset holds shape {shape}")
+
+
+# ---- latent sets (cmt-encode) ------------------------------------------------------------------
+
+def inspect_latents(path, *, verify=False, stats=False, preview=None, preview_count=8, vae=None):
+    """The report on the cmt-encode latent set at `path`: `{"summary"}` (what it holds and how:
+    source, VAE, scaling, shapes, bytes), with `verify` every shard's sha256 against the manifest,
+    with `preview` a PNG of the first items' posterior means decoded through the recorded VAE (or `vae`)."""
+    try:
+        store = LatentManifest(path)
+    except (FileNotFoundError, ValueError) as error:
+        raise ArgumentError("path", str(error)) from None
+    if stats:
+        raise ArgumentError("stats", "applies to trajectory sets (per-state statistics); this is a latent set")
+    manifest = store.manifest
+    count, shape = manifest["count"], manifest["data_shape"]
+    on_disk = sum(store.fs.du(store.shard_path(entry)) for entry in store.shards if store.fs.exists(store.shard_path(entry)))
+    moments = 2 * (1 + manifest["flips"]) * count * math.prod(shape) * ITEM_BYTES[manifest["dtype"]]
+    encoder = manifest["encoder"]
+    report = {"summary": {
+        "path": store.url, "dataset": manifest["dataset"], "dataset_version": manifest["dataset_version"],
+        "format": manifest["format"], "count": count, "shards": len(store.shards), "data_shape": shape,
+        "label_dim": manifest["label_dim"], "flips": manifest["flips"], "dtype": manifest["dtype"],
+        "encoder": {key: encoder.get(key) for key in ("kind", "scaling", "vae_name", "vae_sha256", "scale", "bias",
+                                                      "pixel_range")},
+        "source": manifest["source"], "compression": manifest.get("compression"),
+        "arrays": {field: [count, *shape] for field in store.fields if field not in ("index", "label")},
+        "bytes_on_disk": on_disk, "bytes_per_item": on_disk / max(count, 1),
+        "compression_ratio": moments / max(on_disk, 1)}}
+    if preview:
+        data = LatentSet(path, sample=False)
+        latents = data.decode_indices(range(min(preview_count, data.size)))[0]
+        try:
+            images = decode_latents(latents, data.encoder, vae=vae)
+        except (ImportError, OSError, ValueError) as error:
+            raise ArgumentError("vae", f"{error} (pass the VAE that encoded the set)") from None
+        report["preview"] = Path(save_image_grid(images, preview, min_cell=READABLE_CELL))
+    if verify:
+        faults = []
+        for entry in store.shards:
+            where = store.shard_path(entry)
+            try:
+                files = read_files(store.fs, where)
+            except ShardError as error:
+                faults.append(str(error))
+                continue
+            if checksum(files) != entry["sha256"]:
+                faults.append(f"shard {where} is corrupt or truncated: its sha256 differs from the manifest's")
+        report["verify"] = {"ok": not faults, "faults": faults, "shards": len(store.shards)}
+    return report

@@ -4,6 +4,7 @@ The pipeline's entry points are plain functions, imported lazily so that `import
 `cmt.edm`-style core import) stays light:
 
     cmt.train_diffusion(data=..., out=..., ...)      # phase 1: a diffusion teacher
+    cmt.encode_dataset(source=..., out=..., vae=...)  # a latent set: images through a VAE, once
     cmt.build_trajectories(teacher=..., out=..., ...) # phase 2a: trajectory shards
     cmt.mid_train(data=..., out=..., target=...)      # phase 2b: CMT mid-training
     cmt.post_train(init=..., method=..., data=..., out=...)  # phase 3: ECT / ECD / MeanFlow
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 _ENTRY_POINTS = {
     "train_diffusion": "cmt.trainers.diffusion",
     "build_trajectories": "cmt.builders.build",
+    "encode_dataset": "cmt.builders.encode",
     "inspect_trajectories": "cmt.builders.inspect",
     "mid_train": "cmt.trainers.mid",
     "post_train": "cmt.trainers.post",

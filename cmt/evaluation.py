@@ -2,8 +2,11 @@
 
 Toy data: energy distance and sliced Wasserstein against the fixed reference sample. mnist:
 FD-MNIST (features of a small MNIST classifier, not Inception FID). Inception FID and EDM2's
-FD-DINOv2 on request, against reference statistics (an .npz) or statistics of the data set's images;
-`reference_statistics` writes a data set's statistics of both in one streamed pass.
+FD-DINOv2 on request, against reference statistics (an .npz) or statistics of the data set's images,
+streamed a batch at a time (`cmt.metrics.FeatureMoments`: memory does not grow with the set);
+`reference_statistics` writes a data set's statistics of both in one pass. A latent set (cmt-encode)
+as data: the samples are latents, decoded through the VAE the set records (or `vae`) before the
+detectors see them; the reference is `ref`, or the images the set was encoded from.
 """
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from cmt.dinov2 import DINOV2_URL, DINOv2Detector
 from cmt.distributed import batch_starts, distributed_state, map_batches
 from cmt.download import DownloadError
 from cmt.errors import ArgumentError, FileFormatError, local_path_only
+from cmt.latents import LatentCodec, read_latent_record
 from cmt.sampling import torch_device
 from cmt.metrics import (INCEPTION_URL, FeatureMoments, InceptionFID, embedded_metric, feature_statistics,
                          frechet_distance, load_reference_statistics, mnist_features, mnist_reference_statistics,
@@ -93,39 +97,55 @@ def shared_features(features, samples, state):
     return np.concatenate(parts)
 
 
-def streamed_statistics(features, images, state=None, progress=None):
-    """`{name: (mu, sigma)}` of each `features[name](batch)` over `images`, in one pass of batches of
-    `FEATURE_BATCH` whose moments are summed as they come (`FeatureMoments`: memory flat in the number
-    of images). state: an accelerate process state of several ranks (every rank calls): rank r takes
-    batches r, r + world, ... and the moments are summed over the ranks (same figures as one process,
-    up to float64 rounding). progress: a tqdm bar advanced by images."""
-    rank, world = (0, 1) if state is None else (state.process_index, state.num_processes)
-    moments = {name: None for name in features}
+def image_batches(images, rank=0, world=1):
+    """Batches of up to `FEATURE_BATCH` images of `images` (a tensor, an in-memory data set, or a
+    streamed one that decodes a batch at a time), rank `rank` of `world` taking batches rank,
+    rank + world, ..."""
+    batches = getattr(images, "batches", None)
+    if batches is not None:
+        for batch, _ in batches(FEATURE_BATCH, first=rank, step=world):
+            yield batch
+        return
+    if hasattr(images, "tensors"):
+        images = images.tensors()[0]
     for position, start in enumerate(batch_starts(len(images), FEATURE_BATCH)):
-        if position % world != rank:
-            continue
-        batch = images[start:start + FEATURE_BATCH]
+        if position % world == rank:
+            yield images[start:start + FEATURE_BATCH]
+
+
+def streamed_statistics(features, images, state=None, progress=None):
+    """`{name: (mu, sigma)}` of each `features[name](batch)` over `images` (`image_batches`), in one
+    pass whose moments are summed as they come (`FeatureMoments`: memory flat in the number of
+    images). state: an accelerate process state of several ranks (every rank calls): rank r takes
+    batches r, r + world, ... and the moments are summed over the ranks in rank order (the same
+    figures on every rank; one process's up to float64 rounding). progress: a tqdm bar advanced by
+    images."""
+    rank, world = (0, 1) if state is None else (state.process_index, state.num_processes)
+    moments = {name: FeatureMoments() for name in features}
+    for batch in image_batches(images, rank, world):
         for name, function in features.items():
-            values = function(batch)
-            moments[name] = moments[name] or FeatureMoments(values.shape[1])
-            moments[name].add(values)
+            moments[name].add(function(batch))
         if progress is not None:
             progress.update(len(batch) * world)
     if world > 1:
-        for name, function in features.items():   # a rank without batches learns the width from one image
-            moments[name] = moments[name] or FeatureMoments(function(images[:1]).shape[1])
-            moments[name].all_reduce()
-    return {name: moments[name].statistics() for name in features}
+        for values in moments.values():
+            values.all_reduce()
+    return {name: values.statistics() for name, values in moments.items()}
 
 
-def _fd_dinov2(samples, data, scorer, state):
-    """FD-DINOv2 of `samples` against `scorer.reference`, or against the data set's images."""
-    if data.kind != "images":
-        raise ValueError(f"FD-DINOv2 needs image data; {data.name} holds 2-D points")
-    sample_statistics = streamed_statistics({"fd_dinov2": scorer.features}, samples, state)["fd_dinov2"]
-    reference = scorer.reference if scorer.reference is not None else \
-        streamed_statistics({"fd_dinov2": scorer.features}, data.tensors()[0], state)["fd_dinov2"]
-    return frechet_distance(*sample_statistics, *reference)
+def _frechet_metrics(samples, data, detectors, state, decode=None):
+    """`{name: Frechet distance}` of each detector (`{name: scorer}`, a scorer with `features` and
+    `reference`) between `samples` (first turned into images by `decode`, if given: latents) and
+    its reference, else the images of `data`."""
+    features = {name: scorer.features for name, scorer in detectors.items()}
+    sample_features = features if decode is None else \
+        {name: (lambda batch, function=function: function(decode(batch))) for name, function in features.items()}
+    sample_statistics = streamed_statistics(sample_features, samples, state)
+    missing = {name: function for name, function in features.items() if detectors[name].reference is None}
+    data_statistics = streamed_statistics(missing, data, state) if missing else {}
+    return {name: frechet_distance(*sample_statistics[name],
+                                   *(detectors[name].reference if name not in missing else data_statistics[name]))
+            for name in detectors}
 
 
 def evaluate_samples(samples, data, fid=None, state=None, fd_dinov2=None):
@@ -139,24 +159,17 @@ def evaluate_samples(samples, data, fid=None, state=None, fd_dinov2=None):
     """
     data = resolve_data(data)
     _check_shape(samples, data)
-    if state is not None and state.num_processes > 1:
-        results = _evaluate_shared(samples, data, fid, state)
-        if fd_dinov2 is not None:
-            results["fd_dinov2"] = _fd_dinov2(samples, data, fd_dinov2, state)
-        return results
-    results = embedded_metric(data, samples)
-    if fid is not None:
-        if data.kind != "images":
-            raise ValueError(f"Inception FID needs image data; {data.name} holds 2-D points")
-        reference = fid.reference if fid.reference is not None else fid.statistics(data.tensors()[0])
-        results["fid"] = frechet_distance(*fid.statistics(samples), *reference)
-    if fd_dinov2 is not None:
-        results["fd_dinov2"] = _fd_dinov2(samples, data, fd_dinov2, None)
+    detectors = {name: scorer for name, scorer in (("fid", fid), ("fd_dinov2", fd_dinov2)) if scorer is not None}
+    if detectors and data.kind != "images":
+        raise ValueError(f"{' and '.join(detectors)} need image data; {data.name} holds 2-D points")
+    shared = state is not None and state.num_processes > 1
+    results = _embedded_shared(samples, data, state) if shared else embedded_metric(data, samples)
+    results.update(_frechet_metrics(samples, data, detectors, state if shared else None))
     return results
 
 
 def evaluate(*, samples=None, data, fid=False, detector=None, ref=None, fd_dinov2=False, dinov2=None, ref_stats=None,
-             device=None):
+             vae=None, device=None):
     """Score `samples` against `data`; the entry point behind `cmt-eval`.
 
     samples: an .npz from cmt-sample (key `samples`, optional `labels`), or the samples themselves
@@ -168,8 +181,11 @@ def evaluate(*, samples=None, data, fid=False, detector=None, ref=None, fd_dinov
     the weights `dinov2` (a path or URL; default the official dinov2_vitl14_pretrain.pth, downloaded
     once into `$CMT_CACHE/dinov2`). Both against the `ref` statistics (an .npz, path or URL: EDM's
     fid-refs `mu`, `sigma` for FID, `fd_dinov2_mu`, `fd_dinov2_sigma` for FD-DINOv2, as `ref_stats`
-    writes them), or against statistics of the `data` images when `ref` is None. device: for the
-    detectors (default cuda if available, else cpu).
+    writes them), or against statistics of the `data` images when `ref` is None. data may also be a
+    latent set (cmt-encode's folder): the samples are then its latents, decoded for the detectors
+    through the VAE it records (or `vae`, a diffusers AutoencoderKL directory or hub id), and the
+    reference is `ref` or the images it was encoded from. device: for the detectors and the VAE
+    (default cuda if available, else cpu).
 
     ref_stats: instead of scoring samples, write the reference statistics of the `data` images for
     `fid` and/or `fd_dinov2` to this .npz, in one streamed pass (`reference_statistics`).
@@ -206,6 +222,15 @@ def evaluate(*, samples=None, data, fid=False, detector=None, ref=None, fd_dinov
     else:
         samples_path = None
         values = samples.detach().cpu().numpy() if isinstance(samples, torch.Tensor) else np.asarray(samples)
+    if device is not None:
+        torch_device(device)
+    latent_set = read_latent_record(data) if isinstance(data, (str, Path)) else None
+    if latent_set is not None:
+        return _evaluate_latents(values, samples_path, str(data), latent_set, fid=fid, detector=detector, ref=ref,
+                                 fd_dinov2=fd_dinov2, dinov2=dinov2, vae=vae, device=device)
+    if vae is not None:
+        raise ArgumentError("vae", "decodes the latent samples of a latent set (cmt-encode); this data holds pixels "
+                                   "or points: leave it out")
     data = _resolve(data)
     _check_detectors(data, fid, detector, fd_dinov2, dinov2, ref=ref)
     if not (fid or fd_dinov2) and data.kind == "images" and data.name != "mnist":
@@ -250,15 +275,14 @@ def reference_statistics(*, data, out, fid=False, detector=None, fd_dinov2=False
         features["fid"] = _inception(detector, device, None).features
     if fd_dinov2:
         features["fd_dinov2"] = _dinov2(dinov2, device, None).features
-    images = data.tensors()[0]
     state = distributed_state()
-    with tqdm(total=len(images), unit="image", desc="cmt-eval --ref-stats", dynamic_ncols=True,
+    with tqdm(total=len(data), unit="image", desc="cmt-eval --ref-stats", dynamic_ncols=True,
               disable=not (progress and state.is_main_process)) as bar:
-        statistics = streamed_statistics(features, images, state, progress=bar)
+        statistics = streamed_statistics(features, data, state, progress=bar)
     if state.is_main_process:
-        save_reference_statistics(out, statistics, len(images), data=data.name)
+        save_reference_statistics(out, statistics, len(data), data=data.name)
     state.wait_for_everyone()
-    return {"ref_stats": out, "data": data.name, "count": len(images), "metrics": list(statistics),
+    return {"ref_stats": out, "data": data.name, "count": len(data), "metrics": list(statistics),
             "rank": state.process_index}
 
 
@@ -313,26 +337,59 @@ def _dinov2(weights, device, ref):
         raise ArgumentError("dinov2", str(error)) from None
 
 
-def _evaluate_shared(samples, data, fid, state):
-    """`evaluate_samples` over several ranks: features in shared batches; point metrics (cheap) on
-    rank 0; the figures broadcast, so every rank returns them."""
+def _embedded_shared(samples, data, state):
+    """The embedded metric over several ranks: FD-MNIST's features in shared batches, the point
+    metrics (cheap) on rank 0; the figures broadcast, so every rank returns them."""
     results = {}
     if data.name == "mnist":
         mu, sigma = feature_statistics(shared_features(mnist_features, samples, state))
         results["fd_mnist"] = frechet_distance(mu, sigma, *mnist_reference_statistics())
     elif state.is_main_process:
         results = embedded_metric(data, samples)
-    if fid is not None:
-        if data.kind != "images":
-            raise ValueError(f"Inception FID needs image data; {data.name} holds 2-D points")
-        features = feature_statistics(shared_features(fid.features, samples, state))
-        if fid.reference is not None:
-            reference = fid.reference
-        else:
-            images = data.tensors()[0]
-            reference = feature_statistics(shared_features(fid.features, images, state))
-        results["fid"] = frechet_distance(*features, *reference)
     return broadcast_object(results, state)
+
+
+def _evaluate_latents(values, samples_path, name, record, *, fid, detector, ref, fd_dinov2, dinov2, vae, device):
+    """`evaluate` against a latent set: the Frechet metrics of the samples decoded through its VAE."""
+    if not (fid or fd_dinov2):
+        raise ArgumentError("data", f"{name} is a latent set: it has no built-in metric; ask for Inception FID "
+                                    "(--fid --detector PATH [--ref PATH]) or FD-DINOv2 (--fd-dinov2), of the samples "
+                                    "decoded through its VAE")
+    if fid and detector is None:
+        raise ArgumentError("detector", "--fid needs --detector (fid=True needs a detector): the TorchScript "
+                                        f"inception-2015-12-05.pt, a path or its URL {INCEPTION_URL}")
+    shape = tuple(record.get("data_shape") or ())
+    if values.ndim != 4 or tuple(values.shape[1:]) != shape or values.dtype.kind != "f":
+        raise ArgumentError("samples", f"samples have shape {tuple(values.shape)} ({values.dtype}); {name} holds "
+                                       f"latents [N, {', '.join(map(str, shape))}] (cmt-sample --npz keeps a latent "
+                                       "network's latents)")
+    if not np.isfinite(values).all():
+        raise ArgumentError("samples", f"{samples_path or 'samples'}: hold NaN or inf (a diverged model?)")
+    device = _detector_device(device)
+    try:
+        codec = LatentCodec.from_encoder_info(record["encoder"], vae=vae, device=device)
+    except (ImportError, OSError, ValueError) as error:
+        raise ArgumentError("vae", f"{error} (the VAE that encoded {name})") from None
+    detectors = {}
+    if fid:
+        detectors["fid"] = _inception(detector, device, ref)
+    if fd_dinov2:
+        detectors["fd_dinov2"] = _dinov2(dinov2, device, ref)
+    images = None
+    if any(scorer.reference is None for scorer in detectors.values()):
+        source = record.get("source", {})
+        try:
+            images = resolve_data(source.get("path"), source.get("resolution"), source.get("resize") or "center-crop")
+        except (ValueError, TypeError) as error:
+            raise ArgumentError("ref", f"{name} was encoded from {source.get('path')}, which cannot be read here "
+                                       f"({error}); give reference statistics (--ref)") from None
+
+    state = distributed_state()
+    latents = torch.from_numpy(np.ascontiguousarray(values, np.float32))
+    metrics = _frechet_metrics(latents, images, detectors, state,
+                               decode=lambda batch: codec.decode(batch.to(device)).cpu())
+    return {"samples": samples_path, "data": name, "count": len(values), "metrics": metrics,
+            "rank": state.process_index, "conversion": None}
 
 
 def broadcast_object(value, state):

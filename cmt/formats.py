@@ -99,24 +99,27 @@ def open_location(url):
 
 # ---- encoding ---------------------------------------------------------------------------------
 
-def _chunking(value):
-    """Chunks of whole trajectories (about CHUNK_BYTES) inside one v3 shard spanning the array."""
+def _chunking(value, rows_per_chunk=None):
+    """Chunks of whole trajectories (about CHUNK_BYTES, or `rows_per_chunk` rows) inside one v3
+    shard spanning the array."""
     if value.ndim == 1:
         return value.shape, None
     per_trajectory = value[0].nbytes
-    count = max(1, min(value.shape[0], CHUNK_BYTES // max(per_trajectory, 1)))
+    count = rows_per_chunk or CHUNK_BYTES // max(per_trajectory, 1)
+    count = max(1, min(value.shape[0], count))
     chunks = (count, *value.shape[1:])
     shards = (-(-value.shape[0] // count) * count, *value.shape[1:])
     return chunks, shards
 
 
-def _encode_zarr(arrays, attributes, compression=LEGACY_COMPRESSION, shuffle=LEGACY_SHUFFLE):
+def _encode_zarr(arrays, attributes, compression=LEGACY_COMPRESSION, shuffle=LEGACY_SHUFFLE, fields=FIELDS,
+                 rows_per_chunk=None):
     files = {}
     group = zarr.create_group(store=MemoryStore(files), attributes=attributes)
     codec = compressor(compression, shuffle)
-    for name in FIELDS:
+    for name in fields:
         value = np.ascontiguousarray(arrays[name])
-        chunks, shards = _chunking(value)
+        chunks, shards = _chunking(value, rows_per_chunk)
         group.create_array(name, data=value, chunks=chunks, shards=shards, compressors=codec)
     return {key: buffer.to_bytes() for key, buffer in files.items()}
 
@@ -139,18 +142,22 @@ def _encode_wds(arrays, attributes):
     return {"": gzip.compress(stream.getvalue(), compresslevel=1, mtime=0)}
 
 
-def encode_shard(arrays, fmt, attributes=None, compression=None, shuffle=None):
+def encode_shard(arrays, fmt, attributes=None, compression=None, shuffle=None, fields=FIELDS, rows_per_chunk=None):
     """The files `{relative path: bytes}` of one shard; a one-file shard has the single key "".
 
     compression: zarr's codec (`COMPRESSIONS`; None: `LEGACY_COMPRESSION`, the bytes of earlier
     builds); shuffle: its Blosc filter (`SHUFFLES`; None: `LEGACY_SHUFFLE`, likewise); WebDataset
-    shards are gzip'ed, always."""
-    missing = [name for name in FIELDS if name not in arrays]
+    shards are gzip'ed, always. fields: the arrays (a trajectory set's `FIELDS`, or a latent set's,
+    zarr only); rows_per_chunk: rows per zarr chunk (None: about `CHUNK_BYTES`; a latent set reads
+    one row at a time, so 1)."""
+    missing = [name for name in fields if name not in arrays]
     if missing:
         raise ValueError(f"shard arrays lack {missing}")
     if fmt == "zarr":
         return _encode_zarr(arrays, dict(attributes or {}), compression or LEGACY_COMPRESSION,
-                            shuffle or LEGACY_SHUFFLE)
+                            shuffle or LEGACY_SHUFFLE, fields, rows_per_chunk)
+    if tuple(fields) != FIELDS:
+        raise ValueError("WebDataset shards hold trajectory sets only")
     return _encode_wds(arrays, dict(attributes or {}))
 
 

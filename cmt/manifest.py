@@ -6,13 +6,16 @@
     manifest.json       written last, once every shard is done: the whole description, with the
                         sidecars' entries under "shards"
 
-A dataset is complete when its manifest exists; readers use nothing else.
+A dataset is complete when its manifest exists; readers use nothing else. A latent set made by
+cmt-encode (`cmt.builders.encode`) has the same files, its manifest says "dataset": "cmt-latents"
+(`LatentManifest` opens it; `LATENT_FIELDS` are its shards' arrays).
 """
 import hashlib
 import itertools
 import json
 
 from cmt.errors import ArgumentError, FileFormatError
+from cmt.latents import LATENT_DATASET
 from cmt.formats import (EXTENSIONS, FIELDS, FORMATS, LEGACY_COMPRESSION, LEGACY_SHUFFLE, ShardError, checksum, decode_shard,
                          files_bytes, fingerprint, open_location, read_files, write_atomic)
 
@@ -271,3 +274,83 @@ class TrajectoryDataset:
         if len(arrays["index"]) != entry["count"]:
             raise ShardError(f"shard {path} holds {len(arrays['index'])} trajectories, the manifest says {entry['count']}")
         return arrays
+
+
+# ---- latent sets (cmt-encode) ------------------------------------------------------------------
+
+LATENT_VERSION = 1
+# A latent set's shard arrays: the item's index in the source set, its label (-1: none), and the
+# VAE posterior's moments of the image (and of the image mirrored left-right, with flips).
+LATENT_FIELDS = ("index", "label", "mean", "std")
+LATENT_FLIP_FIELDS = ("mean_flip", "std_flip")
+_LATENT_MANIFEST_FIELDS = {
+    "format": (str, "the shard format (zarr)"),
+    "count": (int, "the number of items"),
+    "data_shape": (list, "the shape of one latent, [C, H, W]"),
+    "label_dim": (int, "the number of classes (0: none)"),
+    "dtype": (str, "the stored dtype of the moments"),
+    "encoder": (dict, "the VAE and scaling record"),
+    "flips": (bool, "whether the mirrored images' moments are stored too"),
+    "source": (dict, "the encoded image set"),
+    "shards": (list, "the list of shard entries"),
+}
+
+
+def latent_fields(flips):
+    return LATENT_FIELDS + (LATENT_FLIP_FIELDS if flips else ())
+
+
+class LatentManifest:
+    """A finished latent set: its checked manifest (`.manifest`), its shards, `shard_path`."""
+
+    def __init__(self, url):
+        self.url = str(url)
+        self.fs, self.root = open_location(self.url)
+        path = f"{self.root}/{MANIFEST}"
+        if not self.fs.exists(path):
+            hint = (" (the encoding has not finished: re-run the same cmt-encode command to complete it)"
+                    if self.fs.exists(f"{self.root}/{BUILD_CONFIG}") else "")
+            raise FileFormatError(f"{self.url}: no {MANIFEST}; not a finished cmt-encode latent set{hint}")
+        manifest = read_json(self.fs, path)
+        if not isinstance(manifest, dict) or manifest.get("dataset") != LATENT_DATASET \
+                or manifest.get("dataset_version") != LATENT_VERSION:
+            found = manifest if isinstance(manifest, dict) else {}
+            raise FileFormatError(f"{path}: dataset {found.get('dataset')!r} version {found.get('dataset_version')!r}; "
+                                  f"a latent set is {LATENT_DATASET} version {LATENT_VERSION}")
+        for field, (kind, expected) in _LATENT_MANIFEST_FIELDS.items():
+            value = manifest.get(field)
+            if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+                found = "missing" if value is None else f"{type(value).__name__} {json.dumps(value)[:60]}"
+                raise FileFormatError(f"{path}: field {field!r} must be {expected}; found {found}")
+        if manifest["format"] != "zarr" or len(manifest["data_shape"]) != 3 or \
+                not all(isinstance(n, int) and n > 0 for n in manifest["data_shape"]):
+            raise FileFormatError(f"{path}: a latent set is zarr shards of [C, H, W] latents; found format "
+                                  f"{manifest['format']!r}, data_shape {manifest['data_shape']}")
+        encoder = manifest["encoder"]
+        if not all(isinstance(encoder.get(key), list) and len(encoder[key]) == manifest["data_shape"][0]
+                   for key in ("scale", "bias")):
+            raise FileFormatError(f"{path}: field 'encoder' must hold a 'scale' and a 'bias' per latent channel")
+        for number, entry in enumerate(manifest["shards"]):
+            for field, kind in {**_SHARD_FIELDS, "first_index": int}.items():
+                value = entry.get(field) if isinstance(entry, dict) else None
+                if not isinstance(value, kind) or isinstance(value, bool):
+                    raise FileFormatError(f"{path}: field 'shards[{number}].{field}' must be {kind.__name__}")
+        if sum(entry["count"] for entry in manifest["shards"]) != manifest["count"]:
+            raise FileFormatError(f"{path}: the shards hold {sum(e['count'] for e in manifest['shards'])} items, "
+                                  f"field 'count' says {manifest['count']}")
+        self.manifest, self.shards = manifest, manifest["shards"]
+        self.fields = latent_fields(manifest["flips"])
+
+    def shard_path(self, entry):
+        return f"{self.root}/{entry['name']}"
+
+    def check_shards_present(self):
+        """Every shard exists with its recorded size (a listing, no reading): before training."""
+        for entry in self.shards:
+            path = self.shard_path(entry)
+            if not self.fs.exists(path):
+                raise ShardError(f"shard {path} is missing (listed in {self.root}/{MANIFEST})")
+            size = self.fs.du(path)
+            if size != entry["bytes"]:
+                raise ShardError(f"shard {path} has {size} bytes, the manifest records {entry['bytes']}: it is "
+                                 "truncated or was replaced (cmt-inspect --verify checks every checksum)")

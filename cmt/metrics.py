@@ -84,27 +84,45 @@ def feature_statistics(features):
 class FeatureMoments:
     """Running sums of features for their mean and covariance, batch by batch (memory flat in the
     number of images, as EDM2's `calculate_stats_for_iterable`): count, sum `[D]` and sum of outer
-    products `[D, D]`, all float64."""
+    products `[D, D]`, all float64 (`dim` None: sized by the first batch). `merge` adds another's
+    sums, `all_reduce` every rank's; `statistics()` equals `feature_statistics` of all rows to
+    float64 rounding."""
 
-    def __init__(self, dim):
+    def __init__(self, dim=None):
         self.count = 0
-        self.sum = np.zeros(dim, dtype=np.float64)
-        self.outer = np.zeros((dim, dim), dtype=np.float64)
+        self.sum = None if dim is None else np.zeros(dim, dtype=np.float64)
+        self.outer = None if dim is None else np.zeros((dim, dim), dtype=np.float64)
 
     def add(self, features):
         features = np.asarray(features.detach().cpu() if torch.is_tensor(features) else features, dtype=np.float64)
+        if self.sum is None:
+            self.sum, self.outer = np.zeros(features.shape[1]), np.zeros((features.shape[1],) * 2)
         self.count += len(features)
         self.sum += features.sum(axis=0)
         self.outer += features.T @ features
+        return self
+
+    def merge(self, other):
+        if other.sum is not None:
+            if self.sum is None:
+                self.sum, self.outer = np.zeros_like(other.sum), np.zeros_like(other.outer)
+            self.count += other.count
+            self.sum += other.sum
+            self.outer += other.outer
+        return self
 
     def all_reduce(self):
-        """Sum the moments of every rank of the torch.distributed group (each rank added its own batches)."""
-        for values in (self.sum, self.outer):
-            tensor = torch.from_numpy(values)
-            torch.distributed.all_reduce(tensor)
-        count = torch.tensor([self.count], dtype=torch.int64)
-        torch.distributed.all_reduce(count)
-        self.count = int(count)
+        """The sums of every rank of the torch.distributed group (each added its own batches), added in
+        rank order, so every rank holds the same figures; an object gather, whatever the backend."""
+        parts = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, (self.count, self.sum, self.outer))
+        total = FeatureMoments()
+        for count, sums, outer in parts:
+            part = FeatureMoments()
+            part.count, part.sum, part.outer = count, sums, outer
+            total.merge(part)
+        self.count, self.sum, self.outer = total.count, total.sum, total.outer
+        return self
 
     def statistics(self):
         """Mean `[D]` and unbiased covariance `[D, D]`, as `feature_statistics` (np.cov) gives them."""

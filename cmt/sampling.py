@@ -264,6 +264,8 @@ def latent_decoder(identity, vae, device):
         if vae is not None:
             raise ArgumentError("vae", "this network works on pixels or points, not VAE latents; leave the vae out")
         return None
+    if vae is None and Path(str(encoder.get("vae_name"))).is_dir():
+        vae = encoder["vae_name"]   # the local VAE a cmt-encode latent set recorded (and the network after it)
     if vae is None:
         raise ArgumentError("vae", f"this network makes VAE latents ({encoder.get('kind')}); the picture decodes "
                                    f"them with a VAE: the hub id {encoder.get('vae_name')} or a local diffusers "

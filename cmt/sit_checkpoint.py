@@ -29,10 +29,10 @@ SIT_XL2_256_URL = ("https://www.dl.dropboxusercontent.com/scl/fi/as9oeomcbub47de
 # SiT's latents: 0.18215 * SD-VAE latents of pixels in [-1, 1] (train.py `.mul_(0.18215)`,
 # Normalize(0.5, 0.5)); sample.py decodes with sd-vae-ft-mse by default.
 SIT_ENCODER = {"kind": "stability_vae", "vae_name": "stabilityai/sd-vae-ft-mse", "scale": [0.18215] * 4,
-               "bias": [0.0] * 4, "vae_input_range": [-1.0, 1.0]}
+               "bias": [0.0] * 4, "pixel_range": [-1.0, 1.0]}
 # The MeanFlow port's latents: scale 0.18125 (sic, train.py / evaluate.py `latents_scale`), sd-vae-ft-ema.
 MEANFLOW_PORT_ENCODER = {"kind": "stability_vae", "vae_name": "stabilityai/sd-vae-ft-ema", "scale": [0.18125] * 4,
-                         "bias": [0.0] * 4, "vae_input_range": [-1.0, 1.0]}
+                         "bias": [0.0] * 4, "pixel_range": [-1.0, 1.0]}
 # SiT train.py trains with class_dropout_prob 0.1 (the share of label-free batches, for CFG).
 SIT_LABEL_DROPOUT = 0.1
 

@@ -265,7 +265,9 @@ def _resolve(name, ckpt, device):
         if path.suffix == ".pkl":
             return _resolve_official(name, device)
         net = load_network(path, device=device)
-        return net, _identity("checkpoint", path, net)
+        # A network trained on a latent set (cmt-encode) records the VAE and scaling that decode its samples.
+        encoder = network_record(net).get("encoder")
+        return net, _identity("checkpoint", path, net, **({"encoder": encoder} if encoder else {}))
     raise ValueError(f"unknown teacher {name!r}; accepted: {_accepted()}")
 
 

@@ -24,6 +24,7 @@ if __name__ == "datasets":
     _spec.loader.exec_module(_module)
 else:
     from .files import load_edm_zip, load_image_folder, load_npz
+    from .images import ImageFiles
     from .mnist import load_mnist
     from .resolve import ACCEPTED_SPECS, ImageData, ToyData, one_hot_labels, resolve_data
     from .toy import TOY_NAMES, reference_sample, sample_toy
@@ -31,6 +32,7 @@ else:
     __all__ = [
         "ACCEPTED_SPECS",
         "ImageData",
+        "ImageFiles",
         "TOY_NAMES",
         "ToyData",
         "load_edm_zip",

@@ -1,4 +1,6 @@
-"""Users' own image data: an image folder, an `.npz` array, or an EDM/EDM2 dataset zip.
+"""Users' own image data loaded whole into memory: an image folder, an `.npz` array, or an EDM/EDM2
+dataset zip (for small sets and scripts; `resolve_data` streams users' paths instead, through
+`cmt.datasets.images.ImageFiles`, whatever their size).
 
 Every loader returns `(images [N, C, H, W] float32 in [-1, 1], labels [N] int64)` with label -1
 where there is none. Grayscale sources give C = 1 and colour sources C = 3 (alpha is dropped).

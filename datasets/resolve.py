@@ -1,10 +1,16 @@
-"""Data sets by name: `resolve_data("mnist" | "toy:NAME" | PATH)` -> `ToyData` or `ImageData`."""
+"""Data sets by name: `resolve_data("mnist" | "toy:NAME" | PATH)` -> `ToyData`, `ImageData` or `ImageFiles`.
+
+The built-in sets are small and live in memory (`ToyData`, `ImageData`); a user's path (an image
+folder, an `.npz`, an EDM dataset zip) is streamed from disk (`cmt.datasets.images.ImageFiles`:
+an index in memory, one item decoded when asked), whatever its size.
+"""
 
 from pathlib import Path
 
 import torch
 
-from .files import IMAGE_SUFFIXES, load_edm_zip, load_image_folder, load_npz
+from .files import IMAGE_SUFFIXES
+from .images import RESIZES, ImageFiles
 from .mnist import DEFAULT_RESOLUTION, LABEL_DIM, load_mnist
 from .toy import TOY_NAMES, reference_sample, sample_toy
 
@@ -19,6 +25,7 @@ class ToyData:
     """An endless 2-D distribution; `sample` draws fresh points, labels are all -1."""
 
     kind = "toy"
+    encoder = None   # data in pixel / point space (a latent set records its VAE here)
     label_dim = 0
     data_shape = (2,)
     size = None
@@ -45,6 +52,7 @@ class ImageData:
     """A finite set of images `[N, C, H, W]` in [-1, 1] with integer labels (-1 = none)."""
 
     kind = "images"
+    encoder = None
 
     def __init__(self, name, images, labels, label_dim):
         self.name = name
@@ -72,29 +80,27 @@ class ImageData:
         return f"ImageData({self.name!r}, size={self.size}, data_shape={self.data_shape}, label_dim={self.label_dim})"
 
 
-def _from_path(spec, path, resolution):
-    if path.is_dir():
-        images, labels = load_image_folder(path, resolution)
-    elif path.suffix.lower() == ".npz":
-        images, labels = load_npz(path, resolution)
-    elif path.suffix.lower() == ".zip":
-        images, labels = load_edm_zip(path, resolution)
-    else:
+def _from_path(spec, path, resolution, resize):
+    if not (path.is_dir() or path.suffix.lower() in (".npz", ".zip")):
         raise ValueError(f"data {spec!r}: {path} is neither a folder, an .npz nor a .zip; accepted: {ACCEPTED_SPECS}")
-    label_dim = int(labels.max()) + 1 if (labels >= 0).any() else 0
-    return ImageData(str(spec), images, labels, label_dim)
+    return ImageFiles(path, resolution=resolution, resize=resize, name=str(spec))
 
 
-def resolve_data(spec, resolution=None):
-    """A data set from its spec: `ToyData` (kind "toy") or `ImageData` (kind "images").
+def resolve_data(spec, resolution=None, resize="center-crop"):
+    """A data set from its spec: `ToyData` (kind "toy"), `ImageData` (kind "images", in memory: mnist)
+    or `ImageFiles` (kind "images", streamed: a user's folder, .npz or zip).
 
-    Both have `.name`, `.kind`, `.data_shape`, `.label_dim`, `.size` (None when endless),
-    `.sample(n, generator) -> (x, labels)`, `.tensors()` and `.reference(n)`.
-    `resolution` resizes images (MNIST: 16 by default, 28 native, 32 padded); toy data ignores it.
+    All have `.name`, `.kind`, `.data_shape`, `.label_dim`, `.size` (None when endless),
+    `.sample(n, generator) -> (x, labels)`, `.tensors()` and `.reference(n)`; `ImageFiles` also
+    `.batches(batch_size)` and is a map-style torch Dataset (`cmt.datasets.stream.BatchStream`).
+    `resolution` resizes images (MNIST: 16 by default, 28 native, 32 padded; users' images:
+    center-cropped and resized by `resize`, one of `RESIZES`); toy data ignores it.
     Any problem raises one ValueError naming the spec or file and what is accepted.
     """
-    if isinstance(spec, (ToyData, ImageData)):
+    if isinstance(spec, (ToyData, ImageData, ImageFiles)):
         return spec
+    if resize not in RESIZES:
+        raise ValueError(f"resize {resize!r} is not one of {', '.join(RESIZES)}")
     spec = str(spec)
     if spec == "mnist":
         images, labels = load_mnist(DEFAULT_RESOLUTION if resolution is None else resolution)
@@ -108,7 +114,7 @@ def resolve_data(spec, resolution=None):
     if not path.exists():
         hint = f" (did you mean 'toy:{spec}'?)" if spec in TOY_NAMES else ""
         raise ValueError(f"data {spec!r}: no such file or folder{hint}; accepted: {ACCEPTED_SPECS}")
-    return _from_path(spec, path, resolution)
+    return _from_path(spec, path, resolution, resize)
 
 
 def one_hot_labels(labels, label_dim):

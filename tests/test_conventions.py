@@ -21,6 +21,7 @@ from cmt.cli.build import main as build_main
 from cmt.cli.convert import main as convert_main
 from cmt.cli.demo import main as demo_main
 from cmt.cli.ema import main as ema_main
+from cmt.cli.encode import main as encode_main
 from cmt.cli.evaluate import main as eval_main
 from cmt.cli.inspect import main as inspect_main
 from cmt.cli.sample import main as sample_main
@@ -35,7 +36,8 @@ from cmt.trainers.loop import IMAGES_SEEN, read_log
 from conftest import TEACHER, TWO_CPU_ENV, TWO_CPU_PROCESSES, command_line, gmm_teacher, invoke_command
 
 COMMANDS = {"cmt-sample": sample_main, "cmt-eval": eval_main, "cmt-convert": convert_main, "cmt-build": build_main,
-            "cmt-inspect": inspect_main, "demo": demo_main, "cmt-train": train_main, "cmt-ema": ema_main}
+            "cmt-inspect": inspect_main, "demo": demo_main, "cmt-train": train_main, "cmt-ema": ema_main,
+            "cmt-encode": encode_main}
 TOY_TEACHER = dict(data="toy:checkerboard", arch="mlp", channels=32, num_blocks=1, max_steps=4, batch_size=16,
                    log_every=2, num_samples=64, progress=False)
 
@@ -56,7 +58,7 @@ def parsed(command, args):
 def test_every_command_takes_h_and_shows_its_defaults(name):
     result = CliRunner().invoke(COMMANDS[name], ["-h"])
     assert result.exit_code == 0 and "Usage:" in result.output and "--help" in result.output
-    if name in ("cmt-sample", "cmt-build", "demo", "cmt-ema"):
+    if name in ("cmt-sample", "cmt-build", "demo", "cmt-ema", "cmt-encode"):
         assert "[default: " in result.output
 
 
@@ -81,6 +83,7 @@ def test_old_spellings_are_accepted_and_hidden():
 
 @pytest.mark.parametrize("command, function", [(sample_main, cmt.sample), (build_main, cmt.build_trajectories),
                                                (eval_main, cmt.evaluate), (ema_main, cmt.reconstruct_ema),
+                                               (encode_main, cmt.encode_dataset),
                                                (train_main.commands["diffusion"], cmt.train_diffusion),
                                                (demo_main, cmt.demo.run_demo)])
 def test_command_options_are_the_library_keywords(command, function):

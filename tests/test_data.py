@@ -76,7 +76,8 @@ def test_image_folder_recursive_gray_and_resize(tmp_path):
     (tmp_path / "notes.txt").write_text("not an image")
     data = resolve_data(tmp_path)
     assert data.data_shape == (1, 12, 12) and data.label_dim == 0 and data.size == 2
-    assert data.images[0].max() == -1 and data.images[1].min() == 1
+    images = data.tensors()[0]
+    assert images[0].max() == -1 and images[1].min() == 1
     assert resolve_data(tmp_path, resolution=8).data_shape == (1, 8, 8)
 
 
@@ -94,7 +95,7 @@ def test_npz_layouts_and_labels(tmp_path):
     np.savez(tmp_path / "a.npz", images=nhwc, labels=np.array([0, 1, 2, 1, 0]))
     data = resolve_data(tmp_path / "a.npz")
     assert data.data_shape == (3, 8, 8) and data.label_dim == 3
-    assert abs(data.images[2, 1, 3, 4].item() - (nhwc[2, 3, 4, 1] / 127.5 - 1)) < 1e-6
+    assert abs(data.tensors()[0][2, 1, 3, 4].item() - (nhwc[2, 3, 4, 1] / 127.5 - 1)) < 1e-6
     nchw = np.linspace(-1, 1, 4 * 64).reshape(4, 1, 8, 8).astype(np.float32)
     np.savez(tmp_path / "b.npz", nchw, y=np.eye(4)[[3, 2, 1, 0]])
     data = resolve_data(tmp_path / "b.npz", resolution=4)

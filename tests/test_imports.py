@@ -2,7 +2,7 @@
 only in the command modules, and the layers import downwards only:
 
     core (cmt/*.py, cmt/networks, the data sets) <- format (cmt.formats, cmt.manifest)
-      <- builders and the shard reader <- trainers <- the demo <- commands (cmt/cli)
+      <- builders and the readers (shards, latent sets) <- trainers <- the demo <- commands (cmt/cli)
 
 Every .py file is parsed with `ast` (nothing is imported), under the name it is installed as
 (builders/ -> cmt.builders, trainers/ -> cmt.trainers, datasets/ -> cmt.datasets). An import of
@@ -147,7 +147,7 @@ def layer(module):
         return "demo"
     if module.startswith("cmt.trainers"):
         return "trainers"
-    if module.startswith("cmt.builders") or module == "cmt.datasets.shards":
+    if module.startswith("cmt.builders") or module in ("cmt.datasets.shards", "cmt.datasets.latents"):
         return "builders and reader"
     if module in ("cmt.formats", "cmt.manifest"):
         return "format"

@@ -57,16 +57,16 @@ def test_sit_codec_runs_the_vae_on_pixels_in_minus_one_one(vae_dir):
     """SiT's record (cmt.sit_checkpoint.SIT_ENCODER): latents = 0.18215 * VAE(pixels in [-1, 1])."""
     vae = load_vae(vae_dir)
     info = {"kind": "stability_vae", "vae_name": "stabilityai/sd-vae-ft-mse", "scale": [0.18215] * 4,
-            "bias": [0.0] * 4, "vae_input_range": [-1, 1]}
+            "bias": [0.0] * 4, "pixel_range": [-1, 1]}
     codec = LatentCodec.from_encoder_info(info, vae=vae_dir)
-    assert codec.describe() == dict(info, scale=pytest.approx(info["scale"]), vae_input_range=[-1.0, 1.0])
+    assert codec.describe() == dict(info, scale=pytest.approx(info["scale"]), pixel_range=[-1.0, 1.0])
     images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(4)) * 2 - 1
     latents = codec.encode(images, sample=False)
     torch.testing.assert_close(latents, vae.encode(images)["latent_dist"].mean * 0.18215, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(codec.decode(latents), vae.decode(latents / 0.18215)["sample"].clamp(-1, 1),
                                atol=1e-4, rtol=1e-4)
-    with pytest.raises(ValueError, match="vae_input_range"):
-        LatentCodec.from_encoder_info(dict(info, vae_input_range=[0, 255]), vae=vae)
+    with pytest.raises(ValueError, match="pixel_range"):
+        LatentCodec.from_encoder_info(dict(info, pixel_range=[0, 255]), vae=vae)
 
 
 def test_pixel_models_have_no_codec_and_bad_sources_fail_clearly(tmp_path, monkeypatch):

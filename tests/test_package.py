@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["cmt-train", "cmt-build", "cmt-inspect", "cmt-sample", "cmt-eval", "cmt-convert", "cmt-ema"]
+SCRIPTS = ["cmt-train", "cmt-build", "cmt-inspect", "cmt-sample", "cmt-eval", "cmt-convert", "cmt-ema", "cmt-encode"]
 
 
 def test_top_level_datasets_is_not_ours(tmp_path):

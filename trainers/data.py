@@ -1,7 +1,22 @@
 """What the phases that train on a data set share (diffusion pre-training, post-training): the data
-set from its spec, the stream of fresh draws from it, and the default network for it."""
+set from its spec, the stream of fresh draws from it, and the default network for it.
+
+Data sets: the built-in ones in memory (mnist, toy:NAME), a user's images streamed from disk (a
+folder, an .npz, an EDM zip: `cmt.datasets.images.ImageFiles`), or a latent set made by cmt-encode
+(`cmt.datasets.latents.LatentSet`: VAE latents, with the VAE and scaling that decode them). The
+streamed ones are drawn by `cmt.datasets.stream.BatchStream` (epochs without replacement, split
+across ranks, decoded by DataLoader workers, resumable); the in-memory ones by `RandomBatches`.
+"""
+import os
+
+import torch
+
 from cmt.datasets import resolve_data
+from cmt.datasets.latents import LatentSet, is_latent_set
+from cmt.datasets.stream import BatchStream, decoding_workers
 from cmt.errors import ArgumentError
+from cmt.images import MAX_GRID_IMAGES
+from cmt.latents import decode_latents
 from cmt.networks import build_network
 from cmt.trainers.loop import RandomBatches
 
@@ -17,11 +32,38 @@ PRETRAINING_ARCHITECTURES = tuple(DEFAULT_ARCH)
 
 
 def training_data(data, resolution=None, argument="data"):
-    """`resolve_data(data, resolution)`, its ValueError an ArgumentError of `argument`."""
+    """The data set `data` names: a latent set (a cmt-encode folder) as a `LatentSet`, anything else
+    through `resolve_data(data, resolution)`; a ValueError (a bad file among them) is an
+    ArgumentError of `argument`."""
     try:
+        if is_latent_set(data):
+            if resolution is not None:
+                raise ValueError(f"{data} is a latent set of shape {list(LatentSet(data).data_shape)}; resolution "
+                                 "does not apply to it (encode the images at another resolution instead)")
+            return data if isinstance(data, LatentSet) else LatentSet(data)
         return resolve_data(data, resolution)
     except ValueError as error:
         raise ArgumentError(argument, str(error)) from None
+
+
+def check_data_fits(data, net, argument="data"):
+    """ArgumentError naming `argument` unless `net` takes `data`: its shape, its classes, and pixels
+    for a pixel network, latents for a latent one (told apart by their channels: 1 or 3 are pixels)."""
+    shape, expected = tuple(data.data_shape), tuple(net.data_shape)
+    latent_data, pixel_net = data.encoder is not None, len(expected) == 3 and expected[0] in (1, 3)
+    if len(shape) == 3 and latent_data and pixel_net:
+        raise ArgumentError(argument, f"{data.name} is a latent set ({list(shape)}, {data.encoder.get('vae_name')} "
+                                      f"latents); the network works on pixels {list(expected)}: give it the images")
+    if len(shape) == 3 and not latent_data and shape[0] in (1, 3) and len(expected) == 3 and not pixel_net:
+        raise ArgumentError(argument, f"{data.name} holds pixel images {list(shape)}; the network works on "
+                                      f"{expected[0]}-channel latents {list(expected)}: encode the images with "
+                                      "cmt-encode and give it the latent set")
+    if shape != expected or (net.label_dim and data.label_dim != net.label_dim):
+        reason = getattr(data, "unlabelled", None) if not data.label_dim else None
+        missing = f" ({reason}: it has no labels)" if net.label_dim and reason else ""
+        raise ArgumentError(
+            argument, f"{data.name} holds data of shape {shape} with {data.label_dim} classes{missing}; the "
+                      f"network takes shape {expected} with {net.label_dim} classes")
 
 
 def default_arch(data):
@@ -55,8 +97,35 @@ def network_for(data, arch, channels=None, channel_mult=None, num_blocks=None, a
                               attn_resolutions=list(attn_res), dropout=dropout))
 
 
-def data_batches(data, batch_size, seed):
-    """Fresh random draws (toy: new points; images: rows with replacement), resumable."""
+def pictures(data, samples, count=MAX_GRID_IMAGES):
+    """What a sample grid shows of `samples` of `data`: themselves, or for a latent set the first
+    `count` decoded through the VAE it records (`cmt.latents.decode_latents`)."""
+    if getattr(data, "encoder", None) is None:
+        return samples
+    return decode_latents(samples[:count], data.encoder, device=samples.device)
+
+
+def data_batches(data, batch_size, seed, *, workers="auto", xflip=None):
+    """The training stream of `data`, resumable. Built-in sets: fresh random draws (toy: new points;
+    mnist: rows with replacement) seeded by this rank's `seed`. Streamed sets (`ImageFiles`,
+    `LatentSet`): a `BatchStream` (epochs without replacement; the ranks of torch.distributed split
+    each epoch, so all use rank 0's seed) with `workers` DataLoader workers ("auto": every core of
+    this rank but one) and xflip (random left-right mirroring; None: off for images, MeanFlow's
+    RandomHorizontalFlip when set; on for a latent set that stored both flips, as
+    zhuyu-cs/MeanFlow's dataset.py draws them)."""
+    if isinstance(data, torch.utils.data.Dataset):
+        rank, world_size = 0, 1
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+            shared = [seed]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            seed = shared[0]
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world_size) or world_size)
+        if xflip is None:
+            xflip = bool(getattr(data, "flips", False))
+        return BatchStream(data, batch_size, seed, rank=rank, world_size=world_size,
+                           workers=decoding_workers(workers, local_ranks), xflip=xflip)
+
     def draw(n, generator):
         x, labels = data.sample(n, generator)
         return {"data": x, "label": labels}

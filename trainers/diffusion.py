@@ -22,7 +22,8 @@ from cmt.sampling import check_finite, generate, metric_title, pick_labels, save
 from cmt.solvers import SOLVERS
 from cmt.trainers import loop, recipes
 from cmt.networks import family_of
-from cmt.trainers.data import PRETRAINING_ARCHITECTURES, data_batches, default_arch, network_for, training_data
+from cmt.trainers.data import (PRETRAINING_ARCHITECTURES, data_batches, default_arch, network_for, pictures,
+                                 training_data)
 
 P_MEAN, P_STD = -0.4, 1.0   # EDM2's training sigma distribution
 # num_samples=None: samples for the metric, per kind of data.
@@ -83,7 +84,7 @@ def sample_and_measure(ema, step, out, *, data, solver, steps, num_samples, grid
             grid = samples
     reference = data.reference() if is_points else None
     picture = Path(out) / "samples" / step_file_name("step", step, ".png")
-    save_samples(grid, picture, reference=reference, nrow=10 if label_dim == 10 else None,
+    save_samples(pictures(data, grid), picture, reference=reference, nrow=10 if label_dim == 10 else None,
                  title=metric_title(f"teacher at step {step}, {solver} {steps} steps", logs))
     return {**logs, "samples": picture}
 
@@ -136,7 +137,8 @@ def train_diffusion(*, data, out, resolution=None, arch=None, channels=None, cha
                                   num_samples=num_samples, progress=config.progress)
     extra = {"phase": "diffusion", "data": data.name, "max_steps": config.max_steps,
              "batch_size": config.batch_size, "p_mean": p_mean, "p_std": p_std,
-             "label_dropout": label_dropout if net.label_dim else None}   # what classifier-free guidance needs
+             "label_dropout": label_dropout if net.label_dim else None,   # what classifier-free guidance needs
+             **({"encoder": data.encoder} if data.encoder else {})}      # a latent set's VAE: decodes samples
     model = config.out / "teacher.safetensors"
 
     def save_final(ema, _net, out):

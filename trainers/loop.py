@@ -309,9 +309,12 @@ class _StopSignals:
 
 def _to_device(batch: Any, device: torch.device) -> Any:
     """The batch on `device`; half-precision tensors (a shard reader's stored float16) cross in
-    their own dtype and are upcast there, so objectives see float32 data."""
+    their own dtype and are upcast there, so objectives see float32 data; uint8 tensors are images
+    (0..255, streamed from disk) and become [-1, 1] there (EDM2's StandardRGBEncoder: x / 127.5 - 1)."""
     if isinstance(batch, torch.Tensor):
         batch = batch.to(device, non_blocking=True)
+        if batch.dtype == torch.uint8:
+            return batch.float() / 127.5 - 1
         return batch.float() if batch.dtype in (torch.float16, torch.bfloat16) else batch
     if isinstance(batch, dict):
         return {k: _to_device(v, device) for k, v in batch.items()}

@@ -13,7 +13,8 @@ from cmt.errors import ArgumentError
 from cmt.sampling import student_sampler
 from cmt.teachers import BUILTIN_TEACHERS, resolve_teacher
 from cmt.trainers import loop, recipes
-from cmt.trainers.data import PRETRAINING_ARCHITECTURES, data_batches, default_arch, network_for, training_data
+from cmt.trainers.data import (PRETRAINING_ARCHITECTURES, check_data_fits, data_batches, default_arch,
+                               network_for, training_data)
 from cmt.trainers.ect import ECD, ECT
 from cmt.trainers.meanflow import MEANFLOW
 from cmt.trainers.methods import MethodSetup
@@ -155,13 +156,6 @@ def load_init(init, teacher, data, arch):
     return net.config, net.state_dict(), identity, teacher, record
 
 
-def check_data_fits(data, net):
-    if tuple(data.data_shape) != tuple(net.data_shape) or (net.label_dim and data.label_dim != net.label_dim):
-        raise ArgumentError(
-            "data", f"{data.name} holds data of shape {tuple(data.data_shape)} with {data.label_dim} classes; the "
-                    f"network takes shape {tuple(net.data_shape)} with {net.label_dim} classes")
-
-
 # ---- post_train -------------------------------------------------------------------------------
 
 @recipes.with_recipe("post", default_recipe=builtin_teacher_recipe, method_names=lambda: list(METHODS))
@@ -232,7 +226,8 @@ def post_train(*, init, method=None, data, out, teacher=None, arch=None, guidanc
     sampler = student_sampler(chosen.sampler, mid_sigma=mid_sigma)
     info = {"phase": "post", "method": chosen.name, "init": str(init), "init_identity": identity, "teacher": teacher,
             "data": data.name, **chosen.record(prepared), "teacher_guidance": guidance_record, "sampler": sampler,
-            **(resolved_options or {"recipe": recipe})}
+            **(resolved_options or {"recipe": recipe}),
+            **({"encoder": data.encoder} if data.encoder else {})}   # a latent set's VAE: decodes samples
     trainer = loop.Trainer(config)
     if trainer.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True   # float32 loss path, TF32 matmuls (ImageNet-512's setting)

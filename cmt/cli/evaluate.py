@@ -6,12 +6,14 @@
     cmt-eval --samples samples.npz --data images.zip --fid --detector inception-2015-12-05.pt [--ref refs.npz]
     cmt-eval --samples samples.npz --data images.zip --fd-dinov2 [--ref refs.npz]
     cmt-eval --data images.zip --ref-stats refs.npz --fd-dinov2 [--fid --detector inception-2015-12-05.pt]
+    cmt-eval --samples latents.npz --data latents/ --fid --detector inception-2015-12-05.pt   # a cmt-encode set
 
 Toy data: energy distance and sliced Wasserstein against the fixed reference sample. mnist:
 FD-MNIST (features of a small MNIST classifier, not Inception FID). --fid: Inception FID, and
 --fd-dinov2: EDM2's FD-DINOv2 (DINOv2 ViT-L/14 features), against the --ref statistics, or against
-statistics of the --data images when --ref is not given. --ref-stats OUT writes those statistics of
-the --data images (both metrics in one pass) instead of scoring samples.
+statistics of the --data images when --ref is not given (read a batch at a time). --ref-stats OUT
+writes those statistics of the --data images (both metrics in one pass) instead of scoring samples.
+A latent set as --data: latent samples, decoded through its VAE (or --vae) first.
 Under accelerate launch the ranks share the feature extraction and rank 0 prints.
 """
 import inspect
@@ -30,7 +32,8 @@ DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(eva
 @click.command(help=__doc__, context_settings=CONTEXT_SETTINGS)
 @click.option("--samples", default=DEFAULTS["samples"], type=click.Path(exists=True, dir_okay=False),
               help="Samples .npz (key 'samples', optional 'labels'), e.g. from cmt-sample (not with --ref-stats).")
-@click.option("--data", required=True, help="mnist | toy:NAME | PATH (image folder, .npz, EDM dataset .zip).")
+@click.option("--data", required=True,
+              help="mnist | toy:NAME | PATH (image folder, .npz, EDM dataset .zip, cmt-encode latent set).")
 @click.option("--fid", is_flag=True, default=DEFAULTS["fid"], help="Also compute Inception FID (needs --detector).")
 @click.option("--detector", default=DEFAULTS["detector"],
               help=f"TorchScript inception-2015-12-05.pt: a path, or its URL {INCEPTION_URL}.")
@@ -43,6 +46,8 @@ DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(eva
               help=f"DINOv2 weights (.pth), a path or URL [default: {DINOV2_URL}, downloaded once into the cmt cache].")
 @click.option("--ref-stats", type=click.Path(dir_okay=False), default=DEFAULTS["ref_stats"],
               help="Write the reference statistics of the --data images for --fid / --fd-dinov2 to this .npz instead.")
+@click.option("--vae", default=DEFAULTS["vae"], metavar="DIR_OR_HUB_ID",
+              help="A latent set as --data: the AutoencoderKL that decodes the samples [default: the one it records].")
 @click.option("--device", default=DEFAULTS["device"],
               help="Device for the detectors [default: cuda if available, else cpu].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")

@@ -24,7 +24,26 @@ from cmt.manifest import DATASET_NAME
 DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(inspect_trajectories).parameters.items()}
 
 
+def print_latent_report(report):
+    info, encoder = report["summary"], report["summary"]["encoder"]
+    click.echo(f"{info['path']}  ({info['format']} shards, {info['dataset']} version {info['dataset_version']})")
+    click.echo(f"  source    {info['source']['path']} ({info['source']['count']} images "
+               f"{info['source']['data_shape']})")
+    click.echo(f"  vae       {encoder['vae_name']} (sha256 {str(encoder['vae_sha256'])[:12]}), {encoder['scaling']} "
+               f"scaling, pixels in {encoder['pixel_range']}")
+    click.echo(f"  count     {info['count']} items in {info['shards']} shards; {info['label_dim']} classes; "
+               f"flips {'stored' if info['flips'] else 'none'}")
+    for name, shape in info["arrays"].items():
+        click.echo(f"  {name:<9} {shape} {info['dtype']}")
+    click.echo(f"  on disk   {info['bytes_on_disk']:,} bytes, {info['bytes_per_item']:.1f} bytes per item; "
+               f"compression {info['compression']} ({info['compression_ratio']:.2f}x)")
+
+
 def print_report(report):
+    if report["summary"].get("dataset") == "cmt-latents":
+        print_latent_report(report)
+        _print_tail(report, "all checksums match")
+        return
     info = report["summary"]
     teacher = info["teacher"]
     click.echo(f"{info['path']}  ({info['format']} shards, {DATASET_NAME} version {info['dataset_version']})")
@@ -49,13 +68,17 @@ def print_report(report):
         for row in report["stats"]:
             click.echo(f"  {row['state']:>5} {row['sigma']:>9.4g} {row['mean']:>8.4f} {row['predicted_mean']:>8.4f} "
                        f"{row['std']:>8.4f} {row['predicted_std']:>8.4f} {row['std_ratio']:>8.3f}")
+    _print_tail(report, "all checksums match, no NaN/inf")
+
+
+def _print_tail(report, ok):
     if "preview" in report:
         click.echo(f"  preview   {report['preview']}")
     if "verify" in report:
         checked = report["verify"]
         for fault in checked["faults"]:
             click.echo(f"  FAULT     {fault}", err=True)
-        click.echo(f"  verify    {checked['shards']} shards: " + ("all checksums match, no NaN/inf" if checked["ok"]
+        click.echo(f"  verify    {checked['shards']} shards: " + (ok if checked["ok"]
                                                                  else f"{len(checked['faults'])} faults"))
 
 
@@ -75,7 +98,7 @@ def print_report(report):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
 @translate_errors
 def main(path, verify, stats, preview, preview_count, vae, as_json):
-    """Summarise the trajectory dataset at PATH (a directory or fsspec URL)."""
+    """Summarise the trajectory dataset (or cmt-encode latent set) at PATH (a directory or fsspec URL)."""
     try:
         report = inspect_trajectories(path, verify=verify, stats=stats, preview=preview, preview_count=preview_count,
                                       vae=vae)
