@@ -65,12 +65,13 @@ from cmt.datasets import resolve_data
 from cmt.edm import SIGMA_MAX, TWO_STEP_SIGMA
 from cmt.flags import command_words
 from cmt.images import image_grid, save_scatter
+from cmt.labels import pick_labels
 from cmt.metrics import embedded_metric
 from cmt.outputs import step_file_name
-from cmt.sampling import generate, pick_labels
+from cmt.sampling import generate
 from cmt.teachers import builtin_teacher_path, resolve_teacher
 from cmt.trainers import recipes
-from cmt.trainers.loop import SNAPSHOT_DIR, STATE_FILE, read_log
+from cmt.trainers.run_files import SNAPSHOT_DIR, STATE_FILE, read_log
 from cmt.trainers.mid import mid_train
 from cmt.trainers.post import METHODS as POST_METHODS, load_init, post_train
 from cmt.trainers.students import build_student

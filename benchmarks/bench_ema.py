@@ -5,7 +5,7 @@ machine load hits both), each round `--steps` timed steps each after `--warmup`,
 EDM2 U-Net (`cmt.networks.edm2.Precond`, the MNIST-sized network of bench_mid.py) with the EDM2
 denoising loss of `cmt-train diffusion`:
 
-- plain: forward, backward, Adam, and the loop's one traditional EMA (`cmt.trainers.loop.update_ema`);
+- plain: forward, backward, Adam, and the loop's one traditional EMA (`cmt.trainers.schedules.update_ema`);
 - phema: the same step plus `cmt.phema.PowerFunctionEMA.update` of EDM2's two profiles (std 0.050
   and 0.100). `phema_vs_plain`: the median over rounds of each round's median ratio of paired steps
   (one of each, back to back); target <= 1.05.
@@ -28,7 +28,7 @@ import torch
 
 from cmt.networks import build_network
 from cmt.phema import DEFAULT_STDS, PowerFunctionEMA
-from cmt.trainers import loop
+from cmt.trainers import loop, schedules
 from cmt.trainers.diffusion import diffusion_loss
 from quick import quick_option
 
@@ -63,7 +63,7 @@ class Contender:
         self.optimizer.zero_grad(set_to_none=True)
         loss.mean().backward()
         self.optimizer.step()
-        loop.update_ema(self.ema, self.net, EMA_BETA)
+        schedules.update_ema(self.ema, self.net, EMA_BETA)
         self.steps += 1
         if self.phema is not None:
             self.phema.update(self.net, self.steps, len(batch["data"]))

@@ -38,7 +38,7 @@ from cmt.edm import SIGMA_MIN, sigma_grid
 from cmt.networks import build_network
 from cmt.solvers import sample_trajectory
 from cmt.teachers import builtin_teacher_path, resolve_teacher
-from cmt.trainers import loop
+from cmt.trainers import loop, run_files
 from cmt.trainers.distances import squared_l2
 from cmt.trainers.mid import endpoint_loss, mid_train
 from cmt.trainers.students import student_config
@@ -115,7 +115,7 @@ def mid_steps(student, shards, batch_size, steps, warmup, workers, out):
     batches = ShardReader(shards, trainer.micro_batch_size, seed=trainer.shared_seed_for(0), num_workers=workers,
                           exclude_endpoint=True, dtype=None)
     trainer.fit(student, functools.partial(endpoint_loss, distance=squared_l2), batches)
-    records = loop.read_log(out)
+    records = run_files.read_log(out)
     return statistics.median(record["sec_per_step"] for record in records[warmup:])
 
 

@@ -29,7 +29,8 @@ from cmt.errors import ArgumentError
 from cmt.networks import build_network
 from cmt.teachers import resolve_teacher
 from cmt.trainers.distances import make_distance
-from cmt.trainers.loop import Context, read_log
+from cmt.trainers.loop import Context
+from cmt.trainers.run_files import read_log
 from cmt.trainers.mid import mid_train
 from cmt.trainers.ect import consistency_training_loss, ect_target_sigma
 from cmt.trainers.meanflow import meanflow_loss

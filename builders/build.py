@@ -30,11 +30,14 @@ from cmt.formats import (COMPRESSIONS, DEFAULT_COMPRESSION, DEFAULT_SHUFFLE, FOR
                          LEGACY_SHUFFLE, SHUFFLES, ShardError, checksum,
                          encode_shard, files_bytes, open_location, read_files, remove_temporaries, shard_name,
                          write_atomic)
+from cmt.labels import parse_labels
 from cmt.manifest import (BUILD_CONFIG, DATASET_NAME, DATASET_VERSION, MANIFEST, TrajectoryDataset,
                           config_hash, dataset_compression, dataset_shuffle, read_json, sidecar_name, upgrade_manifest, write_json)
 from cmt.metrics import embedded_metric
+from cmt.options import differences
+from cmt.seeds import derive_seed
 from cmt.solvers import SOLVERS, sample_trajectory
-from cmt.teachers import resolve_teacher
+from cmt.teachers import resolve_teacher, teacher_label_dropout
 
 STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
 DERIVED_KEYS = ("sigmas", "kept_sigmas", "steps")
@@ -58,8 +61,10 @@ class Teacher:
     `cmt.guidance.apply_guidance` returns with the denoiser: None when unguided).
     """
 
-    def __init__(self, denoiser, data_shape, label_dim, identity, dtype=torch.float32, device="cpu", guidance=None):
+    def __init__(self, denoiser, data_shape, label_dim, identity, dtype=torch.float32, device="cpu", guidance=None,
+                 label_dropout=None):
         self.denoiser = denoiser
+        self.label_dropout = label_dropout   # its share of label-free training (None: unknown), for labels "none"
         self.guidance = guidance
         self.data_shape = tuple(data_shape)
         self.label_dim = int(label_dim)
@@ -80,7 +85,8 @@ def build_trajectories(*, teacher, out, teacher_ckpt=None, guidance=None, guide_
         teacher_ckpt / guidance / guide_ckpt).
     guidance, guide_ckpt: `cmt.guidance.apply_guidance` (autoguidance by guide_ckpt, else
         classifier-free; weight 1 is no guidance).
-    labels: "random" (per trajectory), a class, "none"; None: random for a conditional teacher, else none.
+    labels: `cmt.labels` ("random", drawn per trajectory; "cycle"; a class; "none"); None: random for
+        a conditional teacher, else none.
     format: "zarr" or "wds". states: "all" or grid indices "0,4,8" (noise and endpoint are always kept).
     compression: of zarr shards, one of `cmt.formats.COMPRESSIONS`; None: the one `out` was built
         with when it holds a dataset (zstd for sets built before the option), else
@@ -183,7 +189,7 @@ def load_teacher(teacher, teacher_ckpt=None, guidance=None, guide_ckpt=None, dev
     identity = dict(identity)
     record = identity.pop("guidance", None)
     return Teacher(net, net.data_shape, net.label_dim, identity, dtype=next(net.parameters()).dtype, device=device,
-                   guidance=record)
+                   guidance=record, label_dropout=teacher_label_dropout(identity, net))
 
 
 def _teacher_argument(teacher, teacher_ckpt):
@@ -193,7 +199,7 @@ def _teacher_argument(teacher, teacher_ckpt):
 
 def trajectory_seed(seed, index):
     """The 64-bit generator seed of trajectory `index` of a dataset with `seed`."""
-    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0])
+    return derive_seed(seed, index, bits=64)
 
 
 def draw_inputs(indices, seed, data_shape, label_dim, labels):
@@ -247,30 +253,6 @@ def parse_states(states, steps):
     return sorted({index % (steps + 1) for index in indices})
 
 
-def parse_labels(labels, label_dim):
-    """`labels`: "random", "cycle", "none", a class, or None (random if conditional, else none) ->
-    "random", "cycle", None or an int, checked against the teacher."""
-    if labels is None:
-        labels = "random" if label_dim else "none"
-    if labels == "none":
-        if label_dim:
-            raise ArgumentError("labels", f"the teacher is class-conditional ({label_dim} classes): give 'random', "
-                                          "'cycle' or a class")
-        return None
-    if not label_dim:
-        raise ArgumentError("labels", f"{labels}: the teacher is unconditional; leave labels out")
-    if labels in ("random", "cycle"):
-        return labels
-    try:
-        label = int(labels)
-    except ValueError:
-        raise ArgumentError("labels", f"must be 'random', 'cycle', 'none' or a class in [0, {label_dim}), got "
-                                      f"{labels!r}") from None
-    if not 0 <= label < label_dim:
-        raise ArgumentError("labels", f"{label}: class out of range [0, {label_dim})")
-    return label
-
-
 def build_config(teacher, shuffle=None, **options):
     """The JSON configuration that fixes every byte of the dataset (checked, with clear errors).
 
@@ -321,7 +303,7 @@ def build_config(teacher, shuffle=None, **options):
         "solver": solver, "nfe": nfe, "steps": steps, "grid": grid, "sigma_min": sigma_min, "sigma_max": sigma_max,
         **({"rho": rho} if grid == "karras" else {}),
         "sigmas": sigmas.tolist(), "kept_states": kept, "kept_sigmas": [float(sigmas[index]) for index in kept],
-        "seed": settings["seed"], "labels": parse_labels(settings["labels"], teacher.label_dim),
+        "seed": settings["seed"], "labels": parse_labels(settings["labels"], teacher.label_dim, teacher.label_dropout),
         "label_dim": teacher.label_dim, "data_shape": list(teacher.data_shape), "dtype": settings["dtype"],
         "count": settings["num_trajectories"], "shard_size": settings["shard_size"],
         "batch_size": settings["batch_size"],
@@ -338,17 +320,6 @@ def shard_plan(config):
     count, size = config["count"], config["shard_size"]
     return [(shard, shard_name(shard, config["format"]), first, min(size, count - first))
             for shard, first in enumerate(range(0, count, size))]
-
-
-def _differences(old, new, prefix=""):
-    keys = sorted(set(old) | set(new))
-    found = []
-    for key in keys:
-        if isinstance(old.get(key), dict) and isinstance(new.get(key), dict):
-            found += _differences(old[key], new[key], f"{prefix}{key}.")
-        elif old.get(key) != new.get(key):
-            found.append(f"{prefix}{key}: {str(old.get(key))[:60]} -> {str(new.get(key))[:60]}")
-    return found
 
 
 def trajectory_config(config):
@@ -372,8 +343,8 @@ def check_output(fs, root, url, config):
         existing = read_json(fs, path)
         recorded = upgrade_manifest(existing.get("config", {}))
         if trajectory_config(recorded) != trajectory_config(config):
-            changes = _differences(recorded, config)
-            changes = [change for change in changes if not change.startswith("count:")]
+            changes = [f"{name}: {str(before)[:60]} -> {str(after)[:60]}"
+                       for name, before, after in differences(recorded, config, missing=None) if name != "count"]
             # derived values (the grid, the kept sigmas) only repeat what the options already say
             stated = [change for change in changes if change.split(":")[0] not in DERIVED_KEYS] or changes
             changes = "; ".join(stated[:8])

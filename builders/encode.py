@@ -46,7 +46,8 @@ from cmt.formats import (COMPRESSIONS, ShardError, checksum, encode_shard, files
 from cmt.latents import EDM2_VAE, LATENT_DATASET, SCALINGS, LatentCodec, load_vae, scaling_record
 from cmt.manifest import (BUILD_CONFIG, LATENT_VERSION, MANIFEST, config_hash, latent_fields, read_json,
                           sidecar_name, write_json)
-from cmt.builders.build import _differences, shard_is_done
+from cmt.builders.build import shard_is_done
+from cmt.options import differences
 
 STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -174,7 +175,8 @@ def _check_output(fs, root, url, config):
     if fs.exists(path):
         recorded = read_json(fs, path).get("config", {})
         if recorded != config:
-            changes = "; ".join(_differences(recorded, config)[:8])
+            changes = "; ".join(f"{name}: {str(before)[:60]} -> {str(after)[:60]}"
+                                for name, before, after in differences(recorded, config, missing=None)[:8])
             raise ArgumentError("out", f"{url} holds a latent set encoded with another configuration ({changes}); "
                                        "re-run with the same options to resume it, or choose a new output")
         return True

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from cmt.errors import FileFormatError
 
-from cmt.outputs import use_default_mode
+from cmt.outputs import atomic_path, write_text
 from cmt.networks import ARCHITECTURES, build_network, load_state_dict_strict_or_explain, network_config
 from cmt.networks.nvlabs_pickle import load_nvlabs_pickle
 from cmt.networks.sit import is_sit_state_dict
@@ -50,11 +50,10 @@ def save_weights(path, state_dict, config, extra_config=None):
     config = dict(config)
     extra = dict(extra_config or {})
     tensors = {key: value.detach().to("cpu").contiguous() for key, value in state_dict.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"format": "cmt", "config": json.dumps(config),
-                                            "extra": json.dumps(extra)})
-    use_default_mode(path)   # save_file creates its file 0600
-    path.with_suffix(".json").write_text(json.dumps({"config": config, "extra": extra}, indent=2) + "\n")
+    with atomic_path(path) as temporary:
+        save_file(tensors, str(temporary), metadata={"format": "cmt", "config": json.dumps(config),
+                                                     "extra": json.dumps(extra)})
+    write_text(path.with_suffix(".json"), json.dumps({"config": config, "extra": extra}, indent=2) + "\n")
     return path
 
 

@@ -37,10 +37,11 @@ from cmt.errors import ArgumentError
 from cmt.evaluation import evaluate, load_samples
 from cmt.flags import command_words, renamed_keywords
 from cmt.metrics import embedded_metric
+from cmt.outputs import write_text
 from cmt.sampling import metric_title, sample, save_samples
 from cmt.teachers import BUILTIN_TEACHERS, builtin_teacher_path
 from cmt.trainers.diffusion import TEACHER_RECIPES, train_diffusion
-from cmt.trainers.loop import STATE_FILE
+from cmt.trainers.run_files import STATE_FILE
 from cmt.trainers.mid import mid_train
 from cmt.trainers.post import post_train
 from cmt.trainers.recipes import RECIPES
@@ -174,7 +175,7 @@ def run_stage(run, name, calls, folder):
 
 
 def save_records(run):
-    run.path(STAGES_FILE).write_text(json.dumps(run.records, indent=2) + "\n")
+    write_text(run.path(STAGES_FILE), json.dumps(run.records, indent=2) + "\n")
 
 
 # ---- stages -----------------------------------------------------------------------------------
@@ -272,7 +273,7 @@ def evaluate_stage(run):
     run.records["evaluate"] = {"commands": commands, "wall_s": time.time() - wall,
                                "cpu_s": _cpu_seconds() - cpu, "reused": False}
     save_records(run)
-    run.path("metrics.json").write_text(json.dumps(run.metrics, indent=2) + "\n")
+    write_text(run.path("metrics.json"), json.dumps(run.metrics, indent=2) + "\n")
 
 
 def per_sample_rmse(samples, reference):
@@ -343,7 +344,7 @@ def report(run):
         if record["commands"]:
             lines += [f"# {name}", *record["commands"]]
     lines += ["```", ""]
-    run.path("report.md").write_text("\n".join(lines))
+    write_text(run.path("report.md"), "\n".join(lines))
 
 
 METRIC_NOTES = {

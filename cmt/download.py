@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import tqdm
 
-from cmt.outputs import use_default_mode
+from cmt.outputs import atomic_path
 
 CACHE_ENV = "CMT_CACHE"
 DEFAULT_CACHE = "~/.cache/cmt"
@@ -79,12 +78,9 @@ def fetch(url_or_path, *, subdir: str, filename: str | None = None, sha256: str 
 
 
 def _download(url: str, target: Path, sha256: str | None) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
-    # In the target's folder, so that the final rename is atomic (same file system).
-    handle, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    try:
-        with os.fdopen(handle, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+    with atomic_path(target) as partial:   # beside the target: the final rename is atomic
+        with open(partial, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm.tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=target.name) as bar:
                 for chunk in iter(lambda: response.read(_CHUNK), b""):
@@ -93,8 +89,3 @@ def _download(url: str, target: Path, sha256: str | None) -> None:
                     bar.update(len(chunk))
         if sha256 is not None and not digest.hexdigest().startswith(sha256.lower()):
             raise ValueError(f"downloaded file has sha256 {digest.hexdigest()}, expected {sha256}...")
-        use_default_mode(partial)   # mkstemp creates it 0600
-        os.replace(partial, target)
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)

@@ -8,6 +8,7 @@ from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
 from cmt.edm import SIGMA_DATA
+from cmt.outputs import atomic_path
 
 
 def _to_uint8(images):
@@ -83,8 +84,8 @@ def save_image_grid(images, path, nrow=None, padding=2, min_cell=None, max_image
         images = images[:max_images]
     scale = readable_scale(*images.shape[-2:], min_cell) if images.ndim == 4 else 1
     grid = image_grid(images, nrow=nrow, padding=padding, scale=scale, column_labels=column_labels)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    with atomic_path(path) as temporary:
+        grid.save(temporary)
     return path
 
 
@@ -173,6 +174,6 @@ def save_scatter(points, path, reference=None, limits=None, panel_size=4.0, dpi=
     figure = scatter_figure(points, reference=reference, limits=limits, panel_size=panel_size, dpi=dpi,
                             max_points=max_points, title=title, label=label, reference_label=reference_label)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary)
     return path

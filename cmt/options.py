@@ -63,3 +63,17 @@ class Option:
         if self.high is not None:
             return f" {'<' if self.high_open else '<='} {self.high:g}"
         return ""
+
+
+def differences(old, new, prefix="", missing="(not set)"):
+    """`[(dotted name, old value, new value)]` of every key whose value differs between two option
+    dicts (nested dicts compared key by key); a key that one side lacks has the value `missing`
+    there. Where a run's options are compared with the saved ones (resume, a build folder)."""
+    found = []
+    for name in sorted(set(old) | set(new)):
+        before, after = old.get(name, missing), new.get(name, missing)
+        if isinstance(before, dict) and isinstance(after, dict):
+            found += differences(before, after, f"{prefix}{name}.", missing)
+        elif before != after:
+            found.append((f"{prefix}{name}", before, after))
+    return found

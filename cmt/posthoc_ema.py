@@ -25,7 +25,7 @@ from cmt.edm import TWO_STEP_SIGMA
 from cmt.errors import ArgumentError, FileFormatError, local_path_only
 from cmt.evaluation import evaluate
 from cmt.networks import build_network
-from cmt.outputs import STEP_DIGITS
+from cmt.outputs import STEP_DIGITS, atomic_path, write_text
 from cmt.phema import SNAPSHOT_PREFIX, check_stds, p_dot_p, solve_posthoc_coefficients, std_to_exp
 from cmt.sampling import DEFAULT_STEPS, sample
 
@@ -216,8 +216,8 @@ def _evaluate_sweep(models, stds, tracked, last, data, out, *, eval_steps, mid_s
     summary = {"data": data.name, "metric": metric, "sampler": sampler, "steps": steps, "num_samples": num_samples,
                "seed": seed, "step": last["step"], "tracked_stds": tracked, "rows": rows, "best": best,
                "table": out / EVAL_TABLE, "plot": out / EVAL_PLOT}
-    (out / EVAL_TABLE).write_text(json.dumps({**summary, "table": str(summary["table"]), "plot": str(summary["plot"])},
-                                             indent=2) + "\n")
+    write_text(out / EVAL_TABLE, json.dumps({**summary, "table": str(summary["table"]), "plot": str(summary["plot"])},
+                                            indent=2) + "\n")
     plot_sweep(summary, out / EVAL_PLOT)
     return summary
 
@@ -241,6 +241,6 @@ def plot_sweep(summary, path):
                    "samples)", fontsize=9)
     axis.legend(fontsize=8)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary)
     return path

@@ -19,11 +19,13 @@ from cmt.edm import SIGMA_GRIDS, SIGMA_MAX, SIGMA_MIN, TWO_STEP_SIGMA, flow_map_
 from cmt.errors import ArgumentError, NonFiniteSamples, local_path_only
 from cmt.flags import renamed_keywords
 from cmt.images import MAX_GRID_IMAGES, READABLE_CELL, save_image_grid, save_scatter
+from cmt.labels import parse_labels, pick_labels
 from cmt.latents import LatentCodec
 from cmt.metrics import embedded_metric
 from cmt.outputs import write_npz
+from cmt.seeds import derive_seed
 from cmt.solvers import SOLVERS, sample as solve
-from cmt.teachers import resolve_teacher
+from cmt.teachers import resolve_teacher, teacher_label_dropout
 
 SAMPLERS = ("ode", "flowmap")
 # How a student's few steps go, which its record says (`student_sampler`): "consistency" jumps to
@@ -31,15 +33,11 @@ SAMPLERS = ("ode", "flowmap")
 # students); "flowmap" jumps from each sigma to the next (CMT flow-map and MeanFlow students; in
 # linear time this is MeanFlow's z_r = z_t - (t - r) u, from t = sigma_max / (1 + sigma_max)).
 STUDENT_SAMPLERS = ("consistency", "flowmap")
-# What every command that takes class labels accepts (`pick_labels`, and the builder per trajectory).
-LABEL_CHOICES = ("random", "cycle", "none")
-LABELS_HELP = "Class labels: random, cycle (0, 1, ...), a class id, or none (unconditional)."
 
 def fresh_noise_seed(seed, jump):
-    """The seed of sample `seed`'s fresh noise before jump `jump` of multistep consistency sampling:
-    mixed through SeedSequence into 32 bits, because torch's CPU generator keeps only the low 32 bits
-    of a seed (an offset such as `seed + 2**40` would repeat the sample's starting noise)."""
-    return int(np.random.SeedSequence([int(seed), int(jump) + 1]).generate_state(1)[0])
+    """The seed of sample `seed`'s fresh noise before jump `jump` of multistep consistency sampling
+    (32 bits: `cmt.seeds`)."""
+    return derive_seed(seed, int(jump) + 1, bits=32)
 
 # Defaults of `generate` and `sample` (hence of cmt-sample), defined once.
 DEFAULT_SOLVER = "dpm++3m"
@@ -52,41 +50,6 @@ def seed_noise(seeds, data_shape, device="cpu"):
     """Unit-variance noise `[len(seeds), *data_shape]`, row `i` from `torch.Generator` seeded `seeds[i]`."""
     rows = [torch.randn(data_shape, generator=torch.Generator().manual_seed(int(seed))) for seed in seeds]
     return torch.stack(rows).to(device)
-
-
-def parse_labels(spec, label_dim):
-    """A labels option, checked against a network with `label_dim` classes: "random", "cycle",
-    "none" (None), or a class id (int)."""
-    if spec is None or spec == "none":
-        return None
-    if spec in ("random", "cycle"):
-        return spec
-    try:
-        label = int(spec)
-    except (TypeError, ValueError):
-        label = -2
-    if not label_dim:
-        raise ArgumentError("labels", f"{spec!r}: the network is unconditional; give no class id")
-    if not 0 <= label < label_dim:
-        raise ArgumentError("labels", f"must be 'random', 'cycle', 'none' or a class id in [0, {label_dim - 1}], "
-                                      f"got {spec!r}")
-    return label
-
-
-def pick_labels(spec, num, label_dim, seed=0):
-    """Integer class ids `[num]`: "random" (seeded), "cycle" (0, 1, ..., 0, 1, ...), one class K or
-    "none" (-1: no label, the unconditional case of a guidance-trained network); all -1 for an
-    unconditional network."""
-    if not label_dim:   # every choice means "no label" to an unconditional network
-        return torch.full((num,), -1, dtype=torch.int64)
-    spec = parse_labels(spec, label_dim)
-    if spec is None:
-        return torch.full((num,), -1, dtype=torch.int64)
-    if spec == "random":
-        return torch.randint(label_dim, (num,), generator=torch.Generator().manual_seed(seed))
-    if spec == "cycle":
-        return torch.arange(num) % label_dim
-    return torch.full((num,), spec, dtype=torch.int64)
 
 
 def ode_sample(net, noise, sigmas, labels=None, solver=DEFAULT_SOLVER):
@@ -278,7 +241,7 @@ def latent_decoder(identity, vae, device):
 
 @renamed_keywords(num="num_samples")
 def sample(*, ckpt, out, sampler=None, solver=DEFAULT_SOLVER, steps=None, grid=DEFAULT_GRID,
-           sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, mid_sigma=None, num_samples=64, seed=0, labels="random",
+           sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, mid_sigma=None, num_samples=64, seed=0, labels=None,
            npz=None, vae=None, batch_size=DEFAULT_BATCH_SIZE, device=None, progress=True):
     """Sample a teacher or a student checkpoint to a PNG (and optionally an .npz); `cmt-sample`.
 
@@ -290,8 +253,8 @@ def sample(*, ckpt, out, sampler=None, solver=DEFAULT_SOLVER, steps=None, grid=D
     or 2 (default) jumps of a student as its record says (`recorded_sampler`: re-noising between
     consistency jumps, or flow-map jumps; 2 steps via `mid_sigma`, default the record's, else
     `cmt.edm.TWO_STEP_SIGMA`). None: the model's own, "flowmap" for a student and "ode" for a
-    teacher. Sample i uses seed `seed + i`; labels:
-    "random", "cycle", a class id K or "none" (ignored by an unconditional network). npz: also save
+    teacher. Sample i uses seed `seed + i`; labels: `cmt.labels` ("random", "cycle", a class id K,
+    "none"; None: random for a class-conditional network, else none). npz: also save
     all samples, labels and seeds there (written before the picture). vae: for a latent network
     (EDM2 img512), the diffusers AutoencoderKL (directory or hub id) that decodes the picture; the
     .npz keeps the latents. device: default cuda if available, else cpu. progress: a tqdm bar.
@@ -334,7 +297,8 @@ def sample(*, ckpt, out, sampler=None, solver=DEFAULT_SOLVER, steps=None, grid=D
         mid_sigma = (recorded or {}).get("mid_sigma", TWO_STEP_SIGMA)
     _check_sampling(**{**check, "sampler": sampler, "steps": steps, "mid_sigma": mid_sigma})
     codec = latent_decoder(identity, vae, device)
-    sample_labels = pick_labels(labels, num_samples, net.label_dim, seed)
+    spec = parse_labels(labels, net.label_dim, teacher_label_dropout(identity, net))   # refused before any work
+    sample_labels = pick_labels("none" if spec is None else spec, num_samples, net.label_dim, seed)
     seeds = list(range(seed, seed + num_samples))
     bar = tqdm(total=num_samples, unit="sample", desc="cmt-sample", dynamic_ncols=True,
                disable=not (progress and state.is_main_process))

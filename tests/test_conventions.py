@@ -29,10 +29,11 @@ from cmt.cli.train import main as train_main
 from cmt.edm import TWO_STEP_SIGMA
 from cmt.evaluation import evaluate
 from cmt.images import LABEL_HEIGHT, grid_with_layout, scatter_figure
+from cmt.labels import pick_labels
 from cmt.manifest import TrajectoryDataset, upgrade_manifest
 from cmt.networks import build_network
-from cmt.sampling import pick_labels, sample, save_samples, student_sampler
-from cmt.trainers.loop import IMAGES_SEEN, read_log
+from cmt.sampling import sample, save_samples, student_sampler
+from cmt.trainers.run_files import IMAGES_SEEN, read_log
 from conftest import TEACHER, TWO_CPU_ENV, TWO_CPU_PROCESSES, command_line, gmm_teacher, invoke_command
 
 COMMANDS = {"cmt-sample": sample_main, "cmt-eval": eval_main, "cmt-convert": convert_main, "cmt-build": build_main,

@@ -34,7 +34,7 @@ from cmt.datasets import load_mnist
 from cmt.errors import ArgumentError, EvaluationFailed, TrainingStopped
 from cmt.metrics import mnist_fd
 from cmt.networks import build_network
-from cmt.trainers import loop, students
+from cmt.trainers import loop, run_files, students
 from cmt.trainers.diffusion import train_diffusion
 from cmt.trainers.mid import mid_train
 
@@ -115,7 +115,7 @@ def world(tmp_path_factory):
     for name, content in (("text-state", "text"), ("foreign-state", "foreign")):
         (root / name).mkdir()
         source = root / ("text.pt" if content == "text" else "foreign.pt")
-        shutil.copy(source, root / name / loop.STATE_FILE)
+        shutil.copy(source, root / name / run_files.STATE_FILE)
     np.savez(root / "unit.npz", samples=(load_mnist(16)[0][:200] + 1) / 2)
     np.savez(root / "bytes255.npz", samples=((load_mnist(16)[0][:200] + 1) * 127.5).numpy())
     np.savez(root / "points.npz", samples=np.random.default_rng(0).normal(size=(50, 2)).astype(np.float32))
@@ -250,8 +250,8 @@ def test_a_failed_final_evaluation_leaves_the_trained_model(world, tmp_path, mon
     with pytest.raises(EvaluationFailed, match="model is saved"):
         mid_train(data=world / "toy-shards", out=out, max_steps=2, workers=0, **FAST)
     assert load_network(out / "mid.pt") is not None and load_network(out / "mid.safetensors") is not None
-    assert torch.load(out / loop.STATE_FILE, weights_only=True)["step"] == 2
-    assert [record["step"] for record in loop.read_log(out)] == [2]
+    assert torch.load(out / run_files.STATE_FILE, weights_only=True)["step"] == 2
+    assert [record["step"] for record in run_files.read_log(out)] == [2]
     result = run("train", [arg.format(root=world) for arg in MID[1:]] + ["--out", tmp_path / "cli"])
     assert result.exit_code == 1 and "the metric broke" in result.output and "Traceback" not in result.output
     assert (tmp_path / "cli" / "mid.pt").is_file()
@@ -265,7 +265,7 @@ def test_a_signal_saves_a_resumable_state(tmp_path, signum, code):
              "--ckpt-every", "1000000", "--eval-num", "0", "--sample-steps", "2", "--no-progress", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(words, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    log = out / loop.LOG_FILE
+    log = out / run_files.LOG_FILE
     deadline = time.time() + 120
     while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 3):
         time.sleep(0.1)
@@ -273,16 +273,16 @@ def test_a_signal_saves_a_resumable_state(tmp_path, signum, code):
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == code, stderr
     assert "Traceback" not in stderr and "--resume" in stderr and signal.Signals(signum).name in stderr
-    step = torch.load(out / loop.STATE_FILE, weights_only=True)["step"]
-    assert step >= 3 and not list(out.glob("*.tmp"))
+    step = torch.load(out / run_files.STATE_FILE, weights_only=True)["step"]
+    assert step >= 3 and not list(out.glob("*partial*"))
     with log.open("a") as file:
         file.write('{"step": 99, "loss"')   # what a kill in the middle of a write leaves
     words[words.index("1000000")] = str(step + 2)
     finished = subprocess.run(words + ["--resume"], capture_output=True, text=True, env=env, timeout=300)
     assert finished.returncode == 0, finished.stderr
-    assert torch.load(out / loop.STATE_FILE, weights_only=True)["step"] == step + 2
+    assert torch.load(out / run_files.STATE_FILE, weights_only=True)["step"] == step + 2
     assert (out / "teacher.safetensors").is_file()
-    assert [record["step"] for record in loop.read_log(out)] == list(range(1, step + 3))
+    assert [record["step"] for record in run_files.read_log(out)] == list(range(1, step + 3))
 
 
 def test_a_full_disk_is_one_line_and_leaves_no_temporary(tmp_path, monkeypatch):
@@ -295,8 +295,8 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary(tmp_path, monkeypatch):
                                              "--max-steps", "2", "--batch-size", "8", "--no-progress",
                                              "--out", str(out)])
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert "no space left on device" in result.output and str(out / loop.STATE_FILE) in result.output
-    assert not list(out.rglob("*.tmp")) and not (out / loop.STATE_FILE).exists()
+    assert "no space left on device" in result.output and str(out / run_files.STATE_FILE) in result.output
+    assert not list(out.rglob("*partial*")) and not (out / run_files.STATE_FILE).exists()
 
 
 def test_a_diverging_run_stops_with_the_step_and_lr_and_writes_no_model(tmp_path, monkeypatch):
@@ -315,7 +315,7 @@ def test_a_diverging_run_stops_with_the_step_and_lr_and_writes_no_model(tmp_path
     message = str(stopped.value)
     assert "steps 4..7" in message and "lr 0.002" in message and stopped.value.exit_code == 1
     assert not (out / "teacher.safetensors").exists()
-    assert torch.load(out / loop.STATE_FILE, weights_only=True)["step"] == 6   # the last save, its net finite
+    assert torch.load(out / run_files.STATE_FILE, weights_only=True)["step"] == 6   # the last save, its net finite
     result = CliRunner().invoke(train.main, ["diffusion", "--data", "toy:moons", "--arch", "mlp", "--channels", "16",
                                              "--num-blocks", "1", "--max-steps", "50", "--batch-size", "16",
                                              "--max-nonfinite-steps", "2", "--no-progress", "--out", str(tmp_path / "cli")])
@@ -344,7 +344,7 @@ def test_resume_refuses_other_options_and_lists_them(tmp_path):
     assert file_hashes(out) == before
     # what may change: the intervals, the progress bar; and a longer run extends it
     train_diffusion(out=out, max_steps=4, resume=True, **dict(TINY_DIFFUSION, progress=True), log_every=1)
-    assert torch.load(out / loop.STATE_FILE, weights_only=True)["step"] == 4
+    assert torch.load(out / run_files.STATE_FILE, weights_only=True)["step"] == 4
     linear = dict(TINY_DIFFUSION, lr_schedule="linear")
     train_diffusion(out=tmp_path / "linear", max_steps=2, **linear)
     with pytest.raises(ArgumentError, match="linear") as refused:
@@ -391,4 +391,4 @@ def test_post_resume_keeps_the_curriculum_and_the_method(world, tmp_path):
     fixed = tmp_path / "fixed"
     post_train(method="ect", out=fixed, max_steps=2, stage=1, **common)
     post_train(method="ect", out=fixed, max_steps=4, stage=1, resume=True, **common)   # a fixed stage: extends
-    assert torch.load(fixed / loop.STATE_FILE, weights_only=True)["step"] == 4
+    assert torch.load(fixed / run_files.STATE_FILE, weights_only=True)["step"] == 4

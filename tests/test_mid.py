@@ -22,7 +22,7 @@ from cmt.networks import build_network
 from cmt.solvers import sample_trajectory
 from cmt.trainers.distances import squared_l2
 from cmt.trainers import mid as mid_module
-from cmt.trainers.loop import STATE_FILE, read_log
+from cmt.trainers.run_files import STATE_FILE, read_log
 from cmt.trainers.mid import endpoint_loss, flowmap_loss, mid_train, secant_velocity, teacher_velocity
 from cmt.trainers.students import average_velocity, consistency_output
 

@@ -21,7 +21,7 @@ from cmt.solvers import heun_step
 from cmt.trainers import post as post_module
 from cmt.trainers.distances import make_distance
 from cmt.trainers.ect import consistency_training_loss, ect_stage, ect_target_sigma
-from cmt.trainers.loop import read_log
+from cmt.trainers.run_files import read_log
 from cmt.trainers.meanflow import MF_T_MAX, meanflow_loss, meanflow_target, sample_t_r
 from cmt.trainers.methods import PostMethod
 from cmt.trainers.mid import mid_train

@@ -20,7 +20,7 @@ from cmt.networks import build_network
 from cmt.sampling import flow_map_sample, recorded_sampler
 from cmt.trainers import recipes
 from cmt.trainers.distances import make_distance
-from cmt.trainers.loop import read_log
+from cmt.trainers.run_files import read_log
 from cmt.trainers.mid import mid_train
 from cmt.trainers.ect import consistency_training_loss, ecd_state, ect_target_sigma
 from cmt.trainers.meanflow import guided_velocity, label_dropout_mask, meanflow_loss, meanflow_target, sample_t_r

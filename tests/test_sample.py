@@ -11,8 +11,9 @@ from cmt.checkpoint import load_network, save_network
 from cmt.cli.sample import main
 from cmt.edm import TWO_STEP_SIGMA, flow_map_jump
 from cmt.errors import ArgumentError
+from cmt.labels import pick_labels
 from cmt.networks import build_network
-from cmt.sampling import flow_map_sample, generate, pick_labels
+from cmt.sampling import flow_map_sample, generate
 
 
 @pytest.fixture(scope="module")

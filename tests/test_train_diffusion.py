@@ -16,10 +16,11 @@ from cmt.checkpoint import load_network
 from cmt.cli.train import main
 from cmt.datasets import reference_sample, sample_toy
 from cmt.errors import ArgumentError
+from cmt.labels import pick_labels
 from cmt.metrics import energy_distance
 from cmt.networks import build_network
-from cmt.sampling import generate, pick_labels
-from cmt.trainers import loop
+from cmt.sampling import generate
+from cmt.trainers import loop, run_files, schedules
 from cmt.trainers.diffusion import DIFFUSION_DEFAULTS, diffusion_loss, train_diffusion
 from cmt.trainers.mid import MID_DEFAULTS, mid_train
 from cmt.trainers.post import METHODS, POST_DEFAULTS, post_train
@@ -30,7 +31,7 @@ TINY_MLP = dict(channels=64, num_blocks=2, progress=False)
 
 
 def losses(out):
-    return [record["loss"] for record in loop.read_log(out)]
+    return [record["loss"] for record in run_files.read_log(out)]
 
 
 def fixed_batch_loss(net, data="8gaussians", n=4096):
@@ -45,9 +46,9 @@ def test_loss_decreases_and_samples_improve_on_8gaussians(tmp_path):
     out = tmp_path / "run"
     result = train_diffusion(data="toy:8gaussians", out=out, **TINY_MLP, max_steps=300, batch_size=256, lr=3e-3,
                              log_every=1, eval_num=2000)
-    assert result["model"] == out / "teacher.safetensors" and result["log"] == out / loop.LOG_FILE
-    assert result["state"] == out / loop.STATE_FILE and result["state"].is_file()
-    assert result["metrics"] == loop.read_log(out)[-1]
+    assert result["model"] == out / "teacher.safetensors" and result["log"] == out / run_files.LOG_FILE
+    assert result["state"] == out / run_files.STATE_FILE and result["state"].is_file()
+    assert result["metrics"] == run_files.read_log(out)[-1]
     history = torch.tensor(losses(out))
     assert len(history) == 300 and torch.isfinite(history).all()
     assert history[-100:].mean() < history[:25].mean() - 0.04, history
@@ -60,7 +61,7 @@ def test_loss_decreases_and_samples_improve_on_8gaussians(tmp_path):
     trained_ed = energy_distance(generate(teacher, seeds, labels, steps=16), reference)
     fresh_ed = energy_distance(generate(fresh, seeds, labels, steps=16), reference)
     assert trained_ed < 0.01 and trained_ed < fresh_ed / 5, (trained_ed, fresh_ed)
-    logged = loop.read_log(out)[-1]
+    logged = run_files.read_log(out)[-1]
     assert logged["step"] == 300 and logged["energy_distance"] < 0.01
     assert (out / "samples" / "step-0000300.png").is_file()
     assert json.loads((out / "teacher.json").read_text())["extra"]["data"] == "toy:8gaussians"
@@ -79,21 +80,21 @@ def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path):
     a = load_network(straight / "teacher.safetensors").state_dict()
     b = load_network(interrupted / "teacher.safetensors").state_dict()
     assert all(torch.equal(a[key], b[key]) for key in a)
-    state = torch.load(straight / loop.STATE_FILE, weights_only=True)
+    state = torch.load(straight / run_files.STATE_FILE, weights_only=True)
     assert state["step"] == 8 and len(state["data"]) == 1
 
 
 def test_existing_run_is_not_overwritten_and_resume_needs_a_state(tmp_path):
     out = tmp_path / "run"
     train_diffusion(out=out, max_steps=2, **TINY_EDM2)
-    before = (out / loop.STATE_FILE).read_bytes()
+    before = (out / run_files.STATE_FILE).read_bytes()
     with pytest.raises(ArgumentError) as error:
         train_diffusion(out=out, max_steps=2, **TINY_EDM2)
     assert error.value.argument == "resume"
     args = command_line(dict(TINY_EDM2, max_steps=2))
     again = CliRunner().invoke(main, ["diffusion", "--out", str(out), *args])
     assert again.exit_code == 2 and "--resume" in again.output
-    assert (out / loop.STATE_FILE).read_bytes() == before
+    assert (out / run_files.STATE_FILE).read_bytes() == before
     missing = CliRunner().invoke(main, ["diffusion", "--out", str(tmp_path / "none"), "--resume", *args])
     assert missing.exit_code == 2 and "no training-state.pt" in missing.output
 
@@ -152,10 +153,10 @@ def test_command_options_are_the_entry_point_keywords_with_its_defaults(command,
 def test_schedules_and_ema():
     config = loop.TrainConfig(out=Path("."), lr=1.0, max_steps=100, lr_schedule="invsqrt", lr_ref_steps=10,
                               warmup_steps=4, batch_size=10, ema_halflife_images=100, ema_rampup_ratio=None)
-    assert [loop.learning_rate(config, step) for step in (0, 3, 10, 40)] == [0.25, 1.0, 1.0, 0.5]
+    assert [schedules.learning_rate(config, step) for step in (0, 3, 10, 40)] == [0.25, 1.0, 1.0, 0.5]
     config.lr_schedule, config.warmup_steps = "linear", 0
-    assert loop.learning_rate(config, 75) == pytest.approx(0.25)
-    assert loop.ema_beta(config, 0) ** 10 == pytest.approx(0.5)   # half-life of 100 images = 10 steps
+    assert schedules.learning_rate(config, 75) == pytest.approx(0.25)
+    assert schedules.ema_beta(config, 0) ** 10 == pytest.approx(0.5)   # half-life of 100 images = 10 steps
 
 
 def test_two_cpu_processes(tmp_path):
@@ -165,10 +166,10 @@ def test_two_cpu_processes(tmp_path):
                "--max-steps", "6", "--batch-size", "32", "--log-every", "2", "--eval-num", "64", *command_line(TINY_MLP)]
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    records = loop.read_log(out)
+    records = run_files.read_log(out)
     assert [record["step"] for record in records] == [2, 4, 6]
     assert "energy_distance" in records[-1]
-    state = torch.load(out / loop.STATE_FILE, weights_only=True)
+    state = torch.load(out / run_files.STATE_FILE, weights_only=True)
     # Each rank drew its own data: two different stream states were gathered onto rank 0.
     assert len(state["data"]) == 2
     assert not torch.equal(state["data"][0]["generator"], state["data"][1]["generator"])
@@ -191,7 +192,7 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path):
     batches = loop.RandomBatches(lambda n, g: {"data": sample_toy("moons", n, g)}, trainer.micro_batch_size,
                                  trainer.seed_for(0))
     ema = trainer.fit(net, objective, batches)
-    records = loop.read_log(tmp_path / "guard")
+    records = run_files.read_log(tmp_path / "guard")
     assert [record["skipped"] for record in records] == [0, 0, 1, 2, 2, 2]
     assert [record["step_seen"] for record in records] == [0, 1, 2, 3, 4, 5]
     # The skipped steps left the weights alone; the others changed them.

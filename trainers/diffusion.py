@@ -15,12 +15,13 @@ from cmt.datasets import one_hot_labels
 from cmt.edm import SIGMA_DATA, sample_lognormal_sigmas
 from cmt.errors import ArgumentError
 from cmt.flags import renamed_keywords
+from cmt.labels import pick_labels
 from cmt.metrics import embedded_metric
 from cmt.images import MAX_GRID_IMAGES
 from cmt.outputs import step_file_name
-from cmt.sampling import check_finite, generate, metric_title, pick_labels, save_samples
+from cmt.sampling import check_finite, generate, metric_title, save_samples
 from cmt.solvers import SOLVERS
-from cmt.trainers import loop, recipes
+from cmt.trainers import loop, recipes, run_files
 from cmt.networks import family_of
 from cmt.trainers.data import (PRETRAINING_ARCHITECTURES, data_batches, default_arch, network_for, pictures,
                                  training_data)
@@ -147,6 +148,6 @@ def train_diffusion(*, data, out, resolution=None, arch=None, channels=None, cha
     trainer.fit(net, objective, batches, sample_fn=sample_fn, save_final=save_final,
                 run_info={"phase": "diffusion", "data": data.name, "network": net.config,
                           **(resolved_options or {"recipe": recipe})},
-                run_options=loop.phase_options(train_diffusion, locals()))
-    return {"out": config.out, "model": model, "log": config.out / loop.LOG_FILE,
-            "state": config.out / loop.STATE_FILE, "metrics": loop.final_metrics(config.out)}
+                run_options=run_files.phase_options(train_diffusion, locals()))
+    return {"out": config.out, "model": model, "log": config.out / run_files.LOG_FILE,
+            "state": config.out / run_files.STATE_FILE, "metrics": run_files.final_metrics(config.out)}

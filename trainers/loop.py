@@ -12,13 +12,8 @@ replaying the batches it had yielded).
 from __future__ import annotations
 
 import copy
-import dataclasses
-import importlib.metadata
-import inspect
 import json
-import math
 import os
-import platform
 import signal
 import threading
 import time
@@ -26,119 +21,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, gather_object
-from PIL import Image
 from tqdm.auto import tqdm
 
-from cmt.checkpoint import read_torch_file, save_network
-from cmt.errors import ArgumentError, EvaluationFailed, TrainingStopped, local_path_only
+from cmt.checkpoint import save_network
+from cmt.errors import ArgumentError, EvaluationFailed, TrainingStopped
 from cmt.outputs import step_file_name
+from cmt.seeds import derive_seed
+# The trainer options live in cmt.trainers.config; the phases reach them through the loop they configure.
+from cmt.trainers.config import (LR_SCHEDULES, MIXED_PRECISIONS, OPTIMIZERS, TRAIN_DEFAULTS, TrainConfig,  # noqa: F401
+                                 check_choice, train_config)
+from cmt.trainers.run_files import (IMAGES_SEEN, SNAPSHOT_DIR, STATE_FILE, RunLog, read_state, run_record,
+                                    summary_writer, write_run_file, write_state)
+from cmt.trainers.schedules import ema_beta, learning_rate, update_ema
 
-STATE_FILE = "training-state.pt"
-LOG_FILE = "log.jsonl"
-RUN_FILE = "run.json"
-SNAPSHOT_DIR = "snapshots"
-# The log's count of training images so far (log.jsonl files written before it was named so call it
-# "images"; `read_log` renames it).
-IMAGES_SEEN = "images_seen"
-TRAINING_FIGURES = ("loss", "grad_norm", "lr", "skipped", IMAGES_SEEN, "sec_per_step")
-LR_SCHEDULES = ("constant", "linear", "invsqrt")
-OPTIMIZERS = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}
-MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
-# The options a resumed run may change; every other option (the TrainConfig's and the phase's) must
-# be the saved run's, or --resume is refused with the list of differences. max_steps may grow (the
-# run is extended, as if it had been asked for from the start), except under the linear lr
-# schedule, which max_steps defines; it may not fall below the saved step.
-RESUMABLE_OPTIONS = ("out", "resume", "log_every", "ckpt_every", "sample_every", "snapshot_every", "tensorboard",
-                     "progress", "max_nonfinite_steps")
 # Exit codes of a run stopped by a signal (after saving its state): the shell's 128 + signal number.
 SIGNAL_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
-
-
-@dataclass
-class TrainConfig:
-    """The options every phase shares. Its field defaults are the one source of the trainer's
-    defaults (`TRAIN_DEFAULTS`); a phase overrides a few (`MID_DEFAULTS` etc.), the commands read both."""
-    out: Path
-    max_steps: int = 1000
-    batch_size: int = 256           # global: images per optimizer step over all ranks and micro-batches
-    lr: float = 1e-3
-    lr_schedule: str = "constant"   # constant | linear | invsqrt
-    lr_ref_steps: int = 1000        # invsqrt: lr / sqrt(max(step / lr_ref_steps, 1))
-    warmup_steps: int = 0
-    optimizer: str = "adam"         # adam | radam
-    betas: tuple[float, float] = (0.9, 0.99)
-    weight_decay: float = 0.0
-    grad_clip: float | None = None
-    ema_halflife_images: float | None = 500_000.0
-    ema_rampup_ratio: float | None = 0.05
-    ema_beta: float | None = None   # a fixed per-step beta; overrides the half-life
-    mixed_precision: str = "auto"   # auto | no | bf16 | fp16
-    grad_accum: int = 1
-    seed: int = 0
-    log_every: int = 100
-    ckpt_every: int = 1000
-    sample_every: int = 0           # 0 = only at the end
-    snapshot_every: int = 0         # EMA weights to snapshots/snapshot-NNNNNNN.safetensors; 0 = none
-    resume: bool = False
-    tensorboard: bool = False
-    progress: bool = True
-    max_nonfinite_steps: int = 100  # stop after this many consecutive steps with a NaN/inf loss; 0: never
-
-
-    def __post_init__(self):
-        local_path_only("out", self.out)
-        self.out = Path(self.out)
-        for name in ("max_steps", "batch_size", "lr_ref_steps", "grad_accum", "log_every", "ckpt_every"):
-            if getattr(self, name) < 1:
-                raise ArgumentError(name, f"must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "sample_every", "snapshot_every", "seed", "weight_decay", "max_nonfinite_steps"):
-            if getattr(self, name) < 0:
-                raise ArgumentError(name, f"must be >= 0, got {getattr(self, name)}")
-        if self.lr is None or not self.lr > 0:
-            raise ArgumentError("lr", f"must be > 0, got {self.lr}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ArgumentError("grad_clip", f"must be > 0 (None: no clipping), got {self.grad_clip}")
-        for name in ("ema_halflife_images", "ema_rampup_ratio"):
-            if getattr(self, name) is not None and getattr(self, name) < 0:
-                raise ArgumentError(name, f"must be >= 0 (None: off), got {getattr(self, name)}")
-        if self.ema_beta is not None and not 0 <= self.ema_beta < 1:
-            raise ArgumentError("ema_beta", f"must be in [0, 1), got {self.ema_beta}")
-        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
-        self.betas = tuple(self.betas)
-
-
-TRAIN_DEFAULTS = {field.name: field.default for field in dataclasses.fields(TrainConfig)
-                  if field.default is not dataclasses.MISSING}
-
-
-def check_choice(argument: str, value, choices) -> None:
-    if value not in choices:
-        raise ArgumentError(argument, f"{value!r} is not one of {', '.join(map(str, choices))}")
-
-
-def train_config(out, phase_defaults: dict, options: dict, *, default_lr: float | None = None) -> TrainConfig:
-    """The TrainConfig of a phase's entry point: its `**options` (TrainConfig's field names) over the
-    phase's defaults over `TRAIN_DEFAULTS`; an lr of None (the phases' default) is `default_lr`, the
-    phase's rate for the network at hand. An unknown name is a TypeError, as for any keyword."""
-    unknown = sorted(set(options) - set(TRAIN_DEFAULTS))
-    if unknown:
-        raise TypeError(f"unexpected keyword argument{'s' * (len(unknown) > 1)}: {', '.join(unknown)}")
-    values = {**TRAIN_DEFAULTS, **phase_defaults, **options}
-    if values["lr"] is None:
-        values["lr"] = default_lr
-    return TrainConfig(out=out, **values)
-
-
-def final_metrics(out) -> dict:
-    """The last record of a run's log: its step and every scalar logged then."""
-    records = read_log(out)
-    return records[-1] if records else {}
 
 
 @dataclass
@@ -149,50 +49,6 @@ class Context:
     generator: torch.Generator      # on `device`; re-seeded from (seed, rank, step) every step
     device: torch.device
     accelerator: Accelerator
-
-
-def derive_seed(*keys: int) -> int:
-    """A 63-bit seed that depends on every key (seed, rank, step, stream, ...)."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-def learning_rate(config: TrainConfig, step: int) -> float:
-    lr = config.lr
-    if config.lr_schedule == "linear":
-        lr *= max(1.0 - step / max(config.max_steps, 1), 0.0)
-    elif config.lr_schedule == "invsqrt":
-        lr /= math.sqrt(max(step / max(config.lr_ref_steps, 1), 1.0))
-    elif config.lr_schedule != "constant":
-        check_choice("lr_schedule", config.lr_schedule, LR_SCHEDULES)
-    if config.warmup_steps > 0:
-        lr *= min((step + 1) / config.warmup_steps, 1.0)
-    return lr
-
-
-def ema_beta(config: TrainConfig, step: int) -> float:
-    """EMA decay per optimizer step: fixed, or from a half-life in images (EDM's ramp-up)."""
-    if config.ema_beta is not None:
-        return config.ema_beta
-    if config.ema_halflife_images is None:
-        return 0.0
-    halflife = config.ema_halflife_images
-    if config.ema_rampup_ratio is not None:
-        halflife = min(halflife, (step + 1) * config.batch_size * config.ema_rampup_ratio)
-    return 0.5 ** (config.batch_size / max(halflife, 1e-8))
-
-
-@torch.no_grad()
-def update_ema(ema: torch.nn.Module, net: torch.nn.Module, beta: float) -> None:
-    ema_params, net_params = list(ema.parameters()), [p.detach() for p in net.parameters()]
-    if all(a.dtype == b.dtype and a.device == b.device for a, b in zip(ema_params, net_params)):
-        # One foreach call instead of a Python loop of kernels: the same lerp per tensor.
-        torch._foreach_lerp_(ema_params, net_params, 1.0 - beta)
-    else:
-        for p_ema, p_net in zip(ema_params, net_params):
-            p_ema.lerp_(p_net.to(p_ema.dtype), 1.0 - beta)
-    ema_buffers, net_buffers = list(ema.buffers()), list(net.buffers())
-    if ema_buffers:
-        torch._foreach_copy_(ema_buffers, net_buffers)
 
 
 class RandomBatches:
@@ -232,55 +88,6 @@ class _Counted:
     def load_state_dict(self, state: dict) -> None:
         for _ in range(int(state["count"])):
             next(self)
-
-
-def save_atomic(obj: Any, path: Path) -> None:
-    """`torch.save` through a temporary name and a rename: `path` is the old file or the new one, and
-    a failed write (a full disk) leaves no temporary behind and raises an OSError naming `path`."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as file:
-            torch.save(obj, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException as error:
-        tmp.unlink(missing_ok=True)
-        if isinstance(error, OSError) and error.filename is None:
-            raise OSError(error.errno, error.strerror or str(error), str(path)) from error
-        raise
-
-
-def phase_options(function: Callable, values: dict) -> dict:
-    """The run-defining options of a phase: the keyword arguments of its entry point `function`
-    (as resolved in `values`, its locals) except `out` and the trainer options; a value that is not
-    plain data (a resolved data set) by its name. What `--resume` compares with the saved run."""
-    def plain(value):
-        if value is None or isinstance(value, (str, int, float, bool)):
-            return value
-        if isinstance(value, (list, tuple)):
-            return [plain(item) for item in value]
-        if isinstance(value, dict):
-            return {str(key): plain(item) for key, item in value.items()}
-        if isinstance(value, Path):
-            return str(value)
-        return str(getattr(value, "name", type(value).__name__))
-    names = [name for name, parameter in inspect.signature(function).parameters.items()
-             if parameter.kind == parameter.KEYWORD_ONLY and name != "out"]
-    return {name: plain(values[name]) for name in names if name in values}
-
-
-def run_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """`name: saved X, now Y` for every option whose value differs (nested dicts by dotted name)."""
-    differences = []
-    for name in sorted(set(saved) | set(current)):
-        old, new = saved.get(name, "(not set)"), current.get(name, "(not set)")
-        if isinstance(old, dict) and isinstance(new, dict):
-            differences += run_differences(old, new, f"{prefix}{name}.")
-        elif old != new:
-            differences.append(f"{prefix}{name}: saved {old!r}, now {new!r}")
-    return differences
 
 
 class _StopSignals:
@@ -361,7 +168,7 @@ class Trainer:
         if not config.resume and state_path.exists():
             raise ArgumentError("resume", f"{state_path} exists: resume that run, or choose another out folder")
         if config.tensorboard:
-            _summary_writer()   # fail before training, not at the first log
+            summary_writer()   # fail before training, not at the first log
 
     device = property(lambda self: self.accelerator.device)
     rank = property(lambda self: self.accelerator.process_index)
@@ -399,10 +206,7 @@ class Trainer:
         `max_nonfinite_steps` consecutive steps with a non-finite loss raise `TrainingStopped`
         without writing a model."""
         config, acc = self.config, self.accelerator
-        fixed = lambda values: {k: v for k, v in values.items() if k not in RESUMABLE_OPTIONS + ("max_steps",)}
-        self.run_record = json.loads(json.dumps({
-            "phase": (run_info or {}).get("phase"), "max_steps": config.max_steps,
-            "train": fixed(dataclasses.asdict(config)), "options": fixed(run_options or {})}, default=str))
+        self.run_record = run_record(config, (run_info or {}).get("phase"), run_options)
         if not hasattr(batches, "state_dict"):
             batches = _Counted(iter(batches))
         ema = copy.deepcopy(net).float().eval().requires_grad_(False).to(self.device)
@@ -414,7 +218,7 @@ class Trainer:
 
         start_step, skipped = 0, 0
         if config.resume:
-            state = self._read_state()
+            state = read_state(self.out, self.run_record, config.lr_schedule)
             if state["config"] != getattr(plain_net, "config", None):
                 raise ArgumentError("resume", f"the network in {self.out / STATE_FILE} has another config")
             plain_net.load_state_dict(state["net"])
@@ -430,14 +234,11 @@ class Trainer:
             start_step, skipped = int(state["step"]), int(state["skipped"])
 
         self.out.mkdir(parents=True, exist_ok=True)
-        logger = _Logger(self.out, start_step, config.tensorboard) if self.is_main else None
+        logger = RunLog(self.out, start_step, config.tensorboard) if self.is_main else None
         # A snapshot carries what the final model carries (phase, data, ...), so cmt-sample reads it alike.
         self.snapshot_info = json.loads(json.dumps(run_info or {}, default=str))
         if self.is_main and run_info is not None and not config.resume:
-            info = {"train": {k: (str(v) if isinstance(v, Path) else v)
-                              for k, v in dataclasses.asdict(config).items()}, **run_info,
-                    "num_processes": self.num_processes, "versions": software_versions()}
-            write_text_atomic(self.out / RUN_FILE, json.dumps(info, indent=2, default=str) + "\n")
+            write_run_file(self.out, config, run_info, self.num_processes)
 
         generator = torch.Generator(self.device)
         ctx = Context(step=start_step, max_steps=config.max_steps, generator=generator,
@@ -573,33 +374,6 @@ class Trainer:
         path = self.out / SNAPSHOT_DIR / step_file_name("snapshot", step, ".safetensors")
         return save_network(path, ema, extra_config={**self.snapshot_info, "step": step})
 
-    def _read_state(self) -> dict:
-        """The saved training state, checked to be one (a truncated or foreign file: FileFormatError)."""
-        path = self.out / STATE_FILE
-        state = read_torch_file(path, "training state")
-        required = ("step", "skipped", "config", "net", "ema", "optimizer", "data")
-        if not isinstance(state, dict) or any(key not in state for key in required):
-            raise ArgumentError("resume", f"{path} is not a cmt training state (expected the keys "
-                                          f"{', '.join(required)})")
-        saved = state.get("run")
-        if saved is not None:
-            if saved.get("phase") != self.run_record["phase"]:
-                raise ArgumentError("resume", f"{path} is the state of a {saved.get('phase')} run, not of "
-                                              f"{self.run_record['phase']}: resume it with cmt-train "
-                                              f"{saved.get('phase')}, or choose another --out")
-            saved_steps, steps = saved.get("max_steps"), self.run_record["max_steps"]
-            if steps < int(state["step"]):
-                raise ArgumentError("max_steps", f"{path} is at step {state['step']}; max_steps {steps} is behind it")
-            if steps != saved_steps and self.config.lr_schedule == "linear":
-                raise ArgumentError("max_steps", f"{path} was saved by a run of {saved_steps} steps under the "
-                                                 f"linear lr schedule, which max_steps sets: keep {saved_steps}")
-            differences = run_differences({**saved, "max_steps": steps}, self.run_record)
-            if differences:
-                raise ArgumentError("resume", f"{path} was saved by a run with other options; only "
-                                              f"{', '.join(RESUMABLE_OPTIONS[2:])} (and a larger max_steps) "
-                                              "may change on resume: " + "; ".join(differences))
-        return state
-
     def _save_state(self, step, skipped, net, ema, optimizer, batches) -> None:
         data_states = gather_object([batches.state_dict()])
         if self.is_main:
@@ -609,85 +383,6 @@ class Trainer:
                 "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler else None,
                 "data": data_states, "run": self.run_record,
             }
-            save_atomic(state, self.out / STATE_FILE)
+            write_state(self.out, state)
         self.saved_step = step
         self.accelerator.wait_for_everyone()
-
-
-def _summary_writer():
-    """tensorboard's SummaryWriter class (an optional dependency, imported only when asked for)."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as error:
-        raise ArgumentError("tensorboard", "needs the tensorboard package (pip install tensorboard)") from error
-    return SummaryWriter
-
-
-def _logged_step(line: str) -> float:
-    """The step of a log line; infinity for a line a killed run left half-written (dropped on resume)."""
-    try:
-        return float(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return math.inf
-
-
-class _Logger:
-    """log.jsonl (cut back to the resumed step, so a resumed run's log reads as one run) + tensorboard."""
-
-    def __init__(self, out: Path, start_step: int, tensorboard: bool):
-        path = out / LOG_FILE
-        kept = []
-        if start_step > 0 and path.exists():
-            kept = [line for line in path.read_text().splitlines() if _logged_step(line) <= start_step]
-        path.write_text("".join(line + "\n" for line in kept))
-        self.file = path.open("a")
-        self.training_names: set[str] = set()   # the objective's own figures (set by the loop)
-        self.writer = None
-        if tensorboard:
-            self.writer = _summary_writer()(str(out / "tensorboard"))
-
-    def write(self, record: dict) -> None:
-        """One record: its numbers to log.jsonl; for TensorBoard also its pictures (values that are
-        paths of PNGs a `sample_fn` wrote) as images, training figures under train/, the sampling
-        metrics under metrics/."""
-        pictures = {name: value for name, value in record.items() if isinstance(value, Path)}
-        scalars = {name: value for name, value in record.items() if name not in pictures}
-        self.file.write(json.dumps(scalars) + "\n")
-        self.file.flush()
-        if self.writer is not None:
-            step = record["step"]
-            for name, value in scalars.items():
-                if name != "step" and isinstance(value, (int, float)):
-                    group = "train" if name in TRAINING_FIGURES or name in self.training_names else "metrics"
-                    self.writer.add_scalar(f"{group}/{name}", value, step)
-            for name, path in pictures.items():
-                self.writer.add_image(f"samples/{name}", np.asarray(Image.open(path).convert("RGB")), step,
-                                      dataformats="HWC")
-            self.writer.flush()
-
-    def close(self) -> None:
-        self.file.close()
-        if self.writer is not None:
-            self.writer.close()
-
-
-def read_log(out: Path) -> list[dict]:
-    """The records of a run's log.jsonl (an older log's "images" read as `IMAGES_SEEN`)."""
-    path = Path(out) / LOG_FILE
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    for record in records:
-        if "images" in record and IMAGES_SEEN not in record:
-            record[IMAGES_SEEN] = record.pop("images")
-    return records
-
-
-def software_versions() -> dict:
-    """What run.json records of the software a run used."""
-    return {"cmt": importlib.metadata.version("cmt"), "torch": torch.__version__,
-            "accelerate": importlib.metadata.version("accelerate"), "python": platform.python_version()}
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -26,7 +26,7 @@ from cmt.guidance import apply_guidance
 from cmt.manifest import TrajectoryDataset, check_verify
 from cmt.sampling import student_sampler
 from cmt.teachers import teacher_label_dropout
-from cmt.trainers import loop, recipes
+from cmt.trainers import loop, recipes, run_files
 from cmt.trainers.distances import DISTANCES, make_distance, squared_l2
 from cmt.trainers.students import (STUDENT_INITS, average_velocity, build_student, check_report_options,
                                    consistency_output, network_labels, plain_network, recorded_teacher_spec,
@@ -156,7 +156,7 @@ def reader_workers(workers, config, num_processes):
         return workers
     if config.resume:
         try:
-            recorded = json.loads((config.out / loop.RUN_FILE).read_text()).get("options", {}).get("workers")
+            recorded = json.loads((config.out / run_files.RUN_FILE).read_text()).get("options", {}).get("workers")
         except (OSError, ValueError, AttributeError):
             recorded = None
         if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded >= 0:
@@ -296,7 +296,7 @@ def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_re
             "guidance": manifest.get("guidance"), **(resolved_options or {"recipe": recipe})}
     # The cache and the checks change no batch: a resumed run may set others (and runs saved before
     # them had none).
-    run_options = {"recipe": recipe, **(resolved_options or loop.phase_options(mid_train, locals()))}
+    run_options = {"recipe": recipe, **(resolved_options or run_files.phase_options(mid_train, locals()))}
     run_options = {key: value for key, value in run_options.items() if key not in READER_ONLY}
     if isinstance(run_options.get("options"), dict):
         run_options["options"] = {key: value for key, value in run_options["options"].items()

@@ -11,12 +11,13 @@ from cmt.checkpoint import init_student_from_teacher, save_network
 from cmt.datasets import one_hot_labels, resolve_data
 from cmt.edm import SIGMA_MAX, SIGMA_MIN, TWO_STEP_SIGMA, broadcast_sigma, sigma_to_t, t_to_sigma, x_to_z, z_to_x
 from cmt.errors import ArgumentError
+from cmt.labels import pick_labels
 from cmt.metrics import embedded_metric
 from cmt.networks import build_network, family_of, network_config
-from cmt.outputs import step_file_name
-from cmt.sampling import check_finite, generate, metric_title, pick_labels, sampler_sigmas, save_samples
+from cmt.outputs import step_file_name, write_torch
+from cmt.sampling import check_finite, generate, metric_title, sampler_sigmas, save_samples
 from cmt.teachers import resolve_teacher
-from cmt.trainers.loop import LOG_FILE, STATE_FILE, final_metrics, save_atomic
+from cmt.trainers.run_files import LOG_FILE, STATE_FILE, final_metrics
 
 STUDENT_INITS = ("teacher", "random")
 
@@ -197,7 +198,7 @@ def save_student(out, name, ema, net, info):
     `out/{name}.safetensors` (the EMA weights, for `cmt-sample` and `load_network`)."""
     out = Path(out)
     checkpoint = {"config": network_config(ema), "net": net.state_dict(), "ema": ema.state_dict(), **info}
-    save_atomic(checkpoint, out / f"{name}.pt")
+    write_torch(out / f"{name}.pt", checkpoint)
     save_network(out / f"{name}.safetensors", ema, extra_config=info)
 
 

@@ -11,7 +11,7 @@ from cmt.builders.build import DEFAULTS, STORAGE_DTYPES, NonFiniteTrajectories, 
 from cmt.cli.common import CONTEXT_SETTINGS, translate_errors
 from cmt.edm import SIGMA_GRIDS
 from cmt.formats import COMPRESSIONS, DEFAULT_COMPRESSION, FORMATS
-from cmt.sampling import LABELS_HELP
+from cmt.labels import LABELS_HELP
 from cmt.solvers import SOLVERS
 
 
@@ -40,7 +40,7 @@ from cmt.solvers import SOLVERS
               help="Trajectories per teacher batch (part of the configuration).")
 @click.option("--seed", type=int, default=DEFAULTS["seed"], help="Trajectory i depends on (seed, i) only.")
 @click.option("--labels", default=DEFAULTS["labels"],
-              help=f"{LABELS_HELP} [default: random for a conditional teacher, else none]")
+              help=LABELS_HELP)
 @click.option("--format", type=click.Choice(list(FORMATS)), default=DEFAULTS["format"],
               help="Shard format: zarr (v3 groups) or wds (WebDataset .tar.gz).")
 @click.option("--compression", type=click.Choice(list(COMPRESSIONS)), default=DEFAULTS["compression"],

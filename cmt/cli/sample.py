@@ -14,7 +14,8 @@ import click
 from cmt.cli.common import CONTEXT_SETTINGS, WithAliases, summary, translate_errors
 from cmt.edm import SIGMA_GRIDS
 from cmt.images import MAX_GRID_IMAGES, READABLE_CELL
-from cmt.sampling import LABELS_HELP, SAMPLERS, sample
+from cmt.labels import LABELS_HELP
+from cmt.sampling import SAMPLERS, sample
 from cmt.solvers import SOLVERS
 
 DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(sample).parameters.items()}
