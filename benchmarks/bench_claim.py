@@ -47,7 +47,6 @@ import contextlib
 import json
 import math
 import os
-import shlex
 import shutil
 import statistics
 import subprocess
@@ -63,17 +62,18 @@ from cmt.checkpoint import load_network
 from cmt.cli.train import main as train_command
 from cmt.datasets import resolve_data
 from cmt.edm import SIGMA_MAX, TWO_STEP_SIGMA
-from cmt.flags import command_words
 from cmt.images import image_grid, save_scatter
 from cmt.labels import pick_labels
+from cmt.manifest import MANIFEST
 from cmt.metrics import embedded_metric
 from cmt.outputs import step_file_name
 from cmt.sampling import generate
+from cmt.stages import Call
 from cmt.teachers import builtin_teacher_path, resolve_teacher
 from cmt.trainers import recipes
-from cmt.trainers.run_files import SNAPSHOT_DIR, STATE_FILE, read_log
 from cmt.trainers.mid import mid_train
 from cmt.trainers.post import METHODS as POST_METHODS, load_init, post_train
+from cmt.trainers.run_files import SNAPSHOT_DIR, read_log
 from cmt.trainers.students import build_student
 
 # name: (post-training method, what it starts from); "mid-endpoint" / "mid-flowmap" are the CMT weights.
@@ -167,18 +167,17 @@ def cached(path, compute):
     return value
 
 
-def call_logged(program, function, kwargs, log_path):
-    """Call one entry point, its printed output into `log_path`; returns (wall seconds, the
-    equivalent command's words, the function's result)."""
-    command = command_words(program, {k: v for k, v in kwargs.items() if k not in ("progress",)})
-    click.echo("  $ " + shlex.join(command), err=True)
-    start = time.perf_counter()
+def call_logged(call, log_path):
+    """Run one stage (`cmt.stages.Call`), its printed output into `log_path`; returns (wall seconds or
+    None when its output was there, the equivalent command's words, the function's result)."""
+    log = lambda command: click.echo("  $ " + command, err=True)
     try:
-        with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            result = function(**kwargs)
+        with open(log_path, "a") as handle, contextlib.redirect_stdout(handle), contextlib.redirect_stderr(handle):
+            result, seconds = call.run(log)
     except Exception as error:
-        raise click.ClickException(f"{program} failed ({type(error).__name__}: {error}); see {log_path}") from error
-    return time.perf_counter() - start, command, result
+        raise click.ClickException(f"{call.program} failed ({type(error).__name__}: {error}); see {log_path}") \
+            from error
+    return seconds, call.words(), result
 
 
 def post_options(options):
@@ -266,22 +265,15 @@ def wall_at(points, step):
 
 
 def train_stage(folder, program, function, kwargs, model_name):
-    """One training run into `folder`, resumable: a finished one (its model written) is kept, an
-    interrupted one continues from its training state, a folder without one starts over."""
+    """One training run into `folder`, resumable (`cmt.stages.Call`): a finished one (its model
+    written) is kept, an interrupted one continues from its training state, a folder without one
+    starts over."""
     folder = Path(folder)
-    log_path = folder.with_name(folder.name + ".log")
     result = read_json(folder.with_name(folder.name + ".json"))
     if result is not None:
         return result
-    seconds = None
-    if not (folder / f"{model_name}.safetensors").is_file():
-        if (folder / STATE_FILE).is_file():
-            kwargs = {**kwargs, "resume": True}
-        elif folder.exists():
-            shutil.rmtree(folder)     # started, nothing saved yet: nothing to keep
-        seconds, command, _ = call_logged(program, function, kwargs, log_path)
-    else:
-        command = command_words(program, kwargs)
+    call = Call(program, function, {**kwargs, "out": str(folder)}, folder / f"{model_name}.safetensors", trains=True)
+    seconds, command, _ = call_logged(call, folder.with_name(folder.name + ".log"))
     run = json.loads((folder / "run.json").read_text())
     records = read_log(folder)
     result = {"command": command, "call_seconds": seconds, "batch_size": run["train"]["batch_size"],
@@ -324,7 +316,8 @@ def run_unit(out, data, seed, budget, starts, post_args):
     def build():
         kwargs = dict(teacher=data, out=str(root / "trajectories"), num_trajectories=budget["num_trajectories"],
                       nfe=NFE, seed=seed, progress=False)
-        seconds, command, _ = call_logged("cmt-build", build_trajectories, kwargs, root / "build.log")
+        seconds, command, _ = call_logged(Call("cmt-build", build_trajectories, kwargs, root / "trajectories" / MANIFEST),
+                                          root / "build.log")
         return {"seconds": seconds, "command": command, "num_trajectories": budget["num_trajectories"], "nfe": NFE}
 
     built = cached(root / "build.json", build)

@@ -35,9 +35,10 @@ from bench_claim import (METRICS, call_logged, cached, data_kind, device, read_j
 from cmt.builders.build import build_trajectories  # noqa: E402
 from cmt.checkpoint import load_network  # noqa: E402
 from cmt.datasets import one_hot_labels, resolve_data  # noqa: E402
-from cmt.manifest import TrajectoryDataset  # noqa: E402
+from cmt.manifest import MANIFEST, TrajectoryDataset  # noqa: E402
 from cmt.metrics import embedded_metric  # noqa: E402
 from cmt.sampling import flow_map_sample  # noqa: E402
+from cmt.stages import Call  # noqa: E402
 from cmt.trainers.mid import mid_train  # noqa: E402
 from cmt.trainers.post import post_train  # noqa: E402
 
@@ -234,7 +235,8 @@ def main(out, budget_name, workers, threads, docs, unit):
         count = budget["num_trajectories"] + budget["held_out"]
         kwargs = dict(teacher=data, out=str(out / "trajectories"), num_trajectories=count, nfe=NFE, seed=0,
                       progress=False)
-        seconds, command, _ = call_logged("cmt-build", build_trajectories, kwargs, out / "build.log")
+        seconds, command, _ = call_logged(Call("cmt-build", build_trajectories, kwargs, out / "trajectories" / MANIFEST),
+                                          out / "build.log")
         return {"seconds": seconds, "command": command, "num_trajectories": count}
 
     cached(out / "build.json", build)

@@ -39,9 +39,9 @@ from cmt.flags import command_words, renamed_keywords
 from cmt.metrics import embedded_metric
 from cmt.outputs import write_text
 from cmt.sampling import metric_title, sample, save_samples
+from cmt.stages import Call
 from cmt.teachers import BUILTIN_TEACHERS, builtin_teacher_path
 from cmt.trainers.diffusion import TEACHER_RECIPES, train_diffusion
-from cmt.trainers.run_files import STATE_FILE
 from cmt.trainers.mid import mid_train
 from cmt.trainers.post import post_train
 from cmt.trainers.recipes import RECIPES
@@ -87,25 +87,6 @@ SAMPLES = [("teacher_16step", "teacher", 16), ("teacher_1step", "teacher", 1), (
            ("mid_1step", "mid", 1), ("mid_2step", "mid", 2), ("post_1step", "post", 1), ("post_2step", "post", 2)]
 GRIDS = ["teacher_16step", "mid_1step", "mid_2step", "post_1step", "post_2step"]
 TITLES = {"teacher": "teacher (DPM-Solver++ 3M)", "mid": "mid-trained (CMT)", "post": "post-trained (ECT)"}
-
-
-@dataclass
-class Call:
-    """One step of a stage: an entry point, its keyword arguments, the file that shows it finished,
-    and the command (`program`) that does the same by hand."""
-    program: str
-    function: Callable
-    kwargs: dict
-    output: Path
-    trains: bool = False        # a training run, which `resume=True` continues from its saved state
-
-    def command(self, **extra):
-        return shlex.join(command_words(self.program, {**self.kwargs, **extra}))
-
-    def run(self, log):
-        extra = {"resume": True} if self.trains and (Path(self.kwargs["out"]) / STATE_FILE).exists() else {}
-        log(self.command(**extra))
-        return self.function(**self.kwargs, **extra)
 
 
 def _cpu_seconds():
@@ -166,8 +147,6 @@ def run_stage(run, name, calls, folder):
     save_records(run)
     wall, cpu = time.time(), _cpu_seconds()
     for call in calls:
-        if call.output.exists():
-            continue
         call.run(lambda command: run.log(f"[demo] {name}: {command}"))
     record.update(wall_s=time.time() - wall, cpu_s=_cpu_seconds() - cpu)
     run.changed = True
@@ -231,7 +210,8 @@ def sample_calls(run):
         if model != "teacher":
             sampler = {"sampler": "flowmap", **sampler, "mid_sigma": TWO_STEP_SIGMA if steps == 2 else None}
         npz = run.path("samples", f"{name}.npz")
-        kwargs = dict(ckpt=checkpoints[model], **sampler, num_samples=run.settings.eval_num, seed=run.seed, labels="cycle",
+        labels = {"labels": "cycle"} if data_kind(run.data) == "mnist" else {}   # the toys take no labels
+        kwargs = dict(ckpt=checkpoints[model], **sampler, num_samples=run.settings.eval_num, seed=run.seed, **labels,
                       out=str(npz.with_suffix(".png")), npz=str(npz), **_progress(run))
         calls.append(Call("cmt-sample", sample, kwargs, npz))
     return calls

@@ -143,7 +143,7 @@ def describe(graph, cycle):
 def layer(module):
     if module.startswith("cmt.cli.") or module == "cmt.cli":
         return "commands"
-    if module == "cmt.demo":
+    if module in ("cmt.demo", "cmt.stages"):
         return "demo"
     if module.startswith("cmt.trainers"):
         return "trainers"

@@ -5,10 +5,8 @@ sigma_data^2) / (sigma sigma_data)^2, and with the learned uncertainty of EDM2
 `loss = lambda |D(x + sigma n) - x|^2 / exp(u(sigma)) + u(sigma)`, averaged over the pixels.
 """
 import functools
-from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from cmt.checkpoint import save_network
 from cmt.datasets import one_hot_labels
@@ -16,12 +14,10 @@ from cmt.edm import SIGMA_DATA, sample_lognormal_sigmas
 from cmt.errors import ArgumentError
 from cmt.flags import renamed_keywords
 from cmt.labels import pick_labels
-from cmt.metrics import embedded_metric
 from cmt.images import MAX_GRID_IMAGES
-from cmt.outputs import step_file_name
-from cmt.sampling import check_finite, generate, metric_title, save_samples
 from cmt.solvers import SOLVERS
 from cmt.trainers import loop, recipes, run_files
+from cmt.trainers.reports import sample_and_score
 from cmt.networks import family_of
 from cmt.trainers.data import (PRETRAINING_ARCHITECTURES, data_batches, default_arch, network_for, pictures,
                                  training_data)
@@ -64,30 +60,16 @@ def diffusion_loss(net, batch, ctx, *, label_dim, sigma_data=SIGMA_DATA, p_mean=
 
 
 def sample_and_measure(ema, step, out, *, data, solver, steps, num_samples, grid_num=None, progress=False):
-    """A grid (or scatter) of `grid_num` samples (default: 6 rows of 10 classes, else 64) and the
-    embedded metric over `num_samples` samples; returns the metric and the picture's path."""
+    """The embedded metric of `data` over `num_samples` samples of the teacher's ODE, and a picture
+    (`cmt.trainers.reports.sample_and_score`): a grid of `grid_num` samples (default: 6 rows of 10
+    classes, else 64), or the scored samples themselves for points."""
     label_dim = ema.label_dim
     grid_num = grid_num or (60 if label_dim == 10 else MAX_GRID_IMAGES)
-    grid_labels = pick_labels("cycle", grid_num, label_dim)
-    grid = generate(ema, list(range(grid_num)), grid_labels, solver=solver, steps=steps)
-    check_finite(grid, "the teacher's sampler")
-    is_points = grid.ndim == 2
-    logs = {}
-    if num_samples:
-        seeds = list(range(10**6, 10**6 + num_samples))
-        with tqdm(total=num_samples, unit="sample", desc=f"sampling at step {step}", disable=not progress,
-                  leave=False, dynamic_ncols=True) as bar:
-            samples = generate(ema, seeds, pick_labels("random", num_samples, label_dim, seed=step), solver=solver,
-                               steps=steps, progress=bar)
-        check_finite(samples, "the teacher's sampler")
-        logs = {key: value for key, value in embedded_metric(data, samples).items()}
-        if is_points:
-            grid = samples
-    reference = data.reference() if is_points else None
-    picture = Path(out) / "samples" / step_file_name("step", step, ".png")
-    save_samples(pictures(data, grid), picture, reference=reference, nrow=10 if label_dim == 10 else None,
-                 title=metric_title(f"teacher at step {step}, {solver} {steps} steps", logs))
-    return {**logs, "samples": picture}
+    return sample_and_score(ema, out, step, sampling=dict(solver=solver, steps=steps), num_samples=num_samples,
+                            data=data, title=f"teacher at step {step}, {solver} {steps} steps",
+                            draw=lambda samples: pictures(data, samples),
+                            grid=(range(grid_num), pick_labels("cycle", grid_num, label_dim)),
+                            nrow=10 if label_dim == 10 else None, progress=progress)
 
 
 @renamed_keywords(eval_num="num_samples")

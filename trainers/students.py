@@ -5,18 +5,16 @@ import inspect
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from cmt.checkpoint import init_student_from_teacher, save_network
 from cmt.datasets import one_hot_labels, resolve_data
 from cmt.edm import SIGMA_MAX, SIGMA_MIN, TWO_STEP_SIGMA, broadcast_sigma, sigma_to_t, t_to_sigma, x_to_z, z_to_x
 from cmt.errors import ArgumentError
-from cmt.labels import pick_labels
-from cmt.metrics import embedded_metric
 from cmt.networks import build_network, family_of, network_config
-from cmt.outputs import step_file_name, write_torch
-from cmt.sampling import check_finite, generate, metric_title, sampler_sigmas, save_samples
+from cmt.outputs import write_torch
+from cmt.sampling import sampler_sigmas
 from cmt.teachers import resolve_teacher
+from cmt.trainers.reports import sample_and_score
 from cmt.trainers.run_files import LOG_FILE, STATE_FILE, final_metrics
 
 STUDENT_INITS = ("teacher", "random")
@@ -167,29 +165,22 @@ def check_report_options(net, *, eval_data, mid_sigma, sigma_max=SIGMA_MAX, sigm
 
 def sampling_report(net, out, step, *, sampler, eval_data=None, num_samples=1000, mid_sigma=TWO_STEP_SIGMA,
                     sigma_max=SIGMA_MAX, progress=False):
-    """1- and 2-step samples of a student: a picture each in `out/samples/` (its path as
-    `samples_{steps}step`, which the trainer's TensorBoard shows), and the built-in metric of
-    `eval_data` (toy:NAME, mnist) as scalars `{metric}_{steps}step`. sampler: the student's kind
-    (`cmt.sampling.STUDENT_SAMPLERS`; "consistency" re-noises between jumps to 0 even for a flow-map
-    network, as ECT / ECD students are sampled). progress: a tqdm bar."""
-    seeds = list(range(10**6, 10**6 + num_samples))
-    labels = pick_labels("random", num_samples, net.label_dim, seed=step)
+    """1- and 2-step samples of a student (`cmt.trainers.reports.sample_and_score`): the built-in
+    metric of `eval_data` (toy:NAME, mnist) as scalars `{metric}_{steps}step` and a picture each in
+    `out/samples/` (as `samples_{steps}step`; points and pixels, not latents). sampler: the
+    student's kind (`cmt.sampling.STUDENT_SAMPLERS`; "consistency" re-noises between jumps to 0 even
+    for a flow-map network, as ECT / ECD students are sampled)."""
     data = resolve_data(eval_data) if eval_data is not None else None
-    reference = data.reference() if data is not None and len(net.data_shape) == 1 else None
+    pictured = len(net.data_shape) == 1 or net.data_shape[0] in (1, 3)
     scalars = {}
     for steps in (1, 2):
-        with tqdm(total=num_samples, unit="sample", desc=f"{steps}-step samples at step {step}", leave=False,
-                  disable=not progress, dynamic_ncols=True) as bar:
-            samples = generate(net, seeds, labels, sampler="flowmap", steps=steps, mid_sigma=mid_sigma,
-                               sigma_max=sigma_max, renoise=sampler == "consistency", progress=bar)
-        check_finite(samples, f"the {steps}-step sampler")   # fit reports it once the model is saved
-        metrics = embedded_metric(data, samples) if data is not None else {}
-        scalars.update({f"{name}_{steps}step": float(value) for name, value in metrics.items()})
-        if len(net.data_shape) == 1 or net.data_shape[0] in (1, 3):  # points or pixels, not latents
-            picture = Path(out) / "samples" / step_file_name("step", step, f"-{steps}step.png")
-            save_samples(samples, picture, reference=reference,
-                         title=metric_title(f"student at step {step}, {steps} step{'s' * (steps > 1)}", metrics))
-            scalars[f"samples_{steps}step"] = picture
+        scalars.update(sample_and_score(
+            net, out, step, sampling=dict(sampler="flowmap", steps=steps, mid_sigma=mid_sigma, sigma_max=sigma_max,
+                                          renoise=sampler == "consistency"),
+            num_samples=num_samples, data=data, suffix=f"_{steps}step",
+            title=f"student at step {step}, {steps} step{'s' * (steps > 1)}",
+            draw=(lambda images: images) if pictured else None,
+            progress=progress))
     return scalars
 
 
