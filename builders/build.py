@@ -26,10 +26,9 @@ from cmt.datasets import TOY_NAMES
 from cmt.distributed import distributed_state
 from cmt.edm import RHO, SIGMA_GRIDS, SIGMA_MAX, SIGMA_MIN, sigma_grid
 from cmt.errors import ArgumentError
-from cmt.formats import (COMPRESSIONS, DEFAULT_COMPRESSION, DEFAULT_SHUFFLE, FORMATS, LEGACY_COMPRESSION,
-                         LEGACY_SHUFFLE, SHUFFLES, ShardError, checksum,
-                         encode_shard, files_bytes, open_location, read_files, remove_temporaries, shard_name,
-                         write_atomic)
+from cmt.formats import (DEFAULT_COMPRESSION, DEFAULT_SHUFFLE, LEGACY_COMPRESSION, LEGACY_SHUFFLE, SHARD_FORMATS,
+                         SHUFFLES, ShardError, checksum, encode_shard, files_bytes, open_location, read_files,
+                         remove_temporaries, shard_format, shard_name, write_atomic)
 from cmt.labels import parse_labels
 from cmt.manifest import (BUILD_CONFIG, DATASET_NAME, DATASET_VERSION, MANIFEST, TrajectoryDataset,
                           config_hash, dataset_compression, dataset_shuffle, read_json, sidecar_name, upgrade_manifest, write_json)
@@ -125,7 +124,7 @@ def build_trajectories(*, teacher, out, teacher_ckpt=None, guidance=None, guide_
             raise ArgumentError("eval_data", f"{eval_data} scores {'2-D points' if points else 'grayscale images'}; "
                                              f"the teacher makes data of shape {shape}")
     shuffle = None
-    if format == "zarr":
+    if format in SHARD_FORMATS and shard_format(format).compressions:
         recorded = recorded_codec(out)
         if recorded is not None and compression in (None, recorded[0]):
             compression, shuffle = recorded   # resume / extend a set with its own codec settings
@@ -266,15 +265,16 @@ def build_config(teacher, shuffle=None, **options):
     settings = {name: DEFAULTS[name] for name in CONFIG_OPTIONS} | options
     solver, nfe, grid, states = settings["solver"], settings["nfe"], settings["grid"], settings["states"]
     sigma_min, sigma_max, rho = settings["sigma_min"], settings["sigma_max"], settings["rho"]
-    if settings["format"] not in FORMATS:
-        raise ArgumentError("format", f"must be one of {', '.join(FORMATS)}, got {settings['format']!r}")
-    compression = settings["compression"]
-    if settings["format"] == "zarr":
+    if settings["format"] not in SHARD_FORMATS:
+        raise ArgumentError("format", f"must be one of {', '.join(SHARD_FORMATS)}, got {settings['format']!r}")
+    compression, codecs = settings["compression"], shard_format(settings["format"]).compressions
+    if codecs:
         compression = compression or DEFAULT_COMPRESSION
-        if compression not in COMPRESSIONS:
-            raise ArgumentError("compression", f"must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
+        if compression not in codecs:
+            raise ArgumentError("compression", f"must be one of {', '.join(codecs)}, got {compression!r}")
     elif compression is not None:
-        raise ArgumentError("compression", f"applies to zarr shards; {settings['format']} shards are gzip'ed")
+        raise ArgumentError("compression", f"applies to zarr shards; {settings['format']} shards compress their own "
+                                           "way (WebDataset: gzip)")
     if compression in (None, "none"):
         if shuffle is not None:
             raise ArgumentError("shuffle", f"applies to Blosc-compressed zarr shards, not to compression {compression}")

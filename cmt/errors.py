@@ -31,6 +31,11 @@ class FileFormatError(CmtError, ValueError):
     missing or mistyped fields; the message names the file (and the field)."""
 
 
+class ShardError(FileFormatError):
+    """A trajectory or latent shard that is missing, truncated or corrupt (or of an unknown format);
+    the message names it."""
+
+
 class MissingDependency(CmtError, ImportError):
     """An optional package a feature needs; the message says how to install it."""
 

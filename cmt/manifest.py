@@ -16,8 +16,8 @@ import json
 
 from cmt.errors import ArgumentError, FileFormatError
 from cmt.latents import LATENT_DATASET
-from cmt.formats import (EXTENSIONS, FIELDS, FORMATS, LEGACY_COMPRESSION, LEGACY_SHUFFLE, ShardError, checksum, decode_shard,
-                         files_bytes, fingerprint, open_location, read_files, write_atomic)
+from cmt.formats import (FIELDS, LEGACY_COMPRESSION, LEGACY_SHUFFLE, SHARD_FORMATS, ShardError, checksum, decode_shard,
+                         files_bytes, fingerprint, open_location, read_files, shard_format, write_atomic)
 
 # manifest.json and build-config.json say what they are with "dataset" and "dataset_version"; the
 # shards' storage format (zarr or wds, the --format option) is "format". Version 1 files called the
@@ -72,7 +72,7 @@ def read_json(fs, path):
 
 _NUMBER = (int, float)
 _MANIFEST_FIELDS = {   # field: (accepted types, what it is), every one that a reader uses
-    "format": (str, f"the shard format ({', '.join(FORMATS)})"),
+    "format": (str, "the shard format"),
     "count": (int, "the number of trajectories"),
     "data_shape": (list, "the shape of one state, a list of positive integers"),
     "label_dim": (int, "the number of classes (0: none)"),
@@ -106,8 +106,8 @@ def check_manifest(manifest, path):
         value = manifest.get(field)
         if not isinstance(value, types) or isinstance(value, bool):
             raise wrong(field, expected, value)
-    if manifest["format"] not in FORMATS:
-        raise wrong("format", _MANIFEST_FIELDS["format"][1], manifest["format"])
+    if manifest["format"] not in SHARD_FORMATS:
+        raise wrong("format", f"the shard format ({', '.join(SHARD_FORMATS)})", manifest["format"])
     if not manifest["data_shape"] or not all(isinstance(n, int) and n > 0 for n in manifest["data_shape"]):
         raise wrong("data_shape", _MANIFEST_FIELDS["data_shape"][1], manifest["data_shape"])
     if len(manifest["kept_states"]) != len(manifest["kept_sigmas"]):
@@ -123,9 +123,9 @@ def check_manifest(manifest, path):
 
 
 def sidecar_name(shard_name):
-    for extension in EXTENSIONS.values():
-        if shard_name.endswith(extension):
-            return shard_name[: -len(extension)] + ".json"
+    for layout in SHARD_FORMATS.values():
+        if shard_name.endswith(layout.extension):
+            return shard_name[: -len(layout.extension)] + ".json"
     raise ValueError(f"not a shard name: {shard_name}")
 
 
@@ -142,9 +142,10 @@ def upgrade_manifest(manifest):
 
 
 def dataset_compression(manifest):
-    """The zarr compression a manifest or build configuration records; `LEGACY_COMPRESSION` for one
-    that names none (every dataset built before `--compression`), None for WebDataset shards."""
-    if manifest.get("format") != "zarr":
+    """The compression a manifest or build configuration records; `LEGACY_COMPRESSION` for one that
+    names none (every dataset built before `--compression`), None for a format of fixed compression
+    (WebDataset shards)."""
+    if manifest.get("format") not in SHARD_FORMATS or not shard_format(manifest["format"]).compressions:
         return None
     return manifest.get("compression", LEGACY_COMPRESSION)
 
@@ -228,10 +229,11 @@ class TrajectoryDataset:
         `cmt.formats.ShardBuffers` to read a local zarr shard's chunk files into (see there)."""
         mode = check_verify(verify)
         path = self.shard_path(entry)
-        buffers = buffers if self.format == "zarr" else None
+        by_field = shard_format(self.format).by_field
+        buffers = buffers if by_field else None
         known = self.verified.get(entry["name"]) if mode in ("once", "crc32c") else None
         if known is not None and (mode == "once" or all(crc is not None for _, crc in known.values())):
-            keys = None if fields is None or self.format != "zarr" else \
+            keys = None if fields is None or not by_field else \
                 [key for key in known if key.split("/", 1)[0] in fields or key == "zarr.json"]
             files = read_files(self.fs, path, keys, buffers)
             def unchanged(key):

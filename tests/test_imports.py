@@ -149,7 +149,7 @@ def layer(module):
         return "trainers"
     if module.startswith("cmt.builders") or module in ("cmt.datasets.shards", "cmt.datasets.latents"):
         return "builders and reader"
-    if module in ("cmt.formats", "cmt.manifest"):
+    if module.startswith("cmt.formats") or module == "cmt.manifest":
         return "format"
     return "core"
 

@@ -1,6 +1,7 @@
 """The shard reader: exact samples, epochs, ranks, workers, pairs, and named errors for bad shards."""
 import collections
 import gzip
+import io
 import json
 import shutil
 
@@ -10,8 +11,10 @@ import torch
 import zarr
 
 from cmt import formats, manifest
+from cmt.formats import storage, zarr_direct
 from cmt.builders.build import build_trajectories
 from cmt.datasets.shards import READ_FIELDS, ShardReader, default_cache_bytes
+from cmt.errors import ArgumentError, FileFormatError
 from cmt.formats import COMPRESSIONS, ShardError
 from cmt.manifest import TrajectoryDataset
 from conftest import gmm_teacher
@@ -184,9 +187,9 @@ def test_direct_zarr_decoding_equals_zarr_byte_for_byte(compression, shuffle, mo
         if compression != "none":
             codecs = json.loads(files["states/zarr.json"])["codecs"][0]["configuration"]["codecs"]
             assert codecs[1]["configuration"]["shuffle"] == shuffle
-        reference = formats._decode_zarr_api(files, formats.FIELDS)
+        reference = zarr_direct._decode_zarr_api(files, formats.FIELDS)
         with monkeypatch.context() as patched:   # no field may fall back to zarr's API
-            patched.setattr(formats, "_decode_zarr_api", lambda *args: pytest.fail("fell back to zarr"))
+            patched.setattr(zarr_direct, "_decode_zarr_api", lambda *args: pytest.fail("fell back to zarr"))
             direct = formats.decode_shard(files, "zarr")
             # Read as the reader reads them: files in reused buffers (uint8 arrays), decoded into reused arrays.
             held = {key: np.frombuffer(buffers.get(f"{key}/file", len(data)), np.uint8) if not key.endswith(".json")
@@ -221,7 +224,7 @@ def test_crc32c_of_reused_buffers_equals_google_crc32c():
 def test_uncached_reads_into_reused_buffers_give_the_cached_batches(compression, tmp_path, monkeypatch):
     """Every epoch read again into two alternating sets of buffers (files and decoded arrays): the
     batches are those of a reader that keeps every shard, with and without the prefetch thread."""
-    monkeypatch.setattr(formats, "BUFFERED_FILE_BYTES", 1)   # the test's small files go through the buffers too
+    monkeypatch.setattr(storage, "BUFFERED_FILE_BYTES", 1)   # the test's small files go through the buffers too
     out = tmp_path / compression
     build_trajectories(teacher=gmm_teacher(seed=3), out=out, num_trajectories=23, batch_size=8, shard_size=5, nfe=4,
                        compression=compression, progress=False, log=lambda message: None)
@@ -377,3 +380,49 @@ def test_lz4_bitshuffle_sets_of_earlier_builds_resume_with_their_settings_and_ha
         == new_manifest["config_hash"]
     with pytest.raises(ValueError, match="compression"):
         build_trajectories(out=tmp_path / "old", compression="zstd", **options)
+
+
+# ---- the formats table: a new layout is one module and one registry line -------------------------
+
+def npz_encode(arrays, attributes, compression, shuffle, fields, rows_per_chunk):
+    """A layout written by a newcomer: every field of a shard in one uncompressed .npz file."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **{name: arrays[name] for name in fields})
+    return {"": buffer.getvalue()}
+
+
+def npz_decode(files, fields, buffers):
+    with np.load(io.BytesIO(bytes(files[""]))) as contents:
+        return {name: contents[name] for name in fields}
+
+
+NPZ = formats.ShardFormat(name="npz", extension=".npz", encode=npz_encode, decode=npz_decode, fields=formats.FIELDS)
+
+
+def test_a_shard_format_registered_from_outside_builds_verifies_and_reads(tmp_path, monkeypatch):
+    monkeypatch.setitem(formats.SHARD_FORMATS, "npz", NPZ)
+    teacher = gmm_teacher(label_dim=4, components=3, seed=1)
+    common = dict(teacher=teacher, num_trajectories=12, batch_size=8, shard_size=5, nfe=4, labels="random",
+                  dtype="float32", progress=False, log=lambda message: None)
+    build_trajectories(out=tmp_path / "npz", format="npz", **common)
+    build_trajectories(out=tmp_path / "zarr", format="zarr", **common)
+    assert sorted(path.name for path in (tmp_path / "npz").glob("shard-*.npz")) == \
+        ["shard-000000.npz", "shard-000001.npz", "shard-000002.npz"]
+    for key in ("states", "endpoint", "label", "index", "sigmas"):
+        np.testing.assert_array_equal(stored(tmp_path / "npz")[key], stored(tmp_path / "zarr")[key])
+    samples, _ = collect(ShardReader(tmp_path / "npz", 8, seed=2, endless=False))
+    assert sample_keys(samples, tmp_path / "npz") == collections.Counter({(i, s): 1 for i in range(12) for s in range(5)})
+    with pytest.raises(ArgumentError, match="compression"):   # its compression is its own
+        build_trajectories(out=tmp_path / "other", format="npz", compression="lz4", **common)
+
+
+def test_an_unknown_shard_format_is_refused_by_name(dataset, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset, copy)
+    manifest_path = copy / manifest.MANIFEST
+    content = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({**content, "format": "parquet"}))
+    with pytest.raises(FileFormatError, match="'format' must be the shard format \\(zarr, wds\\); found str \"parquet\""):
+        TrajectoryDataset(copy)
+    with pytest.raises(ShardError, match="unknown shard format 'parquet'; known: zarr, wds"):
+        formats.decode_shard({"": b""}, "parquet")
