@@ -43,7 +43,7 @@ def parse_labels(spec, label_dim, label_dropout=None, argument="labels"):
         raise ArgumentError(argument, f"must be random, cycle, none or a class id in [0, {label_dim - 1}], got "
                                       f"{spec!r}") from None
     if isinstance(spec, float) and spec != label or not 0 <= label < label_dim:
-        raise ArgumentError(argument, f"{spec!r}: class out of range [0, {label_dim - 1}]")
+        raise ArgumentError(argument, f"{spec!r}: class out of range; a class id lies in [0, {label_dim - 1}]")
     return label
 
 

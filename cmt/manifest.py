@@ -24,7 +24,6 @@ from cmt.formats import (FIELDS, LEGACY_COMPRESSION, LEGACY_SHUFFLE, SHARD_FORMA
 # storage format "layout" and themselves "format" / "format_version"; `upgrade_manifest` reads them.
 DATASET_NAME = "cmt-trajectories"
 DATASET_VERSION = 2
-FORMAT_NAME, FORMAT_VERSION = DATASET_NAME, DATASET_VERSION   # the names before version 2
 MANIFEST = "manifest.json"
 BUILD_CONFIG = "build-config.json"
 

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from cmt.builders.build import Teacher, build_trajectories
 from cmt.checkpoint import save_network
 from cmt.flags import command_words
-from cmt.gmm import gmm_denoiser, random_gmm
+from cmt.gmm import gmm_denoiser, gmm_sample, random_gmm
 from cmt.networks import build_network
 from cmt.trainers.loop import Context
 
@@ -34,6 +34,7 @@ TWO_CPU_ENV = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1
 MLP = dict(architecture="mlp", data_shape=[2], width=64, num_blocks=2, emb_width=32, fourier_freqs=16)
 TEACHER = dict(architecture="mlp", data_shape=[2], width=32, num_blocks=2, emb_width=16, fourier_freqs=8)
 FAST = dict(batch_size=16, progress=False, num_samples=64, log_every=2)
+POST_FAST = dict(FAST, data="toy:moons")
 
 
 @pytest.fixture(autouse=True)
@@ -105,3 +106,49 @@ def make_shards(root, name, teacher_config, seed=123, num_trajectories=24, shard
 def command_line(options):
     """Keyword arguments of an entry point as its command's flags (`cmt.flags.command_words`)."""
     return command_words("", options)
+
+
+def mixture(seed=0):
+    """A 2-D mixture of 4 Gaussians of std 0.1: `(mu, log weights, std)` in float32."""
+    mu, logw, s = random_gmm(4, 2, std=0.1, generator=torch.Generator().manual_seed(seed))
+    return mu.float(), logw.float(), s
+
+
+def mixture_points(n, seed=0):
+    """A batch `{"data", "label"}` of `n` points of `mixture()`, unlabelled."""
+    mu, logw, s = mixture()
+    x = gmm_sample(mu, logw, s, n, generator=torch.Generator().manual_seed(seed))
+    return {"data": x, "label": torch.full((n,), -1)}
+
+
+def train_on_mixture(net, objective, steps=150, batch_size=64, lr=3e-3, watch=None):
+    """Adam on fresh mixture samples; returns `watch` (default the loss) on held-out data before/after."""
+    def evaluate():
+        with torch.no_grad():
+            result = objective(net.eval(), mixture_points(512, seed=99), context(seed=99))
+            return float(watch(result) if watch else (result[0] if isinstance(result, tuple) else result).mean())
+
+    before = evaluate()
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    net.train()
+    for step in range(steps):
+        result = objective(net, mixture_points(batch_size, seed=step + 1), context(step, seed=step + 1))
+        loss = result[0] if isinstance(result, tuple) else result
+        optimizer.zero_grad()
+        loss.mean().backward()
+        optimizer.step()
+    return before, evaluate()
+
+
+@pytest.fixture(scope="session")
+def mid_students(tmp_path_factory):
+    """A teacher checkpoint, its trajectories, and a 2-step mid-trained student of each target (endpoint,
+    flowmap), shared by the post-training tests (read only)."""
+    from cmt.trainers.mid import mid_train
+    root = tmp_path_factory.mktemp("mid-students")
+    teacher, shards = make_shards(root, "teacher", TEACHER, num_trajectories=16, shard_size=1000)
+    paths = {"teacher": teacher, "shards": shards}
+    for target in ("endpoint", "flowmap"):
+        paths[target] = mid_train(data=shards, out=root / target, target=target, max_steps=2, workers=0,
+                                  **FAST)["checkpoint"]
+    return paths

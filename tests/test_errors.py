@@ -34,7 +34,7 @@ from cmt.datasets import load_mnist
 from cmt.errors import ArgumentError, EvaluationFailed, TrainingStopped
 from cmt.metrics import mnist_fd
 from cmt.networks import build_network
-from cmt.trainers import loop, run_files, students
+from cmt.trainers import loop, reports, run_files
 from cmt.trainers.diffusion import train_diffusion
 from cmt.trainers.mid import mid_train
 
@@ -245,7 +245,7 @@ def test_a_bad_invocation_is_one_clean_line(world, args, code, named):
 def test_a_failed_final_evaluation_leaves_the_trained_model(world, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("the metric broke")
-    monkeypatch.setattr(students, "generate", broken)
+    monkeypatch.setattr(reports, "generate", broken)
     out = tmp_path / "mid"
     with pytest.raises(EvaluationFailed, match="model is saved"):
         mid_train(data=world / "toy-shards", out=out, max_steps=2, workers=0, **FAST)

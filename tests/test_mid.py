@@ -12,6 +12,7 @@ from conftest import (FAST, MLP, TEACHER, TWO_CPU_ENV, TWO_CPU_PROCESSES, comman
                       make_shards)
 
 from cmt.builders.build import build_trajectories
+from cmt.datasets.shards import ShardReader
 from cmt.checkpoint import load_network, save_network
 from cmt.manifest import TrajectoryDataset
 from cmt.cli.train import main
@@ -423,3 +424,12 @@ def test_a_flipped_bit_in_any_shard_stops_two_process_training(six_shards, tmp_p
     run = subprocess.run(command, env=TWO_CPU_ENV, capture_output=True, text=True, timeout=300)
     assert run.returncode != 0 and entry["name"] in run.stderr + run.stdout, run.stderr[-3000:]
     assert not (tmp_path / "run" / "mid.pt").exists()
+
+
+def test_endpoint_mid_training_never_feeds_the_endpoint_state(mid_students):
+    common = dict(batch_size=1000, seed=0, endless=False)
+    every = next(iter(ShardReader(mid_students["shards"], **common)))
+    kept = next(iter(ShardReader(mid_students["shards"], exclude_endpoint=True, **common)))
+    last = float(every["sigma"].min())
+    assert bool((every["sigma"] == last).any()) and not bool((kept["sigma"] == last).any())
+    assert len(kept["sigma"]) * 5 == len(every["sigma"]) * 4   # nfe 4: 4 of the 5 stored states

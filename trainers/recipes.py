@@ -28,7 +28,6 @@ from cmt.errors import ArgumentError
 from cmt.trainers.loop import TRAIN_DEFAULTS
 
 PHASES = ("mid", "post", "diffusion")
-POST_METHODS = ("ect", "ecd", "meanflow")
 
 # ---- the CIFAR-10 family (sony/cmt, EDM VP teachers) -------------------------------------------
 # Mid: run_cmt_{cifar,ffhq,afhq}.sh -> run_cmt.py -> training/cmt_training_loop.py, loss.py:DPMSolverLoss.
@@ -340,6 +339,5 @@ def with_recipe(phase, default_recipe=None, method_names=None):
             record = {"options": options,
                       "recipe": None if name is None else {"name": name, "values": recorded_options(from_recipe)}}
             return function(**values, recipe=name, resolved_options=record)
-        wrapper.recipe_phase = phase
         return wrapper
     return decorate

@@ -39,7 +39,6 @@ def compressor(compression, shuffle=None):
     return BloscCodec(cname=compression, clevel=5, shuffle=shuffle or DEFAULT_SHUFFLE[compression])
 
 
-COMPRESSOR = compressor(LEGACY_COMPRESSION, LEGACY_SHUFFLE)
 # Chunks of whole trajectories of about this size compress well and still decode one at a time.
 CHUNK_BYTES = 1 << 18
 
