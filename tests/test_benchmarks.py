@@ -106,6 +106,11 @@ QUICK_FORMS = {
     "bench_mid.py": (("--num-trajectories", "16", "--steps", "1", "--warmup", "1", "--rounds", "1"),
                      ("step_vs_bare", "mid_vs_official")),
     "gpu_data_path.py": ((), ("build_vs_bare", "build_trajectories_per_s", "mid_step_s", "data_wait_share")),
+    "gpu_edm.py": ((), ("build_vs_bare", "build_trajectories_per_s", "mid_s_per_step", "mid_states_per_s")),
+    # EDM's DDPM++ CIFAR-10 teacher (random weights, full size): 2 trajectories of 2 steps.
+    "bench_build.py": (("--teacher", "ddpmpp-cifar10", "--num-trajectories", "2", "--batch-size", "2", "--shard-size",
+                        "2", "--nfe", "2", "--reader-batches", "5", "--reader-batch-size", "8", "--no-step-rate"),
+                       ("build_vs_bare",)),
     "bench_ema.py": (("--steps", "1", "--warmup", "0", "--rounds", "1", "--batch-size", "4", "--update-calls", "2"),
                      ("phema_vs_plain", "update_ms", "update_share", "memory_vs_state")),
     "bench_images.py": (("--small", "200", "--large", "400", "--distinct", "16", "--rounds", "1", "--batches", "2",
