@@ -132,3 +132,13 @@ def test_quick_form_ends_with_its_ratios(script):
     pairs = dict(pair.rsplit("=", 1) for pair in result.stdout.strip().splitlines()[-1].split())
     for name in names:
         assert math.isfinite(float(pairs[name])) and float(pairs[name]) > 0, (name, pairs)
+
+
+def test_edm_parity_prints_the_table_of_docs_parity():
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "edm_parity.py")], env=TWO_CPU_ENV, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "| ddpmpp |" in result.stdout and "noise equal, labels equal" in result.stdout
+    pairs = dict(pair.rsplit("=", 1) for pair in result.stdout.strip().splitlines()[-1].split())
+    assert int(pairs["network_cases"]) == 42 and float(pairs["networks_max_rel"]) <= 1e-5
+    assert 0 < float(pairs["trajectory_max_rel"]) <= 2e-6

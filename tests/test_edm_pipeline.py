@@ -24,6 +24,7 @@ from cmt.trainers import recipes
 from cmt.trainers.post import METHODS
 from cmt.trainers.students import consistency_student, student_config, student_learning_rate
 
+from conftest import gmm_teacher
 from edm_fixtures import formula_state, official_kwargs, tiny_network, write_edm_pickle
 
 # EDM's ddpmpp network kwargs (NVlabs/edm train.py --arch=ddpmpp) at a tiny width, for MNIST's digits.
@@ -65,9 +66,11 @@ def pipeline(tmp_path_factory):
                                               workers=0, **RUN)
     runs["post-ect"] = cmt.post_train(init=runs["mid-endpoint"]["checkpoint"], method="ect", data="mnist",
                                       out=root / "post-ect", **RUN)
+    runs["post-ecd"] = cmt.post_train(init=runs["mid-endpoint"]["checkpoint"], method="ecd", data="mnist",
+                                      out=root / "post-ecd", **RUN)   # the frozen teacher: the pickle mid.pt records
     runs["post-meanflow"] = cmt.post_train(init=runs["mid-flowmap"]["checkpoint"], method="meanflow", data="mnist",
                                            out=root / "post-meanflow", **RUN)
-    for name in ("mid-endpoint", "mid-flowmap", "post-ect", "post-meanflow"):
+    for name in ("mid-endpoint", "mid-flowmap", "post-ect", "post-ecd", "post-meanflow"):
         sampled = cmt.sample(ckpt=runs[name]["model"], out=root / f"{name}.png", npz=root / f"{name}.npz",
                              num_samples=16, progress=False)
         runs[f"sample-{name}"] = sampled
@@ -83,6 +86,7 @@ def test_edm_students_go_through_build_mid_post_sample_and_eval(pipeline):
         "mid-endpoint": ("ECMPrecond", 0.003, False, "consistency"),
         "mid-flowmap": ("EDMPrecond", 0.0, True, "flowmap"),
         "post-ect": ("ECMPrecond", 0.003, False, "consistency"),
+        "post-ecd": ("ECMPrecond", 0.003, False, "consistency"),
         "post-meanflow": ("EDMPrecond", 0.0, True, "flowmap"),
     }
     teacher = load_teacher(pipeline["teacher"]).state_dict()
@@ -222,6 +226,14 @@ def test_a_recipe_without_teacher_resolves_and_announces_the_official_one(offlin
         cmt.post_train(init="teacher", method="ect", recipe="cifar10", data=images, out=tmp_path / "post-offline", **RUN)
     assert error.value.argument == "recipe" and f"{preset}.pkl by hand" in error.value.message
     assert not (tmp_path / "post-offline").exists()
+    # A dataset whose manifest names no teacher file (built from an in-memory teacher): the recipe's.
+    cmt.build_trajectories(teacher=gmm_teacher((3, 8, 8)), out=tmp_path / "gmm-shards", nfe=2, num_trajectories=4,
+                           batch_size=4, shard_size=4, **QUIET)
+    with pytest.raises(ArgumentError) as error:
+        cmt.mid_train(data=tmp_path / "gmm-shards", recipe="cifar10", loss="l2", out=tmp_path / "mid-offline",
+                      workers=0, **RUN)
+    assert error.value.argument == "recipe" and f"{preset}.pkl by hand" in error.value.message
+    assert not (tmp_path / "mid-offline").exists()
     # The official file in the cache (a stand-in of the same format and class): found, used, announced.
     cached = offline_hub / "cmt-cache" / "edm" / f"{preset}.pkl"
     cached.parent.mkdir(parents=True, exist_ok=True)
