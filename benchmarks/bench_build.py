@@ -222,25 +222,30 @@ def main(teacher, num_trajectories, batch_size, nfe, shard_size, fmt, repeats, r
     print(f"storage: {info['bytes_per_stored_state']:.1f} bytes per stored state, raw float16 "
           f"{int(np.prod(model.data_shape)) * 2} bytes: {info['size_vs_float16']:.3f} (target <= 1.0)")
 
-    from_memory = memory_rate(dataset, reader_batch_size, reader_batches)
     per_epoch = len(dataset) * len(dataset.manifest["kept_states"]) // reader_batch_size
-    print(f"reader, batch {reader_batch_size} ({per_epoch} batches per epoch): in-memory indexing "
-          f"{from_memory:.0f} batches/s")
-    warm_rates = {}
-    for workers in (0, 2):
-        cold, warm_rates[workers] = reader_rates(ShardReader(dataset, reader_batch_size, seed=0, num_workers=workers),
-                                                 per_epoch, reader_batches)
-        print(f"  ShardReader, {workers} workers: first epoch (decoding) {cold:.0f} batches/s = "
-              f"{cold / from_memory:.2f} x in-memory; later epochs (cached) {warm_rates[workers]:.0f} batches/s = "
-              f"{warm_rates[workers] / from_memory:.2f} x (target >= 0.5)")
-    uncached = reader_rates(ShardReader(dataset, reader_batch_size, seed=0, cache_bytes=0), per_epoch, reader_batches)
-    print(f"  ShardReader, 0 workers, cache_bytes=0 (every epoch decoded again): {uncached[1]:.0f} batches/s = "
-          f"{uncached[1] / from_memory:.2f} x in-memory")
+    uncached = None
+    if per_epoch < 2:   # a reader rate needs whole batches in an epoch (the builder's figures above stand)
+        print(f"reader: {len(dataset)} trajectories make {per_epoch} batches of {reader_batch_size} per epoch; skipped")
+    else:
+        from_memory = memory_rate(dataset, reader_batch_size, reader_batches)
+        print(f"reader, batch {reader_batch_size} ({per_epoch} batches per epoch): in-memory indexing "
+              f"{from_memory:.0f} batches/s")
+        for workers in (0, 2):
+            cold, warm = reader_rates(ShardReader(dataset, reader_batch_size, seed=0, num_workers=workers), per_epoch,
+                                      reader_batches)
+            print(f"  ShardReader, {workers} workers: first epoch (decoding) {cold:.0f} batches/s = "
+                  f"{cold / from_memory:.2f} x in-memory; later epochs (cached) {warm:.0f} batches/s = "
+                  f"{warm / from_memory:.2f} x (target >= 0.5)")
+        uncached = reader_rates(ShardReader(dataset, reader_batch_size, seed=0, cache_bytes=0), per_epoch,
+                                reader_batches)[1]
+        print(f"  ShardReader, 0 workers, cache_bytes=0 (every epoch decoded again): {uncached:.0f} batches/s = "
+              f"{uncached / from_memory:.2f} x in-memory")
     if step_rate:
         steps_per_s = training_step_rate(net.config, reader_batch_size)
         print(f"  a mid-training step (forward + backward + Adam, batch {reader_batch_size}, this machine): "
-              f"{steps_per_s:.2f} steps/s; the uncached reader with 0 workers delivers {uncached[1] / steps_per_s:.0f} "
-              "x that")
+              f"{steps_per_s:.2f} steps/s" + ("" if uncached is None else
+                                              f"; the uncached reader with 0 workers delivers "
+                                              f"{uncached / steps_per_s:.0f} x that"))
     print(f"build_vs_bare={float(np.median(ratios)):.3f}")
 
 if __name__ == "__main__":

@@ -191,13 +191,14 @@ def post_train(*, init, method=None, data, out, teacher=None, arch=None, guidanc
     init: mid.pt (or another checkpoint of ours, or a built-in teacher name), 'teacher' (the
     teacher's weights) or 'random'. method: a name of `METHODS` (required unless the recipe has one).
     data: mnist, toy:NAME, or an image folder / .npz / EDM .zip; resolution resizes images (None:
-    the network's). teacher: diffusion teacher (name or checkpoint): the frozen teacher a method
-    asks for (ECD's solver, MeanFlow's velocity 'teacher'), and what 'teacher' / 'random' inits copy
+    the student's; another than the student's is refused). teacher: diffusion teacher (name or
+    checkpoint): the frozen teacher a method asks for (ECD's solver, MeanFlow's velocity 'teacher'),
+    and what 'teacher' / 'random' inits copy
     (None: the teacher recorded in init, else the init itself when it is a diffusion model, else the
     recipe's official teacher: cifar10, ffhq64, afhq64 name EDM's). arch: with init 'random' and no
-    teacher, the diffusion phase's default network of this kind (edm2 or mlp). guidance, guide_ckpt: guide that frozen
-    teacher (`cmt.guidance.apply_guidance`: autoguidance by guide_ckpt, else classifier-free);
-    guidance='manifest' takes the guidance the mid checkpoint's dataset manifest records.
+    teacher, the diffusion phase's default network of this kind (edm2 or mlp). guidance, guide_ckpt:
+    guide that frozen teacher (`cmt.guidance.apply_guidance`: autoguidance by guide_ckpt, else
+    classifier-free); guidance='manifest' takes the guidance the mid checkpoint's dataset manifest records.
     dropout: the student's (None: the init's). eval_data: data set whose built-in metric scores
     samples (None: data, if built in); num_samples: samples for the metric and pictures; mid_sigma:
     the intermediate sigma of 2-step sampling.
