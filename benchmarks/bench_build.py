@@ -10,12 +10,16 @@ prints the figures (no pass/fail).
    tensors held in memory (target >= 0.5), and against the steps/s of a mid-training step
    (forward + backward of the teacher-sized network at the same batch size).
 
-    python benchmarks/bench_build.py [--teacher PATH|mnist] [--num-trajectories 256] [--batch-size 128]
+    python benchmarks/bench_build.py [--teacher PATH|mnist|ddpmpp-cifar10] [--num-trajectories 256] [--batch-size 128]
     python benchmarks/bench_build.py --quick          # seconds: small sizes, the script works
+    python benchmarks/bench_build.py --teacher ddpmpp-cifar10 --num-trajectories 8 --batch-size 8 \
+        --shard-size 8 --no-step-rate                 # EDM's CIFAR-10 network: minutes on a CPU
 
 The default teacher is the built-in `mnist` teacher when it is installed, otherwise the EDM2 network
 that `cmt-train diffusion` builds for MNIST (16x16, 32 channels, 10 classes) with random weights:
-its cost per call is what matters here, not its samples.
+its cost per call is what matters here, not its samples. `ddpmpp-cifar10` is EDM's (v1) CIFAR-10
+teacher network (DDPM++ under EDMPrecond, 56 M parameters, the CMT paper's CIFAR-10 teacher) with
+random weights.
 """
 import tempfile
 import time
@@ -37,9 +41,35 @@ from quick import quick_option
 QUICK = {"num_trajectories": 64, "repeats": 1, "reader_batches": 50}
 MNIST_SIZED = dict(architecture="edm2", img_resolution=16, img_channels=1, label_dim=10, model_channels=32,
                    channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[4], dropout=0.0)
+# EDM's DDPM++ CIFAR-10 network under EDMPrecond (NVlabs/edm train.py --arch=ddpmpp: SongUNet, positional
+# embedding, standard encoder and decoder, channel_mult_noise 1, resample_filter 1,1, 128 channels,
+# channel_mult 2,2,2, SongUNet's defaults of 4 blocks and attention at 16; --augment 0.12 adds
+# augment_dim 9; --dropout 0.13): the init kwargs edm-cifar10-32x32-uncond-vp.pkl records.
+DDPMPP_CIFAR10 = dict(architecture="edm", precond="EDMPrecond", img_resolution=32, img_channels=3, label_dim=0,
+                      model_type="SongUNet", embedding_type="positional", encoder_type="standard",
+                      decoder_type="standard", channel_mult_noise=1, resample_filter=[1, 1], model_channels=128,
+                      channel_mult=[2, 2, 2], augment_dim=9, dropout=0.13)
+RANDOM_TEACHERS = {"ddpmpp-cifar10": DDPMPP_CIFAR10}
+
+
+def random_edm_teacher(config, seed=0):
+    """An EDM (v1) network with random weights; the layers EDM initialises to zero (each block's second
+    convolution, the output convolutions) get small random values, so the states are not trivial."""
+    torch.manual_seed(seed)
+    net = build_network(config).eval()
+    with torch.no_grad():
+        for parameter in net.parameters():
+            if parameter.ndim > 1 and not parameter.any():
+                parameter.normal_(0, 0.2 / parameter[0].numel() ** 0.5)
+    return net
 
 
 def load(teacher):
+    if teacher in RANDOM_TEACHERS:
+        net = random_edm_teacher(RANDOM_TEACHERS[teacher])
+        identity = {"kind": "random", "name": f"{teacher}-random", "config": RANDOM_TEACHERS[teacher]}
+        net.requires_grad_(False)
+        return net, Teacher(net, net.data_shape, net.label_dim, identity)
     if teacher is None and builtin_teacher_path("mnist").is_file():
         teacher = "mnist"
     if teacher is None:
@@ -138,7 +168,8 @@ def training_step_rate(net_config, batch_size, steps=3):
 
 @click.command()
 @quick_option(QUICK)
-@click.option("--teacher", default=None, help="A teacher path or built-in name (default: see the module doc).")
+@click.option("--teacher", default=None, help="A teacher path, a built-in name, or ddpmpp-cifar10 (EDM's CIFAR-10 "
+                                               "network, random weights) (default: see the module doc).")
 @click.option("--num-trajectories", type=int, default=256)
 @click.option("--batch-size", type=int, default=64)
 @click.option("--nfe", type=int, default=16)
@@ -148,7 +179,11 @@ def training_step_rate(net_config, batch_size, steps=3):
 @click.option("--reader-batches", type=int, default=1000)
 @click.option("--reader-batch-size", type=int, default=128)
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Where to build (default: a temporary folder).")
-def main(teacher, num_trajectories, batch_size, nfe, shard_size, fmt, repeats, reader_batches, reader_batch_size, out):
+@click.option("--step-rate/--no-step-rate", default=True,
+              help="Time a mid-training step of the teacher's network at the reader's batch size (minutes for "
+                   "ddpmpp-cifar10 on a CPU).")
+def main(teacher, num_trajectories, batch_size, nfe, shard_size, fmt, repeats, reader_batches, reader_batch_size, out,
+         step_rate):
     net, model = load(teacher)
     options = dict(nfe=nfe, num_trajectories=num_trajectories, batch_size=batch_size, shard_size=shard_size,
                    format=fmt)
@@ -178,7 +213,7 @@ def main(teacher, num_trajectories, batch_size, nfe, shard_size, fmt, repeats, r
     own_bare = min(wall - seconds for wall, seconds in bare_times)
     own_build = min(wall - seconds for wall, seconds in build_times)
     print(f"builder overhead: {best_build / best_bare:.3f} best against best, {float(np.median(ratios)):.3f} median of "
-          f"the pairs (target <= 1.05)")
+          f"the pairs, {min(ratios):.3f} to {max(ratios):.3f} over the {len(ratios)} pairs (target <= 1.05)")
     print(f"  time outside the teacher: bare loop {own_bare:.2f} s, cmt-build {own_build:.2f} s; with the teacher's "
           f"best {teacher:.2f} s on both sides the ratio is {(teacher + own_build) / (teacher + own_bare):.3f}")
 
@@ -187,23 +222,30 @@ def main(teacher, num_trajectories, batch_size, nfe, shard_size, fmt, repeats, r
     print(f"storage: {info['bytes_per_stored_state']:.1f} bytes per stored state, raw float16 "
           f"{int(np.prod(model.data_shape)) * 2} bytes: {info['size_vs_float16']:.3f} (target <= 1.0)")
 
-    from_memory = memory_rate(dataset, reader_batch_size, reader_batches)
     per_epoch = len(dataset) * len(dataset.manifest["kept_states"]) // reader_batch_size
-    print(f"reader, batch {reader_batch_size} ({per_epoch} batches per epoch): in-memory indexing "
-          f"{from_memory:.0f} batches/s")
-    warm_rates = {}
-    for workers in (0, 2):
-        cold, warm_rates[workers] = reader_rates(ShardReader(dataset, reader_batch_size, seed=0, num_workers=workers),
-                                                 per_epoch, reader_batches)
-        print(f"  ShardReader, {workers} workers: first epoch (decoding) {cold:.0f} batches/s = "
-              f"{cold / from_memory:.2f} x in-memory; later epochs (cached) {warm_rates[workers]:.0f} batches/s = "
-              f"{warm_rates[workers] / from_memory:.2f} x (target >= 0.5)")
-    uncached = reader_rates(ShardReader(dataset, reader_batch_size, seed=0, cache_bytes=0), per_epoch, reader_batches)
-    print(f"  ShardReader, 0 workers, cache_bytes=0 (every epoch decoded again): {uncached[1]:.0f} batches/s = "
-          f"{uncached[1] / from_memory:.2f} x in-memory")
-    step_rate = training_step_rate(net.config, reader_batch_size)
-    print(f"  a mid-training step (forward + backward + Adam, batch {reader_batch_size}, this machine): "
-          f"{step_rate:.2f} steps/s; the uncached reader with 0 workers delivers {uncached[1] / step_rate:.0f} x that")
+    uncached = None
+    if per_epoch < 2:   # a reader rate needs whole batches in an epoch (the builder's figures above stand)
+        print(f"reader: {len(dataset)} trajectories make {per_epoch} batches of {reader_batch_size} per epoch; skipped")
+    else:
+        from_memory = memory_rate(dataset, reader_batch_size, reader_batches)
+        print(f"reader, batch {reader_batch_size} ({per_epoch} batches per epoch): in-memory indexing "
+              f"{from_memory:.0f} batches/s")
+        for workers in (0, 2):
+            cold, warm = reader_rates(ShardReader(dataset, reader_batch_size, seed=0, num_workers=workers), per_epoch,
+                                      reader_batches)
+            print(f"  ShardReader, {workers} workers: first epoch (decoding) {cold:.0f} batches/s = "
+                  f"{cold / from_memory:.2f} x in-memory; later epochs (cached) {warm:.0f} batches/s = "
+                  f"{warm / from_memory:.2f} x (target >= 0.5)")
+        uncached = reader_rates(ShardReader(dataset, reader_batch_size, seed=0, cache_bytes=0), per_epoch,
+                                reader_batches)[1]
+        print(f"  ShardReader, 0 workers, cache_bytes=0 (every epoch decoded again): {uncached:.0f} batches/s = "
+              f"{uncached / from_memory:.2f} x in-memory")
+    if step_rate:
+        steps_per_s = training_step_rate(net.config, reader_batch_size)
+        print(f"  a mid-training step (forward + backward + Adam, batch {reader_batch_size}, this machine): "
+              f"{steps_per_s:.2f} steps/s" + ("" if uncached is None else
+                                              f"; the uncached reader with 0 workers delivers "
+                                              f"{uncached / steps_per_s:.0f} x that"))
     print(f"build_vs_bare={float(np.median(ratios)):.3f}")
 
 if __name__ == "__main__":

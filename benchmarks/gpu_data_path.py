@@ -61,8 +61,8 @@ def bare_loop(net, count, batch_size, label_dim, device):
     for start in range(0, count, batch_size):
         size = min(batch_size, count - start)
         noise = torch.randn(size, *net.data_shape, generator=generator, device=device)
-        labels = torch.nn.functional.one_hot(torch.randint(label_dim, (size,), generator=generator, device=device),
-                                             label_dim).float()
+        labels = None if not label_dim else torch.nn.functional.one_hot(
+            torch.randint(label_dim, (size,), generator=generator, device=device), label_dim).float()
         with torch.inference_mode():
             sample_trajectory(net, noise, sigmas, "dpm++3m", labels)
 

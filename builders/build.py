@@ -36,7 +36,7 @@ from cmt.metrics import embedded_metric
 from cmt.options import differences
 from cmt.seeds import derive_seed
 from cmt.solvers import SOLVERS, sample_trajectory
-from cmt.teachers import resolve_teacher, teacher_label_dropout
+from cmt.teachers import RECIPE_TEACHERS, resolve_teacher, teacher_label_dropout
 
 STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
 DERIVED_KEYS = ("sigmas", "kept_sigmas", "steps")
@@ -72,16 +72,20 @@ class Teacher:
         self.device = torch.device(device)
 
 
-def build_trajectories(*, teacher, out, teacher_ckpt=None, guidance=None, guide_ckpt=None, solver="dpm++3m", nfe=16,
-                       grid="logsnr", sigma_max=SIGMA_MAX, sigma_min=SIGMA_MIN, rho=RHO, num_trajectories=1000,
-                       batch_size=256, seed=0, labels=None, format="zarr", shard_size=1000, dtype="float16",
-                       states="all", compression=None, eval_teacher=False, eval_data=None, progress=True, log=print,
-                       on_shard_written=None):
+def build_trajectories(*, teacher=None, out, recipe=None, teacher_ckpt=None, guidance=None, guide_ckpt=None,
+                       solver="dpm++3m", nfe=16, grid="logsnr", sigma_max=SIGMA_MAX, sigma_min=SIGMA_MIN, rho=RHO,
+                       num_trajectories=1000, batch_size=256, seed=0, labels=None, format="zarr", shard_size=1000,
+                       dtype="float16", states="all", compression=None, eval_teacher=False, eval_data=None,
+                       progress=True, log=print, on_shard_written=None):
     """Build (or resume) a dataset of teacher ODE trajectories at `out`; the `cmt-build` options as keywords.
 
-    teacher: a checkpoint path, a built-in name (mnist, toy:NAME), 'edm2' with `teacher_ckpt`, an EDM2
-        preset, or a `Teacher` (an in-memory denoiser with its shape and identity; then no
-        teacher_ckpt / guidance / guide_ckpt).
+    teacher: a checkpoint path, a built-in name (mnist, toy:NAME), 'edm2' / 'edm' with `teacher_ckpt`,
+        an EDM2 or EDM preset, or a `Teacher` (an in-memory denoiser with its shape and identity; then
+        no teacher_ckpt / guidance / guide_ckpt). None: the recipe's.
+    recipe: a named recipe (`RECIPE_TEACHERS`: cifar10, ffhq64, afhq64): without `teacher`, its official
+        teacher (an EDM preset, downloaded once into the cache); the solver settings it builds with
+        are this function's defaults (`RECIPE_TARGETS`). One line says what it set and which given
+        settings differ from the recipe's.
     guidance, guide_ckpt: `cmt.guidance.apply_guidance` (autoguidance by guide_ckpt, else
         classifier-free; weight 1 is no guidance).
     labels: `cmt.labels` ("random", drawn per trajectory; "cycle"; a class; "none"); None: random for
@@ -105,14 +109,21 @@ def build_trajectories(*, teacher, out, teacher_ckpt=None, guidance=None, guide_
     if not str(out or ""):
         raise ArgumentError("out", "give an output directory or fsspec URL")
     state = distributed_state()
+    teacher = recipe_teacher(recipe, teacher, dict(solver=solver, nfe=nfe, grid=grid, sigma_max=sigma_max,
+                                                   sigma_min=sigma_min), log if state.is_main_process else None)
     if isinstance(teacher, Teacher):
         for name, value in (("teacher_ckpt", teacher_ckpt), ("guidance", guidance), ("guide_ckpt", guide_ckpt)):
             if value is not None:
                 raise ArgumentError(name, "applies to a teacher given by path or name, not to an in-memory Teacher")
         model = teacher
     else:
-        model = load_teacher(teacher, teacher_ckpt=teacher_ckpt, guidance=guidance, guide_ckpt=guide_ckpt,
-                             device=state.device)
+        try:
+            model = load_teacher(teacher, teacher_ckpt=teacher_ckpt, guidance=guidance, guide_ckpt=guide_ckpt,
+                                 device=state.device)
+        except ArgumentError as error:   # the recipe's teacher (offline: where to put its file) is the recipe's fault
+            if recipe is None or error.argument != "teacher" or teacher != RECIPE_TEACHERS.get(recipe):
+                raise
+            raise ArgumentError("recipe", f"its teacher {teacher}: {error.message}") from None
     if eval_teacher:
         eval_data = eval_data or model.identity.get("name")
         if eval_data not in EVAL_DATA:
@@ -167,6 +178,32 @@ def _location(out, name=None):
     if "://" in text:
         return f"{text}/{name}" if name else text
     return Path(text) / name if name else Path(text)
+
+
+# What the recipes build (sony/cmt training/loss.py DPMSolverLoss, the official mid-training targets:
+# DPM-Solver++ of order 3, multistep (training/dpm_solver.py sample(order=3)), on logSNR time steps from
+# T = 80 to t_0 = 0.002, --nfe=16 in run_cmt_{cifar,ffhq,afhq}.sh): build_trajectories' defaults.
+RECIPE_TARGETS = dict(solver="dpm++3m", nfe=16, grid="logsnr", sigma_max=80.0, sigma_min=0.002)
+
+
+def recipe_teacher(recipe, teacher, settings, log):
+    """The teacher of a build: `teacher`, else the official one of `recipe` (`cmt.teachers.RECIPE_TEACHERS`).
+    With a recipe, one line to `log` (None: silent) says what it set and which of the solver
+    `settings` differ from its `RECIPE_TARGETS`."""
+    if recipe is None:
+        if teacher is None:
+            raise ArgumentError("teacher", "give a checkpoint path, a built-in name, 'edm2' / 'edm' with teacher_ckpt, "
+                                           f"a preset, or a recipe ({', '.join(RECIPE_TEACHERS)}) whose teacher to use")
+        return teacher
+    if recipe not in RECIPE_TEACHERS:
+        raise ArgumentError("recipe", f"{recipe!r} is not one of {', '.join(RECIPE_TEACHERS)}")
+    filled = f"from the recipe: teacher={RECIPE_TEACHERS[recipe]}" if teacher is None else "the teacher given"
+    differs = [f"{name}={settings[name]} (the recipe's {value})" for name, value in RECIPE_TARGETS.items()
+               if settings[name] != value]
+    if log is not None:
+        log(f"[cmt] build: recipe {recipe}; {filled}; solver " + (", ".join(differs) if differs else
+            "dpm++3m, 16 steps, logsnr grid 80 -> 0.002 (sony/cmt's mid-training targets)"))
+    return RECIPE_TEACHERS[recipe] if teacher is None else teacher
 
 
 def load_teacher(teacher, teacher_ckpt=None, guidance=None, guide_ckpt=None, device="cpu"):

@@ -67,6 +67,12 @@ _EDM_DATASETS = ["cifar10-32x32-cond-vp", "cifar10-32x32-cond-ve", "cifar10-32x3
                  "imagenet-64x64-cond-adm"]
 EDM_PRESETS = {**{f"edm-{name}": f"{EDM_MODEL_ROOT}/edm-{name}.pkl" for name in _EDM_DATASETS},
                **{f"baseline-{name}": f"{EDM_MODEL_ROOT}/baseline/baseline-{name}.pkl" for name in _EDM_DATASETS}}
+# The official teacher of each named recipe (cmt.trainers.recipes, cmt-build --recipe): sony/cmt
+# run_cmt_cifar.sh, run_cmt_ffhq.sh, run_cmt_afhq.sh --transfer=https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/
+# edm-{cifar10-32x32,ffhq-64x64,afhqv2-64x64}-uncond-vp.pkl (EDMPrecond around DDPM++; FFHQ and AFHQv2
+# with --cres=1,2,2,2, which the pickles record).
+RECIPE_TEACHERS = {"cifar10": "edm-cifar10-32x32-uncond-vp", "ffhq64": "edm-ffhq-64x64-uncond-vp",
+                   "afhq64": "edm-afhqv2-64x64-uncond-vp"}
 # teacher kind -> its presets; the kind is also the cache folder of its downloads.
 OFFICIAL_PRESETS = {"edm2": EDM2_PRESETS, "edm": EDM_PRESETS}
 _OFFICIAL_NAMES = {"edm2": "EDM2", "edm": "EDM"}

@@ -106,6 +106,11 @@ QUICK_FORMS = {
     "bench_mid.py": (("--num-trajectories", "16", "--steps", "1", "--warmup", "1", "--rounds", "1"),
                      ("step_vs_bare", "mid_vs_official")),
     "gpu_data_path.py": ((), ("build_vs_bare", "build_trajectories_per_s", "mid_step_s", "data_wait_share")),
+    "gpu_edm.py": ((), ("build_vs_bare", "build_trajectories_per_s", "mid_s_per_step", "mid_states_per_s")),
+    # EDM's DDPM++ CIFAR-10 teacher (random weights, full size): 2 trajectories of 2 steps.
+    "bench_build.py": (("--teacher", "ddpmpp-cifar10", "--num-trajectories", "2", "--batch-size", "2", "--shard-size",
+                        "2", "--nfe", "2", "--reader-batches", "5", "--reader-batch-size", "8", "--no-step-rate"),
+                       ("build_vs_bare",)),
     "bench_ema.py": (("--steps", "1", "--warmup", "0", "--rounds", "1", "--batch-size", "4", "--update-calls", "2"),
                      ("phema_vs_plain", "update_ms", "update_share", "memory_vs_state")),
     "bench_images.py": (("--small", "200", "--large", "400", "--distinct", "16", "--rounds", "1", "--batches", "2",
@@ -127,3 +132,13 @@ def test_quick_form_ends_with_its_ratios(script):
     pairs = dict(pair.rsplit("=", 1) for pair in result.stdout.strip().splitlines()[-1].split())
     for name in names:
         assert math.isfinite(float(pairs[name])) and float(pairs[name]) > 0, (name, pairs)
+
+
+def test_edm_parity_prints_the_table_of_docs_parity():
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "edm_parity.py")], env=TWO_CPU_ENV, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "| ddpmpp |" in result.stdout and "noise equal, labels equal" in result.stdout
+    pairs = dict(pair.rsplit("=", 1) for pair in result.stdout.strip().splitlines()[-1].split())
+    assert int(pairs["network_cases"]) == 42 and float(pairs["networks_max_rel"]) <= 1e-5
+    assert 0 < float(pairs["trajectory_max_rel"]) <= 2e-6

@@ -15,15 +15,15 @@ import functools
 
 import torch
 
-from cmt.edm import SIGMA_MIN, broadcast_sigma, sample_lognormal_sigmas
+from cmt.edm import broadcast_sigma, sample_lognormal_sigmas
 from cmt.errors import ArgumentError
 from cmt.options import Option
 from cmt.solvers import heun_step
 from cmt.trainers import recipes
 from cmt.trainers.distances import DISTANCES, make_distance
 from cmt.trainers.methods import MethodSetup, PostMethod
-from cmt.trainers.students import (consistency_output, frozen_weight_norm, full_precision, network_labels,
-                                   plain_network, same_dropout)
+from cmt.trainers.students import (consistency_output, consistency_student, frozen_weight_norm, full_precision,
+                                   network_labels, plain_network, same_dropout)
 
 # ECT's defaults (CIFAR-10 ECM, locuslab/ect ct_train.py).
 ECT_P_MEAN, ECT_P_STD = -1.1, 2.0
@@ -104,12 +104,6 @@ OPTIONS = {
 }
 
 
-def consistency_student(config):
-    """The consistency boundary form (identity at SIGMA_MIN); a flow-map init stays a flow map and is
-    sampled by jumps to 0 and re-noising."""
-    return {**config, "sigma_min": SIGMA_MIN}
-
-
 def keep_the_fixed_gap(options, init_record, max_steps):
     """Never restart ECT's curriculum on mid-trained weights: a mid checkpoint keeps CMT's fixed gap
     (`recipes.CMT_POST_STAGE`) unless a stage or a curriculum is asked for; the curriculum's default
@@ -138,6 +132,8 @@ def build(setup: MethodSetup):
 
 
 RESIDUAL = "f(x_t, t) - f(x_r, r) at CMT's fixed gap r = t (1 - n(t) / 4096)"
+# The student: its family's consistency form (`students.consistency_student`: the boundary at SIGMA_MIN,
+# EDM networks as sony/cmt's ECMPrecond); a flow-map init stays a flow map, sampled by jumps to 0 and re-noising.
 ECT = PostMethod(name="ect", summary="Easy consistency training: the gap's target is the student's own output.",
                  options=OPTIONS, student=consistency_student, sampler="consistency", build=build, residual=RESIDUAL,
                  prepare=keep_the_fixed_gap, check=check_distance, record=lambda options: {"stage": options["stage"]})

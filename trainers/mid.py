@@ -4,7 +4,8 @@ The targets were computed once by `cmt-build` (the teacher's ODE solve, stored i
 training step is one student forward and backward, with no teacher in the loop.
 
 - `target="endpoint"` (CMT-CM): `d(f(x_i, sigma_i), x_end)` with the consistency parametrisation
-  (`sigma_min = SIGMA_MIN`, so f(x, sigma_min) = x).
+  of the student's family (`students.consistency_student`: `sigma_min = SIGMA_MIN`, so f(x, sigma_min)
+  = x; EDM networks become sony/cmt's ECMPrecond, boundary at 0.003 in eval mode).
 - `target="flowmap"` (CMT-MF): for two states i, j of one trajectory (sigma_i > sigma_j), the
   student's average velocity from t_i to t_j regresses onto the secant `(z_i - z_j) / (t_i - t_j)`,
   in linear-interpolation time `t = sigma / (1 + sigma)`, `z = x / (1 + sigma)` (docs/design.md,
@@ -29,9 +30,10 @@ from cmt.teachers import teacher_label_dropout
 from cmt.trainers import loop, recipes, run_files
 from cmt.trainers.distances import DISTANCES, make_distance, squared_l2
 from cmt.trainers.students import (STUDENT_INITS, average_velocity, build_student, check_report_options,
-                                   consistency_output, network_labels, plain_network, recorded_teacher_spec,
-                                   refuse_inapplicable, resolve_teacher_or_fail, sampling_report, save_student,
-                                   student_config, student_learning_rate, student_result, teacher_velocity)
+                                   consistency_output, consistency_student, network_labels, plain_network,
+                                   recipe_teacher_errors, recorded_teacher_spec, refuse_inapplicable,
+                                   resolve_teacher_or_fail, sampling_report, save_student, student_config,
+                                   student_learning_rate, student_result, teacher_velocity)
 
 
 def secant_velocity(x_i, sigma_i, x_j, sigma_j):
@@ -186,7 +188,17 @@ def builtin_teacher_recipe(given):
     return recipes.builtin_recipe(recorded.get("name")) if recorded.get("kind") == "builtin" else None
 
 
-@recipes.with_recipe("mid", default_recipe=builtin_teacher_recipe)
+def dataset_names_a_teacher(given):
+    """Whether the dataset's manifest names the teacher it was built with (then a recipe's official
+    teacher is not filled in: the student comes from the teacher of its trajectories)."""
+    try:
+        recorded = TrajectoryDataset(given["data"]).manifest.get("teacher") or {}
+    except (KeyError, ValueError, OSError):
+        return True   # mid_train names the fault itself
+    return recorded_teacher_spec(recorded) is not None
+
+
+@recipes.with_recipe("mid", default_recipe=builtin_teacher_recipe, names_a_teacher=dataset_names_a_teacher)
 def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_resize=None, teacher=None,
               student_init="teacher", velocity_share=None, states_per_trajectory="all", max_trajectories=None,
               dropout=None, workers="auto", cache_gb=None, verify="once", eval_data=None, num_samples=1000,
@@ -205,7 +217,8 @@ def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_re
     takes l2, the official code's, or huber); huber_c: the pseudo-Huber constant (None: 0.00054
     sqrt(dim)); lpips_resize: upsample images to this side before LPIPS (None: their own size).
     teacher: name or checkpoint giving the student's architecture and initial weights (None: the
-    one recorded in the dataset manifest); student_init: teacher (its weights) or random.
+    one recorded in the dataset manifest, else the recipe's official teacher); student_init: teacher
+    (its weights) or random.
     velocity_share: flowmap: the share of each batch that trains the diagonal u(z_i, t_i, t_i) onto
     the teacher's velocity at the stored state (one teacher forward per such row, in float32; the
     teacher is the one recorded, guided as recorded). None: `FLOWMAP_VELOCITY_SHARE`; 0: pairs only.
@@ -259,14 +272,18 @@ def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_re
     if loss != "lpips":
         refuse_inapplicable(mid_train, locals(), ("lpips_resize",), f"to loss {loss} (only to lpips)")
     dataset.check_shards_present()
-    teacher_config, teacher_state, identity, denoiser = load_mid_teacher(
-        manifest, teacher, student_init == "teacher", need_denoiser=bool(velocity_share))
+    with recipe_teacher_errors(resolved_options):
+        teacher_config, teacher_state, identity, denoiser = load_mid_teacher(
+            manifest, teacher, student_init == "teacher", need_denoiser=bool(velocity_share))
     config = loop.train_config(out, MID_DEFAULTS, train_options, default_lr=student_learning_rate(teacher_config, "mid"))
     flow_map = target == "flowmap"
     init_state = teacher_state if student_init == "teacher" else None   # the velocity rows may load it anyway
-    student = build_student(
-        student_config(teacher_config, flow_map=flow_map, sigma_min=0.0 if flow_map else SIGMA_MIN, dropout=dropout),
-        init_state, source=f"teacher {identity.get('path', identity.get('name'))}", seed=config.seed)
+    # The endpoint target's student is its family's consistency form (EDM: sony/cmt's ECMPrecond); the
+    # flowmap target's, the teacher's network with the zero-initialised target_sigma input.
+    network = student_config(teacher_config, flow_map=flow_map, sigma_min=0.0 if flow_map else None, dropout=dropout,
+                             form=None if flow_map else consistency_student)
+    student = build_student(network, init_state, source=f"teacher {identity.get('path', identity.get('name'))}",
+                            seed=config.seed)
     check_agreement(manifest, student, data)
     if flow_map and loss == "lpips":
         raise ArgumentError("loss", "flowmap regresses velocities: use l2 or huber")

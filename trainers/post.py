@@ -18,9 +18,9 @@ from cmt.trainers.data import (PRETRAINING_ARCHITECTURES, check_data_fits, data_
 from cmt.trainers.ect import ECD, ECT
 from cmt.trainers.meanflow import MEANFLOW
 from cmt.trainers.methods import MethodSetup
-from cmt.trainers.students import (build_student, check_report_options, recorded_teacher_spec,
-                                   resolve_teacher_or_fail, sampling_report, save_student, student_config,
-                                   student_learning_rate, student_result)
+from cmt.trainers.students import (build_student, check_report_options, recipe_teacher_errors,
+                                   recorded_teacher_spec, resolve_teacher_or_fail, sampling_report, save_student,
+                                   student_config, student_learning_rate, student_result)
 
 # The post-training methods, one line each (`cmt.trainers.methods.PostMethod`).
 METHODS = {method.name: method for method in (ECT, ECD, MEANFLOW)}
@@ -90,6 +90,21 @@ def builtin_teacher_recipe(given):
     return recipes.builtin_recipe(str(teacher)) if teacher is not None else None
 
 
+def init_names_a_teacher(given):
+    """Whether `init` names a teacher by itself (`load_init` finds one: recorded in it, or the init is a
+    diffusion model); if not, an explicit recipe's official teacher is filled in."""
+    init = str(given.get("init"))
+    if init in ("teacher", "random"):
+        return False
+    if init in BUILTIN_TEACHERS:
+        return True
+    try:
+        net, _ = loaded_init(init)
+    except ArgumentError:
+        return True   # post_train names the fault itself
+    return bool(network_record(net).get("teacher")) or not (net.sigma_min or net.flow_map)
+
+
 def teacher_guidance_of(guidance, guide_ckpt, init_record):
     """The frozen teacher's guidance `(weight, guide)`: as given, or with guidance='manifest' the one
     the mid checkpoint records from its dataset manifest (the official mid teacher is unguided, so
@@ -145,7 +160,8 @@ def load_init(init, teacher, data, arch):
         if teacher is None:
             raise ArgumentError("teacher", "init 'teacher' starts from the teacher: name one (a built-in name or "
                                            "a checkpoint)")
-        init = teacher
+        net, identity = resolve_teacher_or_fail(teacher, "teacher")
+        return net.config, net.state_dict(), identity, teacher, network_record(net)
     net, identity = loaded_init(init)
     record = network_record(net)
     if teacher is None:
@@ -158,7 +174,8 @@ def load_init(init, teacher, data, arch):
 
 # ---- post_train -------------------------------------------------------------------------------
 
-@recipes.with_recipe("post", default_recipe=builtin_teacher_recipe, method_names=lambda: list(METHODS))
+@recipes.with_recipe("post", default_recipe=builtin_teacher_recipe, method_names=lambda: list(METHODS),
+                     names_a_teacher=init_names_a_teacher)
 def post_train(*, init, method=None, data, out, teacher=None, arch=None, guidance=None, guide_ckpt=None, dropout=None,
                resolution=None, eval_data=None, num_samples=1000, mid_sigma=TWO_STEP_SIGMA, recipe=None,
                resolved_options=None, **options):
@@ -174,12 +191,14 @@ def post_train(*, init, method=None, data, out, teacher=None, arch=None, guidanc
     init: mid.pt (or another checkpoint of ours, or a built-in teacher name), 'teacher' (the
     teacher's weights) or 'random'. method: a name of `METHODS` (required unless the recipe has one).
     data: mnist, toy:NAME, or an image folder / .npz / EDM .zip; resolution resizes images (None:
-    the network's). teacher: diffusion teacher (name or checkpoint): the frozen teacher a method
-    asks for (ECD's solver, MeanFlow's velocity 'teacher'), and what 'teacher' / 'random' inits copy
-    (None: the teacher recorded in init). arch: with init 'random' and no teacher, the diffusion
-    phase's default network of this kind (edm2 or mlp). guidance, guide_ckpt: guide that frozen
-    teacher (`cmt.guidance.apply_guidance`: autoguidance by guide_ckpt, else classifier-free);
-    guidance='manifest' takes the guidance the mid checkpoint's dataset manifest records.
+    the student's; another than the student's is refused). teacher: diffusion teacher (name or
+    checkpoint): the frozen teacher a method asks for (ECD's solver, MeanFlow's velocity 'teacher'),
+    and what 'teacher' / 'random' inits copy
+    (None: the teacher recorded in init, else the init itself when it is a diffusion model, else the
+    recipe's official teacher: cifar10, ffhq64, afhq64 name EDM's). arch: with init 'random' and no
+    teacher, the diffusion phase's default network of this kind (edm2 or mlp). guidance, guide_ckpt:
+    guide that frozen teacher (`cmt.guidance.apply_guidance`: autoguidance by guide_ckpt, else
+    classifier-free); guidance='manifest' takes the guidance the mid checkpoint's dataset manifest records.
     dropout: the student's (None: the init's). eval_data: data set whose built-in metric scores
     samples (None: data, if built in); num_samples: samples for the metric and pictures; mid_sigma:
     the intermediate sigma of 2-step sampling.
@@ -198,16 +217,26 @@ def post_train(*, init, method=None, data, out, teacher=None, arch=None, guidanc
     data_spec = data
     data = training_data(data_spec, resolution)
     arch = arch or default_arch(data)
-    init_config, init_state, identity, teacher, init_record = load_init(init, teacher, data, arch)
+    with recipe_teacher_errors(resolved_options):
+        init_config, init_state, identity, teacher, init_record = load_init(init, teacher, data, arch)
     train_options["mixed_precision"] = post_precision(train_options.get("mixed_precision", "auto"), chosen)
-    config = loop.train_config(out, POST_DEFAULTS, train_options, default_lr=student_learning_rate(init_config, "post"))
+    # The network the student copies: the teacher's (init 'teacher' / 'random' with a teacher), else the init's.
+    source = "teacher" if init in ("teacher", "random") and teacher is not None else "init"
+    config = loop.train_config(out, POST_DEFAULTS, train_options,
+                               default_lr=student_learning_rate(init_config, "post", argument=source))
     prepared = chosen.prepare(own, init_record, config.max_steps)
-    network = student_config(chosen.student(init_config), dropout=dropout)
+    network = student_config(init_config, dropout=dropout, form=chosen.student, argument=source)
     if network.get("use_fp16"):
         network["use_fp16"] = False   # EDM2's fp16 U-Net (official pickles): the student trains in float32
     student = build_student(network, init_state, source=f"init {init}", seed=config.seed)
-    if resolution is None and len(student.data_shape) == 3 and data.kind == "images":
-        data = training_data(data_spec, student.data_shape[-1])
+    if len(student.data_shape) == 3 and data.kind == "images":
+        side = student.data_shape[-1]
+        if resolution is not None and resolution != side:
+            raise ArgumentError("resolution", f"{resolution}: the student ({init_config['architecture']}, from "
+                                              f"{teacher if source == 'teacher' else init}) takes {side}x{side} "
+                                              f"images; leave it out to bring {data.name} to that size")
+        if resolution is None:
+            data = training_data(data_spec, side)
     check_data_fits(data, student)
     chosen.check(prepared, student)
     needed_by = chosen.teacher(prepared)
@@ -217,7 +246,9 @@ def post_train(*, init, method=None, data, out, teacher=None, arch=None, guidanc
                             f"'teacher'); method {chosen.name} with these options uses none")
     teacher_net = guidance_record = None
     if needed_by is not None:
-        teacher_net, guidance_record = frozen_teacher(teacher, guidance, guide_ckpt, init_record, student, needed_by)
+        with recipe_teacher_errors(resolved_options):
+            teacher_net, guidance_record = frozen_teacher(teacher, guidance, guide_ckpt, init_record, student,
+                                                          needed_by)
     objective = chosen.build(MethodSetup(options=prepared, student=student, teacher=teacher_net,
                                          max_steps=config.max_steps))
     if eval_data is None and (data.kind == "toy" or data.name == "mnist"):

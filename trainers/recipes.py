@@ -25,6 +25,7 @@ from pathlib import Path
 from cmt.checkpoint import reading_once
 from cmt.edm import TWO_STEP_SIGMA
 from cmt.errors import ArgumentError
+from cmt.teachers import RECIPE_TEACHERS
 from cmt.trainers.loop import TRAIN_DEFAULTS
 
 PHASES = ("mid", "post", "diffusion")
@@ -62,9 +63,13 @@ _ECT_PIXEL_POST = dict(
 )
 
 
-def _pixel_recipe(stage, source):
+def _pixel_recipe(name, stage, source):
+    """A pixel recipe: the settings above, its post-training gap, and its official teacher
+    (`cmt.teachers.RECIPE_TEACHERS`, which brings the architecture: DDPM++ under EDMPrecond, FFHQ and
+    AFHQv2 with channel_mult 1,2,2,2), used where neither the caller nor the input names a teacher."""
     post = dict(_ECT_PIXEL_POST, stage=stage)
-    return {"mid": dict(_CMT_PIXEL_MID), "post": {"ect": post, "ecd": dict(post)}, "source": source}
+    return {"mid": dict(_CMT_PIXEL_MID), "post": {"ect": post, "ecd": dict(post)}, "teacher": RECIPE_TEACHERS[name],
+            "source": source}
 
 
 # ---- ImageNet-512, EDM2 latents (sony/cmt imagenet512/) -----------------------------------------
@@ -183,11 +188,11 @@ TOY = _builtin_recipe(batch_size=256, mid_lr=2e-4, mid_steps=1000, post_lr=3e-5,
 
 RECIPES = {
     # sony/cmt run_cmt_cifar.sh + run_cmt+ecm_cifar.sh: -q 4096 = 2^12 -> stage 11
-    "cifar10": _pixel_recipe(11, "sony/cmt run_cmt_cifar.sh, run_cmt+ecm_cifar.sh"),
+    "cifar10": _pixel_recipe("cifar10", 11, "sony/cmt run_cmt_cifar.sh, run_cmt+ecm_cifar.sh"),
     # run_cmt+ecm_ffhq.sh: -q 512 = 2^9 -> stage 8
-    "ffhq64": _pixel_recipe(8, "sony/cmt run_cmt_ffhq.sh, run_cmt+ecm_ffhq.sh"),
+    "ffhq64": _pixel_recipe("ffhq64", 8, "sony/cmt run_cmt_ffhq.sh, run_cmt+ecm_ffhq.sh"),
     # run_cmt+ecm_afhq.sh: -q 1024 = 2^10 -> stage 9
-    "afhq64": _pixel_recipe(9, "sony/cmt run_cmt_afhq.sh, run_cmt+ecm_afhq.sh"),
+    "afhq64": _pixel_recipe("afhq64", 9, "sony/cmt run_cmt_afhq.sh, run_cmt+ecm_afhq.sh"),
     "imagenet512": IMAGENET512,
     "imagenet64-ect": IMAGENET64_ECT,
     "imagenet256-meanflow": IMAGENET256_MEANFLOW,
@@ -301,14 +306,26 @@ def recorded_options(values):
     return {key: plain(value) for key, value in values.items()}
 
 
-def with_recipe(phase, default_recipe=None, method_names=None):
+def official_teacher(name, given, from_recipe, names_a_teacher):
+    """The recipe's official teacher (`"teacher"` of a pixel recipe) when neither the caller (`given`),
+    nor the recipe's phase settings, nor the input (`names_a_teacher(given)`: the dataset manifest, the
+    init checkpoint) name one; else None."""
+    official = (RECIPES.get(name) or {}).get("teacher")
+    if official is None or given.get("teacher") is not None or "teacher" in from_recipe:
+        return None
+    return None if names_a_teacher is not None and names_a_teacher(given) else official
+
+
+def with_recipe(phase, default_recipe=None, method_names=None, names_a_teacher=None):
     """Decorator for a phase's entry point: `recipe=` fills in a recipe's values under the
     arguments given explicitly (and over the defaults); `default_recipe(given)` names the implicit
     recipe (the built-in teacher's) when none is given. The function receives every option
     resolved, plus `recipe` (the name) and `resolved_options`: what the run records (run.json and its
     checkpoint), `{"options": every phase option resolved, "recipe": {"name", "values": what the
     recipe set}}` (the trainer options are recorded as run.json's "train"). post: `method_names()`
-    lists the methods a missing `method` is asked among. The whole call reads each checkpoint file
+    lists the methods a missing `method` is asked among. `names_a_teacher(given)`: whether the input
+    (dataset, init) names the teacher; if not, an explicit recipe with an official teacher
+    (`official_teacher`) fills in `teacher` and says so. The whole call reads each checkpoint file
     once (`cmt.checkpoint.reading_once`)."""
     def decorate(function):
         @functools.wraps(function)
@@ -328,6 +345,9 @@ def with_recipe(phase, default_recipe=None, method_names=None):
                     raise ArgumentError("method", "name one: " + ", ".join(method_names()) +
                                         (f" (recipe {name} has several)" if explicit else ""))
             values, from_recipe = resolve_options(function, phase, given, name, method, explicit)
+            teacher = official_teacher(name, given, from_recipe, names_a_teacher) if explicit else None
+            if teacher is not None:
+                values["teacher"] = from_recipe["teacher"] = teacher
             if method is not None:
                 values["method"] = method
             if not from_recipe and not explicit:

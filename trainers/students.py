@@ -83,22 +83,44 @@ def consistency_output(net, plain, x, sigma, labels):
     return net(x, sigma, labels, target_sigma=target_sigma)
 
 
-def student_config(config, *, flow_map=None, sigma_min=None, dropout=None):
-    """A student's network config: its teacher's (or init's), with the student's own settings."""
+def student_family(config, argument):
+    """The `NetworkFamily` of a teacher's or init's config; an unknown architecture (a file from
+    elsewhere) is an ArgumentError naming `argument` (never a KeyError)."""
+    try:
+        return family_of(config)
+    except ValueError as error:
+        raise ArgumentError(argument, str(error)) from None
+
+
+def consistency_student(config):
+    """The consistency-model form of a network config: its family's (`NetworkFamily.consistency_student`:
+    the boundary at SIGMA_MIN, or for EDM networks sony/cmt's ECMPrecond); a flow-map config stays one."""
+    return family_of(config).consistency_student(config)
+
+
+def student_config(config, *, flow_map=None, sigma_min=None, dropout=None, form=None, argument="teacher"):
+    """A student's network config: its teacher's (or init's), with the student's own settings, then
+    `form(config)` (e.g. `consistency_student`, a post-training method's `student`). A config that
+    cannot be a student (`NetworkFamily.check_student`: EDM's VP / VE / iDDPM teachers) or of an
+    unknown family is an ArgumentError naming `argument`, the teacher or init it came from."""
+    family = student_family(config, argument)
     config = dict(config)
     for key, value in (("flow_map", flow_map), ("sigma_min", sigma_min), ("dropout", dropout)):
         if value is not None:
             config[key] = value
+    try:
+        if form is not None:
+            config = form(config)
+        family.check_student(config)
+    except ValueError as error:
+        raise ArgumentError(argument, error.message if isinstance(error, ArgumentError) else str(error)) from None
     return config
 
 
-def student_learning_rate(config, phase):
+def student_learning_rate(config, phase, argument=None):
     """The default lr of `phase` for a student of this network config's family; an unknown
-    architecture (a file from elsewhere) is an ArgumentError naming the teacher."""
-    try:
-        return family_of(config).learning_rates[phase]
-    except ValueError as error:
-        raise ArgumentError("teacher" if phase == "mid" else "init", str(error)) from None
+    architecture is an ArgumentError naming `argument` (default: the teacher for mid, the init for post)."""
+    return student_family(config, argument or ("teacher" if phase == "mid" else "init")).learning_rates[phase]
 
 
 def build_student(config, init_state=None, source="teacher", seed=0):
@@ -131,6 +153,19 @@ def resolve_teacher_or_fail(spec, argument, hint=""):
     except (ValueError, OSError) as error:
         message = error.message if isinstance(error, ArgumentError) else str(error)
         raise ArgumentError(argument, f"{message}{hint}") from None
+
+
+@contextlib.contextmanager
+def recipe_teacher_errors(resolved_options):
+    """An ArgumentError about the teacher inside the block names the recipe when the recipe filled the
+    teacher in (`cmt.trainers.recipes.official_teacher`): the caller named none."""
+    values = ((resolved_options or {}).get("recipe") or {}).get("values") or {}
+    try:
+        yield
+    except ArgumentError as error:
+        if error.argument != "teacher" or "teacher" not in values:
+            raise
+        raise ArgumentError("recipe", f"its teacher {values['teacher']}: {error.message}") from None
 
 
 # ---- checks before training --------------------------------------------------------------------

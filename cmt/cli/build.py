@@ -1,6 +1,7 @@
 """cmt-build: run a teacher's ODE solver once and store its trajectories as zarr or WebDataset shards.
 
     cmt-build --teacher mnist --nfe 16 --num-trajectories 10000 --out shards/
+    cmt-build --recipe cifar10 --num-trajectories 50000 --out shards/    # EDM's CIFAR-10 teacher, as sony/cmt
     accelerate launch -m cmt.cli.build --teacher teacher.safetensors --out shards/   # ranks split the shards
 
 The options are the keywords of `cmt.builders.build.build_trajectories`, with its defaults.
@@ -13,12 +14,17 @@ from cmt.edm import SIGMA_GRIDS
 from cmt.formats import COMPRESSIONS, DEFAULT_COMPRESSION, FORMATS
 from cmt.labels import LABELS_HELP
 from cmt.solvers import SOLVERS
+from cmt.teachers import RECIPE_TEACHERS
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
-@click.option("--teacher", required=True,
+@click.option("--teacher", default=DEFAULTS["teacher"],
               help="A checkpoint of ours (path), a built-in name (mnist, toy:NAME), 'edm2' or 'edm' with "
-                   "--teacher-ckpt, an EDM2 or EDM preset, or an official .pkl.")
+                   "--teacher-ckpt, an EDM2 or EDM preset, or an official .pkl [default: the --recipe's].")
+@click.option("--recipe", type=click.Choice(list(RECIPE_TEACHERS)), default=DEFAULTS["recipe"],
+              help="A recipe of docs/recipes.md: its official teacher when --teacher is not given (cifar10: "
+                   "edm-cifar10-32x32-uncond-vp, ffhq64: edm-ffhq-64x64-uncond-vp, afhq64: "
+                   "edm-afhqv2-64x64-uncond-vp); the defaults below are its solver settings.")
 @click.option("--teacher-ckpt", default=DEFAULTS["teacher_ckpt"],
               help="For --teacher edm2 / edm: an official .pkl, its .safetensors export or a preset.")
 @click.option("--guidance", type=float, default=DEFAULTS["guidance"],

@@ -150,7 +150,9 @@ def recipe_option(phase):
         "--recipe", type=click.Choice(names), default=None,
         help=f"A named set of every setting of this phase, from the official code (docs/recipes.md): "
              f"{', '.join(names)}. Flags given explicitly override it; the resolved values are printed "
-             f"and recorded in run.json and the checkpoint. Default: {default}.")
+             f"and recorded in run.json and the checkpoint."
+             + ("" if phase == "diffusion" else " cifar10, ffhq64 and afhq64 also name EDM's official teacher, used "
+                "when neither --teacher nor the input names one.") + f" Default: {default}.")
 
 
 @click.group(context_settings=CONTEXT_SETTINGS)

@@ -33,7 +33,13 @@ Ours, beyond the official classes:
 - Students (sigma_min > 0 or flow_map) exist for EDMPrecond and ECMPrecond only (the CMT paper's
   teachers are all EDMPrecond). VP / VE / iDDPM networks are teachers: their c_skip = 1 has no
   boundary form, and their noise labels (DDPM time steps, log(sigma / 2)) are not EDM's, so a
-  student of them raises ArgumentError naming what is supported.
+  student of them raises ArgumentError naming what is supported (`check_student`).
+- The family's consistency student is sony/cmt's: an EDMPrecond (or ECMPrecond) network becomes
+  ECMPrecond with the official sigma_min 0.003 (`consistency_student`; sony/cmt run_cmt.py and
+  ct_train.py build the student as `training.networks.ECMPrecond` around the teacher's U-Net, with
+  the teacher's EDMPrecond weights copied in: the same state dict). It trains in the plain EDM form
+  (train mode) and samples with the boundary (eval mode), as the official students do. Flow-map
+  students keep the teacher's preconditioning with `flow_map=True`.
 - `use_fp16` is kept in the config and honoured on CUDA only; on CPU everything runs in float32.
 - `return_logvar=True` returns logvar = 0: EDM (v1) has no uncertainty head (its loss is the plain
   EDM-weighted one, which an uncertainty-weighted loss with logvar 0 equals).
@@ -61,6 +67,34 @@ OFFICIAL_PRECOND_DEFAULTS = {
 STUDENT_PRECONDS = ("EDMPrecond", "ECMPrecond")
 
 
+def teachers_only(precond):
+    """Why a network of `precond` cannot be a student, and what can."""
+    return (f"{precond} networks are teachers only (no consistency boundary form, noise labels other than EDM's): "
+            f"consistency and flow-map students of the EDM family are built from {' or '.join(STUDENT_PRECONDS)} "
+            "networks, such as EDM's edm-* presets (edm-cifar10-32x32-uncond-vp, ...; the baseline-* presets are "
+            "VP / VE / iDDPM networks)")
+
+
+def check_student(config):
+    """ValueError unless a student of `config` (sigma_min > 0 or flow_map) has a student preconditioning."""
+    precond = config.get("precond", "EDMPrecond")
+    if (config.get("sigma_min") or config.get("flow_map")) and precond not in STUDENT_PRECONDS:
+        raise ValueError(teachers_only(precond))
+
+
+def consistency_student(config):
+    """The EDM family's consistency student of `config`: ECMPrecond (sony/cmt's student class) with its
+    own sigma_min for an ECMPrecond network, else the official default 0.003 (sony/cmt run_cmt.py and
+    ct_train.py: `c.network_kwargs.class_name = 'training.networks.ECMPrecond'` with the EDMPrecond
+    teacher's weights; training/networks.py ECMPrecond's sigma_min default, which neither overrides)."""
+    precond = config.get("precond", "EDMPrecond")
+    if precond not in STUDENT_PRECONDS:
+        raise ValueError(teachers_only(precond))
+    sigma_min = config.get("sigma_min") if precond == "ECMPrecond" else 0.0
+    return {**config, "precond": "ECMPrecond",
+            "sigma_min": sigma_min or OFFICIAL_PRECOND_DEFAULTS["ECMPrecond"]["sigma_min"]}
+
+
 class _Precond(torch.nn.Module):
     """What the five preconditionings share: config, labels, dtype, the U-Net call and the output."""
     precond = None          # the official class name
@@ -73,9 +107,7 @@ class _Precond(torch.nn.Module):
         if model_type not in MODEL_TYPES:
             raise ArgumentError("model_type", f"{model_type!r} is not an EDM U-Net; valid: {', '.join(MODEL_TYPES)}")
         if (sigma_min or flow_map) and self.precond not in STUDENT_PRECONDS:
-            raise ArgumentError("sigma_min" if sigma_min else "flow_map",
-                                f"{self.precond} networks are teachers only: consistency (sigma_min > 0) and flow-map "
-                                f"students of the EDM family are built as {' or '.join(STUDENT_PRECONDS)}")
+            raise ArgumentError("sigma_min" if sigma_min else "flow_map", teachers_only(self.precond))
         self.config = dict(architecture="edm", precond=self.precond, model_type=model_type,
                            img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
                            use_fp16=use_fp16, sigma_min=sigma_min, flow_map=flow_map, **(precond_kwargs or {}),
@@ -278,4 +310,6 @@ def _plain(value):
 # FFHQ / AFHQv2 runs use 2e-4, ImageNet-64 ADM 1e-4); mid-training, sony/cmt run_cmt_{cifar,ffhq,afhq}.sh
 # --lr=0.0002; post-training, sony/cmt run_cmt+ecm_{cifar,ffhq,afhq}.sh --lr=0.0001 (locuslab/ect
 # run_ecm.sh's too). The recipes (cmt.trainers.recipes) carry the rest of those runs' settings.
-FAMILY = NetworkFamily(name="edm", build=build_edm_network, learning_rates={"diffusion": 1e-3, "mid": 2e-4, "post": 1e-4})
+FAMILY = NetworkFamily(name="edm", build=build_edm_network,
+                       learning_rates={"diffusion": 1e-3, "mid": 2e-4, "post": 1e-4},
+                       consistency_student=consistency_student, check_student=check_student)

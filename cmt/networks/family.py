@@ -18,6 +18,10 @@ Every network that `FAMILY.build(**kwargs)` returns has
   which start so that the student equals its teacher;
 - `forward(x, sigma, labels=None, target_sigma=None, return_logvar=False) -> D(x; sigma)` in
   float32, in EDM sigma space; `labels` one-hot `[B, label_dim]` or None; `sigma` a scalar or `[B]`.
+
+Students are configs of the same family: `NetworkFamily.consistency_student` turns a teacher's (or
+an init's) config into the family's consistency-model form, `check_student` refuses configs that
+cannot be students (a ValueError saying why; the trainers name the teacher or init that gave it).
 """
 import dataclasses
 from typing import Callable, Mapping
@@ -33,6 +37,16 @@ TARGET_SIGMA_FLOOR = SIGMA_MIN
 PHASES = ("diffusion", "mid", "post")
 
 
+def boundary_form(config):
+    """The default consistency student: the same network with the boundary at EDM's sigma_min."""
+    return {**config, "sigma_min": SIGMA_MIN}
+
+
+def any_student(config):
+    """The default student check: every network of the family can be a student."""
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class NetworkFamily:
     """What the project needs to know of a network family besides its networks' attributes.
@@ -40,10 +54,16 @@ class NetworkFamily:
     name: the `"architecture"` of its configs. build: `(**config without "architecture") -> network`.
     learning_rates: the default peak lr of each training phase (`PHASES`) for this family's
     networks, each with its source in the family's module.
+    consistency_student: `(config) -> config` of the consistency-model (boundary) form of a
+    network (default `boundary_form`: `sigma_min = SIGMA_MIN`); its weights are the given network's.
+    check_student: `(config) -> None`, a ValueError when that config (with its `sigma_min` and
+    `flow_map`) cannot be a student (default: every config can).
     """
     name: str
     build: Callable[..., torch.nn.Module]
     learning_rates: Mapping[str, float]
+    consistency_student: Callable[[dict], dict] = boundary_form
+    check_student: Callable[[dict], None] = any_student
 
     def __post_init__(self):
         missing = set(PHASES) - set(self.learning_rates)
