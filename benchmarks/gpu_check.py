@@ -2,9 +2,12 @@
 
 1. bf16 mid-training (mixed_precision="bf16", the trainer's autocast) on the built-in MNIST teacher's
    trajectories;
-2. fp32 post-training (ECT from that mid checkpoint; the default precision: float32, TF32 matmuls);
-3. the precision guard: the ECT residual at CMT's fixed gap against bf16 / fp16 rounding, the
-   objective under autocast equal to float32, and half precision refused by post_train;
+2. fp32 post-training (ECT from that mid checkpoint; the default precision: float32, TF32 as the
+   guard chooses: off at CMT's fixed gap);
+3. the precision guard: the ECT residual at CMT's fixed gap against bf16 / fp16 rounding and
+   against TF32's (emulated as the guard measures it, and TF32 itself on the GPU, stages 9 and 11),
+   the loss under TF32 against float32, the objective under autocast equal to float32, and half
+   precision refused by post_train;
 4. EDM2 fp16 weights (use_fp16=True, as the official pickles): the U-Net's fp16 forward against
    float32, and the post-training student built from such a teacher in float32;
 5. MeanFlow's JVP under the chosen precision: the loss under bf16 autocast equal to float32, and a
@@ -32,7 +35,9 @@ from cmt.trainers.distances import make_distance
 from cmt.trainers.loop import Context
 from cmt.trainers.run_files import read_log
 from cmt.trainers.mid import mid_train
-from cmt.trainers.ect import consistency_training_loss, ect_target_sigma
+from cmt.trainers import precision
+from cmt.trainers.ect import ECT, consistency_training_loss, ect_target_sigma
+from cmt.trainers.methods import MethodSetup
 from cmt.trainers.meanflow import meanflow_loss
 from cmt.trainers.post import post_train
 from cmt.trainers.students import build_student, consistency_output, student_config
@@ -131,9 +136,12 @@ def main():
     checkpoint = torch.load(post["checkpoint"], weights_only=True, map_location="cpu")
     check("post: default precision is float32 ('no')", run["train"]["mixed_precision"] == "no")
     check("post: fixed CMT gap from the mid checkpoint (stage 11)", checkpoint["stage"] == 11)
+    figure("post: TF32 choice at the stage-11 gap", f"{'on' if run['tf32']['enabled'] else 'off'}",
+           run["tf32"]["reason"])
     if cuda:
-        check("post: TF32 matmuls allowed", bool(torch.backends.cuda.matmul.allow_tf32))
-        figure("post (fp32 + TF32): s/step at batch 128", f"{seconds_per_step(out / 'post'):.4f}")
+        check("post: TF32 off at CMT's fixed gap (auto)", not run["tf32"]["enabled"]
+              and not torch.backends.cuda.matmul.allow_tf32)
+        figure("post (fp32, TF32 as chosen): s/step at batch 128", f"{seconds_per_step(out / 'post'):.4f}")
     figure("post: FD-MNIST 1/2-step (64 samples; noisy)",
            f"{post['metrics'].get('fd_mnist_1step', float('nan')):.1f} / "
            f"{post['metrics'].get('fd_mnist_2step', float('nan')):.1f}")
@@ -148,7 +156,38 @@ def main():
             continue
         figure(f"guard: {name} rounding / residual at stage 11 (median)",
                f"{residual_rounding(student, batch, device, dtype):.2f}", "(> 1: half precision trains on noise)")
+    for stage in (9, 11):   # the TF32 guard: its CPU emulation, and TF32 itself on the GPU
+        options = {**ECT.defaults(), "stage": stage, "stage_every": 100}
+        probe = ECT.probe(MethodSetup(options=options, student=student, teacher=None, max_steps=100), batch,
+                          torch.Generator(device).manual_seed(1))
+        emulated = precision.rounding_ratio(student, *probe[:-1], precision.MANTISSA_BITS["tf32"])
+        figure(f"guard: TF32 rounding / residual at stage {stage} (emulated)", f"{emulated:.2f}",
+               f"(>= {precision.TF32_LIMIT:g}: TF32 off)")
+        if cuda:
+            x, sigma, labels, residual = probe[:-1]
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+            with torch.no_grad():
+                exact = consistency_output(student, student, x, sigma, labels).float()
+                torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+                rounded = consistency_output(student, student, x, sigma, labels).float()
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+            measured = float(((rounded - exact).flatten(1).norm(dim=1)
+                              / residual.flatten(1).norm(dim=1).clamp(min=1e-20)).median())
+            figure(f"guard: TF32 rounding / residual at stage {stage} (this GPU)", f"{measured:.2f}")
+        else:
+            skipped(f"guard: TF32 rounding / residual at stage {stage} (this GPU)")
     distance = make_distance("huber", student.data_shape, huber_c=0.0)
+    if cuda:   # the ECT loss at the fixed gap: TF32 against float32
+        losses = {}
+        for enabled in (False, True):
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+            losses[enabled], _ = consistency_training_loss(copy.deepcopy(student), batch, context(device, 3),
+                                                           distance=distance, stage=11)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        figure("guard: ECT loss at stage 11, |TF32 - float32| / float32 (median)",
+               f"{float(((losses[True] - losses[False]).abs() / losses[False].abs().clamp(min=1e-12)).median()):.3f}")
+    else:
+        skipped("guard: ECT loss at stage 11, TF32 against float32")
     # EDM2 networks normalise their weights in place at each objective call, and the loss at this gap
     # feels that rounding (~1e-3): compare two copies of the same weights.
     reference, _ = consistency_training_loss(copy.deepcopy(student), batch, context(device, 3), distance=distance,

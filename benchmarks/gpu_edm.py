@@ -35,7 +35,7 @@ import cmt
 from cmt.checkpoint import save_network
 from cmt.download import cache_dir
 from cmt.lpips import TRUNK_URLS, cached_lpips, vgg16_features
-from cmt.trainers.loop import read_log
+from cmt.trainers.run_files import read_log
 from bench_build import DDPMPP_CIFAR10, random_edm_teacher
 from gpu_data_path import bare_loop, peak_memory
 from quick import quick_option

@@ -19,7 +19,7 @@ def main():
     failed = []
     with tempfile.TemporaryDirectory(prefix="cmt-bench-") as scratch:
         for script, *args in (["bench_build.py", "--quick"], ["bench_mid.py", "--quick"], ["bench_reader.py", "--quick"],
-                              ["bench_ema.py", "--quick"],
+                              ["bench_ema.py", "--quick"], ["bench_posthoc_ema.py", "--quick"],
                               ["bench_images.py", "--quick"],
                               ["bench_claim.py", "--quick", "--out", str(Path(scratch) / "claim")],
                               ["bench_trajectories.py", "--quick", "--out", str(Path(scratch) / "trajectories")]):

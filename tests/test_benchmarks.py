@@ -100,6 +100,7 @@ def test_trajectories_smoke_writes_rows_for_every_size(tmp_path):
 
 # The quick forms, smaller still (the test shows the script runs and ends with its named ratios).
 QUICK_FORMS = {
+    "bench_posthoc_ema.py": ((), ("gain_moons",)),
     "bench_reader.py": (("--num-trajectories", "32", "--shard-size", "8", "--rounds", "1", "--batches", "3"),
                         ("reader_vs_memmap", "reader_vs_memmap_1thread", "wds_vs_zarr", "workers2_vs_workers0",
                          "rss_4x_vs_1x")),

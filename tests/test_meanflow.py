@@ -5,9 +5,11 @@ import math
 
 import pytest
 import torch
-from conftest import MLP, POST_FAST, command_line, context, invoke_command, mixture, mixture_points, train_on_mixture
+from conftest import (FAST, MLP, POST_FAST, TEACHER, command_line, context, invoke_command, mixture, mixture_points,
+                      train_on_mixture)
 
-from cmt.checkpoint import load_network
+from cmt.builders.build import build_trajectories
+from cmt.checkpoint import load_network, save_network
 from cmt.cli.train import main
 from cmt.edm import SIGMA_MAX, SIGMA_MIN, sigma_grid
 from cmt.errors import ArgumentError
@@ -16,6 +18,7 @@ from cmt.networks import build_network
 from cmt.trainers import recipes
 from cmt.trainers.meanflow import (MF_T_MAX, guided_velocity, label_dropout_mask, meanflow_loss, meanflow_target,
                                    sample_t_r)
+from cmt.trainers.mid import mid_train
 from cmt.trainers.post import post_train
 from cmt.trainers.students import average_velocity
 
@@ -387,3 +390,23 @@ def test_meanflow_cfg_needs_class_conditional_data(mid_students, tmp_path):
         post_train(init=mid_students["flowmap"], method="meanflow", cfg_omega=1.0, out=tmp_path / "mf", max_steps=1,
                    **POST_FAST)
     assert error.value.argument == "cfg_omega"
+
+
+def test_the_teacher_velocity_follows_the_guidance_mid_training_fitted(tmp_path):
+    """MeanFlow's velocity 'teacher' aims at the flow map mid-training fitted: by default the guided
+    teacher the dataset manifest records; guidance 'none' (or a weight) says otherwise."""
+    torch.manual_seed(0)
+    nets = [build_network(TEACHER) for _ in range(2)]
+    paths = [save_network(tmp_path / f"net{k}.safetensors", net) for k, net in enumerate(nets)]
+    build_trajectories(teacher=str(paths[0]), guidance=2.0, guide_ckpt=str(paths[1]), out=tmp_path / "shards",
+                       num_trajectories=8, batch_size=8, nfe=3, progress=False, log=lambda m: None)
+    mid = mid_train(data=tmp_path / "shards", out=tmp_path / "mid", target="flowmap", max_steps=1, workers=0,
+                    eval_data="toy:moons", **FAST)["checkpoint"]
+    common = dict(init=mid, method="meanflow", velocity="teacher", max_steps=1, **POST_FAST)
+    followed = post_train(out=tmp_path / "followed", **common)
+    record = torch.load(followed["checkpoint"], weights_only=True)["teacher_guidance"]
+    assert record["kind"] == "autoguidance" and record["weight"] == 2.0 and record["guide"]["path"] == str(paths[1])
+    unguided = post_train(out=tmp_path / "unguided", guidance="none", **common)
+    assert torch.load(unguided["checkpoint"], weights_only=True)["teacher_guidance"] is None
+    ecd = post_train(init=mid, method="ecd", max_steps=1, out=tmp_path / "ecd", **POST_FAST)   # ECD: as given
+    assert torch.load(ecd["checkpoint"], weights_only=True)["teacher_guidance"] is None

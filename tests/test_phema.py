@@ -17,7 +17,7 @@ from cmt.networks import build_network
 from cmt.phema import (DEFAULT_STDS, MAX_STD, PowerFunctionEMA, exp_to_std, p_dot_p, power_function_beta,
                        snapshot_name, solve_posthoc_coefficients, std_to_exp)
 from cmt.posthoc_ema import reconstruct_ema
-from conftest import FIXTURES, TEACHER, invoke_command
+from conftest import FAST, FIXTURES, POST_FAST, TEACHER, invoke_command
 
 EDM2 = json.loads((FIXTURES / "edm2_phema.json").read_text())
 
@@ -269,3 +269,42 @@ def test_cmt_ema_evaluates_the_sweep_and_reports_the_best(toy_run, tmp_path):
     code, output = invoke_command(ema_main, "--snapshots", toy_run["root"] / "snapshots", "--std", "0.05,x",
                                   "--out", tmp_path)
     assert code == 2 and "--std" in output
+
+
+# ---- in the training loop: every phase ------------------------------------------------------------
+
+def test_every_phase_keeps_power_ema_snapshots_that_resume_exactly_and_reconstruct(mid_students, tmp_path):
+    common = dict(data=mid_students["shards"], workers=0, ema_std=(0.05, 0.1), snapshot_every=2, ckpt_every=2,
+                  **FAST)
+    cmt.mid_train(out=tmp_path / "whole", max_steps=4, **common)
+    cmt.mid_train(out=tmp_path / "split", max_steps=2, **common)
+    cmt.mid_train(out=tmp_path / "split", max_steps=4, resume=True, **common)
+    for step in (2, 4):
+        for std in ("0.050", "0.100"):
+            name = f"phema-{step:07d}-{std}.safetensors"
+            whole, split = (read_safetensors(tmp_path / run / "snapshots" / name)[0] for run in ("whole", "split"))
+            assert all(torch.equal(whole[key], split[key]) for key in whole), name
+    short, long = (read_safetensors(tmp_path / "whole" / "snapshots" / f"phema-0000004-{std}.safetensors")[0]
+                   for std in ("0.050", "0.100"))
+    assert any(not torch.equal(short[key], long[key]) for key in short)   # two different averages
+    cost = json.loads((tmp_path / "whole" / "run.json").read_text())["power_ema"]
+    written = sum(path.stat().st_size for path in (tmp_path / "whole" / "snapshots").glob("phema-0000004-*"))
+    assert cost["stds"] == [0.05, 0.1] and cost["bytes_per_snapshot"] <= written <= cost["bytes_per_snapshot"] + 2**16
+    assert cost["bytes_over_the_run"] == 2 * cost["bytes_per_snapshot"]
+    result = reconstruct_ema(snapshots=tmp_path / "whole" / "snapshots", std=0.07, out=tmp_path / "ema", progress=False)
+    assert load_network(result["models"][0]).config == load_network(tmp_path / "whole" / "mid.pt").config
+    # pre-training and post-training keep them too
+    cmt.train_diffusion(data="toy:moons", out=tmp_path / "teacher", arch="mlp", channels=16, num_blocks=1,
+                        max_steps=2, batch_size=8, num_samples=0, ema_std=(0.1,), snapshot_every=1, progress=False)
+    cmt.post_train(init=mid_students["endpoint"], method="ect", out=tmp_path / "post", max_steps=2, ema_std=(0.05,),
+                   snapshot_every=1, **POST_FAST)
+    for run, step, std in (("teacher", 2, "0.100"), ("post", 2, "0.050")):
+        assert (tmp_path / run / "snapshots" / f"phema-{step:07d}-{std}.safetensors").is_file()
+
+
+@pytest.mark.parametrize("options, argument", [(dict(ema_std=(0.05,)), "snapshot_every"),
+                                               (dict(ema_std=(0.5,), snapshot_every=1), "ema_std")])
+def test_power_ema_options_are_checked_before_anything_is_written(mid_students, tmp_path, options, argument):
+    with pytest.raises(cmt.ArgumentError) as error:
+        cmt.mid_train(data=mid_students["shards"], out=tmp_path / "run", workers=0, max_steps=2, **options, **FAST)
+    assert error.value.argument == argument and not (tmp_path / "run").exists()

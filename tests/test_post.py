@@ -14,6 +14,7 @@ from cmt import checkpoint as checkpoint_module
 from cmt.checkpoint import load_network, save_network
 from cmt.cli.sample import main as sample_main
 from cmt.cli.train import main
+from cmt.datasets import resolve_data
 from cmt.edm import broadcast_sigma, flow_map_jump, sample_lognormal_sigmas
 from cmt.errors import ArgumentError
 from cmt.gmm import gmm_denoiser
@@ -22,14 +23,16 @@ from cmt.networks import build_network
 from cmt.options import Option
 from cmt.sampling import flow_map_sample, recorded_sampler
 from cmt.solvers import heun_step
+from cmt.teachers import resolve_teacher
 from cmt.trainers import post as post_module
+from cmt.trainers import precision
 from cmt.trainers import recipes
 from cmt.trainers.distances import make_distance
-from cmt.trainers.ect import consistency_training_loss, ecd_state, ect_stage, ect_target_sigma
-from cmt.trainers.methods import PostMethod
+from cmt.trainers.ect import ECT, consistency_training_loss, ecd_state, ect_stage, ect_target_sigma
+from cmt.trainers.methods import MethodSetup, PostMethod
 from cmt.trainers.post import post_train
 from cmt.trainers.run_files import read_log
-from cmt.trainers.students import consistency_output, network_labels, plain_network
+from cmt.trainers.students import build_student, consistency_output, network_labels, plain_network
 
 
 def test_ect_r_schedule():
@@ -115,12 +118,12 @@ def test_post_loss_path_is_float32_under_bf16_autocast():
 
 
 def test_post_refuses_half_precision_and_runs_float32_by_default(mid_students, tmp_path):
-    for precision in ("bf16", "fp16"):
+    for half in ("bf16", "fp16"):
         with pytest.raises(ArgumentError) as error:
-            post_train(init=mid_students["endpoint"], method="ect", out=tmp_path / precision, mixed_precision=precision,
+            post_train(init=mid_students["endpoint"], method="ect", out=tmp_path / half, mixed_precision=half,
                        max_steps=1, **POST_FAST)
         assert error.value.argument == "mixed_precision" and "4096" in error.value.message
-        assert not (tmp_path / precision).exists()
+        assert not (tmp_path / half).exists()
     post_train(init=mid_students["endpoint"], method="ect", out=tmp_path / "auto", max_steps=1, **POST_FAST)
     assert json.loads((tmp_path / "auto" / "run.json").read_text())["train"]["mixed_precision"] == "no"
 
@@ -343,3 +346,45 @@ def test_a_checkpoint_is_read_once_per_command(mid_students, tmp_path, monkeypat
                               "--no-progress")
     assert code == 0, output
     assert reads == collections.Counter({str(tmp_path / "ecd" / "post.pt"): 1}), reads
+
+
+# ---- the TF32 guard ----------------------------------------------------------------------------
+
+def test_tf32_emulation_rounds_every_product_to_ten_mantissa_bits():
+    a, b = torch.randn(64, 32, generator=torch.Generator().manual_seed(0)), torch.randn(32, 16)
+    with precision.ReducedProducts(10):
+        emulated = a @ b
+    torch.testing.assert_close(emulated, precision.round_mantissa(a, 10) @ precision.round_mantissa(b, 10))
+    relative = float((emulated - a @ b).norm() / (a @ b).norm())
+    assert 1e-5 < relative < 2e-3   # TF32's 2^-11 unit roundoff, float32's is 2^-24
+    assert torch.equal(precision.round_mantissa(torch.tensor([1 + 2 ** -12, 3.0]), 10), torch.tensor([1.0, 3.0]))
+
+
+def test_the_tf32_guard_keeps_it_at_stage_9_and_turns_it_off_at_stage_11():
+    """On the built-in MNIST teacher as ECT's student, TF32's rounding (emulated on the CPU) is below
+    the stage-9 residual f(x_t, t) - f(x_r, r) and above the stage-11 one, CMT's fixed gap."""
+    net, _ = resolve_teacher("mnist")
+    student = build_student(ECT.student(net.config), net.state_dict()).eval()
+    images, labels = resolve_data("mnist").sample(128, torch.Generator().manual_seed(0))
+    choices = {}
+    for stage in (9, 11):
+        options = {**ECT.defaults(), "stage": stage, "stage_every": 100}
+        setup = MethodSetup(options=options, student=student, teacher=None, max_steps=100)
+
+        def measure():
+            probe = ECT.probe(setup, {"data": images, "label": labels}, torch.Generator().manual_seed(1))
+            return precision.rounding_ratio(student, *probe[:-1], precision.MANTISSA_BITS["tf32"]), probe[-1]
+        choices[stage] = precision.measured_choice("auto", measure)
+    assert choices[9].enabled and 0.3 < choices[9].ratio < precision.TF32_LIMIT
+    assert not choices[11].enabled and choices[11].ratio > 2 * precision.TF32_LIMIT
+    assert "stage 11" in choices[11].reason and "--tf32 on" in choices[11].reason
+    assert precision.measured_choice("on", measure).enabled and not precision.measured_choice("off", measure).enabled
+
+
+def test_a_cpu_run_records_its_tf32_choice(mid_students, tmp_path):
+    post_train(init=mid_students["endpoint"], method="ect", out=tmp_path / "ect", max_steps=1, **POST_FAST)
+    choice = json.loads((tmp_path / "ect" / "run.json").read_text())["tf32"]
+    assert choice["setting"] == "auto" and choice["enabled"] is False and "CPU" in choice["reason"]
+    with pytest.raises(ArgumentError) as error:
+        post_train(init=mid_students["endpoint"], method="ect", out=tmp_path / "bad", tf32="maybe", **POST_FAST)
+    assert error.value.argument == "tf32"

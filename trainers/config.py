@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 
 from cmt.errors import ArgumentError, local_path_only
+from cmt.phema import check_stds
+from cmt.trainers.precision import TF32_SETTINGS
 
 LR_SCHEDULES = ("constant", "linear", "invsqrt")
 OPTIMIZERS = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}
@@ -33,7 +35,9 @@ class TrainConfig:
     ema_halflife_images: float | None = 500_000.0
     ema_rampup_ratio: float | None = 0.05
     ema_beta: float | None = None   # a fixed per-step beta; overrides the half-life
+    ema_std: tuple | None = None    # EDM2's power-function EMAs (sigma_rel, e.g. 0.050, 0.100) in the snapshots
     mixed_precision: str = "auto"   # auto | no | bf16 | fp16
+    tf32: str = "auto"              # auto | on | off: TF32 matmuls and convolutions on CUDA (cmt.trainers.precision)
     grad_accum: int = 1
     seed: int = 0
     log_every: int = 100
@@ -64,9 +68,15 @@ class TrainConfig:
                 raise ArgumentError(name, f"must be >= 0 (None: off), got {getattr(self, name)}")
         if self.ema_beta is not None and not 0 <= self.ema_beta < 1:
             raise ArgumentError("ema_beta", f"must be in [0, 1), got {self.ema_beta}")
+        if self.ema_std is not None:
+            self.ema_std = check_stds(self.ema_std, "ema_std")
+            if not self.snapshot_every:
+                raise ArgumentError("snapshot_every", "the power-function EMAs (ema_std) live in the snapshots, from "
+                                                      "which cmt-ema reconstructs any EMA length: give snapshot_every")
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
+        check_choice("tf32", self.tf32, TF32_SETTINGS)
         self.betas = tuple(self.betas)
 
 

@@ -16,7 +16,7 @@ from cmt.flags import renamed_keywords
 from cmt.labels import pick_labels
 from cmt.images import MAX_GRID_IMAGES
 from cmt.solvers import SOLVERS
-from cmt.trainers import loop, recipes, run_files
+from cmt.trainers import loop, precision, recipes, run_files
 from cmt.trainers.reports import sample_and_score
 from cmt.networks import family_of
 from cmt.trainers.data import (PRETRAINING_ARCHITECTURES, data_batches, default_arch, network_for, pictures,
@@ -109,6 +109,8 @@ def train_diffusion(*, data, out, resolution=None, arch=None, channels=None, cha
             raise ArgumentError(name, f"must be in [0, 1], got {value}")
     config = loop.train_config(out, DIFFUSION_DEFAULTS, train_options, default_lr=family_of(arch).learning_rates["diffusion"])
     trainer = loop.Trainer(config, find_unused_parameters=not uncertainty)
+    trainer.set_tf32(precision.fixed_choice(config.tf32, "EDM2's training loop runs without it "
+                                                         "(training/training_loop.py)"))
     net = network_for(data, arch, channels, channel_mult, num_blocks, attn_res, dropout, cond)
     objective = functools.partial(diffusion_loss, label_dim=net.label_dim, sigma_data=net.sigma_data,
                                   p_mean=p_mean, p_std=p_std, uncertainty=uncertainty,

@@ -131,11 +131,38 @@ def build(setup: MethodSetup):
     return functools.partial(consistency_training_loss, distance=distance, teacher=setup.teacher, **options)
 
 
+def finest_stage(options, max_steps):
+    """The last curriculum stage the run reaches (the fixed stage, else the one at max_steps)."""
+    return options["stage"] if options["stage"] is not None else (max_steps - 1) // options["stage_every"]
+
+
+def gap_probe(setup: MethodSetup, batch, generator):
+    """The inputs and the residual f(x_t, t) - f(x_r, r) of the loss at the run's finest gap (as the
+    objective draws them; the data's x_r, ECT's), for the TF32 guard."""
+    options, student = setup.options, setup.student
+    x = batch["data"].float()
+    labels = network_labels(student, batch.get("label"))
+    stage = finest_stage(options, setup.max_steps)
+    sigma = sample_lognormal_sigmas(x.shape[0], options["p_mean"], options["p_std"], generator=generator,
+                                    device=x.device)
+    target_sigma = ect_target_sigma(sigma, stage, options["q"], options["k"], options["b"])
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    x_sigma = x + broadcast_sigma(sigma, x) * noise
+    with torch.no_grad():
+        residual = (consistency_output(student, student, x_sigma, sigma, labels)
+                    - consistency_output(student, student, x + broadcast_sigma(target_sigma, x) * noise, target_sigma,
+                                         labels)).float()
+    keep = target_sigma > 0   # a gap to the data itself has no small residual
+    return x_sigma[keep], sigma[keep], None if labels is None else labels[keep], residual[keep], \
+        f"f(x_t, t) - f(x_r, r) at stage {stage}"
+
+
 RESIDUAL = "f(x_t, t) - f(x_r, r) at CMT's fixed gap r = t (1 - n(t) / 4096)"
 # The student: its family's consistency form (`students.consistency_student`: the boundary at SIGMA_MIN,
 # EDM networks as sony/cmt's ECMPrecond); a flow-map init stays a flow map, sampled by jumps to 0 and re-noising.
 ECT = PostMethod(name="ect", summary="Easy consistency training: the gap's target is the student's own output.",
                  options=OPTIONS, student=consistency_student, sampler="consistency", build=build, residual=RESIDUAL,
-                 prepare=keep_the_fixed_gap, check=check_distance, record=lambda options: {"stage": options["stage"]})
+                 prepare=keep_the_fixed_gap, check=check_distance, record=lambda options: {"stage": options["stage"]},
+                 probe=gap_probe)
 ECD = dataclasses.replace(ECT, name="ecd", teacher=lambda options: "method ecd",
                           summary="Consistency distillation: the gap's target is one Heun step of the frozen teacher.")

@@ -29,12 +29,14 @@ from tqdm.auto import tqdm
 from cmt.checkpoint import save_network
 from cmt.errors import ArgumentError, EvaluationFailed, TrainingStopped
 from cmt.outputs import step_file_name
+from cmt.phema import PowerFunctionEMA
 from cmt.seeds import derive_seed
 # The trainer options live in cmt.trainers.config; the phases reach them through the loop they configure.
 from cmt.trainers.config import (LR_SCHEDULES, MIXED_PRECISIONS, OPTIMIZERS, TRAIN_DEFAULTS, TrainConfig,  # noqa: F401
                                  check_choice, train_config)
 from cmt.trainers.run_files import (IMAGES_SEEN, SNAPSHOT_DIR, STATE_FILE, RunLog, read_state, run_record,
                                     summary_writer, write_run_file, write_state)
+from cmt.trainers.precision import TF32Choice, apply_tf32, fixed_choice
 from cmt.trainers.schedules import ema_beta, learning_rate, update_ema
 
 # Exit codes of a run stopped by a signal (after saving its state): the shell's 128 + signal number.
@@ -175,6 +177,15 @@ class Trainer:
     num_processes = property(lambda self: self.accelerator.num_processes)
     is_main = property(lambda self: self.accelerator.is_main_process)
 
+    def set_tf32(self, choice: TF32Choice) -> TF32Choice:
+        """Set the run's TF32 choice (`cmt.trainers.precision`): applied on CUDA, said on rank 0, and
+        recorded in run.json by `fit`."""
+        self.tf32 = choice
+        apply_tf32(choice, self.device)
+        if self.is_main:
+            print(choice.line(), flush=True)
+        return choice
+
     def seed_for(self, stream: int) -> int:
         """Seed of a per-rank stream (0 = data); streams of different ranks differ."""
         return derive_seed(self.config.seed, self.rank, 1000 + stream)
@@ -206,6 +217,9 @@ class Trainer:
         `max_nonfinite_steps` consecutive steps with a non-finite loss raise `TrainingStopped`
         without writing a model."""
         config, acc = self.config, self.accelerator
+        if getattr(self, "tf32", None) is None:   # a phase that chose nothing: the option as given, auto off
+            self.set_tf32(fixed_choice(config.tf32, "the official training loops run without it"))
+        run_info = {**(run_info or {}), "tf32": self.tf32.record()} if run_info is not None else None
         self.run_record = run_record(config, (run_info or {}).get("phase"), run_options)
         if not hasattr(batches, "state_dict"):
             batches = _Counted(iter(batches))
@@ -215,6 +229,8 @@ class Trainer:
                               weight_decay=config.weight_decay)
         net, optimizer = acc.prepare(net, optimizer)
         plain_net = acc.unwrap_model(net)
+        # EDM2's power-function EMAs (rank 0 keeps and writes them), averaged after every step
+        self.power_ema = PowerFunctionEMA(plain_net, config.ema_std) if config.ema_std and self.is_main else None
 
         start_step, skipped = 0, 0
         if config.resume:
@@ -232,11 +248,15 @@ class Trainer:
                                               f"{self.num_processes}")
             batches.load_state_dict(data_states[self.rank])
             start_step, skipped = int(state["step"]), int(state["skipped"])
+            if self.power_ema is not None:
+                self.power_ema.load_state_dict(state["phema"])
 
         self.out.mkdir(parents=True, exist_ok=True)
         logger = RunLog(self.out, start_step, config.tensorboard) if self.is_main else None
         # A snapshot carries what the final model carries (phase, data, ...), so cmt-sample reads it alike.
         self.snapshot_info = json.loads(json.dumps(run_info or {}, default=str))
+        if self.power_ema is not None:
+            run_info = {**(run_info or {}), "power_ema": self._announce_power_ema(plain_net)}
         if self.is_main and run_info is not None and not config.resume:
             write_run_file(self.out, config, run_info, self.num_processes)
 
@@ -299,6 +319,8 @@ class Trainer:
                     value = torch.as_tensor(value).detach().to(self.device, torch.float32) / config.grad_accum
                     sums[name] = sums[name] + value if name in sums else value
             update_ema(ema, plain_net, ema_beta(config, step))
+            if self.power_ema is not None:
+                self.power_ema.update(plain_net, step + 1, config.batch_size)
             norm = grad_norm.detach().to(torch.float32)
             sums["grad_norm"] = sums["grad_norm"] + norm if "grad_norm" in sums else norm
             count += 1
@@ -370,9 +392,26 @@ class Trainer:
 
     def _save_snapshot(self, step, ema) -> Path:
         """The EMA weights at `step` as `snapshots/snapshot-NNNNNNN.safetensors` (EDM2's periodic
-        snapshots; loadable wherever a checkpoint is, e.g. `cmt-sample --ckpt`)."""
+        snapshots; loadable wherever a checkpoint is, e.g. `cmt-sample --ckpt`), and each power-function
+        EMA's as `snapshots/phema-NNNNNNN-STD.safetensors` (`cmt-ema` reconstructs any length from them)."""
+        if self.power_ema is not None:
+            self.power_ema.snapshot(self.out / SNAPSHOT_DIR, step, extra=self.snapshot_info)
         path = self.out / SNAPSHOT_DIR / step_file_name("snapshot", step, ".safetensors")
         return save_network(path, ema, extra_config={**self.snapshot_info, "step": step})
+
+    def _announce_power_ema(self, net) -> dict:
+        """What the power-function EMAs cost on disk, printed once and recorded in run.json."""
+        config = self.config
+        per_profile = sum(value.numel() * value.element_size() for value in net.state_dict().values())
+        count = config.max_steps // config.snapshot_every
+        record = {"stds": list(config.ema_std), "snapshot_every": config.snapshot_every,
+                  "bytes_per_snapshot": per_profile * len(config.ema_std),
+                  "bytes_over_the_run": per_profile * len(config.ema_std) * count}
+        print(f"[cmt] power-function EMA stds {', '.join(f'{std:.3f}' for std in config.ema_std)}: "
+              f"{record['bytes_per_snapshot'] / 2**20:.1f} MiB every {config.snapshot_every} steps, "
+              f"{record['bytes_over_the_run'] / 2**20:.1f} MiB over the {count} snapshots of the run "
+              f"(cmt-ema reconstructs any EMA length from them)", flush=True)
+        return record
 
     def _save_state(self, step, skipped, net, ema, optimizer, batches) -> None:
         data_states = gather_object([batches.state_dict()])
@@ -382,6 +421,7 @@ class Trainer:
                 "net": net.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler else None,
                 "data": data_states, "run": self.run_record,
+                "phema": self.power_ema.state_dict() if self.power_ema is not None else None,
             }
             write_state(self.out, state)
         self.saved_step = step

@@ -156,5 +156,5 @@ def build(setup: MethodSetup):
 MEANFLOW = PostMethod(
     name="meanflow", summary="MeanFlow: the average velocity u(z, t, r) onto v - (t - r) du/dt (a JVP).",
     options=OPTIONS, student=lambda config: {**config, "flow_map": True}, sampler="flowmap", build=build,
-    residual="the JVP target v - (t - r) du/dt", teacher=needs_teacher, check=check,
+    residual="the JVP target v - (t - r) du/dt", teacher=needs_teacher, check=check, follows_guidance=True,
     record=lambda options: {"stage": None})

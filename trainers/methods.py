@@ -52,6 +52,11 @@ class PostMethod:
         record, `cmt.checkpoint.network_record`) and the run's length; what changed is recorded.
     check: `(options, student) -> None`, raising `ArgumentError` for options the student cannot take.
     record: `(options) -> {name: value}` this method adds to the student's record.
+    follows_guidance: its frozen teacher takes the guidance that the init's dataset manifest records
+        (the flow map mid-training fitted) unless `guidance` is given ("none": unguided).
+    probe: `(MethodSetup, batch, generator) -> (x, sigma, labels, residual, what)`: the inputs of the
+        network whose output difference the loss resolves and that residual (`what` names it), for
+        the TF32 guard (`cmt.trainers.precision`); None: the loss resolves no small residual.
     """
     name: str
     summary: str
@@ -64,6 +69,8 @@ class PostMethod:
     prepare: Callable[[dict, dict, int], dict] = _as_given
     check: Callable[[dict, torch.nn.Module], None] = _no_check
     record: Callable[[dict], dict] = lambda options: {}
+    follows_guidance: bool = False
+    probe: Optional[Callable] = None
 
     def defaults(self):
         return {name: option.default for name, option in self.options.items()}

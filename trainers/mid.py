@@ -27,7 +27,7 @@ from cmt.guidance import apply_guidance
 from cmt.manifest import TrajectoryDataset, check_verify
 from cmt.sampling import student_sampler
 from cmt.teachers import teacher_label_dropout
-from cmt.trainers import loop, recipes, run_files
+from cmt.trainers import loop, precision, recipes, run_files
 from cmt.trainers.distances import DISTANCES, make_distance, squared_l2
 from cmt.trainers.students import (STUDENT_INITS, average_velocity, build_student, check_report_options,
                                    consistency_output, consistency_student, network_labels, plain_network,
@@ -296,6 +296,10 @@ def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_re
     check_report_options(student, eval_data=eval_data, mid_sigma=mid_sigma,
                          sigma_max=float(manifest.get("sigma_max", SIGMA_MAX)))
     trainer = loop.Trainer(config)
+    # sony/cmt's pixel mid-training runs without TF32 (cmt_training_loop.py enable_tf32=False); its
+    # ImageNet-512 recipe turns it on (tf32="on")
+    trainer.set_tf32(precision.fixed_choice(config.tf32, "sony/cmt's mid-training runs without it (--tf32 on: "
+                                                         "its ImageNet-512 run's setting)"))
     workers = reader_workers(workers, config, trainer.num_processes)
     cache_bytes = cache_bytes_per_reader(cache_gb, workers)
     # The endpoint target never feeds the endpoint state itself (its loss is 0 by the boundary

@@ -5,6 +5,8 @@ The methods are a table (`METHODS`; each one module: `cmt.trainers.ect` for ECT 
 what every method shares: the init and its student, the data, the frozen teacher a method asks
 for, the precision, the run and its report; it names no method.
 """
+import dataclasses
+
 import torch
 
 from cmt.checkpoint import network_record
@@ -12,7 +14,7 @@ from cmt.edm import TWO_STEP_SIGMA
 from cmt.errors import ArgumentError
 from cmt.sampling import student_sampler
 from cmt.teachers import BUILTIN_TEACHERS, resolve_teacher
-from cmt.trainers import loop, recipes
+from cmt.trainers import loop, precision, recipes
 from cmt.trainers.data import (PRETRAINING_ARCHITECTURES, check_data_fits, data_batches, default_arch,
                                network_for, training_data)
 from cmt.trainers.ect import ECD, ECT
@@ -71,6 +73,26 @@ def loaded_init(init):
     return resolve_teacher_or_fail(init, "init")
 
 
+def tf32_for(method, setup, data, setting, trainer):
+    """The run's TF32 choice (`cmt.trainers.precision`), set, and said on rank 0: measured with the
+    method's probe on a batch of the data on CUDA, on for a method whose loss has no small residual."""
+    if trainer.device.type != "cuda":
+        choice = precision.TF32Choice(setting, False, "a CPU run (TF32 is CUDA's)")
+    elif method.probe is None:
+        choice = precision.fixed_choice(setting, "") if setting != "auto" else \
+            precision.TF32Choice(setting, True, f"{method.name}'s loss resolves no small residual")
+    else:
+        def measure():
+            generator = torch.Generator().manual_seed(trainer.config.seed)
+            images, labels = data.sample(precision.PROBE_ROWS, generator)
+            batch = {"data": images.to(trainer.device), "label": labels.to(trainer.device)}
+            probe = method.probe(dataclasses.replace(setup, student=setup.student.to(trainer.device)), batch,
+                                 torch.Generator(trainer.device).manual_seed(trainer.config.seed))
+            return precision.rounding_ratio(setup.student, *probe[:-1], precision.MANTISSA_BITS["tf32"]), probe[-1]
+        choice = precision.measured_choice(setting, measure)
+    return trainer.set_tf32(choice)
+
+
 def builtin_teacher_recipe(given):
     """The implicit recipe of a post-training run: the built-in teacher's (mnist, toy) when the
     teacher (given, or recorded in `init`) is built in. (Inside the recipe layer's
@@ -106,9 +128,10 @@ def init_names_a_teacher(given):
 
 
 def teacher_guidance_of(guidance, guide_ckpt, init_record):
-    """The frozen teacher's guidance `(weight, guide)`: as given, or with guidance='manifest' the one
-    the mid checkpoint records from its dataset manifest (the official mid teacher is unguided, so
-    only when asked)."""
+    """The frozen teacher's guidance `(weight, guide)`: as given ("none": unguided), or with
+    guidance='manifest' the one the mid checkpoint records from its dataset manifest."""
+    if guidance == "none":
+        return None, None
     if guidance != "manifest":
         try:
             return (None if guidance is None else float(guidance)), guide_ckpt
@@ -177,7 +200,7 @@ def load_init(init, teacher, data, arch):
 @recipes.with_recipe("post", default_recipe=builtin_teacher_recipe, method_names=lambda: list(METHODS),
                      names_a_teacher=init_names_a_teacher)
 def post_train(*, init, method=None, data, out, teacher=None, arch=None, guidance=None, guide_ckpt=None, dropout=None,
-               resolution=None, eval_data=None, num_samples=1000, mid_sigma=TWO_STEP_SIGMA, recipe=None,
+               dropout_res=None, resolution=None, eval_data=None, num_samples=1000, mid_sigma=TWO_STEP_SIGMA, recipe=None,
                resolved_options=None, **options):
     """Post-train a student with a post-training method (`METHODS`: ECT, ECD, MeanFlow) -> `out/post.pt`
     (1- and 2-step sampling).
@@ -198,8 +221,11 @@ def post_train(*, init, method=None, data, out, teacher=None, arch=None, guidanc
     recipe's official teacher: cifar10, ffhq64, afhq64 name EDM's). arch: with init 'random' and no
     teacher, the diffusion phase's default network of this kind (edm2 or mlp). guidance, guide_ckpt:
     guide that frozen teacher (`cmt.guidance.apply_guidance`: autoguidance by guide_ckpt, else
-    classifier-free); guidance='manifest' takes the guidance the mid checkpoint's dataset manifest records.
-    dropout: the student's (None: the init's). eval_data: data set whose built-in metric scores
+    classifier-free); guidance='manifest' takes the guidance the mid checkpoint's dataset manifest
+    records, which a method that `follows_guidance` (MeanFlow's velocity 'teacher') takes by default;
+    'none': unguided. dropout: the student's (None: the init's); dropout_res: dropout only in the
+    blocks at feature resolutions up to this one (EDM2 U-Nets; ECT's ImageNet-64 presets: 16; None:
+    everywhere). eval_data: data set whose built-in metric scores
     samples (None: data, if built in); num_samples: samples for the metric and pictures; mid_sigma:
     the intermediate sigma of 2-step sampling.
     options: the method's own options (below), and the shared trainer options, `TrainConfig`'s fields
@@ -225,7 +251,8 @@ def post_train(*, init, method=None, data, out, teacher=None, arch=None, guidanc
     config = loop.train_config(out, POST_DEFAULTS, train_options,
                                default_lr=student_learning_rate(init_config, "post", argument=source))
     prepared = chosen.prepare(own, init_record, config.max_steps)
-    network = student_config(init_config, dropout=dropout, form=chosen.student, argument=source)
+    network = student_config(init_config, dropout=dropout, dropout_res=dropout_res, form=chosen.student,
+                             argument=source)
     if network.get("use_fp16"):
         network["use_fp16"] = False   # EDM2's fp16 U-Net (official pickles): the student trains in float32
     student = build_student(network, init_state, source=f"init {init}", seed=config.seed)
@@ -247,10 +274,12 @@ def post_train(*, init, method=None, data, out, teacher=None, arch=None, guidanc
     teacher_net = guidance_record = None
     if needed_by is not None:
         with recipe_teacher_errors(resolved_options):
+            if guidance is None and chosen.follows_guidance and init_record.get("guidance"):
+                guidance = "manifest"   # the flow map mid-training fitted is the guided teacher's
             teacher_net, guidance_record = frozen_teacher(teacher, guidance, guide_ckpt, init_record, student,
                                                           needed_by)
-    objective = chosen.build(MethodSetup(options=prepared, student=student, teacher=teacher_net,
-                                         max_steps=config.max_steps))
+    setup = MethodSetup(options=prepared, student=student, teacher=teacher_net, max_steps=config.max_steps)
+    objective = chosen.build(setup)
     if eval_data is None and (data.kind == "toy" or data.name == "mnist"):
         eval_data = data.name
     check_report_options(student, eval_data=eval_data, mid_sigma=mid_sigma)
@@ -260,9 +289,7 @@ def post_train(*, init, method=None, data, out, teacher=None, arch=None, guidanc
             **(resolved_options or {"recipe": recipe}),
             **({"encoder": data.encoder} if data.encoder else {})}   # a latent set's VAE: decodes samples
     trainer = loop.Trainer(config)
-    if trainer.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True   # float32 loss path, TF32 matmuls (ImageNet-512's setting)
-        torch.backends.cudnn.allow_tf32 = True
+    tf32_for(chosen, setup, data, config.tf32, trainer)
     if teacher_net is not None:
         teacher_net.to(trainer.device)  # the frozen teacher the method asked for; fit() moves the student
 

@@ -26,7 +26,7 @@ from cmt.checkpoint import reading_once
 from cmt.edm import TWO_STEP_SIGMA
 from cmt.errors import ArgumentError
 from cmt.teachers import RECIPE_TEACHERS
-from cmt.trainers.loop import TRAIN_DEFAULTS
+from cmt.trainers.config import TRAIN_DEFAULTS
 
 PHASES = ("mid", "post", "diffusion")
 
@@ -42,7 +42,8 @@ _CMT_PIXEL_MID = dict(
     loss="lpips", lpips_resize=None,            # LPIPS-VGG at the native resolution (loss.py)
     batch_size=128, max_steps=300_000,          # --batch=128 (8 trajectories x 16 states), 38.4 Mimg
     mid_sigma=0.77569,                          # --mid_t=7.7569e-01 (a point of the 16-step logSNR grid)
-    mixed_precision="no",                       # --fp16 False, TF32 off (run_cmt.py, cmt_training_loop.py)
+    mixed_precision="no",                       # --fp16 False (run_cmt.py)
+    tf32="off",                                 # run_cmt.py --tf32 default False (cmt_training_loop.py enable_tf32)
 )
 # Post: run_cmt+ecm_{cifar,ffhq,afhq}.sh -> ct_train.py -> training/ct_training_loop.py, loss.py:ECMLoss.
 # The fixed gap: -q Q --double 10000 never doubles in the run, r = t (1 - n(t) / Q); with our q = 2
@@ -59,17 +60,18 @@ _ECT_PIXEL_POST = dict(
     q=2.0, k=8.0, b=1.0,                        # ct_train.py -k/-b defaults
     batch_size=128, max_steps=100_000,          # --batch=128 --duration=12.8 (Mimg)
     mid_sigma=0.821,                            # ct_train.py --mid_t default
-    mixed_precision="no",                       # fp32, TF32 off
+    mixed_precision="no",                       # fp32
+    tf32="off",                                 # ct_train.py --tf32 default False (ct_training_loop.py enable_tf32)
 )
 
 
 def _pixel_recipe(name, stage, source):
     """A pixel recipe: the settings above, its post-training gap, and its official teacher
     (`cmt.teachers.RECIPE_TEACHERS`, which brings the architecture: DDPM++ under EDMPrecond, FFHQ and
-    AFHQv2 with channel_mult 1,2,2,2), used where neither the caller nor the input names a teacher."""
+    AFHQv2 with channel_mult 1,2,2,2), used where neither the caller nor the input names a teacher.
+    Post-training is ECT only: sony/cmt publishes no ECD for pixels (its ECD is the ImageNet-512 tree's)."""
     post = dict(_ECT_PIXEL_POST, stage=stage)
-    return {"mid": dict(_CMT_PIXEL_MID), "post": {"ect": post, "ecd": dict(post)}, "teacher": RECIPE_TEACHERS[name],
-            "source": source}
+    return {"mid": dict(_CMT_PIXEL_MID), "post": {"ect": post}, "teacher": RECIPE_TEACHERS[name], "source": source}
 
 
 # ---- ImageNet-512, EDM2 latents (sony/cmt imagenet512/) -----------------------------------------
@@ -87,7 +89,8 @@ _IMAGENET512_POST = dict(
     max_steps=125_000,                          # unbounded in run_ect_512.sh (--duration 1e8); 2500 ticks of
                                                 # 6.4 kimg per eval_imgnet512.sh's file name (unverified)
     mid_sigma=1.526,                            # --mid_t=1.526
-    mixed_precision="no",                       # --fp16=0, TF32 forced on (on CUDA post-training allows TF32)
+    mixed_precision="no",                       # --fp16=0
+    tf32="on",                                  # training/ct_training_loop_simpleema_512.py: allow_tf32 = True
 )
 IMAGENET512 = {
     # run_cmt_512.sh -> cmt_512.py -> training/cmt_training_loop_simpleema_512.py
@@ -102,7 +105,8 @@ IMAGENET512 = {
         loss="huber", huber_c=0.06,
         batch_size=128, max_steps=100_000,      # --batch 128, --duration=12.8 (Mimg)
         mid_sigma=1.526,                        # --mid_t=1.526
-        mixed_precision="no",                   # --fp16=0 + TF32
+        mixed_precision="no",                   # --fp16=0
+        tf32="on",                              # training/cmt_training_loop_simpleema_512.py: allow_tf32 = True
     ),
     "post": {
         "ect": dict(_IMAGENET512_POST),         # run_ect_512.sh, ct_train_512.py, loss.py:ECMLoss
@@ -122,14 +126,16 @@ IMAGENET64_ECT = {
         lr=1e-3, lr_schedule="invsqrt",         # preset lr 1e-3; EDM2's lr_ref / sqrt(max(n / (2000 batch), 1))
         lr_ref_steps=2000, warmup_steps=0,
         ema_beta=0.9999,                        # TraditionalEMA 0.9999 (the power EMA is not reproduced)
-        dropout=0.4,                            # preset 0.40 (only at resolutions <= 16 there; here everywhere)
+        dropout=0.4, dropout_res=16,            # preset edm2-img64-s: dropout=0.40, dropres=16 (networks_edm2.py:
+                                                # blocks above 16 px run without dropout)
         loss="huber", huber_c=0.06,             # -c 0.06
         weighting="snr",                        # snrpk
         p_mean=-0.8, p_std=1.6,                 # preset
         q=4.0, k=8.0, b=1.0, stage_every=25_000,  # q 4, --double 500 ticks x 6.4 kimg / 128 = 25k steps
         batch_size=128, max_steps=100_000,      # --batch 128, 12.8 Mimg
         mid_sigma=1.526,                        # --mid_t=1.526
-        mixed_precision="no",                   # --fp16=0, TF32 on
+        mixed_precision="no",                   # --fp16=0
+        tf32="on",                              # ect64 training/ct_training_loop.py: allow_tf32 = True
     )},
     "source": "locuslab/ect@imgnet (run_imgnet_ecm.sh, ct_train.py); ECT only, not CMT",
 }
@@ -148,7 +154,8 @@ IMAGENET256_MEANFLOW = {
         norm_p=1.0, norm_eps=0.01,              # adaptive weight (default.py)
         cfg_omega=1.0, cfg_kappa=0.5, cfg_t_min=0.0, cfg_t_max=1.0,   # guidance_eq cfg (default.py)
         label_dropout=0.1,                      # class_dropout_prob 0.1
-        batch_size=256, max_steps=1_201_095,    # run_b4.yml: batch 256, 240 epochs of 1,281,167 images
+        batch_size=256, max_steps=1_200_960,    # run_b4.yml: batch 256, 240 epochs of 5004 batches (1,281,167
+                                                # images; utils/input_pipeline.py drops the partial last one)
         # The training report's 2 steps t = 1 -> 0.5 -> 0 (sigma 1 is t = 0.5; not in the official code,
         # which samples 1 step).
         mid_sigma=1.0,

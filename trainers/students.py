@@ -65,10 +65,11 @@ def same_dropout(device):
 
 
 def full_precision(device):
-    """No autocast inside the block: the loss path of post-training runs in float32 (TF32 matmuls on
-    CUDA). At CMT's fixed gap the residual f(x_t, t) - f(x_r, r) is far below bf16's rounding error
-    (~20x smaller, median, on the built-in MNIST teacher; fp16 ~3.6x), so half-precision forwards
-    would train on rounding noise. The official runs are fp32 (CIFAR-10) and TF32 (ImageNet-512)."""
+    """No autocast inside the block: the loss path of post-training runs in float32 (TF32 matmuls only
+    where `--tf32` chose them, `trainers/precision.py`). At CMT's fixed gap the residual
+    f(x_t, t) - f(x_r, r) is far below bf16's rounding error (~20x smaller, median, on the built-in
+    MNIST teacher; fp16 ~3.6x), so half-precision forwards would train on rounding noise. The official
+    runs are fp32 (CIFAR-10) and TF32 (ImageNet-512)."""
     return torch.autocast(device_type=torch.device(device).type, enabled=False)
 
 
@@ -98,16 +99,27 @@ def consistency_student(config):
     return family_of(config).consistency_student(config)
 
 
-def student_config(config, *, flow_map=None, sigma_min=None, dropout=None, form=None, argument="teacher"):
+def student_config(config, *, flow_map=None, sigma_min=None, dropout=None, dropout_res=None, form=None,
+                   argument="teacher"):
     """A student's network config: its teacher's (or init's), with the student's own settings, then
     `form(config)` (e.g. `consistency_student`, a post-training method's `student`). A config that
     cannot be a student (`NetworkFamily.check_student`: EDM's VP / VE / iDDPM teachers) or of an
-    unknown family is an ArgumentError naming `argument`, the teacher or init it came from."""
+    unknown family is an ArgumentError naming `argument`, the teacher or init it came from; a
+    `dropout_res` (dropout only at feature resolutions up to it) that the network does not take, one
+    naming `dropout_res`."""
     family = student_family(config, argument)
     config = dict(config)
-    for key, value in (("flow_map", flow_map), ("sigma_min", sigma_min), ("dropout", dropout)):
+    for key, value in (("flow_map", flow_map), ("sigma_min", sigma_min), ("dropout", dropout),
+                       ("dropout_res", dropout_res)):
         if value is not None:
             config[key] = value
+    if dropout_res is not None:
+        try:
+            with torch.device("meta"):
+                build_network(config)
+        except TypeError:
+            raise ArgumentError("dropout_res", f"applies to EDM2 U-Nets (dropout in the blocks at resolutions up to "
+                                               f"it); this student is a {config.get('architecture')} network") from None
     try:
         if form is not None:
             config = form(config)

@@ -16,6 +16,7 @@ from cmt.datasets import TOY_NAMES
 from cmt.manifest import VERIFY_MODES
 from cmt.solvers import SOLVERS
 from cmt.trainers import loop, recipes
+from cmt.trainers.precision import TF32_SETTINGS
 from cmt.networks import learning_rates
 from cmt.trainers.data import DEFAULT_ARCH, PRETRAINING_ARCHITECTURES
 from cmt.trainers.diffusion import DIFFUSION_DEFAULTS, EVAL_NUM, train_diffusion
@@ -41,6 +42,18 @@ class CountOrAuto(click.ParamType):
         if count < 0:
             self.fail(f"{value!r} is neither 'auto' nor a count >= 0", param, ctx)
         return count
+
+
+class FloatList(click.ParamType):
+    name = "X,X,..."
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (tuple, list)):
+            return tuple(value)
+        try:
+            return tuple(float(part) for part in value.split(",") if part.strip())
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of numbers", param, ctx)
 
 
 class IntList(click.ParamType):
@@ -98,10 +111,18 @@ def trainer_options(phase_defaults, lr_by_arch):
         click.option("--ema-rampup-ratio", type=click.FloatRange(min=0, min_open=True),
                      default=defaults["ema_rampup_ratio"],
                      help="EDM's ramp-up: the half-life is at most this share of the images seen so far."),
+        click.option("--ema-std", type=FloatList(), default=defaults["ema_std"],
+                     help="Also keep EDM2's power-function EMAs of these lengths (sigma_rel; EDM2's 0.050,0.100) in "
+                          "every snapshot (needs --snapshot-every), from which cmt-ema reconstructs any EMA length "
+                          "after training [default: none]."),
         click.option("--ema-beta", type=click.FloatRange(0, 1, max_open=True), default=defaults["ema_beta"],
                      help="A fixed per-step EMA decay instead of the half-life."),
         click.option("--mixed-precision", type=click.Choice(loop.MIXED_PRECISIONS),
                      default=defaults["mixed_precision"], help="auto: bf16 (or fp16) on GPU, no on CPU."),
+        click.option("--tf32", type=click.Choice(TF32_SETTINGS), default=defaults["tf32"],
+                     help="TF32 matmuls and convolutions on CUDA. auto: off where its rounding reaches the residual the "
+                          "loss resolves (ECT / ECD at fine gaps, measured at the start), off in pre- and mid-training "
+                          "as the official loops, on otherwise; the choice is printed and recorded in run.json."),
         click.option("--grad-accum", type=click.IntRange(min=1), default=defaults["grad_accum"],
                      help="Micro-batches per optimizer step."),
         click.option("--seed", type=click.IntRange(min=0), default=defaults["seed"],
@@ -283,12 +304,16 @@ for _method in METHODS.values():
 @click.option("--guidance", default=POST["guidance"],
               help="Guide the frozen teacher of ECD or of MeanFlow's --velocity teacher with this weight "
                    "(autoguidance with --guide-ckpt, else classifier-free); 'manifest': the guidance recorded in "
-                   "--init's dataset manifest [default: unguided].")
+                   "--init's dataset manifest; 'none': unguided [default: MeanFlow's --velocity teacher follows the "
+                   "manifest (the flow map mid-training fitted), ECD unguided].")
 @click.option("--guide-ckpt", default=POST["guide_ckpt"],
               help="The guide network of --guidance (EDM2's autoguidance: a smaller or less trained model; an "
                    "unconditional model: classifier-free guidance against it).")
 @click.option("--dropout", type=click.FloatRange(0, 1), default=POST["dropout"],
               help="Student dropout [default: the init's].")
+@click.option("--dropout-res", type=click.IntRange(min=1), default=POST["dropout_res"],
+              help="EDM2 students: dropout only in the blocks at feature resolutions up to this one (ECT's "
+                   "ImageNet-64 presets: 16) [default: everywhere].")
 @click.option("--resolution", type=click.IntRange(min=4), default=POST["resolution"],
               help="Resize images [default: the network's].")
 @click.option("--eval-data", default=POST["eval_data"],

@@ -168,8 +168,13 @@ class UNet(torch.nn.Module):
 
     def __init__(self, img_resolution, img_channels, label_dim, model_channels=192, channel_mult=(1, 2, 3, 4),
                  channel_mult_noise=None, channel_mult_emb=None, num_blocks=3, attn_resolutions=(16, 8),
-                 label_balance=0.5, concat_balance=0.5, flow_map=False, **block_kwargs):
+                 label_balance=0.5, concat_balance=0.5, flow_map=False, dropout_res=None, **block_kwargs):
+        """dropout_res: the largest feature resolution whose blocks use dropout (None: all, EDM2's);
+        locuslab/ect's ImageNet presets set 16 (branch imgnet, training/networks_edm2.py)."""
         super().__init__()
+
+        def level_kwargs(res):
+            return {**block_kwargs, "dropout": 0.0} if dropout_res and res > dropout_res else block_kwargs
         block_channels = [model_channels * mult for mult in channel_mult]
         noise_channels = model_channels * channel_mult_noise if channel_mult_noise is not None else block_channels[0]
         emb_channels = model_channels * channel_mult_emb if channel_mult_emb is not None else max(block_channels)
@@ -191,33 +196,35 @@ class UNet(torch.nn.Module):
         cout = img_channels + 1
         for level, channels in enumerate(block_channels):
             res = img_resolution >> level
+            kwargs = level_kwargs(res)
             if level == 0:
                 cin, cout = cout, channels
                 self.enc[f"{res}x{res}_conv"] = MPConv(cin, cout, kernel=[3, 3])
             else:
                 self.enc[f"{res}x{res}_down"] = Block(cout, cout, emb_channels, flavor="enc", resample_mode="down",
-                                                      **block_kwargs)
+                                                      **kwargs)
             for idx in range(num_blocks):
                 cin, cout = cout, channels
                 self.enc[f"{res}x{res}_block{idx}"] = Block(cin, cout, emb_channels, flavor="enc",
-                                                            attention=(res in attn_resolutions), **block_kwargs)
+                                                            attention=(res in attn_resolutions), **kwargs)
 
         # Decoder.
         self.dec = torch.nn.ModuleDict()
         skips = [block.out_channels for block in self.enc.values()]
         for level, channels in reversed(list(enumerate(block_channels))):
             res = img_resolution >> level
+            kwargs = level_kwargs(res)
             if level == len(block_channels) - 1:
                 self.dec[f"{res}x{res}_in0"] = Block(cout, cout, emb_channels, flavor="dec", attention=True,
-                                                     **block_kwargs)
-                self.dec[f"{res}x{res}_in1"] = Block(cout, cout, emb_channels, flavor="dec", **block_kwargs)
+                                                     **kwargs)
+                self.dec[f"{res}x{res}_in1"] = Block(cout, cout, emb_channels, flavor="dec", **kwargs)
             else:
                 self.dec[f"{res}x{res}_up"] = Block(cout, cout, emb_channels, flavor="dec", resample_mode="up",
-                                                    **block_kwargs)
+                                                    **kwargs)
             for idx in range(num_blocks + 1):
                 cin, cout = cout + skips.pop(), channels
                 self.dec[f"{res}x{res}_block{idx}"] = Block(cin, cout, emb_channels, flavor="dec",
-                                                            attention=(res in attn_resolutions), **block_kwargs)
+                                                            attention=(res in attn_resolutions), **kwargs)
         self.out_conv = MPConv(cout, img_channels, kernel=[3, 3])
 
     def forward(self, x, noise_labels, class_labels, target_noise_labels=None):
