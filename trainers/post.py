@@ -10,10 +10,10 @@ import torch
 from cmt.checkpoint import network_record
 from cmt.edm import TWO_STEP_SIGMA
 from cmt.errors import ArgumentError
-from cmt.sampling import student_sampler
+from cmt.sampling import native_time, student_sampler
 from cmt.teachers import BUILTIN_TEACHERS, resolve_teacher
 from cmt.trainers import loop, recipes
-from cmt.trainers.data import (PRETRAINING_ARCHITECTURES, check_data_fits, data_batches, default_arch,
+from cmt.trainers.data import (STUDENT_ARCHITECTURES, check_arch, check_data_fits, data_batches, default_arch,
                                network_for, training_data)
 from cmt.trainers.ect import ECD, ECT
 from cmt.trainers.meanflow import MEANFLOW
@@ -159,7 +159,7 @@ def load_init(init, teacher, data, arch):
 # ---- post_train -------------------------------------------------------------------------------
 
 @recipes.with_recipe("post", default_recipe=builtin_teacher_recipe, method_names=lambda: list(METHODS))
-def post_train(*, init, method=None, data, out, teacher=None, arch=None, guidance=None, guide_ckpt=None, dropout=None,
+def post_train(*, init=None, method=None, data, out, teacher=None, arch=None, guidance=None, guide_ckpt=None, dropout=None,
                resolution=None, eval_data=None, num_samples=1000, mid_sigma=TWO_STEP_SIGMA, recipe=None,
                resolved_options=None, **options):
     """Post-train a student with a post-training method (`METHODS`: ECT, ECD, MeanFlow) -> `out/post.pt`
@@ -171,14 +171,17 @@ def post_train(*, init, method=None, data, out, teacher=None, arch=None, guidanc
     Precision: the loss path runs in float32 (TF32 matmuls on CUDA); mixed_precision 'auto' means
     that, and bf16 / fp16 are refused (`cmt.trainers.students.full_precision`).
 
-    init: mid.pt (or another checkpoint of ours, or a built-in teacher name), 'teacher' (the
-    teacher's weights) or 'random'. method: a name of `METHODS` (required unless the recipe has one).
+    init: mid.pt (or another checkpoint of ours, or a built-in teacher name, or an official
+    MeanFlow-port .pt: a SiT flow-map student), 'teacher' (the teacher's weights) or 'random'
+    (required, unless the recipe names it). method: a name of `METHODS` (required unless the recipe has one).
     data: mnist, toy:NAME, or an image folder / .npz / EDM .zip; resolution resizes images (None:
     the network's). teacher: diffusion teacher (name or checkpoint): the frozen teacher a method
     asks for (ECD's solver, MeanFlow's velocity 'teacher'), and what 'teacher' / 'random' inits copy
     (None: the teacher recorded in init). arch: with init 'random' and no teacher, the diffusion
-    phase's default network of this kind (edm2 or mlp). guidance, guide_ckpt: guide that frozen
-    teacher (`cmt.guidance.apply_guidance`: autoguidance by guide_ckpt, else classifier-free);
+    phase's default network of this kind (edm2 or mlp), or a SiT of this size (sit-s/2 ... sit-xl/8,
+    `cmt.trainers.data.STUDENT_ARCHITECTURES`) for the data's shape and classes. guidance,
+    guide_ckpt: guide that frozen teacher (`cmt.guidance.apply_guidance`: autoguidance by
+    guide_ckpt, else classifier-free);
     guidance='manifest' takes the guidance the mid checkpoint's dataset manifest records.
     dropout: the student's (None: the init's). eval_data: data set whose built-in metric scores
     samples (None: data, if built in); num_samples: samples for the metric and pictures; mid_sigma:
@@ -190,11 +193,14 @@ def post_train(*, init, method=None, data, out, teacher=None, arch=None, guidanc
     Returns `{"out", "checkpoint" (post.pt), "model" (post.safetensors), "log", "state": Path,
     "metrics": the last logged scalars}`.
     """
+    if init is None:
+        raise ArgumentError("init", "name one: a checkpoint (mid.pt, ...), a built-in teacher name, 'teacher' or "
+                                    "'random' (a recipe may name it: imagenet256-meanflow starts from random weights)")
     init, teacher = str(init), None if teacher is None else str(teacher)   # names or paths, as recorded
     chosen = method_of(method)
     own, train_options = method_options(chosen, dict(options))
     if arch is not None:
-        loop.check_choice("arch", arch, PRETRAINING_ARCHITECTURES)
+        check_arch(arch, STUDENT_ARCHITECTURES)
     data_spec = data
     data = training_data(data_spec, resolution)
     arch = arch or default_arch(data)
@@ -218,12 +224,14 @@ def post_train(*, init, method=None, data, out, teacher=None, arch=None, guidanc
     teacher_net = guidance_record = None
     if needed_by is not None:
         teacher_net, guidance_record = frozen_teacher(teacher, guidance, guide_ckpt, init_record, student, needed_by)
-    objective = chosen.build(MethodSetup(options=prepared, student=student, teacher=teacher_net,
-                                         max_steps=config.max_steps))
+    # A flow-map student with its own time (SiT) is sampled as MeanFlow samples, in t from t = 1.
+    time = "t" if chosen.sampler == "flowmap" and native_time(student) else "sigma"
     if eval_data is None and (data.kind == "toy" or data.name == "mnist"):
         eval_data = data.name
     check_report_options(student, eval_data=eval_data, mid_sigma=mid_sigma)
-    sampler = student_sampler(chosen.sampler, mid_sigma=mid_sigma)
+    sampler = student_sampler(chosen.sampler, mid_sigma=mid_sigma, time=time)
+    objective = chosen.build(MethodSetup(options=prepared, student=student, teacher=teacher_net,
+                                         max_steps=config.max_steps, sampler=sampler))
     info = {"phase": "post", "method": chosen.name, "init": str(init), "init_identity": identity, "teacher": teacher,
             "data": data.name, **chosen.record(prepared), "teacher_guidance": guidance_record, "sampler": sampler,
             **(resolved_options or {"recipe": recipe}),
@@ -237,7 +245,7 @@ def post_train(*, init, method=None, data, out, teacher=None, arch=None, guidanc
 
     def sample_fn(ema, step, out):
         return sampling_report(ema, out, step, sampler=sampler["kind"], eval_data=eval_data, num_samples=num_samples,
-                               mid_sigma=mid_sigma, progress=config.progress)
+                               mid_sigma=mid_sigma, progress=config.progress, time=time)
 
     run_options = {"recipe": recipe, **(resolved_options or {"options": {}})}
     run_options["options"] = {**run_options.get("options", {}), **recipes.recorded_options(own)}

@@ -14,7 +14,8 @@ from cmt.errors import ArgumentError
 from cmt.metrics import embedded_metric
 from cmt.networks import build_network, family_of, network_config
 from cmt.outputs import step_file_name
-from cmt.sampling import check_finite, generate, metric_title, pick_labels, sampler_sigmas, save_samples
+from cmt.sampling import (MEANFLOW_T_MAX, check_finite, generate, metric_title, native_time, pick_labels,
+                          sampler_sigmas, save_samples)
 from cmt.teachers import resolve_teacher
 from cmt.trainers.loop import LOG_FILE, STATE_FILE, final_metrics, save_atomic
 
@@ -38,17 +39,26 @@ def average_velocity(net, z, t, r, labels=None):
     """`u(z, t, r) = (z - D(z / (1 - t), t / (1 - t), target_sigma = r / (1 - r))) / t`.
 
     The average velocity from time t to r < t of a flow-map network that lives in EDM sigma space:
-    `z_r = z - (t - r) u` is the same jump as `flow_map_jump` in sigma space.
+    `z_r = z - (t - r) u` is the same jump as `flow_map_jump` in sigma space. A flow map with its own
+    time (`cmt.sampling.native_time`: SiT's `average_velocity(z, t, r, labels)`) gives the same u
+    directly, without the round trip through sigma (equal to float32 rounding; defined at t = 1, where
+    sigma is infinite). A DDP wrapper has no such method, so under several processes the gradient path
+    goes through the wrapper's forward (the round trip), as DDP needs.
     """
+    if native_time(net):
+        return net.average_velocity(z, t, r, labels).to(z.dtype)
     denoised = net(z_to_x(z, t), t_to_sigma(t), labels, target_sigma=t_to_sigma(r))
     return (z - denoised) / broadcast_sigma(t, z)
 
 
 def teacher_velocity(denoiser, x, sigma, labels=None):
-    """The probability-flow ODE's velocity dz/dt = (z - D(x, sigma)) / t at an EDM state, in float32."""
+    """The probability-flow ODE's velocity dz/dt = (z - D(x, sigma)) / t at an EDM state, in float32.
+    A flow-map teacher (a trajectory set built from a flow-map student) gives its instantaneous
+    velocity u(z, t, t): D at `target_sigma = sigma`."""
     x = x.float()
+    target = {"target_sigma": sigma.float()} if getattr(denoiser, "flow_map", False) else {}
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):   # a fixed target: float32, as the build
-        denoised = denoiser(x, sigma.float(), labels).float()
+        denoised = denoiser(x, sigma.float(), labels, **target).float()
     return (x_to_z(x, sigma) - denoised) / broadcast_sigma(sigma_to_t(sigma), x)
 
 
@@ -165,12 +175,13 @@ def check_report_options(net, *, eval_data, mid_sigma, sigma_max=SIGMA_MAX, sigm
 # ---- reports and results ----------------------------------------------------------------------
 
 def sampling_report(net, out, step, *, sampler, eval_data=None, num_samples=1000, mid_sigma=TWO_STEP_SIGMA,
-                    sigma_max=SIGMA_MAX, progress=False):
+                    sigma_max=SIGMA_MAX, progress=False, time="sigma", t_max=MEANFLOW_T_MAX):
     """1- and 2-step samples of a student: a picture each in `out/samples/` (its path as
     `samples_{steps}step`, which the trainer's TensorBoard shows), and the built-in metric of
     `eval_data` (toy:NAME, mnist) as scalars `{metric}_{steps}step`. sampler: the student's kind
     (`cmt.sampling.STUDENT_SAMPLERS`; "consistency" re-noises between jumps to 0 even for a flow-map
-    network, as ECT / ECD students are sampled). progress: a tqdm bar."""
+    network, as ECT / ECD students are sampled); time, t_max: its record's (`cmt.sampling.generate`).
+    progress: a tqdm bar."""
     seeds = list(range(10**6, 10**6 + num_samples))
     labels = pick_labels("random", num_samples, net.label_dim, seed=step)
     data = resolve_data(eval_data) if eval_data is not None else None
@@ -180,7 +191,8 @@ def sampling_report(net, out, step, *, sampler, eval_data=None, num_samples=1000
         with tqdm(total=num_samples, unit="sample", desc=f"{steps}-step samples at step {step}", leave=False,
                   disable=not progress, dynamic_ncols=True) as bar:
             samples = generate(net, seeds, labels, sampler="flowmap", steps=steps, mid_sigma=mid_sigma,
-                               sigma_max=sigma_max, renoise=sampler == "consistency", progress=bar)
+                               sigma_max=sigma_max, renoise=sampler == "consistency", progress=bar, time=time,
+                               t_max=t_max)
         check_finite(samples, f"the {steps}-step sampler")   # fit reports it once the model is saved
         metrics = embedded_metric(data, samples) if data is not None else {}
         scalars.update({f"{name}_{steps}step": float(value) for name, value in metrics.items()})
