@@ -266,11 +266,15 @@ def test_a_flow_map_student_is_a_teacher_whose_trajectory_is_its_own_jumps(tmp_p
         build_trajectories(teacher=str(diffusion), out=tmp_path / "refused", solver="flowmap", progress=False)
     assert not (tmp_path / "refused").exists()
     # Mid-training runs on the set: flow-map targets (its diagonal rows: the teacher's u(z, t, t)), and
-    # the endpoint target for a random student of the teacher's architecture.
-    for target, init in (("flowmap", "teacher"), ("endpoint", "random")):
-        result = cmt.mid_train(data=tmp_path / "shards", out=tmp_path / target, target=target, student_init=init,
-                               max_steps=2, batch_size=8, workers=0, **QUIET)
+    # the endpoint target (a consistency student keeping the teacher's target input, jumping to 0).
+    for target, init in (("flowmap", "teacher"), ("endpoint", "teacher"), ("endpoint", "random")):
+        out = tmp_path / f"{target}-{init}"
+        result = cmt.mid_train(data=tmp_path / "shards", out=out, target=target, student_init=init, max_steps=2,
+                               batch_size=8, workers=0, **QUIET)
         assert np.isfinite(result["metrics"]["loss"])
+        student = load_network(result["model"])
+        assert student.flow_map and student.record["sampler"]["kind"] == ("flowmap" if target == "flowmap" else
+                                                                          "consistency")
 
 
 def test_a_sit_meanflow_student_as_a_flow_map_teacher(tmp_path):

@@ -264,8 +264,12 @@ def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_re
     config = loop.train_config(out, MID_DEFAULTS, train_options, default_lr=student_learning_rate(teacher_config, "mid"))
     flow_map = target == "flowmap"
     init_state = teacher_state if student_init == "teacher" else None   # the velocity rows may load it anyway
+    # A flow-map teacher's (a set built by a flow-map student's jumps) weights need the target-sigma
+    # input: its endpoint student keeps it and jumps to 0 (a consistency model that re-noises).
+    keeps_target = flow_map or bool(teacher_config.get("flow_map"))
     student = build_student(
-        student_config(teacher_config, flow_map=flow_map, sigma_min=0.0 if flow_map else SIGMA_MIN, dropout=dropout),
+        student_config(teacher_config, flow_map=keeps_target, sigma_min=0.0 if flow_map else SIGMA_MIN,
+                       dropout=dropout),
         init_state, source=f"teacher {identity.get('path', identity.get('name'))}", seed=config.seed)
     check_agreement(manifest, student, data)
     if flow_map and loss == "lpips":
