@@ -37,6 +37,7 @@ SD-VAE latents). The last line holds the median ratios as name=value pairs.
 import copy
 import functools
 import inspect
+import shutil
 import statistics
 import tempfile
 import time
@@ -154,7 +155,14 @@ def mid_steps(student, shards, batch_size, steps, warmup, workers, out):
     batches = ShardReader(shards, trainer.micro_batch_size, seed=trainer.shared_seed_for(0), num_workers=workers,
                           exclude_endpoint=True, dtype=None)
     trainer.fit(student, functools.partial(endpoint_loss, distance=squared_l2), batches)
+    return logged_seconds_per_step(out, warmup)
+
+
+def logged_seconds_per_step(out, warmup):
+    """The median of a run's logged sec_per_step after the warm-up; then the run folder goes, before the
+    final training state (2 GB for a SiT-B/4) is written back to disk while the next contender runs."""
     records = loop.read_log(out)
+    shutil.rmtree(out)
     return statistics.median(record["sec_per_step"] for record in records[warmup:])
 
 
@@ -227,8 +235,7 @@ def meanflow_steps(student, batch_size, steps, warmup, out, t_max):
                                                                      student.label_dim),
                                  trainer.micro_batch_size, seed=0)
     trainer.fit(student, functools.partial(meanflow_loss, t_max=t_max, **MEANFLOW_OPTIONS), batches)
-    records = loop.read_log(out)
-    return statistics.median(record["sec_per_step"] for record in records[warmup:])
+    return logged_seconds_per_step(out, warmup)
 
 
 def synchronize(device):

@@ -197,6 +197,9 @@ def test_students_of_a_sit_teacher_mid_ect_ecd_meanflow(latents, tmp_path):
                                      batch_size=8, workers=0, **QUIET)["checkpoint"]
         assert load_network(mids[target]).config["time_convention"] == "sit"
     assert recorded_sampler(load_network(mids["flowmap"])) == student_sampler("flowmap")   # trained from sigma 80
+    drawn = cmt.sample(ckpt=mids["flowmap"], out=tmp_path / "mid.png", num_samples=2, vae=str(latents / "vae"),
+                       progress=False)   # decoded through the teacher's VAE scaling (SiT's 0.18215), recorded
+    assert drawn["identity"]["encoder"]["scale"] == [0.18215] * 4 and drawn["samples"].shape == (2, *SHAPE)
     meanflow = cmt.post_train(init=mids["flowmap"], method="meanflow", data=data, out=tmp_path / "mf", max_steps=1,
                               batch_size=4, **QUIET)
     assert load_network(meanflow["model"]).record["sampler"]["time"] == "t"

@@ -297,7 +297,9 @@ def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_re
                               sigma_max=float(manifest.get("sigma_max", SIGMA_MAX)))
     info = {"phase": "mid", "target": target, "loss": loss, "velocity_share": velocity_share, "data": str(data),
             "teacher": identity, "sampler": sampler,
-            "guidance": manifest.get("guidance"), **(resolved_options or {"recipe": recipe})}
+            "guidance": manifest.get("guidance"), **(resolved_options or {"recipe": recipe}),
+            # a latent teacher's VAE and scaling (SiT, EDM2 img512): what decodes the student's samples
+            **({"encoder": identity["encoder"]} if identity.get("encoder") else {})}
     # The cache and the checks change no batch: a resumed run may set others (and runs saved before
     # them had none).
     run_options = {"recipe": recipe, **(resolved_options or loop.phase_options(mid_train, locals()))}
