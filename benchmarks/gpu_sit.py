@@ -167,8 +167,8 @@ def build_figures(args, device, root):
     torch.manual_seed(0)
     net = build_network(sit_network_config(args["build_size"], args["latent_side"], CLASSES))
     net = net.to(device).eval().requires_grad_(False)
-    teacher = Teacher(net, net.data_shape, CLASSES, {"kind": "random", "name": args["build_size"], "config": net.config},
-                      device=device)
+    identity = {"kind": "random", "name": args["build_size"], "config": net.config}
+    teacher = Teacher(net, net.data_shape, CLASSES, identity, device=device)
     figures = {}
     for name in ("fp32", "tf32") if device.type == "cuda" else ("fp32",):
         with precision(name, device):
@@ -203,7 +203,8 @@ def main(device, **args):
     unknown = set(precisions) - set(PRECISIONS)
     if unknown:
         raise click.BadParameter(f"unknown precision(s) {sorted(unknown)}; valid: {', '.join(PRECISIONS)}")
-    print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}; "
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device {name}, torch {torch.__version__}; "
           f"latents 4 x {args['latent_side']} x {args['latent_side']}, {CLASSES} classes, batch {args['batch_size']}",
           flush=True)
     pairs = {}

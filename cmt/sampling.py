@@ -400,6 +400,9 @@ def sample(*, ckpt, out, sampler=None, solver=DEFAULT_SOLVER, steps=None, grid=D
         raise ArgumentError("ckpt", str(error)) from None
     recorded = recorded_sampler(net)
     sampler = sampler or ("flowmap" if recorded else "ode")
+    if sampler == "ode" and getattr(net, "flow_map", False):
+        raise ArgumentError("sampler", "this network is a flow map (a CMT flow-map or MeanFlow student): it is "
+                                       "sampled by its jumps, sampler flowmap, not by an ODE solver")
     if steps is None:
         steps = DEFAULT_STEPS if sampler == "ode" else 2
     if mid_sigma is None:

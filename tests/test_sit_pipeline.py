@@ -179,6 +179,10 @@ def test_imagenet256_meanflow_recipe_trains_a_sit_from_random_weights_and_cmt_sa
     code, output = invoke_command(sample_main, "--ckpt", result["model"], "--sigma-max", 10, "--out",
                                   tmp_path / "x.png", "--no-progress")
     assert code == 2 and "--sigma-max" in output and "MeanFlow's time" in output
+    code, output = invoke_command(sample_main, "--ckpt", result["model"], "--sampler", "ode", "--out",
+                                  tmp_path / "x.png", "--no-progress")
+    assert code == 2 and "--sampler" in output and "sampled by its jumps" in output
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_students_of_a_sit_teacher_mid_ect_ecd_meanflow(latents, tmp_path):
@@ -197,6 +201,12 @@ def test_students_of_a_sit_teacher_mid_ect_ecd_meanflow(latents, tmp_path):
                                      batch_size=8, workers=0, **QUIET)["checkpoint"]
         assert load_network(mids[target]).config["time_convention"] == "sit"
     assert recorded_sampler(load_network(mids["flowmap"])) == student_sampler("flowmap")   # trained from sigma 80
+    # a MeanFlow-port checkpoint starts mid-training too (its r_embedder kept: an endpoint student jumps to 0)
+    port = tmp_path / "port.pt"
+    torch.save({"ema": random_sit(14, flow_map=True, time_convention="meanflow").state_dict()}, port)
+    from_port = cmt.mid_train(data=tmp_path / "shards", out=tmp_path / "from-port", teacher=str(port), max_steps=1,
+                              batch_size=8, workers=0, **QUIET)
+    assert load_network(from_port["model"]).config["time_convention"] == "meanflow"
     drawn = cmt.sample(ckpt=mids["flowmap"], out=tmp_path / "mid.png", num_samples=2, vae=str(latents / "vae"),
                        progress=False)   # decoded through the teacher's VAE scaling (SiT's 0.18215), recorded
     assert drawn["identity"]["encoder"]["scale"] == [0.18215] * 4 and drawn["samples"].shape == (2, *SHAPE)

@@ -159,8 +159,8 @@ def load_init(init, teacher, data, arch):
 # ---- post_train -------------------------------------------------------------------------------
 
 @recipes.with_recipe("post", default_recipe=builtin_teacher_recipe, method_names=lambda: list(METHODS))
-def post_train(*, init=None, method=None, data, out, teacher=None, arch=None, guidance=None, guide_ckpt=None, dropout=None,
-               resolution=None, eval_data=None, num_samples=1000, mid_sigma=TWO_STEP_SIGMA, recipe=None,
+def post_train(*, init=None, method=None, data, out, teacher=None, arch=None, guidance=None, guide_ckpt=None,
+               dropout=None, resolution=None, eval_data=None, num_samples=1000, mid_sigma=TWO_STEP_SIGMA, recipe=None,
                resolved_options=None, **options):
     """Post-train a student with a post-training method (`METHODS`: ECT, ECD, MeanFlow) -> `out/post.pt`
     (1- and 2-step sampling).
