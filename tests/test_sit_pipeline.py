@@ -185,31 +185,45 @@ def test_imagenet256_meanflow_recipe_trains_a_sit_from_random_weights_and_cmt_sa
     assert not (tmp_path / "x.png").exists()
 
 
-def test_students_of_a_sit_teacher_mid_ect_ecd_meanflow(latents, tmp_path):
-    """A SiT teacher given by the path of its official .pt: its trajectories, mid-training onto both
-    targets, MeanFlow from the flow-map mid (sampled in t), ECT from its weights, ECD with it."""
-    teacher = latents / "SiT-T-2.pt"
-    data = str(latents / "latents")
-    built = build_trajectories(teacher=str(teacher), out=tmp_path / "shards", nfe=4, num_trajectories=8,
-                               batch_size=8, shard_size=8, progress=False, log=lambda line: None)
-    manifest = json.loads(built["manifest"].read_text())
+@pytest.fixture(scope="module")
+def sit_mids(latents, tmp_path_factory):
+    """A SiT teacher given by the path of its official .pt: its trajectories and its mid-trained
+    students of both targets."""
+    root = tmp_path_factory.mktemp("sit-mids")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(SIT_PRESETS, "sit-t/2", dict(TINY, patch_size=2))
+        built = build_trajectories(teacher=str(latents / "SiT-T-2.pt"), out=root / "shards", nfe=4, num_trajectories=8,
+                                   batch_size=8, shard_size=8, progress=False, log=lambda line: None)
+        mids = {target: cmt.mid_train(data=root / "shards", out=root / target, target=target, max_steps=1,
+                                      batch_size=8, workers=0, **QUIET)["checkpoint"]
+                for target in ("endpoint", "flowmap")}
+    return json.loads(built["manifest"].read_text()), mids, root / "shards"
+
+
+def test_mid_training_from_a_sit_teacher_and_from_a_meanflow_port(sit_mids, latents, tmp_path):
+    manifest, mids, shards = sit_mids
     assert manifest["teacher"]["kind"] == "sit" and manifest["teacher"]["size"] == "sit-t/2"
     assert manifest["solver"] == "dpm++3m" and "flow_map" not in manifest["teacher"]
-    mids = {}
-    for target in ("endpoint", "flowmap"):
-        mids[target] = cmt.mid_train(data=tmp_path / "shards", out=tmp_path / target, target=target, max_steps=1,
-                                     batch_size=8, workers=0, **QUIET)["checkpoint"]
-        assert load_network(mids[target]).config["time_convention"] == "sit"
+    for target, path in mids.items():
+        student = load_network(path)
+        assert student.config["time_convention"] == "sit" and student.flow_map == (target == "flowmap")
     assert recorded_sampler(load_network(mids["flowmap"])) == student_sampler("flowmap")   # trained from sigma 80
-    # a MeanFlow-port checkpoint starts mid-training too (its r_embedder kept: an endpoint student jumps to 0)
-    port = tmp_path / "port.pt"
-    torch.save({"ema": random_sit(14, flow_map=True, time_convention="meanflow").state_dict()}, port)
-    from_port = cmt.mid_train(data=tmp_path / "shards", out=tmp_path / "from-port", teacher=str(port), max_steps=1,
-                              batch_size=8, workers=0, **QUIET)
-    assert load_network(from_port["model"]).config["time_convention"] == "meanflow"
     drawn = cmt.sample(ckpt=mids["flowmap"], out=tmp_path / "mid.png", num_samples=2, vae=str(latents / "vae"),
                        progress=False)   # decoded through the teacher's VAE scaling (SiT's 0.18215), recorded
     assert drawn["identity"]["encoder"]["scale"] == [0.18215] * 4 and drawn["samples"].shape == (2, *SHAPE)
+    # a MeanFlow-port checkpoint starts mid-training too (its r_embedder kept: an endpoint student jumps to 0)
+    port = tmp_path / "port.pt"
+    torch.save({"ema": random_sit(14, flow_map=True, time_convention="meanflow").state_dict()}, port)
+    from_port = cmt.mid_train(data=shards, out=tmp_path / "from-port", teacher=str(port), max_steps=1, batch_size=8,
+                              workers=0, **QUIET)
+    student = load_network(from_port["model"])
+    assert student.config["time_convention"] == "meanflow" and student.flow_map and student.sigma_min == 0.002
+
+
+def test_post_training_students_of_a_sit_teacher(sit_mids, latents, tmp_path):
+    """MeanFlow from the flow-map mid (then sampled in t), ECT from the teacher's weights, ECD with it."""
+    _, mids, _ = sit_mids
+    teacher, data = latents / "SiT-T-2.pt", str(latents / "latents")
     meanflow = cmt.post_train(init=mids["flowmap"], method="meanflow", data=data, out=tmp_path / "mf", max_steps=1,
                               batch_size=4, **QUIET)
     assert load_network(meanflow["model"]).record["sampler"]["time"] == "t"
