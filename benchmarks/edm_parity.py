@@ -21,7 +21,6 @@ import tempfile
 from pathlib import Path
 
 import click
-import numpy as np
 import pytest
 import torch
 import zarr

@@ -18,7 +18,10 @@ HERE = Path(__file__).resolve().parent
 def main():
     failed = []
     with tempfile.TemporaryDirectory(prefix="cmt-bench-") as scratch:
-        for script, *args in (["bench_build.py", "--quick"], ["bench_mid.py", "--quick"], ["bench_reader.py", "--quick"],
+        for script, *args in (["bench_build.py", "--quick"], ["bench_mid.py", "--quick"],
+                              ["bench_mid.py", "--quick", "--sit", "sit-tiny/2", "--latent-side", "8", "--batch-size",
+                               "4", "--nfe", "4", "--num-trajectories", "4", "--rounds", "1"],
+                              ["sit_parity.py"], ["bench_reader.py", "--quick"],
                               ["bench_ema.py", "--quick"], ["bench_posthoc_ema.py", "--quick"],
                               ["bench_images.py", "--quick"],
                               ["bench_claim.py", "--quick", "--out", str(Path(scratch) / "claim")],

@@ -35,10 +35,12 @@ from cmt.manifest import (BUILD_CONFIG, DATASET_NAME, DATASET_VERSION, MANIFEST,
 from cmt.metrics import embedded_metric
 from cmt.options import differences
 from cmt.seeds import derive_seed
-from cmt.solvers import SOLVERS, sample_trajectory
+from cmt.solvers import FLOW_MAP, SOLVERS, sample_trajectory
 from cmt.teachers import RECIPE_TEACHERS, resolve_teacher, teacher_label_dropout
 
 STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
+# The ODE solver of a diffusion teacher when none is named (the official CMT targets', DPM-Solver++(3M)).
+DEFAULT_SOLVER = "dpm++3m"
 DERIVED_KEYS = ("sigmas", "kept_sigmas", "steps")
 # The options that fix the dataset's bytes (`build_config`); the others say where it goes and how
 # the build runs.
@@ -57,13 +59,16 @@ class Teacher:
 
     identity: JSON-able description stored in the manifest (`name`, `path`, `sha256`, `config`...);
     everything but `path` is part of the build configuration, as is `guidance` (the record
-    `cmt.guidance.apply_guidance` returns with the denoiser: None when unguided).
+    `cmt.guidance.apply_guidance` returns with the denoiser: None when unguided). A denoiser with
+    `flow_map` True is a flow-map teacher (`denoiser(x, sigma, labels, target_sigma=...)`), built with
+    solver "flowmap"; its identity then says `"flow_map": True`.
     """
 
     def __init__(self, denoiser, data_shape, label_dim, identity, dtype=torch.float32, device="cpu", guidance=None,
                  label_dropout=None):
         self.denoiser = denoiser
         self.label_dropout = label_dropout   # its share of label-free training (None: unknown), for labels "none"
+        self.flow_map = bool(getattr(denoiser, "flow_map", False))
         self.guidance = guidance
         self.data_shape = tuple(data_shape)
         self.label_dim = int(label_dim)
@@ -73,7 +78,7 @@ class Teacher:
 
 
 def build_trajectories(*, teacher=None, out, recipe=None, teacher_ckpt=None, guidance=None, guide_ckpt=None,
-                       solver="dpm++3m", nfe=16, grid="logsnr", sigma_max=SIGMA_MAX, sigma_min=SIGMA_MIN, rho=RHO,
+                       solver=None, nfe=16, grid="logsnr", sigma_max=SIGMA_MAX, sigma_min=SIGMA_MIN, rho=RHO,
                        num_trajectories=1000, batch_size=256, seed=0, labels=None, format="zarr", shard_size=1000,
                        dtype="float16", states="all", compression=None, eval_teacher=False, eval_data=None,
                        progress=True, log=print, on_shard_written=None):
@@ -81,11 +86,17 @@ def build_trajectories(*, teacher=None, out, recipe=None, teacher_ckpt=None, gui
 
     teacher: a checkpoint path, a built-in name (mnist, toy:NAME), 'edm2' / 'edm' with `teacher_ckpt`,
         an EDM2 or EDM preset, or a `Teacher` (an in-memory denoiser with its shape and identity; then
-        no teacher_ckpt / guidance / guide_ckpt). None: the recipe's.
+        no teacher_ckpt / guidance / guide_ckpt). None: the recipe's. A flow-map student (a CMT
+        flow-map or MeanFlow checkpoint of any family, an official MeanFlow-port .pt) is a teacher too:
+        its trajectory is its own `nfe`-step flow-map sampler along the grid (solver "flowmap": each
+        stored state is the network's jump from the previous one), as the CMT paper's ImageNet-256 run
+        used a small MeanFlow model as the multi-step teacher of MF-XL/2.
     recipe: a named recipe (`RECIPE_TEACHERS`: cifar10, ffhq64, afhq64): without `teacher`, its official
         teacher (an EDM preset, downloaded once into the cache); the solver settings it builds with
         are this function's defaults (`RECIPE_TARGETS`). One line says what it set and which given
         settings differ from the recipe's.
+    solver: an ODE solver of `cmt.solvers.SOLVERS` for a diffusion teacher, "flowmap" for a flow-map
+        one; None: dpm++3m, or flowmap for a flow-map teacher.
     guidance, guide_ckpt: `cmt.guidance.apply_guidance` (autoguidance by guide_ckpt, else
         classifier-free; weight 1 is no guidance).
     labels: `cmt.labels` ("random", drawn per trajectory; "cycle"; a class; "none"); None: random for
@@ -108,6 +119,8 @@ def build_trajectories(*, teacher=None, out, recipe=None, teacher_ckpt=None, gui
     """
     if not str(out or ""):
         raise ArgumentError("out", "give an output directory or fsspec URL")
+    if solver is not None and solver not in SOLVERS and solver != FLOW_MAP:
+        raise ArgumentError("solver", f"unknown solver {solver!r}; valid: {', '.join(SOLVERS)}, {FLOW_MAP}")
     state = distributed_state()
     teacher = recipe_teacher(recipe, teacher, dict(solver=solver, nfe=nfe, grid=grid, sigma_max=sigma_max,
                                                    sigma_min=sigma_min), log if state.is_main_process else None)
@@ -199,7 +212,7 @@ def recipe_teacher(recipe, teacher, settings, log):
         raise ArgumentError("recipe", f"{recipe!r} is not one of {', '.join(RECIPE_TEACHERS)}")
     filled = f"from the recipe: teacher={RECIPE_TEACHERS[recipe]}" if teacher is None else "the teacher given"
     differs = [f"{name}={settings[name]} (the recipe's {value})" for name, value in RECIPE_TARGETS.items()
-               if settings[name] != value]
+               if settings[name] is not None and settings[name] != value]   # solver None: dpm++3m
     if log is not None:
         log(f"[cmt] build: recipe {recipe}; {filled}; solver " + (", ".join(differs) if differs else
             "dpm++3m, 16 steps, logsnr grid 80 -> 0.002 (sony/cmt's mid-training targets)"))
@@ -223,6 +236,8 @@ def load_teacher(teacher, teacher_ckpt=None, guidance=None, guide_ckpt=None, dev
         raise ArgumentError(_teacher_argument(teacher, teacher_ckpt), str(error)) from None
     net.requires_grad_(False)
     identity = dict(identity)
+    if getattr(net, "flow_map", False):
+        identity["flow_map"] = True   # a flow-map teacher: built by its own jumps (solver flowmap)
     record = identity.pop("guidance", None)
     return Teacher(net, net.data_shape, net.label_dim, identity, dtype=next(net.parameters()).dtype, device=device,
                    guidance=record, label_dropout=teacher_label_dropout(identity, net))
@@ -259,9 +274,10 @@ def draw_inputs(indices, seed, data_shape, label_dim, labels):
 
 
 def solver_steps(solver, nfe, grid):
-    """Solver steps for `nfe` denoiser calls (Heun: 2 per step, 1 for a final step to sigma = 0)."""
-    if solver not in SOLVERS:
-        raise ArgumentError("solver", f"unknown solver {solver!r}; valid: {', '.join(SOLVERS)}")
+    """Solver steps for `nfe` denoiser calls (Heun: 2 per step, 1 for a final step to sigma = 0; a
+    flow map's jumps: 1 each)."""
+    if solver not in SOLVERS and solver != FLOW_MAP:
+        raise ArgumentError("solver", f"unknown solver {solver!r}; valid: {', '.join(SOLVERS)}, {FLOW_MAP}")
     if nfe < 1:
         raise ArgumentError("nfe", f"must be >= 1, got {nfe}")
     if solver != "heun":
@@ -301,6 +317,15 @@ def build_config(teacher, shuffle=None, **options):
         raise TypeError(f"build_config() got unexpected options {unknown}; it takes {', '.join(CONFIG_OPTIONS)}")
     settings = {name: DEFAULTS[name] for name in CONFIG_OPTIONS} | options
     solver, nfe, grid, states = settings["solver"], settings["nfe"], settings["grid"], settings["states"]
+    flow_map = bool(getattr(teacher, "flow_map", False))
+    if solver is None:
+        solver = FLOW_MAP if flow_map else DEFAULT_SOLVER
+    if flow_map and solver != FLOW_MAP:
+        raise ArgumentError("solver", f"the teacher is a flow-map network: it is sampled by its own jumps along the "
+                                      f"grid ({FLOW_MAP}), not by the ODE solver {solver}; leave solver out")
+    if solver == FLOW_MAP and not flow_map:
+        raise ArgumentError("solver", f"{FLOW_MAP} takes a flow-map teacher (a CMT flow-map or MeanFlow student); "
+                                      f"this one is a diffusion denoiser: use an ODE solver ({', '.join(SOLVERS)})")
     sigma_min, sigma_max, rho = settings["sigma_min"], settings["sigma_max"], settings["rho"]
     if settings["format"] not in SHARD_FORMATS:
         raise ArgumentError("format", f"must be one of {', '.join(SHARD_FORMATS)}, got {settings['format']!r}")

@@ -35,6 +35,11 @@ from cmt.networks.nvlabs_pickle import load_nvlabs_pickle
 from cmt.networks.sit import is_sit_state_dict
 
 
+class OfficialSiTCheckpoint(FileFormatError):
+    """An official SiT / MeanFlow-port `.pt` where one of our checkpoints was expected (`load_network`);
+    `cmt.teachers.resolve_teacher` reads such a file by its path through `cmt.sit_checkpoint`."""
+
+
 def save_network(path, net, extra_config=None):
     """Write `net`'s weights and config to `path` (`.safetensors`) and its config to `path.json`."""
     return save_weights(path, net.state_dict(), network_config(net), extra_config)
@@ -182,9 +187,9 @@ def _parse_checkpoint(path):
     if not isinstance(checkpoint, dict):
         raise FileFormatError(f"{path}: expected a training checkpoint dict with 'config' and 'net'/'ema'")
     if "config" not in checkpoint and is_sit_state_dict(checkpoint.get("ema", checkpoint)):
-        raise FileFormatError(f"{path}: an official SiT / MeanFlow state dict, not a cmt checkpoint; load it as "
-                              "a SiT teacher: --teacher sit-xl/2 (its size) --teacher-ckpt PATH "
-                              "(cmt.teachers.resolve_teacher('sit-xl/2', ckpt=PATH))")
+        raise OfficialSiTCheckpoint(f"{path}: an official SiT / MeanFlow state dict, not a cmt checkpoint; load "
+                                    "it as a SiT teacher: --teacher sit-xl/2 (its size) --teacher-ckpt PATH, or by "
+                                    "its path alone (cmt.teachers.resolve_teacher(PATH))")
     config = _network_config_of(checkpoint, path)
     weights = {name: checkpoint[name] for name in ("net", "ema") if isinstance(checkpoint.get(name), dict)}
     record = {name: value for name, value in checkpoint.items() if name not in _STATE_ENTRIES + ("config",)}

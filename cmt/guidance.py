@@ -75,9 +75,12 @@ def apply_guidance(net, guidance=None, guide=None, guide_identity=None, label_dr
     - otherwise: classifier-free guidance against `net` without labels (class-conditional nets only),
       refused when `label_dropout` (the share of label-free training the teacher records; None:
       unknown) is 0: such a net's label-free output was never trained (EDM2's official nets).
+    Classifier-free guidance guides the first `net.cfg_channels` channels only where the network
+    says so (SiT: 3 of 4 latent channels, willisma/SiT models.py `forward_with_cfg`); the record then
+    holds `"channels"`. A flow-map network is refused (its jumps take no guidance).
 
     record: `{"kind": "autoguidance" | "classifier_free", "weight": w, "guide": {"kind", "path",
-    "sha256"} or None}`. Bad input raises `ArgumentError` naming `guidance` or `guide`.
+    "sha256"} or None[, "channels": C]}`. Bad input raises `ArgumentError` naming `guidance` or `guide`.
     """
     if guidance is None:
         if guide is not None:
@@ -85,6 +88,9 @@ def apply_guidance(net, guidance=None, guide=None, guide_identity=None, label_dr
         return net, None
     if float(guidance) == 1:
         return net, None
+    if getattr(net, "flow_map", False):
+        raise ArgumentError("guidance", "guides a diffusion denoiser; this network is a flow map (a CMT flow-map or "
+                                        "MeanFlow student), whose jumps take no guidance: leave it out")
     if not float(guidance) >= 0:   # D_guide + w (D_main - D_guide): w < 0 pushes away from the main network
         raise ArgumentError("guidance", f"the guidance weight must be >= 0 (1: none; EDM2 uses about 1.4 to 2.5), "
                                         f"got {guidance}")
@@ -93,12 +99,15 @@ def apply_guidance(net, guidance=None, guide=None, guide_identity=None, label_dr
                                         "this one records none (EDM2's class-conditional networks have none): pass "
                                         "an unconditional guide network (guide_ckpt), or a guide for autoguidance")
     try:
+        # A network may guide only some channels (SiT / DiT: `cfg_channels` = 3, as their forward_with_cfg).
+        channels = getattr(net, "cfg_channels", None)
         if guide is not None and net.label_dim and not guide.label_dim:
-            guided = classifier_free_guidance(net, guidance, uncond=guide, uncond_identity=guide_identity)
+            guided = classifier_free_guidance(net, guidance, uncond=guide, uncond_identity=guide_identity,
+                                              channels=channels)
         elif guide is not None:
             guided = autoguidance(net, guide, guidance, guide_identity=guide_identity)
         else:
-            guided = classifier_free_guidance(net, guidance)
+            guided = classifier_free_guidance(net, guidance, channels=channels)
     except ValueError as error:
         raise ArgumentError("guide" if guide is not None else "guidance", str(error)) from None
     return guided.eval(), guided.describe()

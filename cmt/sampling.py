@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from cmt.checkpoint import network_record, reading_once
 from cmt.datasets import TOY_NAMES, one_hot_labels, reference_sample
 from cmt.distributed import distributed_state, map_batches
-from cmt.edm import SIGMA_GRIDS, SIGMA_MAX, SIGMA_MIN, TWO_STEP_SIGMA, flow_map_jump, sigma_grid
+from cmt.edm import SIGMA_GRIDS, SIGMA_MAX, SIGMA_MIN, TWO_STEP_SIGMA, sigma_grid, sigma_to_t
 from cmt.errors import ArgumentError, NonFiniteSamples, local_path_only
 from cmt.flags import renamed_keywords
 from cmt.images import MAX_GRID_IMAGES, READABLE_CELL, save_image_grid, save_scatter
@@ -24,7 +24,7 @@ from cmt.latents import LatentCodec
 from cmt.metrics import embedded_metric
 from cmt.outputs import write_npz
 from cmt.seeds import derive_seed
-from cmt.solvers import SOLVERS, sample as solve
+from cmt.solvers import SOLVERS, flow_map_step, sample as solve
 from cmt.teachers import resolve_teacher, teacher_label_dropout
 
 SAMPLERS = ("ode", "flowmap")
@@ -33,6 +33,16 @@ SAMPLERS = ("ode", "flowmap")
 # students); "flowmap" jumps from each sigma to the next (CMT flow-map and MeanFlow students; in
 # linear time this is MeanFlow's z_r = z_t - (t - r) u, from t = sigma_max / (1 + sigma_max)).
 STUDENT_SAMPLERS = ("consistency", "flowmap")
+# The time a flow-map student's jumps are taken in (its record's "time"; none: "sigma"). "sigma": EDM
+# sigma from sigma_max (every student of the project's sigma-space networks). "t": MeanFlow's own
+# time from t_max = 1, pure noise (sigma = infinity, which sigma space cannot start from), z_r = z_t -
+# (t - r) u(z_t, t, r), for a network with a native `average_velocity(z, t, r, labels)` (SiT):
+# 1 step t = 1 -> 0 (Gsunshine/meanflow meanflow.py `_default_schedule`: [1.0, 0.0]); 2 steps
+# t = 1 -> 0.5 -> 0 (zhuyu-cs/MeanFlow meanflow_sampler.py: `linspace(1, 0, num_steps + 1)`; the JAX
+# code has no 2-step default, it takes `sampling.sampling_timesteps`, None in configs/default.py).
+SAMPLING_TIMES = ("sigma", "t")
+MEANFLOW_T_MAX = 1.0
+MEANFLOW_MID_SIGMA = 1.0   # t = 0.5
 
 def fresh_noise_seed(seed, jump):
     """The seed of sample `seed`'s fresh noise before jump `jump` of multistep consistency sampling
@@ -72,8 +82,7 @@ def flow_map_sample(net, noise, sigmas, labels=None, generator=None, fresh_noise
     for jump, (sigma, next_sigma) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         flow_map = getattr(net, "flow_map", False)
         if flow_map and not renoise:
-            denoised = net(x, sigma, labels, target_sigma=next_sigma)
-            x = flow_map_jump(x, sigma, next_sigma, denoised)
+            x = flow_map_step(net, x, sigma, next_sigma, labels)
         else:
             x = net(x, sigma, labels, target_sigma=0.0) if flow_map else net(x, sigma, labels)
             if next_sigma > 0:
@@ -81,6 +90,37 @@ def flow_map_sample(net, noise, sigmas, labels=None, generator=None, fresh_noise
                          else torch.randn(x.shape, generator=generator, device="cpu")).to(x.device, x.dtype)
                 x = x + next_sigma * fresh
     return x
+
+
+def native_time(net):
+    """Whether `net` is a flow map with its own time (`average_velocity(z, t, r, labels)`, SiT), so it
+    can be sampled in t from t = 1 (`flow_map_sample_in_t`)."""
+    return bool(getattr(net, "flow_map", False)) and callable(getattr(net, "average_velocity", None))
+
+
+def flow_map_sample_in_t(net, noise, times, labels=None):
+    """A flow-map student's few-step sample in MeanFlow's time along `times` (e.g. `[1, 0]` or
+    `[1, 0.5, 0]`): z = times[0] * noise (pure noise at t = 1), then z_r = z_t - (t - r) u(z_t, t, r)
+    with the network's own `average_velocity`; z at t = 0 is the sample."""
+    times = [float(t) for t in times]
+    z = times[0] * noise
+    for t, r in zip(times[:-1], times[1:]):
+        z = z - (t - r) * net.average_velocity(z, t, r, labels).to(z.dtype)
+    return z
+
+
+def sampler_times(steps, *, t_max=MEANFLOW_T_MAX, mid_sigma=MEANFLOW_MID_SIGMA):
+    """The times of the flow-map sampler in t: `[t_max, 0]` (1 step) / `[t_max, t(mid_sigma), 0]` (2 steps)."""
+    if steps not in (1, 2):
+        raise ArgumentError("steps", f"the flow-map sampler takes 1 or 2 steps, got {steps}")
+    if not 0 < t_max <= 1:
+        raise ValueError(f"t_max must lie in (0, 1], got {t_max}")
+    if steps == 1:
+        return [t_max, 0.0]
+    if mid_sigma is None or not 0 < sigma_to_t(mid_sigma) < t_max:
+        raise ArgumentError("mid_sigma", f"the intermediate sigma must be > 0 and its t = sigma / (1 + sigma) below "
+                                         f"t_max {t_max:g}, got {mid_sigma}")
+    return [t_max, sigma_to_t(float(mid_sigma)), 0.0]
 
 
 def sampler_sigmas(sampler, steps, *, grid=DEFAULT_GRID, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, mid_sigma=None):
@@ -127,19 +167,28 @@ def check_finite(samples, source):
 @torch.no_grad()
 def generate(net, seeds, labels, *, sampler="ode", solver=DEFAULT_SOLVER, steps=DEFAULT_STEPS, grid=DEFAULT_GRID,
              sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, mid_sigma=None, batch_size=DEFAULT_BATCH_SIZE, device=None,
-             state=None, progress=None, renoise=None):
+             state=None, progress=None, renoise=None, time="sigma", t_max=MEANFLOW_T_MAX):
     """Samples `[len(seeds), *net.data_shape]` (float32, CPU) for integer `labels` `[len(seeds)]`.
     renoise: `flow_map_sample`'s (None: re-noise between the jumps of consistency networks only).
 
     `sampler="ode"`: `solver` over `steps` steps of the `grid` sigmas. `sampler="flowmap"`: 1 step
     `[sigma_max, 0]` or 2 steps `[sigma_max, mid_sigma, 0]`; a consistency network's re-noising
     draws sample i's noise from seed `fresh_noise_seed(seeds[i], jump)`, so every sample depends
-    on its own seed and label only. state: an accelerate process state whose ranks share the batches
-    (`cmt.distributed.map_batches`; every rank must call), None: this process alone. progress: a tqdm
-    bar to advance.
+    on its own seed and label only. With `time="t"` (a student whose record says so, `native_time`
+    networks only) the flow-map jumps go in MeanFlow's time instead: `[t_max, 0]` or `[t_max,
+    t(mid_sigma), 0]` (`sampler_times`, `flow_map_sample_in_t`). state: an accelerate process state
+    whose ranks share the batches (`cmt.distributed.map_batches`; every rank must call), None: this
+    process alone. progress: a tqdm bar to advance.
     """
     device = torch.device(device or next(net.parameters()).device)
-    sigmas = sampler_sigmas(sampler, steps, grid=grid, sigma_min=sigma_min, sigma_max=sigma_max, mid_sigma=mid_sigma)
+    in_t = sampler == "flowmap" and time == "t"
+    if time not in SAMPLING_TIMES:
+        raise ValueError(f"unknown sampling time {time!r}; valid: {', '.join(SAMPLING_TIMES)}")
+    if in_t and not native_time(net):
+        raise ArgumentError("sampler", "sampling in MeanFlow's time t needs a flow-map network with its own "
+                                       "average_velocity (SiT); this one jumps in sigma")
+    sigmas = (sampler_times(steps, t_max=t_max, mid_sigma=mid_sigma) if in_t else
+              sampler_sigmas(sampler, steps, grid=grid, sigma_min=sigma_min, sigma_max=sigma_max, mid_sigma=mid_sigma))
     net = net.to(device).eval()
 
     def batch(start, stop):
@@ -149,6 +198,8 @@ def generate(net, seeds, labels, *, sampler="ode", solver=DEFAULT_SOLVER, steps=
         batch_labels = None if batch_labels is None else batch_labels.to(device)
         if sampler == "ode":
             x = ode_sample(net, noise, sigmas, batch_labels, solver)
+        elif in_t:
+            x = flow_map_sample_in_t(net, noise, sigmas, batch_labels)
         else:
             def fresh_noise(jump):
                 return seed_noise([fresh_noise_seed(seed, jump) for seed in batch_seeds], net.data_shape, device)
@@ -158,18 +209,36 @@ def generate(net, seeds, labels, *, sampler="ode", solver=DEFAULT_SOLVER, steps=
     return torch.cat(map_batches(batch, len(seeds), batch_size, state=state, progress=progress))
 
 
-def student_sampler(kind, mid_sigma=TWO_STEP_SIGMA, sigma_max=SIGMA_MAX):
+def student_sampler(kind, mid_sigma=TWO_STEP_SIGMA, sigma_max=SIGMA_MAX, time="sigma", t_max=MEANFLOW_T_MAX):
     """The record a student is saved with that says how to sample it (its `"sampler"`): `kind` of
-    `STUDENT_SAMPLERS` and the jumps' defaults."""
+    `STUDENT_SAMPLERS` and the jumps' defaults. time "sigma" (the default): `{"kind", "mid_sigma",
+    "sigma_max"}`, the jumps in sigma from sigma_max; time "t" (flow maps only, `SAMPLING_TIMES`):
+    `{"kind": "flowmap", "time": "t", "t_max", "mid_sigma", "mid_t"}`, MeanFlow's jumps in t from
+    t_max, the 2-step one through mid_t = t(mid_sigma) (`mid_sigma` stays what `cmt-sample
+    --mid-sigma` takes)."""
     if kind not in STUDENT_SAMPLERS:
         raise ValueError(f"unknown student sampler {kind!r}; valid: {', '.join(STUDENT_SAMPLERS)}")
-    return {"kind": kind, "mid_sigma": float(mid_sigma), "sigma_max": float(sigma_max)}
+    if time == "sigma":
+        return {"kind": kind, "mid_sigma": float(mid_sigma), "sigma_max": float(sigma_max)}
+    if time != "t" or kind != "flowmap":
+        raise ValueError(f"time must be one of {', '.join(SAMPLING_TIMES)} ('t' for flow maps only), got {time!r}")
+    sampler_times(2, t_max=t_max, mid_sigma=mid_sigma)   # checked
+    return {"kind": kind, "time": "t", "t_max": float(t_max), "mid_sigma": float(mid_sigma),
+            "mid_t": sigma_to_t(float(mid_sigma))}
+
+
+def sampled_t_max(record):
+    """The largest time t a student of this sampler record is sampled from (what its training must cover)."""
+    if record.get("time") == "t":
+        return float(record["t_max"])
+    return sigma_to_t(float(record.get("sigma_max", SIGMA_MAX)))
 
 
 def recorded_sampler(net):
     """How the model says it is sampled (`student_sampler`'s record), or None for a teacher (its ODE).
     Students saved before the record existed: ECT / ECD ones by re-noising, the others by their
-    network (a flow map jumps, a consistency network re-noises)."""
+    network (a flow map jumps, a consistency network re-noises). A flow map with its own time and no
+    record (the MeanFlow port's checkpoints, `cmt.sit_checkpoint`): MeanFlow's sampler in t."""
     record = network_record(net)
     if isinstance(record.get("sampler"), dict):
         return record["sampler"]
@@ -177,6 +246,8 @@ def recorded_sampler(net):
         return student_sampler("consistency")
     if record.get("phase") in ("mid", "post"):
         return student_sampler("flowmap" if getattr(net, "flow_map", False) else "consistency")
+    if not record and native_time(net):
+        return student_sampler("flowmap", mid_sigma=MEANFLOW_MID_SIGMA, time="t")
     return None
 
 
@@ -252,9 +323,10 @@ def sample(*, ckpt, out, sampler=None, solver=DEFAULT_SOLVER, steps=None, grid=D
     `solver` over `steps` steps (default `DEFAULT_STEPS`) of the `grid` sigmas; "flowmap" makes 1
     or 2 (default) jumps of a student as its record says (`recorded_sampler`: re-noising between
     consistency jumps, or flow-map jumps; 2 steps via `mid_sigma`, default the record's, else
-    `cmt.edm.TWO_STEP_SIGMA`). None: the model's own, "flowmap" for a student and "ode" for a
-    teacher. Sample i uses seed `seed + i`; labels: `cmt.labels` ("random", "cycle", a class id K,
-    "none"; None: random for a class-conditional network, else none). npz: also save
+    `cmt.edm.TWO_STEP_SIGMA`; a record with time "t", MeanFlow students of SiT, jumps in t from
+    t = 1 through t(mid_sigma), `flow_map_sample_in_t`). None: the model's own, "flowmap" for a
+    student and "ode" for a teacher. Sample i uses seed `seed + i`; labels: `cmt.labels` ("random",
+    "cycle", a class id K, "none"; None: random for a class-conditional network, else none). npz: also save
     all samples, labels and seeds there (written before the picture). vae: for a latent network
     (EDM2 img512), the diffusers AutoencoderKL (directory or hub id) that decodes the picture; the
     .npz keeps the latents. device: default cuda if available, else cpu. progress: a tqdm bar.
@@ -291,11 +363,21 @@ def sample(*, ckpt, out, sampler=None, solver=DEFAULT_SOLVER, steps=None, grid=D
         raise ArgumentError("ckpt", str(error)) from None
     recorded = recorded_sampler(net)
     sampler = sampler or ("flowmap" if recorded else "ode")
+    if sampler == "ode" and getattr(net, "flow_map", False):
+        raise ArgumentError("sampler", "this network is a flow map (a CMT flow-map or MeanFlow student): it is "
+                                       "sampled by its jumps, sampler flowmap, not by an ODE solver")
     if steps is None:
         steps = DEFAULT_STEPS if sampler == "ode" else 2
     if mid_sigma is None:
         mid_sigma = (recorded or {}).get("mid_sigma", TWO_STEP_SIGMA)
     _check_sampling(**{**check, "sampler": sampler, "steps": steps, "mid_sigma": mid_sigma})
+    time = (recorded or {}).get("time", "sigma") if sampler == "flowmap" else "sigma"
+    t_max = float((recorded or {}).get("t_max", MEANFLOW_T_MAX))
+    if time == "t":
+        if sigma_max != SIGMA_MAX:
+            raise ArgumentError("sigma_max", f"does not apply: this student is sampled in MeanFlow's time from t = "
+                                             f"{t_max:g} (its record); leave it out")
+        sampler_times(steps, t_max=t_max, mid_sigma=mid_sigma)
     codec = latent_decoder(identity, vae, device)
     spec = parse_labels(labels, net.label_dim, teacher_label_dropout(identity, net))   # refused before any work
     sample_labels = pick_labels("none" if spec is None else spec, num_samples, net.label_dim, seed)
@@ -305,7 +387,7 @@ def sample(*, ckpt, out, sampler=None, solver=DEFAULT_SOLVER, steps=None, grid=D
     samples = generate(net, seeds, sample_labels, sampler=sampler, solver=solver, steps=steps, grid=grid,
                        sigma_min=sigma_min, sigma_max=sigma_max, mid_sigma=mid_sigma,
                        batch_size=batch_size, device=device, state=state, progress=bar,
-                       renoise=(recorded or {}).get("kind") == "consistency")
+                       renoise=(recorded or {}).get("kind") == "consistency", time=time, t_max=t_max)
     bar.close()
     check_finite(samples, f"{identity.get('path') or ckpt}")
     toy = toy_data_name(net) if samples.ndim == 2 else None

@@ -139,8 +139,9 @@ def load_sit_checkpoint(path, size=None, flow_map=None, device="cpu"):
             raise FileFormatError(str(error)) from None
         net = net.to(device).eval()
     if flow_map is False and net.flow_map:
-        raise FileFormatError(f"{path}: a MeanFlow flow-map network (it has r_embedder), not a SiT teacher; load it "
-                              "as a student with cmt.sit_checkpoint.load_meanflow_checkpoint")
+        raise FileFormatError(f"{path}: a MeanFlow flow-map network (it has r_embedder), not a SiT teacher; give its "
+                              "path alone (cmt-train post --init PATH, cmt-sample --ckpt PATH, or cmt-build --teacher "
+                              "PATH as a flow-map teacher)")
     if flow_map is True and not net.flow_map:
         raise FileFormatError(f"{path}: a SiT without r_embedder (a velocity teacher), not a MeanFlow flow map")
     return net

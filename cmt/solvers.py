@@ -11,6 +11,11 @@ whole `Trajectory` or returns the endpoint alone. Solves run under `torch.no_gra
   form over lambda = -log(sigma), with lower orders on the first steps and `lower_order_final`,
   as the official CMT code uses to build its mid-training targets. One denoiser call per step;
   the model is not evaluated after the last step.
+
+Besides these ODE solvers (`SOLVERS`), `FLOW_MAP` ("flowmap") walks the grid with a flow-map
+network's own jumps (`flow_map_step`: `net(x, sigma, labels, target_sigma=next)`, then the DDIM
+jump): the "solver" of a flow-map teacher (a MeanFlow or CMT flow-map student), whose every step is
+the network's jump from one grid sigma to the next. It takes only flow-map networks.
 """
 import math
 from dataclasses import dataclass
@@ -18,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import tqdm
 
-from cmt.edm import broadcast_sigma
+from cmt.edm import broadcast_sigma, flow_map_jump
 
 
 @dataclass
@@ -151,9 +156,29 @@ SOLVERS = {
 }
 
 
+def flow_map_step(net, x, sigma, next_sigma, labels=None):
+    """One jump of a flow-map network (`net.flow_map`) from `sigma` to `next_sigma` (floats or `[B]`):
+    `D + (next_sigma / sigma) (x - D)` with `D = net(x, sigma, labels, target_sigma=next_sigma)`."""
+    return flow_map_jump(x, sigma, next_sigma, net(x, sigma, labels, target_sigma=next_sigma))
+
+
+def flow_map(net, x, sigmas, labels):
+    """The flow-map network's own jumps along the grid, one network call each."""
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        x = flow_map_step(net, x, sigma, sigma_next, labels)
+        yield x, 1
+
+
+# Not an ODE solver (not in SOLVERS): the jumps of a flow-map network, which the builder and the
+# trajectory functions below take where a solver is named.
+FLOW_MAP = "flowmap"
+_STEPPERS = {**SOLVERS, FLOW_MAP: flow_map}
+
+
 def _prepare(noise, sigmas, solver):
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; valid solvers: {', '.join(SOLVERS)}")
+    if solver not in _STEPPERS:
+        raise ValueError(f"unknown solver {solver!r}; valid solvers: {', '.join(SOLVERS)} (and {FLOW_MAP} for a "
+                         "flow-map network)")
     sigma_list = [float(sigma) for sigma in torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1)]
     if len(sigma_list) < 2:
         raise ValueError(f"a solver needs at least 2 sigmas (one step), got {len(sigma_list)}")
@@ -166,7 +191,8 @@ def _prepare(noise, sigmas, solver):
 
 @torch.no_grad()
 def sample_trajectory(denoiser, noise, sigmas, solver="dpm++3m", labels=None, keep=None, progress=False):
-    """Solve the probability-flow ODE from `sigmas[0] * noise` along `sigmas`, storing states.
+    """Solve the probability-flow ODE from `sigmas[0] * noise` along `sigmas`, storing states
+    (solver `FLOW_MAP`: a flow-map network's jumps along `sigmas` instead).
 
     `keep`: grid indices to store (default all); the first and last are always stored.
     """
@@ -182,7 +208,7 @@ def sample_trajectory(denoiser, noise, sigmas, solver="dpm++3m", labels=None, ke
     indices = sorted(kept)
     states = [x] if 0 in kept else []
     nfe = 0
-    steps = SOLVERS[solver](denoiser, x, sigma_list, labels)
+    steps = _STEPPERS[solver](denoiser, x, sigma_list, labels)
     for index, (x, calls) in enumerate(tqdm.tqdm(steps, total=last, disable=not progress, desc=solver), start=1):
         nfe += calls
         if index in kept:
@@ -195,7 +221,7 @@ def sample_trajectory(denoiser, noise, sigmas, solver="dpm++3m", labels=None, ke
 def sample(denoiser, noise, sigmas, solver="dpm++3m", labels=None, progress=False):
     """The endpoint of the solve only (nothing else is kept in memory)."""
     sigma_list, x = _prepare(noise, sigmas, solver)
-    steps = SOLVERS[solver](denoiser, x, sigma_list, labels)
+    steps = _STEPPERS[solver](denoiser, x, sigma_list, labels)
     for x, _ in tqdm.tqdm(steps, total=len(sigma_list) - 1, disable=not progress, desc=solver):
         pass
     return x

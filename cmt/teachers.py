@@ -13,7 +13,10 @@ Accepted:
   downloaded into `$CMT_CACHE/edm`;
 - any `.pkl` path or URL: EDM or EDM2 by the pickled class of its network (never by its name).
 - a SiT size (`sit-s/2` ... `sit-xl/8`) with `ckpt` = an official SiT `.pt` (or ours) of that size;
-  `sit-xl/2` without one is SiT's released ImageNet-256 checkpoint, downloaded into `$CMT_CACHE/sit`.
+  `sit-xl/2` without one is SiT's released ImageNet-256 checkpoint, downloaded into `$CMT_CACHE/sit`;
+- the path of an official SiT or MeanFlow-port `.pt` alone: its size read from the state dict (kind
+  "sit"; a port checkpoint, with `r_embedder`, is a MeanFlow flow-map student: `flow_map` True,
+  MeanFlow's time convention, the port's VAE scaling).
 
 `load_teacher` gives the network alone; `convert_checkpoint` (the `cmt-convert` command) turns an
 official EDM or EDM2 pickle into our `.safetensors`.
@@ -22,12 +25,14 @@ import hashlib
 import pickle
 from pathlib import Path
 
-from cmt.checkpoint import load_network, load_official_pickle, network_record, read_nvlabs_pickle, read_once, save_network
+from cmt.checkpoint import (OfficialSiTCheckpoint, load_network, load_official_pickle, network_record,
+                            read_nvlabs_pickle, read_once, save_network)
 from cmt.download import DownloadError, fetch, is_url
 from cmt.errors import ArgumentError
 from cmt.guidance import apply_guidance
 from cmt.networks.sit import SIT_PRESETS
-from cmt.sit_checkpoint import SIT_ENCODER, SIT_LABEL_DROPOUT, SIT_XL2_256_FILE, SIT_XL2_256_URL, load_sit_checkpoint
+from cmt.sit_checkpoint import (MEANFLOW_PORT_ENCODER, SIT_ENCODER, SIT_LABEL_DROPOUT, SIT_XL2_256_FILE,
+                                SIT_XL2_256_URL, load_sit_checkpoint, size_name)
 
 BUILTIN_TEACHERS = ("mnist", "toy:checkerboard", "toy:8gaussians", "toy:moons")
 # The share of label-free training of the built-in teachers (their recipes, cmt/assets/teachers/README.md):
@@ -143,6 +148,14 @@ def fetch_sit_checkpoint(name_or_url=SIT_XL2_256_FILE):
         raise DownloadError(f"{error}, or pass the path of a local copy instead") from error
 
 
+def _resolve_sit_file(path, device):
+    """An official SiT or MeanFlow-port `.pt` given by its path alone: its size from the state dict; a
+    port checkpoint (r_embedder) is a MeanFlow flow-map student, recorded with the port's VAE scaling."""
+    net = load_sit_checkpoint(path, size=None, flow_map=None, device=device)
+    encoder = MEANFLOW_PORT_ENCODER if net.flow_map else SIT_ENCODER
+    return net, _identity("sit", path, net, size=size_name(net.config), encoder=encoder)
+
+
 def _resolve_sit(size, ckpt, device):
     """A SiT velocity teacher of the named size: a checkpoint path or URL, or SiT's release (sit-xl/2)."""
     if ckpt is None and size != "sit-xl/2":
@@ -165,7 +178,7 @@ def _accepted():
     return ("a checkpoint path (.safetensors, .pt, .pkl), a built-in name (" + ", ".join(BUILTIN_TEACHERS)
             + "), 'edm2' or 'edm' with a checkpoint, an EDM2 preset (" + ", ".join(sorted(EDM2_PRESETS))
             + "), an EDM preset (" + ", ".join(sorted(EDM_PRESETS)) + ") or a SiT size ("
-            + ", ".join(SIT_PRESETS) + ") with a checkpoint")
+            + ", ".join(SIT_PRESETS) + ") with a checkpoint (or an official SiT / MeanFlow-port .pt by its path)")
 
 
 def _resolve_official(source, device, expect=None):
@@ -270,7 +283,10 @@ def _resolve(name, ckpt, device):
             raise FileNotFoundError(f"teacher checkpoint not found: {path}")
         if path.suffix == ".pkl":
             return _resolve_official(name, device)
-        net = load_network(path, device=device)
+        try:
+            net = load_network(path, device=device)
+        except OfficialSiTCheckpoint:   # SiT's or the MeanFlow port's own .pt, by its path alone
+            return _resolve_sit_file(path, device)
         # A network trained on a latent set (cmt-encode) records the VAE and scaling that decode its samples.
         encoder = network_record(net).get("encoder")
         return net, _identity("checkpoint", path, net, **({"encoder": encoder} if encoder else {}))

@@ -106,6 +106,12 @@ QUICK_FORMS = {
                          "rss_4x_vs_1x")),
     "bench_mid.py": (("--num-trajectories", "16", "--steps", "1", "--warmup", "1", "--rounds", "1"),
                      ("step_vs_bare", "mid_vs_official")),
+    # a SiT student (tiny) and MeanFlow post-training, through the trainer and written out plainly
+    "bench_mid.py --sit": (("sit-tiny/2", "--latent-side", "8", "--batch-size", "4", "--nfe", "4", "--num-trajectories",
+                            "4", "--steps", "1", "--warmup", "1", "--rounds", "1"),
+                           ("step_vs_bare", "mid_vs_official", "meanflow_vs_bare")),
+    "gpu_sit.py": ((), ("sit-tiny2_mid_fp32_s_per_step", "sit-tiny2_meanflow_bf16_s_per_step",
+                        "build_fp32_trajectories_per_s")),
     "gpu_data_path.py": ((), ("build_vs_bare", "build_trajectories_per_s", "mid_step_s", "data_wait_share")),
     "gpu_edm.py": ((), ("build_vs_bare", "build_trajectories_per_s", "mid_s_per_step", "mid_states_per_s")),
     # EDM's DDPM++ CIFAR-10 teacher (random weights, full size): 2 trajectories of 2 steps.
@@ -127,7 +133,8 @@ QUICK_FORMS = {
 @pytest.mark.parametrize("script", sorted(QUICK_FORMS))
 def test_quick_form_ends_with_its_ratios(script):
     args, names = QUICK_FORMS[script]
-    result = subprocess.run([sys.executable, str(BENCHMARKS / script), "--quick", *args], env=TWO_CPU_ENV,
+    script, *variant = script.split()
+    result = subprocess.run([sys.executable, str(BENCHMARKS / script), "--quick", *variant, *args], env=TWO_CPU_ENV,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     pairs = dict(pair.rsplit("=", 1) for pair in result.stdout.strip().splitlines()[-1].split())
@@ -143,3 +150,15 @@ def test_edm_parity_prints_the_table_of_docs_parity():
     pairs = dict(pair.rsplit("=", 1) for pair in result.stdout.strip().splitlines()[-1].split())
     assert int(pairs["network_cases"]) == 42 and float(pairs["networks_max_rel"]) <= 1e-5
     assert 0 < float(pairs["trajectory_max_rel"]) <= 2e-6
+
+
+def test_sit_parity_table_is_measured_from_the_fixtures():
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "sit_parity.py")], env=TWO_CPU_ENV, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    pairs = {name: float(value) for name, value in
+             (pair.rsplit("=", 1) for pair in result.stdout.strip().splitlines()[-1].split())}
+    assert all(pairs[f"{name}_{kind}"] < 1e-5 for name in ("sit_p2_ls", "sit_p4", "sit_p8_ls", "port_p2")
+               for kind in ("native", "D"))
+    assert pairs["ode_euler"] < 1e-5 and pairs["ode_euler_cfg4"] < 1e-5 and pairs["ode_heun2_in_t"] < 1e-5
+    assert 0.01 < pairs["ode_heun2"] < 0.1   # SiT's Heun averages slopes in t, ours in sigma (docs/benchmarks.md)

@@ -4,7 +4,6 @@ import inspect
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,7 @@ from cmt.manifest import TrajectoryDataset, upgrade_manifest
 from cmt.networks import build_network
 from cmt.sampling import sample, save_samples, student_sampler
 from cmt.trainers.run_files import IMAGES_SEEN, read_log
-from conftest import TEACHER, TWO_CPU_ENV, TWO_CPU_PROCESSES, command_line, gmm_teacher, invoke_command
+from conftest import TEACHER, TWO_CPU_ENV, TWO_CPU_PROCESSES, gmm_teacher, invoke_command
 
 COMMANDS = {"cmt-sample": sample_main, "cmt-eval": eval_main, "cmt-convert": convert_main, "cmt-build": build_main,
             "cmt-inspect": inspect_main, "demo": demo_main, "cmt-train": train_main, "cmt-ema": ema_main,

@@ -112,8 +112,11 @@ def test_mismatches_are_one_line_naming_the_file_and_the_expectation(tmp_path):
         (dict(name_or_path="sit-t/4", ckpt=sit), "sit.pt: holds a SiT of depth 2, hidden size 32, patch 2; sit-t/4 has"),
         (dict(name_or_path="edm2", ckpt=sit), "sit.pt: an official SiT / MeanFlow state dict, not a cmt checkpoint; "
                                               "load it as a SiT teacher: --teacher sit-xl/2"),
-        (dict(name_or_path=str(sit)), "sit.pt: an official SiT / MeanFlow state dict"),
     ]
+    custom = tmp_path / "custom.pt"   # by its path alone, the size comes from the weights: one of SiT's or none
+    torch.save(random_sit(7, depth=3).state_dict(), custom)
+    cases.append((dict(name_or_path=str(custom)), "custom.pt: a SiT of depth 3, hidden size 32, patch 2 is none of "
+                                                  "the sizes"))
     pickle = tmp_path / "edm2-img64-s.pkl"
     pickle.write_bytes(b"\x80\x04N.")
     cases.append((dict(name_or_path="sit-t/2", ckpt=pickle),

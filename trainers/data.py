@@ -18,6 +18,7 @@ from cmt.errors import ArgumentError
 from cmt.images import MAX_GRID_IMAGES
 from cmt.latents import decode_latents
 from cmt.networks import build_network
+from cmt.networks.sit import SIT_PRESETS, sit_config
 from cmt.trainers.loop import RandomBatches
 
 # The networks pre-training (and post-training from random weights) builds from scratch, sized for
@@ -29,6 +30,18 @@ DEFAULT_ARCH = {
 
 
 PRETRAINING_ARCHITECTURES = tuple(DEFAULT_ARCH)
+# Post-training from random weights also builds a SiT / DiT of a named size (`cmt.networks.sit.SIT_PRESETS`,
+# sit-s/2 ... sit-xl/8) for the data's latent shape and classes, in MeanFlow's time convention: MeanFlow
+# trains DiT-B/4 from scratch (Gsunshine/meanflow configs/run_b4.yml `model.cls: DiT_B_4`, its
+# models_dit.py DiT_B_4 = depth 12, hidden 768, patch 4, 12 heads, learn_sigma False).
+STUDENT_ARCHITECTURES = PRETRAINING_ARCHITECTURES + tuple(SIT_PRESETS)
+
+
+def check_arch(arch, choices=PRETRAINING_ARCHITECTURES):
+    """ArgumentError naming `arch` unless it is one of `choices` (with STUDENT_ARCHITECTURES: or any SiT size)."""
+    sizes = tuple(SIT_PRESETS) if set(SIT_PRESETS) & set(choices) else ()
+    if arch not in choices and arch not in sizes:
+        raise ArgumentError("arch", f"{arch!r} is not one of {', '.join(dict.fromkeys(choices + sizes))}")
 
 
 def training_data(data, resolution=None, argument="data"):
@@ -73,11 +86,19 @@ def default_arch(data):
 
 def network_for(data, arch, channels=None, channel_mult=None, num_blocks=None, attn_res=None, dropout=0.0,
                 cond=True):
-    """The teacher network for `data`, with the `DEFAULT_ARCH` of `arch` where an option is None."""
-    if arch not in DEFAULT_ARCH:
-        raise ArgumentError("arch", f"{arch!r} is not one of {', '.join(PRETRAINING_ARCHITECTURES)}")
-    defaults = DEFAULT_ARCH[arch]
+    """The teacher network for `data`, with the `DEFAULT_ARCH` of `arch` where an option is None; or
+    a SiT of the size `arch` names (`STUDENT_ARCHITECTURES`) for the data's shape and classes."""
     label_dim = data.label_dim if cond else 0
+    if arch in SIT_PRESETS:
+        try:
+            config = sit_config(arch, data_shape=tuple(data.data_shape), label_dim=label_dim, dropout=dropout,
+                                time_convention="meanflow")
+        except ArgumentError as error:
+            raise ArgumentError("arch", f"{data.name} ({list(data.data_shape)}): {error.message}") from None
+        return build_network(config)
+    if arch not in DEFAULT_ARCH:
+        raise ArgumentError("arch", f"{arch!r} is not one of {', '.join(STUDENT_ARCHITECTURES)}")
+    defaults = DEFAULT_ARCH[arch]
     channels = channels or defaults["channels"]
     num_blocks = num_blocks or defaults["num_blocks"]
     if arch == "mlp":

@@ -14,6 +14,7 @@ import torch
 from cmt.edm import SIGMA_MAX, broadcast_sigma, t_to_sigma, z_to_x
 from cmt.errors import ArgumentError
 from cmt.options import Option
+from cmt.sampling import sampled_t_max
 from cmt.trainers.distances import squared_l2
 from cmt.trainers.methods import MethodSetup, PostMethod
 from cmt.trainers.students import (average_velocity, frozen_weight_norm, full_precision, network_labels,
@@ -25,7 +26,9 @@ MF_EQUAL_SHARE = 0.75          # share of samples with r = t (plain flow matchin
 MF_NORM_P, MF_NORM_EPS = 1.0, 0.01
 # MeanFlow's target velocity: the data's conditional e - x (the paper's), or the teacher's ODE velocity.
 MF_VELOCITIES = ("data", "teacher")
-# Samplers start at sigma_max; t beyond it is never used.
+# Sigma-space samplers start at sigma_max; t beyond it is never used. A student sampled in MeanFlow's
+# own time from t = 1 (`cmt.sampling.student_sampler(time="t")`, SiT) trains on every t up to 1, as
+# MeanFlow does (Gsunshine/meanflow meanflow.py `sample_tr`: no clamp); the sampler record decides.
 MF_T_MAX = SIGMA_MAX / (1 + SIGMA_MAX)
 
 
@@ -73,7 +76,7 @@ def guided_velocity(plain, z, t, velocity, labels, dropped, *, omega, kappa=0.0,
 
 def meanflow_loss(net, batch, ctx, *, p_mean=MF_P_MEAN, p_std=MF_P_STD, equal_share=MF_EQUAL_SHARE,
                   norm_p=MF_NORM_P, norm_eps=MF_NORM_EPS, cfg_omega=None, cfg_kappa=0.0, cfg_t_min=0.0,
-                  cfg_t_max=1.0, label_dropout=0.0, teacher=None):
+                  cfg_t_max=1.0, label_dropout=0.0, teacher=None, t_max=MF_T_MAX):
     """MeanFlow per-sample loss `|u - target|^2 / (|u - target|^2 + eps)^p` (weight without gradient).
 
     The JVP runs on the unwrapped network without gradient (the target is stop-gradient anyway);
@@ -82,13 +85,15 @@ def meanflow_loss(net, batch, ctx, *, p_mean=MF_P_MEAN, p_std=MF_P_STD, equal_sh
     Class-conditional data: `label_dropout` of the rows train unconditionally (null label, target
     from v), and `cfg_omega` (None: off) guides the target's velocity (`guided_velocity`).
     `teacher` (a frozen denoiser; None: the data's e - x): v is its ODE velocity at z_t.
+    `t_max`: the largest training time (`MF_T_MAX`, sigma_max's; 1 for students sampled from t = 1).
+    u is `cmt.trainers.students.average_velocity`: the network's own where it has one (SiT).
     """
     plain = plain_network(net, ctx)
     if not plain.flow_map:
         raise ValueError("MeanFlow needs a flow-map network (flow_map=True, with a target_sigma input)")
     x = batch["data"].float()
     labels = network_labels(plain, batch.get("label"))
-    t, r = sample_t_r(x.shape[0], ctx.generator, x.device, p_mean, p_std, equal_share)
+    t, r = sample_t_r(x.shape[0], ctx.generator, x.device, p_mean, p_std, equal_share, t_max)
     noise = torch.randn(x.shape, generator=ctx.generator, device=x.device, dtype=x.dtype)
     t_b = broadcast_sigma(t, x)
     z = (1 - t_b) * x + t_b * noise
@@ -150,7 +155,8 @@ def check(options, student):
 def build(setup: MethodSetup):
     options = dict(setup.options)
     options.pop("velocity")
-    return functools.partial(meanflow_loss, teacher=setup.teacher, **options)
+    t_max = MF_T_MAX if setup.sampler is None else sampled_t_max(setup.sampler)   # the times it is sampled from
+    return functools.partial(meanflow_loss, teacher=setup.teacher, t_max=t_max, **options)
 
 
 MEANFLOW = PostMethod(

@@ -17,11 +17,13 @@ from cmt.options import Option
 class MethodSetup:
     """What a method's `build` gets: its options resolved (`PostMethod.prepare` applied), the student
     (built from the init, on the CPU), the frozen teacher it asked for (`PostMethod.teacher`), else
-    None, and the run's length."""
+    None, the run's length, and the record of how the student will be sampled
+    (`cmt.sampling.student_sampler`; None: the default one of `PostMethod.sampler`)."""
     options: dict
     student: torch.nn.Module
     teacher: Optional[torch.nn.Module]
     max_steps: int
+    sampler: Optional[dict] = None
 
 
 def _no_teacher(options):

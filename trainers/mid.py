@@ -279,9 +279,14 @@ def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_re
     flow_map = target == "flowmap"
     init_state = teacher_state if student_init == "teacher" else None   # the velocity rows may load it anyway
     # The endpoint target's student is its family's consistency form (EDM: sony/cmt's ECMPrecond); the
-    # flowmap target's, the teacher's network with the zero-initialised target_sigma input.
-    network = student_config(teacher_config, flow_map=flow_map, sigma_min=0.0 if flow_map else None, dropout=dropout,
-                             form=None if flow_map else consistency_student)
+    # flowmap target's, the teacher's network with the zero-initialised target_sigma input. A flow-map
+    # teacher's (a set built by a flow-map student's jumps) weights need that input: its endpoint
+    # student keeps it, in the boundary form at SIGMA_MIN, and jumps to 0 (a consistency model).
+    if flow_map or teacher_config.get("flow_map"):
+        network = student_config(teacher_config, flow_map=True, sigma_min=0.0 if flow_map else SIGMA_MIN,
+                                 dropout=dropout)
+    else:
+        network = student_config(teacher_config, dropout=dropout, form=consistency_student)
     student = build_student(network, init_state, source=f"teacher {identity.get('path', identity.get('name'))}",
                             seed=config.seed)
     check_agreement(manifest, student, data)
@@ -314,7 +319,9 @@ def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_re
                               sigma_max=float(manifest.get("sigma_max", SIGMA_MAX)))
     info = {"phase": "mid", "target": target, "loss": loss, "velocity_share": velocity_share, "data": str(data),
             "teacher": identity, "sampler": sampler,
-            "guidance": manifest.get("guidance"), **(resolved_options or {"recipe": recipe})}
+            "guidance": manifest.get("guidance"), **(resolved_options or {"recipe": recipe}),
+            # a latent teacher's VAE and scaling (SiT, EDM2 img512): what decodes the student's samples
+            **({"encoder": identity["encoder"]} if identity.get("encoder") else {})}
     # The cache and the checks change no batch: a resumed run may set others (and runs saved before
     # them had none).
     run_options = {"recipe": recipe, **(resolved_options or run_files.phase_options(mid_train, locals()))}

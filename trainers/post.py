@@ -12,10 +12,10 @@ import torch
 from cmt.checkpoint import network_record
 from cmt.edm import TWO_STEP_SIGMA
 from cmt.errors import ArgumentError
-from cmt.sampling import student_sampler
+from cmt.sampling import native_time, student_sampler
 from cmt.teachers import BUILTIN_TEACHERS, resolve_teacher
 from cmt.trainers import loop, precision, recipes
-from cmt.trainers.data import (PRETRAINING_ARCHITECTURES, check_data_fits, data_batches, default_arch,
+from cmt.trainers.data import (STUDENT_ARCHITECTURES, check_arch, check_data_fits, data_batches, default_arch,
                                network_for, training_data)
 from cmt.trainers.ect import ECD, ECT
 from cmt.trainers.meanflow import MEANFLOW
@@ -55,14 +55,14 @@ def method_options(method, options):
 
 
 def post_precision(mixed_precision, method):
-    """Post-training's precision: float32 (TF32 matmuls allowed on CUDA) for 'auto'; a half
+    """Post-training's precision: float32 (TF32 as `tf32_for` decides) for 'auto'; a half
     precision asked for explicitly is refused, since the loss path would not use it."""
     if mixed_precision == "auto":
         return "no"
     if mixed_precision in ("bf16", "fp16"):
         raise ArgumentError("mixed_precision", f"{method.name} post-training runs its loss path in float32: the "
                                                f"residual {method.residual} is far below {mixed_precision}'s rounding "
-                                               "error; use 'no' or 'auto' (float32, TF32 matmuls on CUDA)")
+                                               "error; use 'no' or 'auto' (float32; TF32 is --tf32's)")
     return mixed_precision
 
 
@@ -199,8 +199,9 @@ def load_init(init, teacher, data, arch):
 
 @recipes.with_recipe("post", default_recipe=builtin_teacher_recipe, method_names=lambda: list(METHODS),
                      names_a_teacher=init_names_a_teacher)
-def post_train(*, init, method=None, data, out, teacher=None, arch=None, guidance=None, guide_ckpt=None, dropout=None,
-               dropout_res=None, resolution=None, eval_data=None, num_samples=1000, mid_sigma=TWO_STEP_SIGMA, recipe=None,
+def post_train(*, init=None, method=None, data, out, teacher=None, arch=None, guidance=None, guide_ckpt=None,
+               dropout=None, dropout_res=None, resolution=None, eval_data=None, num_samples=1000,
+               mid_sigma=TWO_STEP_SIGMA, recipe=None,
                resolved_options=None, **options):
     """Post-train a student with a post-training method (`METHODS`: ECT, ECD, MeanFlow) -> `out/post.pt`
     (1- and 2-step sampling).
@@ -208,24 +209,27 @@ def post_train(*, init, method=None, data, out, teacher=None, arch=None, guidanc
     recipe: a named set of every setting (`cmt.trainers.recipes.RECIPES`: cifar10, ffhq64, afhq64,
     imagenet512, imagenet64-ect, imagenet256-meanflow, mnist, toy); arguments given explicitly
     override it. None: the built-in teacher's recipe (mnist, toy) when the teacher is built in.
-    Precision: the loss path runs in float32 (TF32 matmuls on CUDA); mixed_precision 'auto' means
-    that, and bf16 / fp16 are refused (`cmt.trainers.students.full_precision`).
+    Precision: the loss path runs in float32; mixed_precision 'auto' means that, and bf16 / fp16 are
+    refused (`cmt.trainers.students.full_precision`); TF32 is `tf32`'s ('auto': measured against the
+    method's residual at the run's gap, `cmt.trainers.precision`).
 
-    init: mid.pt (or another checkpoint of ours, or a built-in teacher name), 'teacher' (the
-    teacher's weights) or 'random'. method: a name of `METHODS` (required unless the recipe has one).
+    init: mid.pt (or another checkpoint of ours, or a built-in teacher name, or an official
+    MeanFlow-port .pt: a SiT flow-map student), 'teacher' (the teacher's weights) or 'random'
+    (required, unless the recipe names it). method: a name of `METHODS` (required unless the recipe has one).
     data: mnist, toy:NAME, or an image folder / .npz / EDM .zip; resolution resizes images (None:
     the student's; another than the student's is refused). teacher: diffusion teacher (name or
     checkpoint): the frozen teacher a method asks for (ECD's solver, MeanFlow's velocity 'teacher'),
     and what 'teacher' / 'random' inits copy
     (None: the teacher recorded in init, else the init itself when it is a diffusion model, else the
     recipe's official teacher: cifar10, ffhq64, afhq64 name EDM's). arch: with init 'random' and no
-    teacher, the diffusion phase's default network of this kind (edm2 or mlp). guidance, guide_ckpt:
-    guide that frozen teacher (`cmt.guidance.apply_guidance`: autoguidance by guide_ckpt, else
-    classifier-free); guidance='manifest' takes the guidance the mid checkpoint's dataset manifest
-    records, which a method that `follows_guidance` (MeanFlow's velocity 'teacher') takes by default;
-    'none': unguided. dropout: the student's (None: the init's); dropout_res: dropout only in the
-    blocks at feature resolutions up to this one (EDM2 U-Nets; ECT's ImageNet-64 presets: 16; None:
-    everywhere). eval_data: data set whose built-in metric scores
+    teacher, the diffusion phase's default network of this kind (edm2 or mlp), or a SiT of this size
+    (sit-s/2 ... sit-xl/8, `cmt.trainers.data.STUDENT_ARCHITECTURES`) for the data's shape and
+    classes. guidance, guide_ckpt: guide that frozen teacher (`cmt.guidance.apply_guidance`:
+    autoguidance by guide_ckpt, else classifier-free); guidance='manifest' takes the guidance the mid
+    checkpoint's dataset manifest records, which a method that `follows_guidance` (MeanFlow's velocity
+    'teacher') takes by default; 'none': unguided. dropout: the student's (None: the init's);
+    dropout_res: dropout only in the blocks at feature resolutions up to this one (EDM2 U-Nets; ECT's
+    ImageNet-64 presets: 16; None: everywhere). eval_data: data set whose built-in metric scores
     samples (None: data, if built in); num_samples: samples for the metric and pictures; mid_sigma:
     the intermediate sigma of 2-step sampling.
     options: the method's own options (below), and the shared trainer options, `TrainConfig`'s fields
@@ -235,11 +239,14 @@ def post_train(*, init, method=None, data, out, teacher=None, arch=None, guidanc
     Returns `{"out", "checkpoint" (post.pt), "model" (post.safetensors), "log", "state": Path,
     "metrics": the last logged scalars}`.
     """
+    if init is None:
+        raise ArgumentError("init", "name one: a checkpoint (mid.pt, ...), a built-in teacher name, 'teacher' or "
+                                    "'random' (a recipe may name it: imagenet256-meanflow starts from random weights)")
     init, teacher = str(init), None if teacher is None else str(teacher)   # names or paths, as recorded
     chosen = method_of(method)
     own, train_options = method_options(chosen, dict(options))
     if arch is not None:
-        loop.check_choice("arch", arch, PRETRAINING_ARCHITECTURES)
+        check_arch(arch, STUDENT_ARCHITECTURES)
     data_spec = data
     data = training_data(data_spec, resolution)
     arch = arch or default_arch(data)
@@ -278,12 +285,15 @@ def post_train(*, init, method=None, data, out, teacher=None, arch=None, guidanc
                 guidance = "manifest"   # the flow map mid-training fitted is the guided teacher's
             teacher_net, guidance_record = frozen_teacher(teacher, guidance, guide_ckpt, init_record, student,
                                                           needed_by)
-    setup = MethodSetup(options=prepared, student=student, teacher=teacher_net, max_steps=config.max_steps)
-    objective = chosen.build(setup)
+    # A flow-map student with its own time (SiT) is sampled as MeanFlow samples, in t from t = 1.
+    time = "t" if chosen.sampler == "flowmap" and native_time(student) else "sigma"
     if eval_data is None and (data.kind == "toy" or data.name == "mnist"):
         eval_data = data.name
     check_report_options(student, eval_data=eval_data, mid_sigma=mid_sigma)
-    sampler = student_sampler(chosen.sampler, mid_sigma=mid_sigma)
+    sampler = student_sampler(chosen.sampler, mid_sigma=mid_sigma, time=time)
+    setup = MethodSetup(options=prepared, student=student, teacher=teacher_net, max_steps=config.max_steps,
+                        sampler=sampler)
+    objective = chosen.build(setup)
     info = {"phase": "post", "method": chosen.name, "init": str(init), "init_identity": identity, "teacher": teacher,
             "data": data.name, **chosen.record(prepared), "teacher_guidance": guidance_record, "sampler": sampler,
             **(resolved_options or {"recipe": recipe}),
@@ -295,7 +305,7 @@ def post_train(*, init, method=None, data, out, teacher=None, arch=None, guidanc
 
     def sample_fn(ema, step, out):
         return sampling_report(ema, out, step, sampler=sampler["kind"], eval_data=eval_data, num_samples=num_samples,
-                               mid_sigma=mid_sigma, progress=config.progress)
+                               mid_sigma=mid_sigma, progress=config.progress, time=time)
 
     run_options = {"recipe": recipe, **(resolved_options or {"options": {}})}
     run_options["options"] = {**run_options.get("options", {}), **recipes.recorded_options(own)}

@@ -141,9 +141,14 @@ IMAGENET64_ECT = {
 }
 
 # ---- ImageNet-256 MeanFlow (Gsunshine/meanflow, MF-B/4) ----------------------------------------
+# Data: ImageNet-256 as SD-VAE latents, 0.18215 x the posterior draw of pixels in [-1, 1] with a random
+# horizontal flip (utils/vae_util.py, input_pipeline.py `use_flip=True`): a latent set of
+# `cmt-encode --scaling sd --flips` (both flips stored; training draws one at random, as
+# zhuyu-cs/MeanFlow dataset.py flip_prob 0.5).
 IMAGENET256_MEANFLOW = {
     "mid": None,   # no CMT + MeanFlow code is published
     "post": {"meanflow": dict(
+        init="random", arch="sit-b/4",          # run_b4.yml model.cls DiT_B_4, trained from scratch
         optimizer="adam", betas=(0.9, 0.95),    # optax.adamw b2 0.95, weight decay 0 (train.py, default.py)
         weight_decay=0.0,
         lr=1e-4, lr_schedule="constant", warmup_steps=0,   # run_b4.yml lr 1e-4 (a constant)
@@ -156,8 +161,9 @@ IMAGENET256_MEANFLOW = {
         label_dropout=0.1,                      # class_dropout_prob 0.1
         batch_size=256, max_steps=1_200_960,    # run_b4.yml: batch 256, 240 epochs of 5004 batches (1,281,167
                                                 # images; utils/input_pipeline.py drops the partial last one)
-        # The training report's 2 steps t = 1 -> 0.5 -> 0 (sigma 1 is t = 0.5; not in the official code,
-        # which samples 1 step).
+        # 2 steps t = 1 -> 0.5 -> 0 (sigma 1 is t = 0.5): zhuyu-cs/MeanFlow meanflow_sampler.py linspace(1, 0, 3);
+        # the official code samples 1 step (sampling.num_steps 1, schedule [1.0, 0.0]). A SiT student
+        # samples in t from t = 1 (`cmt.sampling.student_sampler(time="t")`).
         mid_sigma=1.0,
         mixed_precision="no",                   # half_precision False
     )},

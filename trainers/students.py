@@ -12,7 +12,7 @@ from cmt.edm import SIGMA_MAX, SIGMA_MIN, TWO_STEP_SIGMA, broadcast_sigma, sigma
 from cmt.errors import ArgumentError
 from cmt.networks import build_network, family_of, network_config
 from cmt.outputs import write_torch
-from cmt.sampling import sampler_sigmas
+from cmt.sampling import MEANFLOW_T_MAX, native_time, sampler_sigmas
 from cmt.teachers import resolve_teacher
 from cmt.trainers.reports import sample_and_score
 from cmt.trainers.run_files import LOG_FILE, STATE_FILE, final_metrics
@@ -37,17 +37,26 @@ def average_velocity(net, z, t, r, labels=None):
     """`u(z, t, r) = (z - D(z / (1 - t), t / (1 - t), target_sigma = r / (1 - r))) / t`.
 
     The average velocity from time t to r < t of a flow-map network that lives in EDM sigma space:
-    `z_r = z - (t - r) u` is the same jump as `flow_map_jump` in sigma space.
+    `z_r = z - (t - r) u` is the same jump as `flow_map_jump` in sigma space. A flow map with its own
+    time (`cmt.sampling.native_time`: SiT's `average_velocity(z, t, r, labels)`) gives the same u
+    directly, without the round trip through sigma (equal to float32 rounding; defined at t = 1, where
+    sigma is infinite). A DDP wrapper has no such method, so under several processes the gradient path
+    goes through the wrapper's forward (the round trip), as DDP needs.
     """
+    if native_time(net):
+        return net.average_velocity(z, t, r, labels).to(z.dtype)
     denoised = net(z_to_x(z, t), t_to_sigma(t), labels, target_sigma=t_to_sigma(r))
     return (z - denoised) / broadcast_sigma(t, z)
 
 
 def teacher_velocity(denoiser, x, sigma, labels=None):
-    """The probability-flow ODE's velocity dz/dt = (z - D(x, sigma)) / t at an EDM state, in float32."""
+    """The probability-flow ODE's velocity dz/dt = (z - D(x, sigma)) / t at an EDM state, in float32.
+    A flow-map teacher (a trajectory set built from a flow-map student) gives its instantaneous
+    velocity u(z, t, t): D at `target_sigma = sigma`."""
     x = x.float()
+    target = {"target_sigma": sigma.float()} if getattr(denoiser, "flow_map", False) else {}
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):   # a fixed target: float32, as the build
-        denoised = denoiser(x, sigma.float(), labels).float()
+        denoised = denoiser(x, sigma.float(), labels, **target).float()
     return (x_to_z(x, sigma) - denoised) / broadcast_sigma(sigma_to_t(sigma), x)
 
 
@@ -211,19 +220,20 @@ def check_report_options(net, *, eval_data, mid_sigma, sigma_max=SIGMA_MAX, sigm
 # ---- reports and results ----------------------------------------------------------------------
 
 def sampling_report(net, out, step, *, sampler, eval_data=None, num_samples=1000, mid_sigma=TWO_STEP_SIGMA,
-                    sigma_max=SIGMA_MAX, progress=False):
+                    sigma_max=SIGMA_MAX, progress=False, time="sigma", t_max=MEANFLOW_T_MAX):
     """1- and 2-step samples of a student (`cmt.trainers.reports.sample_and_score`): the built-in
     metric of `eval_data` (toy:NAME, mnist) as scalars `{metric}_{steps}step` and a picture each in
     `out/samples/` (as `samples_{steps}step`; points and pixels, not latents). sampler: the
     student's kind (`cmt.sampling.STUDENT_SAMPLERS`; "consistency" re-noises between jumps to 0 even
-    for a flow-map network, as ECT / ECD students are sampled)."""
+    for a flow-map network, as ECT / ECD students are sampled); time, t_max: its record's
+    (`cmt.sampling.generate`)."""
     data = resolve_data(eval_data) if eval_data is not None else None
     pictured = len(net.data_shape) == 1 or net.data_shape[0] in (1, 3)
     scalars = {}
     for steps in (1, 2):
         scalars.update(sample_and_score(
             net, out, step, sampling=dict(sampler="flowmap", steps=steps, mid_sigma=mid_sigma, sigma_max=sigma_max,
-                                          renoise=sampler == "consistency"),
+                                          renoise=sampler == "consistency", time=time, t_max=t_max),
             num_samples=num_samples, data=data, suffix=f"_{steps}step",
             title=f"student at step {step}, {steps} step{'s' * (steps > 1)}",
             draw=(lambda images: images) if pictured else None,

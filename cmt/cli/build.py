@@ -8,19 +8,21 @@ The options are the keywords of `cmt.builders.build.build_trajectories`, with it
 """
 import click
 
-from cmt.builders.build import DEFAULTS, STORAGE_DTYPES, NonFiniteTrajectories, build_trajectories
+from cmt.builders.build import DEFAULT_SOLVER, DEFAULTS, STORAGE_DTYPES, NonFiniteTrajectories, build_trajectories
 from cmt.cli.common import CONTEXT_SETTINGS, translate_errors
 from cmt.edm import SIGMA_GRIDS
 from cmt.formats import COMPRESSIONS, DEFAULT_COMPRESSION, FORMATS
 from cmt.labels import LABELS_HELP
-from cmt.solvers import SOLVERS
+from cmt.solvers import FLOW_MAP, SOLVERS
 from cmt.teachers import RECIPE_TEACHERS
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
 @click.option("--teacher", default=DEFAULTS["teacher"],
               help="A checkpoint of ours (path), a built-in name (mnist, toy:NAME), 'edm2' or 'edm' with "
-                   "--teacher-ckpt, an EDM2 or EDM preset, or an official .pkl [default: the --recipe's].")
+                   "--teacher-ckpt, an EDM2 or EDM preset, an official .pkl, a SiT size with --teacher-ckpt, or a "
+                   "flow-map student (a CMT flow-map or MeanFlow checkpoint, a MeanFlow-port .pt) sampled by its "
+                   "own --nfe jumps [default: the --recipe's].")
 @click.option("--recipe", type=click.Choice(list(RECIPE_TEACHERS)), default=DEFAULTS["recipe"],
               help="A recipe of docs/recipes.md: its official teacher when --teacher is not given (cifar10: "
                    "edm-cifar10-32x32-uncond-vp, ffhq64: edm-ffhq-64x64-uncond-vp, afhq64: "
@@ -33,7 +35,9 @@ from cmt.teachers import RECIPE_TEACHERS
 @click.option("--guide-ckpt", default=DEFAULTS["guide_ckpt"],
               help="The guiding network for autoguidance (path, preset or built-in name).")
 @click.option("--out", required=True, help="Output directory or fsspec URL (file://, memory://, s3:// ...).")
-@click.option("--solver", type=click.Choice(list(SOLVERS)), default=DEFAULTS["solver"])
+@click.option("--solver", type=click.Choice([*SOLVERS, FLOW_MAP]), default=DEFAULTS["solver"],
+              help=f"ODE solver of a diffusion teacher; {FLOW_MAP}: a flow-map teacher's own jumps along the grid "
+                   f"[default: {DEFAULT_SOLVER}, or {FLOW_MAP} for a flow-map teacher].")
 @click.option("--nfe", type=int, default=DEFAULTS["nfe"], help="Denoiser calls per trajectory.")
 @click.option("--grid", type=click.Choice(list(SIGMA_GRIDS)), default=DEFAULTS["grid"],
               help="Sigma grid: logsnr (geometric, the official CMT grid) or karras (EDM, ends at 0).")

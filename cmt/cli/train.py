@@ -18,7 +18,7 @@ from cmt.solvers import SOLVERS
 from cmt.trainers import loop, recipes
 from cmt.trainers.precision import TF32_SETTINGS
 from cmt.networks import learning_rates
-from cmt.trainers.data import DEFAULT_ARCH, PRETRAINING_ARCHITECTURES
+from cmt.trainers.data import DEFAULT_ARCH, PRETRAINING_ARCHITECTURES, STUDENT_ARCHITECTURES
 from cmt.trainers.diffusion import DIFFUSION_DEFAULTS, EVAL_NUM, train_diffusion
 from cmt.trainers.distances import DISTANCES
 from cmt.trainers.mid import FLOWMAP_VELOCITY_SHARE, MID_DEFAULTS, OBJECTIVES as MID_TARGETS, mid_train
@@ -288,9 +288,10 @@ for _method in METHODS.values():
 
 
 @main.command("post", context_settings=COMMAND_SETTINGS)
-@click.option("--init", required=True,
-              help="mid.pt (or another checkpoint of ours, or a built-in teacher name), 'teacher' (the --teacher "
-                   "weights) or 'random'.")
+@click.option("--init", default=POST["init"],
+              help="mid.pt (or another checkpoint of ours, a built-in teacher name, or an official MeanFlow-port .pt), "
+                   "'teacher' (the --teacher weights) or 'random'. Required unless --recipe names it "
+                   "(imagenet256-meanflow: random).")
 @click.option("--method", type=click.Choice(list(METHODS)), default=None,
               help="; ".join(f"{method.name}: {method.summary}" for method in METHODS.values())
                    + " Required, unless --recipe has one method (imagenet256-meanflow).")
@@ -299,8 +300,9 @@ for _method in METHODS.values():
               help="Diffusion teacher (name or checkpoint): the frozen teacher a method asks for (ECD's solver, "
                    "MeanFlow's --velocity teacher), and what 'teacher' / 'random' inits copy [default: the teacher "
                    "recorded in --init].")
-@click.option("--arch", type=click.Choice(PRETRAINING_ARCHITECTURES), default=POST["arch"],
-              help="--init random without --teacher: the diffusion command's default network of this kind.")
+@click.option("--arch", type=click.Choice(STUDENT_ARCHITECTURES), default=POST["arch"],
+              help="--init random without --teacher: the diffusion command's default network of this kind, or a "
+                   "SiT / DiT of this size for the data's shape and classes.")
 @click.option("--guidance", default=POST["guidance"],
               help="Guide the frozen teacher of ECD or of MeanFlow's --velocity teacher with this weight "
                    "(autoguidance with --guide-ckpt, else classifier-free); 'manifest': the guidance recorded in "

@@ -60,7 +60,8 @@ SIT_PRESETS = {f"sit-{size}/{patch}": dict(depth=depth, hidden_size=hidden, num_
 TIME_CONVENTIONS = ("sit", "meanflow")
 FREQUENCY_EMBEDDING_SIZE = 256   # TimestepEmbedder(frequency_embedding_size=256)
 # SiT's forward_with_cfg guides the first 3 channels only ("for exact reproducibility reasons", as
-# DiT); the rest keep the conditional output. `cmt.guidance.classifier_free_guidance(channels=3)`.
+# DiT); the rest keep the conditional output. `cmt.guidance.classifier_free_guidance(channels=3)`;
+# every SiT says so (`cfg_channels`), so `apply_guidance` (a build's guided teacher) does it.
 SIT_CFG_CHANNELS = 3
 def is_sit_state_dict(state_dict):
     """Whether `state_dict` has SiT's layout (an official or MeanFlow-port checkpoint's weights)."""
@@ -240,6 +241,7 @@ class SiT(torch.nn.Module):
         self.learn_sigma = learn_sigma
         self.patch_size = patch_size
         self.out_channels = 2 * channels if learn_sigma else channels
+        self.cfg_channels = SIT_CFG_CHANNELS   # what classifier-free guidance guides (`cmt.guidance.apply_guidance`)
 
         self.x_embedder = PatchEmbed(patch_size, channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -324,7 +326,9 @@ class SiT(torch.nn.Module):
 
     def average_velocity(self, z, t, r=None, labels=None):
         """u(z, t, r) in our time (t = 1 noise, z_t = (1 - t) x0 + t e, z_r = z_t - (t - r) u); the
-        instantaneous velocity e - x0 (r = None) for networks without `flow_map`."""
+        instantaneous velocity e - x0 (r = None) for networks without `flow_map`. `z` of another
+        dtype is taken in the network's (float32, or float64 for a float64 network), as `forward` does."""
+        z = z.to(torch.promote_types(self.pos_embed.dtype, torch.float32))
         t = self._batch(t, z)
         if self.flow_map:
             if r is None:
