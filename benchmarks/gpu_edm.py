@@ -4,7 +4,7 @@ mid-training as `--recipe cifar10` runs it; prints its figures (docs/gpu.md).
 1. Build: EDM's DDPM++ CIFAR-10 network under EDMPrecond (`bench_build.DDPMPP_CIFAR10`, the init
    kwargs of edm-cifar10-32x32-uncond-vp.pkl: 56 M parameters) with random weights, saved as a
    checkpoint, solves `--num-trajectories` (2048) trajectories of 16 DPM-Solver++(3M) steps on the
-   logSNR grid 80 -> 0.002 (the recipe's targets, `cmt.builders.build.RECIPE_TARGETS`) by
+   logSNR grid 80 -> 0.002 (the recipe's targets, `cmt.builders.teacher.RECIPE_TARGETS`) by
    `build_trajectories` (cmt-build's function, reading the checkpoint file) into zarr shards, and
    by a bare loop that keeps nothing, alternately: trajectories/s and peak GPU memory of each, and
    their ratio.

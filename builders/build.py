@@ -13,68 +13,33 @@ another configuration fail before anything is touched.
 it); `build_config` and `build` are its two halves: the configuration that fixes every byte, and
 the writing of a configured dataset.
 """
-import concurrent.futures
 import inspect
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import tqdm
 
 from cmt.datasets import TOY_NAMES
 from cmt.distributed import distributed_state
 from cmt.edm import RHO, SIGMA_GRIDS, SIGMA_MAX, SIGMA_MIN, sigma_grid
 from cmt.errors import ArgumentError
-from cmt.formats import (DEFAULT_COMPRESSION, DEFAULT_SHUFFLE, LEGACY_COMPRESSION, LEGACY_SHUFFLE, SHARD_FORMATS,
-                         SHUFFLES, ShardError, checksum, encode_shard, files_bytes, open_location, read_files,
-                         remove_temporaries, shard_format, shard_name, write_atomic)
+from cmt.formats import (DEFAULT_COMPRESSION, DEFAULT_SHUFFLE, LEGACY_COMPRESSION, LEGACY_SHUFFLE, SHARD_FORMATS, SHUFFLES, encode_shard, open_location, shard_format)
 from cmt.labels import parse_labels
-from cmt.manifest import (BUILD_CONFIG, DATASET_NAME, DATASET_VERSION, MANIFEST, TrajectoryDataset,
-                          config_hash, dataset_compression, dataset_shuffle, read_json, sidecar_name, upgrade_manifest, write_json)
+from cmt.manifest import (BUILD_CONFIG, DATASET_NAME, DATASET_VERSION, MANIFEST, TrajectoryDataset, dataset_compression, dataset_shuffle, read_json, upgrade_manifest, write_json)
 from cmt.metrics import embedded_metric
-from cmt.options import differences
-from cmt.seeds import derive_seed
 from cmt.solvers import FLOW_MAP, SOLVERS, sample_trajectory
-from cmt.teachers import RECIPE_TEACHERS, resolve_teacher, teacher_label_dropout
+from cmt.teachers import RECIPE_TEACHERS
+from cmt.builders.plan import (CONFIG_OPTIONS, DEFAULT_SOLVER, STORAGE_DTYPES, build_config_hash, check_output, draw_inputs, parse_states, shard_plan, solver_steps)
+from cmt.builders.sharding import write_shards
+from cmt.builders.teacher import Teacher, load_teacher, recipe_teacher
 
-STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
-# The ODE solver of a diffusion teacher when none is named (the official CMT targets', DPM-Solver++(3M)).
-DEFAULT_SOLVER = "dpm++3m"
-DERIVED_KEYS = ("sigmas", "kept_sigmas", "steps")
-# The options that fix the dataset's bytes (`build_config`); the others say where it goes and how
-# the build runs.
-CONFIG_OPTIONS = ("solver", "nfe", "grid", "sigma_max", "sigma_min", "rho", "num_trajectories", "batch_size", "seed",
-                  "labels", "format", "shard_size", "dtype", "states", "compression")
 # Data sets with an embedded-data metric (`cmt.metrics.embedded_metric`), for eval_teacher.
 EVAL_DATA = ("mnist", *(f"toy:{name}" for name in TOY_NAMES))
 
 
 class NonFiniteTrajectories(RuntimeError):
     """The teacher produced NaN or inf; the message names the trajectory indices."""
-
-
-class Teacher:
-    """What the builder needs of a teacher: `denoiser(x, sigma, labels_one_hot)`, shapes, identity.
-
-    identity: JSON-able description stored in the manifest (`name`, `path`, `sha256`, `config`...);
-    everything but `path` is part of the build configuration, as is `guidance` (the record
-    `cmt.guidance.apply_guidance` returns with the denoiser: None when unguided). A denoiser with
-    `flow_map` True is a flow-map teacher (`denoiser(x, sigma, labels, target_sigma=...)`), built with
-    solver "flowmap"; its identity then says `"flow_map": True`.
-    """
-
-    def __init__(self, denoiser, data_shape, label_dim, identity, dtype=torch.float32, device="cpu", guidance=None,
-                 label_dropout=None):
-        self.denoiser = denoiser
-        self.label_dropout = label_dropout   # its share of label-free training (None: unknown), for labels "none"
-        self.flow_map = bool(getattr(denoiser, "flow_map", False))
-        self.guidance = guidance
-        self.data_shape = tuple(data_shape)
-        self.label_dim = int(label_dim)
-        self.identity = dict(identity)
-        self.dtype = dtype
-        self.device = torch.device(device)
 
 
 def build_trajectories(*, teacher=None, out, recipe=None, teacher_ckpt=None, guidance=None, guide_ckpt=None,
@@ -169,142 +134,6 @@ DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(bui
             if parameter.default is not inspect.Parameter.empty}
 
 
-def recorded_codec(out):
-    """`(compression, shuffle)` of the zarr dataset being built at `out` (its build-config.json;
-    zstd and bit shuffle when it names none), or None when there is none there yet (or it holds
-    WebDataset shards)."""
-    fs, root = open_location(out)
-    path = f"{root}/{BUILD_CONFIG}"
-    if not fs.exists(path):
-        return None
-    recorded = read_json(fs, path)
-    config = upgrade_manifest(recorded.get("config", {})) if isinstance(recorded, dict) else {}
-    if not isinstance(config, dict) or dataset_compression(config) is None:
-        return None
-    return dataset_compression(config), dataset_shuffle(config)
-
-
-
-def _location(out, name=None):
-    """`out` (or `out/name`) as a `Path` when it is local, as the URL string otherwise."""
-    text = str(out).rstrip("/")
-    if "://" in text:
-        return f"{text}/{name}" if name else text
-    return Path(text) / name if name else Path(text)
-
-
-# What the recipes build (sony/cmt training/loss.py DPMSolverLoss, the official mid-training targets:
-# DPM-Solver++ of order 3, multistep (training/dpm_solver.py sample(order=3)), on logSNR time steps from
-# T = 80 to t_0 = 0.002, --nfe=16 in run_cmt_{cifar,ffhq,afhq}.sh): build_trajectories' defaults.
-RECIPE_TARGETS = dict(solver="dpm++3m", nfe=16, grid="logsnr", sigma_max=80.0, sigma_min=0.002)
-
-
-def recipe_teacher(recipe, teacher, settings, log):
-    """The teacher of a build: `teacher`, else the official one of `recipe` (`cmt.teachers.RECIPE_TEACHERS`).
-    With a recipe, one line to `log` (None: silent) says what it set and which of the solver
-    `settings` differ from its `RECIPE_TARGETS`."""
-    if recipe is None:
-        if teacher is None:
-            raise ArgumentError("teacher", "give a checkpoint path, a built-in name, 'edm2' / 'edm' with teacher_ckpt, "
-                                           f"a preset, or a recipe ({', '.join(RECIPE_TEACHERS)}) whose teacher to use")
-        return teacher
-    if recipe not in RECIPE_TEACHERS:
-        raise ArgumentError("recipe", f"{recipe!r} is not one of {', '.join(RECIPE_TEACHERS)}")
-    filled = f"from the recipe: teacher={RECIPE_TEACHERS[recipe]}" if teacher is None else "the teacher given"
-    differs = [f"{name}={settings[name]} (the recipe's {value})" for name, value in RECIPE_TARGETS.items()
-               if settings[name] is not None and settings[name] != value]   # solver None: dpm++3m
-    if log is not None:
-        log(f"[cmt] build: recipe {recipe}; {filled}; solver " + (", ".join(differs) if differs else
-            "dpm++3m, 16 steps, logsnr grid 80 -> 0.002 (sony/cmt's mid-training targets)"))
-    return RECIPE_TEACHERS[recipe] if teacher is None else teacher
-
-
-def load_teacher(teacher, teacher_ckpt=None, guidance=None, guide_ckpt=None, device="cpu"):
-    """The `Teacher` the builder needs for a teacher named as `cmt-build --teacher` takes it, guided
-    as `cmt.guidance.apply_guidance` does it (through `resolve_teacher`); errors name the keyword at
-    fault (teacher, teacher_ckpt, guidance, guide_ckpt)."""
-    if teacher is None or not str(teacher):
-        raise ArgumentError("teacher", "give a checkpoint path, a built-in name, 'edm2' with teacher_ckpt, or a preset")
-    try:
-        net, identity = resolve_teacher(str(teacher), ckpt=teacher_ckpt, device=device, guidance=guidance,
-                                        guide_ckpt=guide_ckpt)
-    except ArgumentError as error:
-        if error.argument in ("guidance", "guide_ckpt"):
-            raise
-        raise ArgumentError(_teacher_argument(teacher, teacher_ckpt), error.message) from None
-    except (ValueError, OSError) as error:
-        raise ArgumentError(_teacher_argument(teacher, teacher_ckpt), str(error)) from None
-    net.requires_grad_(False)
-    identity = dict(identity)
-    if getattr(net, "flow_map", False):
-        identity["flow_map"] = True   # a flow-map teacher: built by its own jumps (solver flowmap)
-    record = identity.pop("guidance", None)
-    return Teacher(net, net.data_shape, net.label_dim, identity, dtype=next(net.parameters()).dtype, device=device,
-                   guidance=record, label_dropout=teacher_label_dropout(identity, net))
-
-
-def _teacher_argument(teacher, teacher_ckpt):
-    """Which keyword a teacher that cannot be loaded is named by: 'edm2' and 'edm' need their checkpoint."""
-    return "teacher_ckpt" if teacher_ckpt is not None or str(teacher) in ("edm2", "edm") else "teacher"
-
-
-def trajectory_seed(seed, index):
-    """The 64-bit generator seed of trajectory `index` of a dataset with `seed`."""
-    return derive_seed(seed, index, bits=64)
-
-
-def draw_inputs(indices, seed, data_shape, label_dim, labels):
-    """`(noise [B, *shape] float32, labels [B] int64, seeds [B] uint64)` for trajectory `indices`.
-
-    labels: "random" (drawn per trajectory after its noise), "cycle" (index % label_dim), an int
-    class, or None (-1, unconditional).
-    """
-    noises, classes, seeds = [], [], []
-    for index in indices:
-        seeds.append(trajectory_seed(seed, index))
-        generator = torch.Generator().manual_seed(seeds[-1])
-        noises.append(torch.randn(data_shape, generator=generator, dtype=torch.float32))
-        if labels == "random":
-            classes.append(int(torch.randint(label_dim, (), generator=generator)))
-        elif labels == "cycle":
-            classes.append(index % label_dim)
-        else:
-            classes.append(-1 if labels is None else int(labels))
-    return torch.stack(noises), torch.tensor(classes, dtype=torch.int64), np.array(seeds, dtype=np.uint64)
-
-
-def solver_steps(solver, nfe, grid):
-    """Solver steps for `nfe` denoiser calls (Heun: 2 per step, 1 for a final step to sigma = 0; a
-    flow map's jumps: 1 each)."""
-    if solver not in SOLVERS and solver != FLOW_MAP:
-        raise ArgumentError("solver", f"unknown solver {solver!r}; valid: {', '.join(SOLVERS)}, {FLOW_MAP}")
-    if nfe < 1:
-        raise ArgumentError("nfe", f"must be >= 1, got {nfe}")
-    if solver != "heun":
-        return nfe
-    steps = (nfe + 1) // 2 if grid == "karras" else nfe // 2
-    if steps < 1 or (2 * steps - (grid == "karras")) != nfe:
-        parity = "odd (2 * steps - 1)" if grid == "karras" else "even (2 * steps)"
-        raise ArgumentError("nfe", f"heun on the {grid} grid makes an {parity} number of calls; {nfe} is not possible")
-    return steps
-
-
-def parse_states(states, steps):
-    """`states`: "all" or a list "0,4,8" -> sorted grid indices in [0, steps] (negative ones count from the end)."""
-    if states == "all":
-        return list(range(steps + 1))
-    try:
-        indices = {int(item) for item in str(states).split(",") if item.strip()}
-    except ValueError:
-        raise ArgumentError("states", f"must be 'all' or a comma-separated list of state indices, got {states!r}") \
-            from None
-    bad = [index for index in indices if not -steps - 1 <= index <= steps]
-    if not indices or bad:
-        raise ArgumentError("states", f"{states!r}: indices must lie in [0, {steps}] (or count back from -1); "
-                                      f"bad: {bad}")
-    return sorted({index % (steps + 1) for index in indices})
-
-
 def build_config(teacher, shuffle=None, **options):
     """The JSON configuration that fixes every byte of the dataset (checked, with clear errors).
 
@@ -377,65 +206,28 @@ def build_config(teacher, shuffle=None, **options):
     }
 
 
-def shard_plan(config):
-    """`[(shard, name, first_index, count)]` for the whole dataset."""
-    count, size = config["count"], config["shard_size"]
-    return [(shard, shard_name(shard, config["format"]), first, min(size, count - first))
-            for shard, first in enumerate(range(0, count, size))]
-
-
-def trajectory_config(config):
-    """What fixes every trajectory's bytes: the configuration but the count. Trajectory i depends
-    on (seed, i) alone, so a set built with more trajectories starts with the same ones."""
-    return {key: value for key, value in config.items() if key != "count"}
-
-
-def build_config_hash(config):
-    """The hash recorded in build-config.json and the manifest: of `trajectory_config(config)`, so
-    the sets of one configuration share it whatever their size."""
-    return config_hash(trajectory_config(config))
-
-
-def check_output(fs, root, url, config):
-    """Refuse an output that holds something else. Returns "new" (nothing there yet), "resume" (it
-    holds this configuration) or "extend" (it holds fewer trajectories of this configuration: the
-    build adds the rest; a smaller count than the recorded one is refused)."""
+def recorded_codec(out):
+    """`(compression, shuffle)` of the zarr dataset being built at `out` (its build-config.json;
+    zstd and bit shuffle when it names none), or None when there is none there yet (or it holds
+    WebDataset shards)."""
+    fs, root = open_location(out)
     path = f"{root}/{BUILD_CONFIG}"
-    if fs.exists(path):
-        existing = read_json(fs, path)
-        recorded = upgrade_manifest(existing.get("config", {}))
-        if trajectory_config(recorded) != trajectory_config(config):
-            changes = [f"{name}: {str(before)[:60]} -> {str(after)[:60]}"
-                       for name, before, after in differences(recorded, config, missing=None) if name != "count"]
-            # derived values (the grid, the kept sigmas) only repeat what the options already say
-            stated = [change for change in changes if change.split(":")[0] not in DERIVED_KEYS] or changes
-            changes = "; ".join(stated[:8])
-            raise ArgumentError("out", f"{url} holds a dataset built with another configuration ({changes}); "
-                                       "re-run with the same options to resume it (or with a larger "
-                                       "num_trajectories to extend it), or choose a new output")
-        if config["count"] < recorded.get("count", 0):
-            raise ArgumentError("num_trajectories", f"{url} holds (or is building) {recorded['count']} trajectories "
-                                                    f"of this configuration; a set only grows: give at least "
-                                                    f"{recorded['count']}, or choose a new output")
-        return "extend" if config["count"] > recorded.get("count", 0) else "resume"
-    if fs.exists(root) and fs.ls(root, detail=False):
-        raise ArgumentError("out", f"{url} exists, is not empty and holds no {BUILD_CONFIG}: not a cmt-build "
-                                   "output; choose a new output")
-    return "new"
+    if not fs.exists(path):
+        return None
+    recorded = read_json(fs, path)
+    config = upgrade_manifest(recorded.get("config", {})) if isinstance(recorded, dict) else {}
+    if not isinstance(config, dict) or dataset_compression(config) is None:
+        return None
+    return dataset_compression(config), dataset_shuffle(config)
 
 
-def shard_is_done(fs, root, name, first, count):
-    """True when the shard's sidecar exists and its checksum and count match the files."""
-    sidecar = f"{root}/{sidecar_name(name)}"
-    if not fs.exists(sidecar):
-        return False
-    entry = read_json(fs, sidecar)
-    if (entry.get("name"), entry.get("first_index"), entry.get("count")) != (name, first, count):
-        return False
-    try:
-        return checksum(read_files(fs, f"{root}/{name}")) == entry.get("sha256")
-    except ShardError:
-        return False
+
+def _location(out, name=None):
+    """`out` (or `out/name`) as a `Path` when it is local, as the URL string otherwise."""
+    text = str(out).rstrip("/")
+    if "://" in text:
+        return f"{text}/{name}" if name else text
+    return Path(text) / name if name else Path(text)
 
 
 def make_shard(teacher, config, first, count, progress=None):
@@ -479,22 +271,6 @@ def make_shard(teacher, config, first, count, progress=None):
     return arrays
 
 
-def write_shard(fs, root, shard, name, first, arrays, config, on_shard_written=None):
-    """Encode, place atomically, then record the sidecar; returns the sidecar entry.
-
-    on_shard_written(shard) runs between the two: the moment a crash is worst for a resume (the
-    shard in place, no sidecar to vouch for it), where the resume test kills the build."""
-    files = encode_shard(arrays, config["format"], {"first_index": first, "count": len(arrays["index"])},
-                         compression=dataset_compression(config), shuffle=dataset_shuffle(config))
-    write_atomic(fs, f"{root}/{name}", files)
-    if on_shard_written is not None:
-        on_shard_written(shard)
-    entry = {"name": name, "first_index": first, "count": len(arrays["index"]), "sha256": checksum(files),
-             "bytes": files_bytes(files)}
-    write_json(fs, f"{root}/{sidecar_name(name)}", entry)
-    return entry
-
-
 def build(out, teacher, config, *, eval_data=None, progress=True, log=print, on_shard_written=None):
     """Build (or finish) the dataset `config` of `teacher` at `out`; returns the manifest (rank 0) or None.
 
@@ -513,34 +289,14 @@ def build(out, teacher, config, *, eval_data=None, progress=True, log=print, on_
     state.wait_for_everyone()
 
     plan = shard_plan(config)
-    mine = plan[state.process_index::state.num_processes]
-    todo = [item for item in mine if not shard_is_done(fs, root, item[1], item[2], item[3])]
-    kept = len(mine) - len(todo)
-    bar = tqdm.tqdm(total=sum(item[3] for item in mine), initial=sum(item[3] for item in mine if item not in todo),
-                    unit="traj", desc=f"cmt-build rank {state.process_index}/{state.num_processes}",
-                    disable=not (progress and state.is_main_process), dynamic_ncols=True)
-    # Encoding and writing a shard overlaps with the teacher's work on the next one.
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as writer:
-        pending = None
-        for shard, name, first, count in todo:
-            remove_temporaries(fs, f"{root}/{name}")
-            arrays = make_shard(teacher, config, first, count, progress=bar)
-            if pending is not None:
-                pending.result()
-            pending = writer.submit(write_shard, fs, root, shard, name, first, arrays, config, on_shard_written)
-        if pending is not None:
-            pending.result()
-    bar.close()
-    state.wait_for_everyone()
-    if not state.is_main_process:
+    written = write_shards(
+        fs, root, plan, lambda first, count, bar: make_shard(teacher, config, first, count, progress=bar),
+        lambda arrays, first: encode_shard(arrays, config["format"], {"first_index": first, "count": len(arrays["index"])},
+                                           compression=dataset_compression(config), shuffle=dataset_shuffle(config)),
+        unit="traj", command="cmt-build", progress=progress, on_placed=on_shard_written)
+    if written.entries is None:
         return None
-
-    entries = []
-    for _, name, first, count in plan:
-        entry = read_json(fs, f"{root}/{sidecar_name(name)}")
-        if (entry["name"], entry["first_index"], entry["count"]) != (name, first, count):
-            raise ShardError(f"{root}/{sidecar_name(name)} does not describe shard {name} ({first}, {count})")
-        entries.append(entry)
+    entries = written.entries
     previous = read_json(fs, f"{root}/{MANIFEST}") if fs.exists(f"{root}/{MANIFEST}") else {}
     manifest = {**config, "config_hash": build_config_hash(config), "teacher": teacher.identity, "shards": entries,
                 "bytes": sum(entry["bytes"] for entry in entries)}
@@ -553,11 +309,11 @@ def build(out, teacher, config, *, eval_data=None, progress=True, log=print, on_
         log(f"teacher baseline on {eval_data}: " + ", ".join(f"{key} = {value:.6g}" for key, value in
                                                              manifest["teacher_eval"]["metrics"].items()))
     elapsed = time.time() - started
-    built = sum(item[3] for item in todo)
+    built = sum(item[3] for item in written.made)
     stored_states = config["count"] * (len(config["kept_states"]) + 2)
     raw = stored_states * int(np.prod(config["data_shape"])) * 2
     log(f"cmt-build: {config['count']} trajectories in {len(plan)} shards at {out} "
-        f"({len(todo)} shards built by this rank, {kept} kept from an earlier run); "
+        f"({len(written.made)} shards built by this rank, {written.kept} kept from an earlier run); "
         f"{manifest['bytes']} bytes = {manifest['bytes'] / stored_states:.1f} bytes per stored state "
         f"({manifest['bytes'] / raw:.3f} x raw float16); {elapsed:.1f} s"
         + (f", {built / elapsed:.1f} trajectories/s on rank 0" if built else ""))

@@ -25,7 +25,6 @@ written. Layout (README, "Latent sets"):
                             encoder {kind, scaling, scale, bias, pixel_range, vae_name, vae_sha256},
                             flips, source, shards [...]
 """
-import concurrent.futures
 import hashlib
 import inspect
 import json
@@ -34,22 +33,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import tqdm
 
 from cmt.datasets.images import ImageFiles
+from cmt.datasets.mapstyle import as_is
 from cmt.datasets.resolve import ImageData, ToyData, resolve_data
 from cmt.datasets.stream import decoding_workers
 from cmt.distributed import distributed_state
 from cmt.errors import ArgumentError, FileFormatError
-from cmt.formats import (COMPRESSIONS, ShardError, checksum, encode_shard, files_bytes, open_location,
-                         remove_temporaries, shard_name, write_atomic)
+from cmt.formats import COMPRESSIONS, encode_shard, open_location, shard_name
 from cmt.latents import EDM2_VAE, LATENT_DATASET, SCALINGS, LatentCodec, load_vae, scaling_record
-from cmt.manifest import (BUILD_CONFIG, LATENT_VERSION, MANIFEST, config_hash, latent_fields, read_json,
-                          sidecar_name, write_json)
-from cmt.builders.build import shard_is_done
+from cmt.manifest import BUILD_CONFIG, LATENT_VERSION, MANIFEST, config_hash, latent_fields, read_json, write_json
+from cmt.builders.sharding import write_shards
+from cmt.builders.plan import STORAGE_DTYPES
 from cmt.options import differences
-
-STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
 def encode_dataset(*, source, out, vae=EDM2_VAE, scaling="edm2", resolution=None, resize="center-crop", flips=False,
@@ -196,7 +192,7 @@ def encode_shard_arrays(images, codec, config, first, count, workers, progress=N
         arrays[field] = np.empty((count, *shape), storage)
     keys = [np.arange(start, min(start + config["batch_size"], first + count))[:, None]
             for start in range(first, first + count, config["batch_size"])]
-    loader = torch.utils.data.DataLoader(images, batch_sampler=keys, num_workers=workers, collate_fn=_as_is,
+    loader = torch.utils.data.DataLoader(images, batch_sampler=keys, num_workers=workers, collate_fn=as_is,
                                          pin_memory=codec.vae.device.type == "cuda")
     device = codec.vae.device
     row = 0
@@ -223,21 +219,6 @@ def encode_shard_arrays(images, codec, config, first, count, workers, progress=N
     return arrays
 
 
-def _as_is(batch):
-    return batch
-
-
-def _write_shard(fs, root, name, first, arrays, config):
-    files = encode_shard(arrays, "zarr", {"first_index": first, "count": len(arrays["index"])},
-                         compression=config["compression"], shuffle=None, fields=latent_fields(config["flips"]),
-                         rows_per_chunk=1)
-    write_atomic(fs, f"{root}/{name}", files)
-    entry = {"name": name, "first_index": first, "count": len(arrays["index"]), "sha256": checksum(files),
-             "bytes": files_bytes(files)}
-    write_json(fs, f"{root}/{sidecar_name(name)}", entry)
-    return entry
-
-
 def write_latent_set(out, images, codec, config, *, workers="auto", progress=True, log=print):
     """Encode (or finish) the latent set `config` at `out`; the manifest on rank 0, else None."""
     state = distributed_state()
@@ -250,39 +231,24 @@ def write_latent_set(out, images, codec, config, *, workers="auto", progress=Tru
         write_json(fs, f"{root}/{BUILD_CONFIG}", {"config": config, "config_hash": config_hash(config)})
     state.wait_for_everyone()
     plan = _plan(config)
-    mine = plan[state.process_index::state.num_processes]
-    todo = [item for item in mine if not shard_is_done(fs, root, item[1], item[2], item[3])]
     workers = decoding_workers(workers, state.num_processes)
-    bar = tqdm.tqdm(total=sum(item[3] for item in mine), initial=sum(item[3] for item in mine if item not in todo),
-                    unit="img", desc=f"cmt-encode rank {state.process_index}/{state.num_processes}",
-                    disable=not (progress and state.is_main_process), dynamic_ncols=True)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as writer:   # writing overlaps the next shard
-        pending = None
-        for _, name, first, count in todo:
-            remove_temporaries(fs, f"{root}/{name}")
-            arrays = encode_shard_arrays(images, codec, config, first, count, workers, progress=bar)
-            if pending is not None:
-                pending.result()
-            pending = writer.submit(_write_shard, fs, root, name, first, arrays, config)
-        if pending is not None:
-            pending.result()
-    bar.close()
-    state.wait_for_everyone()
-    if not state.is_main_process:
+    written = write_shards(
+        fs, root, plan, lambda first, count, bar: encode_shard_arrays(images, codec, config, first, count, workers,
+                                                                      progress=bar),
+        lambda arrays, first: encode_shard(arrays, "zarr", {"first_index": first, "count": len(arrays["index"])},
+                                           compression=config["compression"], shuffle=None,
+                                           fields=latent_fields(config["flips"]), rows_per_chunk=1),
+        unit="img", command="cmt-encode", progress=progress)
+    if written.entries is None:
         return None
-    entries = []
-    for _, name, first, count in plan:
-        entry = read_json(fs, f"{root}/{sidecar_name(name)}")
-        if (entry["name"], entry["first_index"], entry["count"]) != (name, first, count):
-            raise ShardError(f"{root}/{sidecar_name(name)} does not describe shard {name} ({first}, {count})")
-        entries.append(entry)
+    entries = written.entries
     manifest = {**config, "config_hash": config_hash(config), "shards": entries,
                 "bytes": sum(entry["bytes"] for entry in entries)}
     write_json(fs, f"{root}/{MANIFEST}", manifest)
     elapsed = time.time() - started
-    encoded = sum(item[3] for item in todo)
+    encoded = sum(item[3] for item in written.made)
     log(f"cmt-encode: {config['count']} images of {images.name} into {len(plan)} shards at {out} "
-        f"({len(todo)} encoded by this rank, {len(mine) - len(todo)} kept from an earlier run); latents "
+        f"({len(written.made)} encoded by this rank, {written.kept} kept from an earlier run); latents "
         f"{config['data_shape']} ({config['encoder']['scaling']} scaling, {config['encoder']['vae_name']}"
         f"{', with flips' if config['flips'] else ''}), {manifest['bytes']:,} bytes; {elapsed:.1f} s"
         + (f", {encoded / elapsed:.1f} images/s on rank 0" if encoded else ""))

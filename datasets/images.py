@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from cmt.errors import FileFormatError
 from .archive import FolderFiles, ZipMembers
+from .mapstyle import MapStyleSet
 from .files import IMAGE_SUFFIXES, NPZ_IMAGE_KEYS, NPZ_LABEL_KEYS, _GRAY_MODES
 
 # How images of another size are brought to `resolution`: EDM's dataset tool's center-crop (square
@@ -94,7 +95,7 @@ def to_float(images):
     return images.float() / 127.5 - 1 if images.dtype == torch.uint8 else images.float()
 
 
-class ImageFiles(torch.utils.data.Dataset):
+class ImageFiles(MapStyleSet):
     """A user's image set on disk: `dataset[i]` is `(image [C, H, W] uint8 (float32 for a float
     .npz), label)`; `__getitems__(keys)` decodes a batch (what `BatchStream`'s workers call).
 
@@ -357,44 +358,12 @@ class ImageFiles(torch.utils.data.Dataset):
         return {"data": torch.from_numpy(batch), "label": torch.from_numpy(self.labels[keys[:, 0]])}
 
     # ---- what ImageData offers, decoded -------------------------------------------------------
-    def decode_indices(self, indices):
-        """Float images in [-1, 1] and labels of `indices`."""
-        batch = self.__getitems__(np.asarray(indices, np.int64)[:, None])
-        if "error" in batch:
-            raise FileFormatError(batch["error"])
-        return to_float(batch["data"]), batch["label"]
-
-    def sample(self, n, generator=None):
-        """`n` random items (with replacement), float in [-1, 1]."""
-        return self.decode_indices(torch.randint(self.size, (n,), generator=generator).numpy())
-
-    def tensors(self):
-        """Everything in memory, float in [-1, 1] (for small sets; `batches` streams)."""
-        return self.decode_indices(np.arange(self.size))
-
-    def reference(self, n=None):
-        if n is None or n >= self.size:
-            return self.tensors()[0]
-        return self.decode_indices(torch.randperm(self.size, generator=torch.Generator().manual_seed(0))[:n].numpy())[0]
-
-    def batches(self, batch_size, first=0, step=1, workers=0):
-        """Float batches of consecutive items in order: batches `first, first + step, ...` (the
-        ranks of a shared evaluation each take every `step`-th batch)."""
-        starts = list(range(first * batch_size, self.size, step * batch_size))
-        keys = [np.arange(start, min(start + batch_size, self.size))[:, None] for start in starts]
-        loader = torch.utils.data.DataLoader(self, batch_sampler=keys, num_workers=workers, collate_fn=_as_is)
-        for batch in loader:
-            if "error" in batch:
-                raise FileFormatError(batch["error"])
-            yield to_float(batch["data"]), batch["label"]
+    def as_float(self, data):
+        return to_float(data)
 
     def __repr__(self):
         return (f"ImageFiles({self.name!r}, size={self.size}, data_shape={self.data_shape}, "
                 f"label_dim={self.label_dim})")
-
-
-def _as_is(batch):
-    return batch
 
 
 def _npz_member(path, members, index):

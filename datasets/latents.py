@@ -28,6 +28,7 @@ from cmt.errors import FileFormatError
 from cmt.formats import ShardError, decode_zarr_direct, read_files
 from cmt.latents import decode_latents, read_latent_record
 from cmt.manifest import LatentManifest
+from .mapstyle import MapStyleSet
 
 
 def is_latent_set(spec):
@@ -97,7 +98,7 @@ class _Rows:
         return np.frombuffer(raw, self.dtype).reshape(self.shape[1:])
 
 
-class LatentSet(torch.utils.data.Dataset):
+class LatentSet(MapStyleSet):
     """A cmt-encode latent set: `dataset[i]` is `(latent [C, H, W] float32, label)`, the posterior's
     mean; `__getitems__(keys)` draws a batch (what `BatchStream` calls).
 
@@ -179,24 +180,6 @@ class LatentSet(torch.utils.data.Dataset):
         except FileFormatError as error:
             return {"error": str(error)}
         return {"data": torch.from_numpy(batch), "label": torch.from_numpy(self.labels[keys[:, 0]])}
-
-    # ---- what the other data sets offer -------------------------------------------------------
-    def decode_indices(self, indices):
-        batch = self.__getitems__(np.asarray(indices, np.int64)[:, None])
-        if "error" in batch:
-            raise FileFormatError(batch["error"])
-        return batch["data"], batch["label"]
-
-    def sample(self, n, generator=None):
-        return self.decode_indices(torch.randint(self.size, (n,), generator=generator).numpy())
-
-    def tensors(self):
-        return self.decode_indices(np.arange(self.size))
-
-    def reference(self, n=None):
-        if n is None or n >= self.size:
-            return self.tensors()[0]
-        return self.decode_indices(torch.randperm(self.size, generator=torch.Generator().manual_seed(0))[:n].numpy())[0]
 
     def decode(self, latents, vae=None, device="cpu"):
         """Images in [-1, 1] of latents through the recorded VAE (or `vae`, a directory or hub id)."""

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from cmt.errors import ArgumentError, FileFormatError
+from .mapstyle import as_is
 
 # DataLoader workers per rank for workers="auto": decoding is the work, so every core a rank has
 # but one (the training process's) decodes, up to MAX_AUTO_WORKERS.
@@ -47,10 +48,6 @@ def decoding_workers(workers="auto", local_ranks=1):
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise ArgumentError("workers", f"must be 'auto' or an integer >= 0, got {workers!r}")
     return workers
-
-
-def _as_is(batch):
-    return batch
 
 
 class _Keys:
@@ -125,7 +122,7 @@ class BatchStream:
     def _start(self):
         if self.workers > 0:
             loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=_Keys(self, self.batches),
-                                                 num_workers=self.workers, collate_fn=_as_is,
+                                                 num_workers=self.workers, collate_fn=as_is,
                                                  pin_memory=self.pin_memory, prefetch_factor=self.prefetch)
             return iter(loader)
         return self._threaded(self.batches)

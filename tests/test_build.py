@@ -13,8 +13,9 @@ import torch
 import webdataset
 import zarr
 
-from cmt.builders.build import (NonFiniteTrajectories, build_config, build_trajectories, draw_inputs,
-                                load_teacher, trajectory_seed)
+from cmt.builders.build import NonFiniteTrajectories, build_config, build_trajectories
+from cmt.builders.plan import draw_inputs, trajectory_seed
+from cmt.builders.teacher import load_teacher
 from cmt.checkpoint import save_network
 from cmt.cli.build import main
 from cmt.edm import sigma_grid

@@ -8,7 +8,8 @@ The options are the keywords of `cmt.builders.build.build_trajectories`, with it
 """
 import click
 
-from cmt.builders.build import DEFAULT_SOLVER, DEFAULTS, STORAGE_DTYPES, NonFiniteTrajectories, build_trajectories
+from cmt.builders.build import DEFAULTS, NonFiniteTrajectories, build_trajectories
+from cmt.builders.plan import DEFAULT_SOLVER, STORAGE_DTYPES
 from cmt.cli.common import CONTEXT_SETTINGS, translate_errors
 from cmt.edm import SIGMA_GRIDS
 from cmt.formats import COMPRESSIONS, DEFAULT_COMPRESSION, FORMATS
