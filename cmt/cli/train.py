@@ -236,12 +236,17 @@ MID = defaults_of(mid_train)
               help="endpoint: CMT-CM, jump to the trajectory's endpoint; flowmap: CMT-MF, average velocity "
                    "to a later state of the trajectory.")
 @click.option("--loss", type=click.Choice(DISTANCES), default=MID["loss"],
-              help="Distance (endpoint target). The official CMT runs use lpips on pixel data; flowmap "
-                   "takes l2 (the official code) or huber.")
+              help="Distance (endpoint target). The official CMT runs use lpips on pixel data and "
+                   "elatentlpips (E-LatentLPIPS, SD-VAE latents) on ImageNet-512; flowmap takes l2 (the "
+                   "official code) or huber.")
 @click.option("--huber-c", type=click.FloatRange(min=0), default=MID["huber_c"],
               help="Pseudo-Huber constant [default: 0.00054 sqrt(dim)].")
 @click.option("--lpips-resize", type=click.IntRange(min=16), default=MID["lpips_resize"],
               help="Upsample images to this side before LPIPS [default: their own size].")
+@click.option("--elatentlpips-augment", default=MID["elatentlpips_augment"],
+              help="Pair augmentation of --loss elatentlpips, letters of b (flip, 90-degree turns, integer shifts), "
+                   "g (scale, rotation, anisotropy, fractional shifts), c (brightness, contrast, saturation), "
+                   "n (noise), o (cutout); none: off [default: bg, the elatentlpips package's].")
 @click.option("--teacher", default=MID["teacher"],
               help="Teacher name or checkpoint giving the student's architecture and initial weights "
                    "[default: the one recorded in the dataset manifest].")
