@@ -275,6 +275,9 @@ def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_re
         refuse_inapplicable(mid_train, locals(), ("huber_c",), f"to loss {loss} (only to huber)")
     if loss != "lpips":
         refuse_inapplicable(mid_train, locals(), ("lpips_resize",), f"to loss {loss} (only to lpips)")
+    recipe_values = ((resolved_options or {}).get("recipe") or {}).get("values") or {}
+    if loss != "elatentlpips" and "elatentlpips_augment" in recipe_values:
+        elatentlpips_augment = None   # the recipe's, for the distance it names, not the one given
     if loss != "elatentlpips":
         refuse_inapplicable(mid_train, locals(), ("elatentlpips_augment",), f"to loss {loss} (only to elatentlpips)")
     else:
@@ -344,7 +347,7 @@ def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_re
 
     def sample_fn(ema, step, out):
         return sampling_report(ema, out, step, sampler=sampler["kind"], eval_data=eval_data, num_samples=num_samples,
-                               mid_sigma=mid_sigma,
+                               mid_sigma=mid_sigma, encoder=identity.get("encoder"),
                                sigma_max=float(manifest.get("sigma_max", SIGMA_MAX)), progress=config.progress)
 
     settings = {}
