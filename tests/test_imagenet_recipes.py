@@ -27,8 +27,9 @@ import cmt  # noqa: E402
 from cmt.checkpoint import load_network  # noqa: E402
 from cmt.cli.build import main as build_main  # noqa: E402
 from cmt.cli.encode import main as encode_main  # noqa: E402
-from cmt.elatentlpips import ELatentLPIPS, cached_elatentlpips  # noqa: E402
+from cmt.cli.sample import main as sample_main  # noqa: E402
 from cmt.cli.train import main as train_main  # noqa: E402
+from cmt.elatentlpips import ELatentLPIPS, cached_elatentlpips  # noqa: E402
 from cmt.errors import ArgumentError  # noqa: E402
 from cmt.networks.sit import SIT_PRESETS  # noqa: E402
 from conftest import invoke_command  # noqa: E402
@@ -190,3 +191,28 @@ def test_imagenet256_meanflow_from_cmt_encode_to_a_tiny_sit(world, cache, tmp_pa
     run = json.loads((tmp_path / "mf" / "run.json").read_text())
     assert run["options"]["xflip"] is None   # the recipe's flips: the set stored both, one drawn per use
     assert all(path.is_file() for path in pictures(tmp_path / "mf", 2))
+
+
+def test_latents_and_pixels_mixed_up_and_a_vae_that_does_not_fit_are_one_line(world, cache, tmp_path):
+    root, cache_dir, vae = world
+    pixel_init = cache_dir / "edm2" / "edm2-img64-s-1073741-0.075.pkl"
+    latent_init = cache_dir / "edm2" / "edm2-img512-xxl-0939524-0.070.pkl"
+    wide = tmp_path / "wide-vae"
+    diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(4, 4, 4, 4),
+                            layers_per_block=1, latent_channels=8, norm_num_groups=2).save_pretrained(wide)
+    cases = [
+        (train_main, ["post", "--init", pixel_init, "--method", "ect", "--data", root / "img512-latents"],
+         ["--data", "is a latent set", "works on pixels"]),
+        (train_main, ["post", "--init", latent_init, "--method", "ect", "--data", root / "imagenet64"],
+         ["--data", "holds pixel images", "cmt-encode"]),
+        (sample_main, ["--ckpt", latent_init, "--vae", wide, "--num-samples", 2, "--out", tmp_path / "x.png"],
+         ["--vae", "8-channel latents", "4 channels"]),
+    ]
+    for command, args, named in cases:
+        code, output = invoke_command(command, *args, *(["--out", tmp_path / "run", "--max-steps", 1, "--no-progress"]
+                                                        if command is train_main else ["--no-progress"]))
+        assert code == 2, output
+        assert len([line for line in output.splitlines() if line.startswith("Error")]) == 1, output
+        assert "Traceback" not in output and all(word in output for word in named), output
+    assert not (tmp_path / "run").exists() and not (tmp_path / "x.png").exists()
