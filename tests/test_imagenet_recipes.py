@@ -216,3 +216,15 @@ def test_latents_and_pixels_mixed_up_and_a_vae_that_does_not_fit_are_one_line(wo
         assert len([line for line in output.splitlines() if line.startswith("Error")]) == 1, output
         assert "Traceback" not in output and all(word in output for word in named), output
     assert not (tmp_path / "run").exists() and not (tmp_path / "x.png").exists()
+
+
+def test_stream_options_are_checked_by_name(tmp_path):
+    for options, argument in ((dict(workers=-1), "workers"), (dict(xflip="yes"), "xflip"), (dict(xflip=True), "xflip")):
+        with pytest.raises(ArgumentError) as error:
+            cmt.post_train(init="toy:moons", method="ect", data="toy:moons", out=tmp_path / "post", max_steps=1,
+                           batch_size=4, num_samples=4, progress=False, **options)
+        assert error.value.argument == argument
+        with pytest.raises(ArgumentError) as error:
+            cmt.train_diffusion(data="toy:moons", out=tmp_path / "teacher", max_steps=1, batch_size=4, num_samples=0,
+                                progress=False, **options)
+        assert error.value.argument == argument
