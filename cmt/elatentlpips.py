@@ -292,9 +292,7 @@ def _matrix(rows, device):
     """`[B, 3, 3]` (or `[3, 3]`) from rows of scalars and `[B]` tensors."""
     entries = [[torch.as_tensor(value, dtype=torch.float32, device=device) for value in row] for row in rows]
     batch = max((value.numel() for row in entries for value in row), default=1)
-    stacked = torch.stack([torch.stack([value.expand(batch) if value.ndim else value.expand(batch)
-                                        for value in row], dim=-1) for row in entries], dim=-2)
-    return stacked
+    return torch.stack([torch.stack([value.expand(batch) for value in row], dim=-1) for row in entries], dim=-2)
 
 
 def _translate(tx, ty, device):
@@ -350,8 +348,8 @@ def augment_pair(x0, x1, ops, taps, generator=None, percentile=None):
         if p is not None:
             s = torch.full_like(s, float(torch.exp2(torch.erfinv(p * 2 - 1) * SCALE_STD)))
         g_inv, geometric = g_inv @ _scale(1 / s, 1 / s, device), True
-    # Rotation before and after the anisotropic scaling, each with probability 1 - sqrt(1 - p) = 1.
-    p_rot = 1 - math.sqrt(max(1 - 1.0, 0.0))
+    # Rotation before and after the anisotropic scaling, each with AdaAugment's 1 - sqrt(1 - p): 1 at p = 1.
+    p_rot = 1.0
     if "rotate" in ops:
         theta = (rand(batch) * 2 - 1) * np.pi * ROTATE_MAX
         theta = torch.where(rand(batch) < p_rot, theta, torch.zeros_like(theta))
