@@ -20,6 +20,9 @@ sony/cmt's ImageNet-512 run uses another variant (`imagenet512/training/loss.py`
 `imagenet512/train_latent_vgg.py` whose weights are not published, no heads (channel sums), no L1
 term, and an augmentation module that is not in the published tree. docs/recipes.md says what the
 `imagenet512` recipe takes from each.
+
+(Over 400 lines for a reason: the metric and its ensembling augmentation, which nothing else uses, are
+one idea; the augmentation is the second half of the file.)
 """
 import functools
 import math
