@@ -56,8 +56,8 @@ def build_trajectories(*, teacher=None, out, recipe=None, teacher_ckpt=None, gui
         its trajectory is its own `nfe`-step flow-map sampler along the grid (solver "flowmap": each
         stored state is the network's jump from the previous one), as the CMT paper's ImageNet-256 run
         used a small MeanFlow model as the multi-step teacher of MF-XL/2.
-    recipe: a named recipe (`RECIPE_TEACHERS`: cifar10, ffhq64, afhq64): without `teacher`, its official
-        teacher (an EDM preset, downloaded once into the cache); the solver settings it builds with
+    recipe: a named recipe (`RECIPE_TEACHERS`: cifar10, ffhq64, afhq64, imagenet512): without `teacher`, its official
+        teacher (an EDM or EDM2 preset, downloaded once into the cache); the solver settings it builds with
         are this function's defaults (`RECIPE_TARGETS`). One line says what it set and which given
         settings differ from the recipe's.
     solver: an ODE solver of `cmt.solvers.SOLVERS` for a diffusion teacher, "flowmap" for a flow-map

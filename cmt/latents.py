@@ -108,6 +108,10 @@ class LatentCodec:
         self.vae_name = vae_name
         self.batch_size = int(batch_size)
         self.pixel_range = tuple(float(v) for v in pixel_range)
+        channels = getattr(getattr(vae, "config", None), "latent_channels", None)
+        if channels is not None and self.scale.numel() not in (1, int(channels)):
+            raise ValueError(f"the VAE {vae_name or ''} makes {channels}-channel latents; these latents have "
+                             f"{self.scale.numel()} channels (their scaling's): give the VAE they were encoded with")
         if self.pixel_range not in ((0.0, 1.0), (-1.0, 1.0)):
             raise ValueError(f"pixel_range must be [0, 1] (EDM2) or [-1, 1] (Stable Diffusion, SiT, MeanFlow), got "
                              f"{list(pixel_range)}")

@@ -57,6 +57,9 @@ _EDM2_PRESET_FILES = {
     "edm2-img64-s-autog": "edm2-img64-s-1073741-0.045.pkl", "edm2-img64-xs-guide": "edm2-img64-xs-0134217-0.110.pkl",
     "edm2-img512-s-autog": "edm2-img512-s-2147483-0.070.pkl",
     "edm2-img512-xs-guide": "edm2-img512-xs-0134217-0.125.pkl",
+    # EDM2's edm2-img512-xxl-autog-fid (generate_images.py): net and gnet, w = 2.05; sony/cmt's ImageNet-512
+    # ECD teacher and guide (imagenet512/run_ecd_512.sh --transfer, --gnet).
+    "edm2-img512-xxl-autog": "edm2-img512-xxl-0939524-0.075.pkl", "edm2-img512-m-guide": "edm2-img512-m-0268435-0.155.pkl",
 }
 EDM2_PRESETS = {name: f"{EDM2_MODEL_ROOT}/{file}" for name, file in _EDM2_PRESET_FILES.items()}
 
@@ -76,10 +79,15 @@ EDM_PRESETS = {**{f"edm-{name}": f"{EDM_MODEL_ROOT}/edm-{name}.pkl" for name in 
 # run_cmt_cifar.sh, run_cmt_ffhq.sh, run_cmt_afhq.sh --transfer=https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/
 # edm-{cifar10-32x32,ffhq-64x64,afhqv2-64x64}-uncond-vp.pkl (EDMPrecond around DDPM++; FFHQ and AFHQv2
 # with --cres=1,2,2,2, which the pickles record).
+# ImageNet-512: the unguided EDM2-XXL (sony/cmt imagenet512/run_cmt_512.sh
+# --transfer=.../edm2-img512-xxl-0939524-0.070.pkl, EDM2's edm2-img512-xxl preset).
 RECIPE_TEACHERS = {"cifar10": "edm-cifar10-32x32-uncond-vp", "ffhq64": "edm-ffhq-64x64-uncond-vp",
-                   "afhq64": "edm-afhqv2-64x64-uncond-vp"}
+                   "afhq64": "edm-afhqv2-64x64-uncond-vp", "imagenet512": "edm2-img512-xxl"}
 # teacher kind -> its presets; the kind is also the cache folder of its downloads.
 OFFICIAL_PRESETS = {"edm2": EDM2_PRESETS, "edm": EDM_PRESETS}
+# An official file's own name (as the official scripts' URLs end, `edm2-img512-xxl-0939524-0.075.pkl`)
+# names its preset when no local file has that name.
+PRESET_OF_FILE = {url.rsplit("/", 1)[-1]: name for presets in OFFICIAL_PRESETS.values() for name, url in presets.items()}
 _OFFICIAL_NAMES = {"edm2": "EDM2", "edm": "EDM"}
 
 
@@ -120,6 +128,13 @@ def fetch_edm2_checkpoint(name_or_url):
 def fetch_edm_checkpoint(name_or_url):
     """Local path of an EDM preset name (`edm-*`, `baseline-*`) or URL, downloaded once into `$CMT_CACHE/edm`."""
     return fetch_official_checkpoint(name_or_url, "edm")
+
+
+def preset_name(name):
+    """The preset an official file name stands for (`PRESET_OF_FILE`) when no local file is called
+    that, else `name` itself."""
+    name = str(name)
+    return PRESET_OF_FILE[name] if name in PRESET_OF_FILE and not Path(name).exists() else name
 
 
 def _preset_kind(name):
@@ -182,8 +197,9 @@ def _accepted():
 
 
 def _resolve_official(source, device, expect=None):
-    """An official EDM / EDM2 network: a preset name, a URL, a `.pkl` path or a `.safetensors` export.
-    `expect` ("edm" / "edm2", the teacher kind asked for) refuses a file of the other family."""
+    """An official EDM / EDM2 network: a preset name (or its file's name), a URL, a `.pkl` path or a
+    `.safetensors` export. `expect` ("edm" / "edm2", the teacher kind asked for) refuses a file of the other family."""
+    source = preset_name(source)
     preset = source if _preset_kind(source) else None
     if preset and expect and _preset_kind(source) != expect:
         raise ValueError(f"{source!r} is an {_OFFICIAL_NAMES[_preset_kind(source)]} preset; use teacher "
@@ -261,6 +277,7 @@ def load_teacher(teacher, ckpt=None, device="cpu"):
 
 
 def _resolve(name, ckpt, device):
+    name = preset_name(name)
     if name in OFFICIAL_PRESETS:   # "edm2" / "edm" with a checkpoint
         if ckpt is None:
             raise ValueError(f"teacher {name!r} needs a checkpoint: a .pkl / .safetensors path, a URL or a preset "

@@ -37,15 +37,16 @@ def test_every_recipe_resolves_for_its_phases():
 
 
 def test_a_recipe_is_recorded_and_explicit_arguments_override_it(mid_students, tmp_path):
+    # (pixel students: the recipe's E-LatentLPIPS gives way to the distance given)
     result = mid_train(data=mid_students["shards"], recipe="imagenet512", out=tmp_path / "mid", max_steps=2, workers=0,
-                       lr=3e-4, **FAST)
+                       lr=3e-4, loss="huber", huber_c=0.06, **FAST)
     run = json.loads((tmp_path / "mid" / "run.json").read_text())
     assert run["train"]["optimizer"] == "adam" and run["train"]["betas"] == [0.9, 0.999]
     assert run["train"]["ema_beta"] == 0.999 and run["train"]["lr"] == 3e-4 and run["train"]["max_steps"] == 2
     checkpoint = torch.load(result["checkpoint"], weights_only=True)
     assert checkpoint["recipe"]["name"] == "imagenet512" and "lr" not in checkpoint["recipe"]["values"]
-    assert checkpoint["recipe"]["values"]["huber_c"] == 0.06 and checkpoint["options"]["mid_sigma"] == 1.526
-    assert checkpoint["options"]["loss"] == "huber"
+    assert checkpoint["recipe"]["values"]["elatentlpips_augment"] == "bgcno" and checkpoint["options"]["mid_sigma"] == 1.526
+    assert checkpoint["options"]["loss"] == "huber" and "loss" not in checkpoint["recipe"]["values"]
 
 
 def test_the_command_line_recipe_and_its_overrides(mid_students, tmp_path):

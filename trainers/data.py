@@ -126,6 +126,13 @@ def pictures(data, samples, count=MAX_GRID_IMAGES):
     return decode_latents(samples[:count], data.encoder, device=samples.device)
 
 
+def check_stream_options(xflip, workers):
+    """ArgumentError naming `xflip` / `workers` unless they are None / a bool and 'auto' / a count >= 0."""
+    if xflip is not None and not isinstance(xflip, bool):
+        raise ArgumentError("xflip", f"must be True, False or None (the data's default), got {xflip!r}")
+    decoding_workers(workers)
+
+
 def data_batches(data, batch_size, seed, *, workers="auto", xflip=None):
     """The training stream of `data`, resumable. Built-in sets: fresh random draws (toy: new points;
     mnist: rows with replacement) seeded by this rank's `seed`. Streamed sets (`ImageFiles`,
@@ -146,6 +153,10 @@ def data_batches(data, batch_size, seed, *, workers="auto", xflip=None):
             xflip = bool(getattr(data, "flips", False))
         return BatchStream(data, batch_size, seed, rank=rank, world_size=world_size,
                            workers=decoding_workers(workers, local_ranks), xflip=xflip)
+
+    if xflip:
+        raise ArgumentError("xflip", f"mirrors streamed images and latents; {data.name} is a built-in set drawn "
+                                     "in memory (leave it out)")
 
     def draw(n, generator):
         x, labels = data.sample(n, generator)

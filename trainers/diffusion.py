@@ -19,8 +19,8 @@ from cmt.solvers import SOLVERS
 from cmt.trainers import loop, precision, recipes, run_files
 from cmt.trainers.reports import sample_and_score
 from cmt.networks import family_of
-from cmt.trainers.data import (PRETRAINING_ARCHITECTURES, data_batches, default_arch, network_for, pictures,
-                                 training_data)
+from cmt.trainers.data import (PRETRAINING_ARCHITECTURES, check_stream_options, data_batches, default_arch, network_for,
+                                 pictures, training_data)
 
 P_MEAN, P_STD = -0.4, 1.0   # EDM2's training sigma distribution
 # num_samples=None: samples for the metric, per kind of data.
@@ -74,7 +74,8 @@ def sample_and_measure(ema, step, out, *, data, solver, steps, num_samples, grid
 
 @renamed_keywords(eval_num="num_samples")
 @recipes.with_recipe("diffusion")
-def train_diffusion(*, data, out, resolution=None, arch=None, channels=None, channel_mult=None, num_blocks=None,
+def train_diffusion(*, data, out, resolution=None, xflip=None, workers="auto", arch=None, channels=None,
+                    channel_mult=None, num_blocks=None,
                     attn_res=None, dropout=0.0, cond=True, label_dropout=0.0, p_mean=P_MEAN, p_std=P_STD,
                     uncertainty=True, sample_solver="dpm++3m", sample_steps=16, num_samples=None, recipe=None,
                     resolved_options=None, **train_options):
@@ -84,7 +85,10 @@ def train_diffusion(*, data, out, resolution=None, arch=None, channels=None, cha
     train_edm2.py: edm2-img512-xs ... edm2-img64-xl); arguments given explicitly override it.
 
     data: mnist, toy:NAME (checkerboard, 8gaussians, moons, swissroll, rings), or a path to an image
-    folder / .npz / EDM dataset .zip; resolution resizes images (mnist: 16 by default).
+    folder / .npz / EDM dataset .zip, or a cmt-encode latent set; resolution resizes images (mnist: 16
+    by default); xflip: random left-right mirroring (None: off for images, as EDM2's training runs
+    without augmentation; on for a latent set that stored both flips); workers: DataLoader workers
+    decoding a streamed set ("auto": every core of the rank but one).
     arch: edm2 (U-Net, the default for images) or mlp (the default for 2-D data); channels (edm2:
     model_channels, mlp: width), channel_mult, num_blocks, attn_res (edm2: resolutions with
     self-attention, () for none) default to `DEFAULT_ARCH` of `cmt.trainers.data`; dropout.
@@ -100,6 +104,7 @@ def train_diffusion(*, data, out, resolution=None, arch=None, channels=None, cha
 
     Returns `{"out", "model", "log", "state": Path, "metrics": the last logged scalars}`.
     """
+    check_stream_options(xflip, workers)
     data = training_data(data, resolution)
     arch = default_arch(data) if arch is None else arch
     loop.check_choice("arch", arch, PRETRAINING_ARCHITECTURES)
@@ -115,7 +120,7 @@ def train_diffusion(*, data, out, resolution=None, arch=None, channels=None, cha
     objective = functools.partial(diffusion_loss, label_dim=net.label_dim, sigma_data=net.sigma_data,
                                   p_mean=p_mean, p_std=p_std, uncertainty=uncertainty,
                                   label_dropout=label_dropout)
-    batches = data_batches(data, trainer.micro_batch_size, trainer.seed_for(0))
+    batches = data_batches(data, trainer.micro_batch_size, trainer.seed_for(0), workers=workers, xflip=xflip)
     if num_samples is None:
         num_samples = EVAL_NUM["points" if len(data.data_shape) == 1 else "images"]
     sample_fn = functools.partial(sample_and_measure, data=data, solver=sample_solver, steps=sample_steps,
@@ -132,6 +137,7 @@ def train_diffusion(*, data, out, resolution=None, arch=None, channels=None, cha
     trainer.fit(net, objective, batches, sample_fn=sample_fn, save_final=save_final,
                 run_info={"phase": "diffusion", "data": data.name, "network": net.config,
                           **(resolved_options or {"recipe": recipe})},
-                run_options=run_files.phase_options(train_diffusion, locals()))
+                run_options={key: value for key, value in run_files.phase_options(train_diffusion, locals()).items()
+                             if key != "workers"})   # the DataLoader workers change no batch
     return {"out": config.out, "model": model, "log": config.out / run_files.LOG_FILE,
             "state": config.out / run_files.STATE_FILE, "metrics": run_files.final_metrics(config.out)}

@@ -22,6 +22,7 @@ import torch
 
 from cmt.datasets.shards import ShardReader, auto_workers, local_processes
 from cmt.edm import SIGMA_MAX, SIGMA_MIN, TWO_STEP_SIGMA, broadcast_sigma, sigma_to_t, x_to_z
+from cmt.elatentlpips import augment_ops
 from cmt.errors import ArgumentError
 from cmt.guidance import apply_guidance
 from cmt.manifest import TrajectoryDataset, check_verify
@@ -199,7 +200,8 @@ def dataset_names_a_teacher(given):
 
 
 @recipes.with_recipe("mid", default_recipe=builtin_teacher_recipe, names_a_teacher=dataset_names_a_teacher)
-def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_resize=None, teacher=None,
+def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_resize=None,
+              elatentlpips_augment=None, teacher=None,
               student_init="teacher", velocity_share=None, states_per_trajectory="all", max_trajectories=None,
               dropout=None, workers="auto", cache_gb=None, verify="once", eval_data=None, num_samples=1000,
               mid_sigma=TWO_STEP_SIGMA, recipe=None, resolved_options=None, **train_options):
@@ -215,7 +217,9 @@ def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_re
     velocity to a later state of the trajectory).
     loss: the distance, one of `DISTANCES` (the official CMT runs use lpips on pixel data; flowmap
     takes l2, the official code's, or huber); huber_c: the pseudo-Huber constant (None: 0.00054
-    sqrt(dim)); lpips_resize: upsample images to this side before LPIPS (None: their own size).
+    sqrt(dim)); lpips_resize: upsample images to this side before LPIPS (None: their own size);
+    elatentlpips_augment: the pair augmentation of loss elatentlpips (letters of
+    `cmt.elatentlpips.AUGMENT_OPS`; None: the package's "bg"; the imagenet512 recipe: "bgcno").
     teacher: name or checkpoint giving the student's architecture and initial weights (None: the
     one recorded in the dataset manifest, else the recipe's official teacher); student_init: teacher
     (its weights) or random.
@@ -271,6 +275,16 @@ def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_re
         refuse_inapplicable(mid_train, locals(), ("huber_c",), f"to loss {loss} (only to huber)")
     if loss != "lpips":
         refuse_inapplicable(mid_train, locals(), ("lpips_resize",), f"to loss {loss} (only to lpips)")
+    recipe_values = ((resolved_options or {}).get("recipe") or {}).get("values") or {}
+    if loss != "elatentlpips" and "elatentlpips_augment" in recipe_values:
+        elatentlpips_augment = None   # the recipe's, for the distance it names, not the one given
+    if loss != "elatentlpips":
+        refuse_inapplicable(mid_train, locals(), ("elatentlpips_augment",), f"to loss {loss} (only to elatentlpips)")
+    else:
+        try:
+            augment_ops(elatentlpips_augment)
+        except ValueError as error:
+            raise ArgumentError("elatentlpips_augment", str(error)) from None
     dataset.check_shards_present()
     with recipe_teacher_errors(resolved_options):
         teacher_config, teacher_state, identity, denoiser = load_mid_teacher(
@@ -290,10 +304,11 @@ def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_re
     student = build_student(network, init_state, source=f"teacher {identity.get('path', identity.get('name'))}",
                             seed=config.seed)
     check_agreement(manifest, student, data)
-    if flow_map and loss == "lpips":
+    if flow_map and loss in ("lpips", "elatentlpips"):
         raise ArgumentError("loss", "flowmap regresses velocities: use l2 or huber")
     try:
-        distance = make_distance(loss, student.data_shape, huber_c=huber_c, lpips_resize=lpips_resize)
+        distance = make_distance(loss, student.data_shape, huber_c=huber_c, lpips_resize=lpips_resize,
+                                 elatentlpips_augment=elatentlpips_augment, encoder=identity.get("encoder"))
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as error:
         raise ArgumentError("loss", str(error)) from None
     if eval_data is None and identity.get("kind") == "builtin":
@@ -332,7 +347,7 @@ def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_re
 
     def sample_fn(ema, step, out):
         return sampling_report(ema, out, step, sampler=sampler["kind"], eval_data=eval_data, num_samples=num_samples,
-                               mid_sigma=mid_sigma,
+                               mid_sigma=mid_sigma, encoder=identity.get("encoder"),
                                sigma_max=float(manifest.get("sigma_max", SIGMA_MAX)), progress=config.progress)
 
     settings = {}

@@ -15,8 +15,8 @@ from cmt.errors import ArgumentError
 from cmt.sampling import native_time, student_sampler
 from cmt.teachers import BUILTIN_TEACHERS, resolve_teacher
 from cmt.trainers import loop, precision, recipes
-from cmt.trainers.data import (STUDENT_ARCHITECTURES, check_arch, check_data_fits, data_batches, default_arch,
-                               network_for, training_data)
+from cmt.trainers.data import (STUDENT_ARCHITECTURES, check_arch, check_data_fits, check_stream_options, data_batches,
+                               default_arch, network_for, training_data)
 from cmt.trainers.ect import ECD, ECT
 from cmt.trainers.meanflow import MEANFLOW
 from cmt.trainers.methods import MethodSetup
@@ -200,7 +200,8 @@ def load_init(init, teacher, data, arch):
 @recipes.with_recipe("post", default_recipe=builtin_teacher_recipe, method_names=lambda: list(METHODS),
                      names_a_teacher=init_names_a_teacher)
 def post_train(*, init=None, method=None, data, out, teacher=None, arch=None, guidance=None, guide_ckpt=None,
-               dropout=None, dropout_res=None, resolution=None, eval_data=None, num_samples=1000,
+               dropout=None, dropout_res=None, resolution=None, xflip=None, workers="auto", eval_data=None,
+               num_samples=1000,
                mid_sigma=TWO_STEP_SIGMA, recipe=None,
                resolved_options=None, **options):
     """Post-train a student with a post-training method (`METHODS`: ECT, ECD, MeanFlow) -> `out/post.pt`
@@ -217,7 +218,9 @@ def post_train(*, init=None, method=None, data, out, teacher=None, arch=None, gu
     MeanFlow-port .pt: a SiT flow-map student), 'teacher' (the teacher's weights) or 'random'
     (required, unless the recipe names it). method: a name of `METHODS` (required unless the recipe has one).
     data: mnist, toy:NAME, or an image folder / .npz / EDM .zip; resolution resizes images (None:
-    the student's; another than the student's is refused). teacher: diffusion teacher (name or
+    the student's; another than the student's is refused); xflip: random left-right mirroring (None: off
+    for images, as ECT's and sony/cmt's runs; on for a latent set that stored both flips, MeanFlow's);
+    workers: DataLoader workers decoding a streamed set ("auto": every core of the rank but one). teacher: diffusion teacher (name or
     checkpoint): the frozen teacher a method asks for (ECD's solver, MeanFlow's velocity 'teacher'),
     and what 'teacher' / 'random' inits copy
     (None: the teacher recorded in init, else the init itself when it is a diffusion model, else the
@@ -248,6 +251,7 @@ def post_train(*, init=None, method=None, data, out, teacher=None, arch=None, gu
     if arch is not None:
         check_arch(arch, STUDENT_ARCHITECTURES)
     data_spec = data
+    check_stream_options(xflip, workers)
     data = training_data(data_spec, resolution)
     arch = arch or default_arch(data)
     with recipe_teacher_errors(resolved_options):
@@ -305,15 +309,19 @@ def post_train(*, init=None, method=None, data, out, teacher=None, arch=None, gu
 
     def sample_fn(ema, step, out):
         return sampling_report(ema, out, step, sampler=sampler["kind"], eval_data=eval_data, num_samples=num_samples,
-                               mid_sigma=mid_sigma, progress=config.progress, time=time)
+                               mid_sigma=mid_sigma, progress=config.progress, time=time,
+                               encoder=data.encoder or init_record.get("encoder"))
 
     run_options = {"recipe": recipe, **(resolved_options or {"options": {}})}
-    run_options["options"] = {**run_options.get("options", {}), **recipes.recorded_options(own)}
+    # (the DataLoader workers change no batch: a resumed run may use another count)
+    run_options["options"] = {**{key: value for key, value in run_options.get("options", {}).items() if key != "workers"},
+                              **recipes.recorded_options(own)}
     # What the method resolved from the init and the run's length (ECT: its curriculum's pace, which a
     # longer max_steps would change).
     run_options.update(recipes.recorded_options({f"resolved_{name}": value for name, value in prepared.items()
                                                  if value != own[name]}))
-    trainer.fit(student, objective, data_batches(data, trainer.micro_batch_size, trainer.seed_for(0)),
+    trainer.fit(student, objective, data_batches(data, trainer.micro_batch_size, trainer.seed_for(0), workers=workers,
+                                                 xflip=xflip),
                 sample_fn=sample_fn, save_final=lambda ema, net, out: save_student(out, "post", ema, net, info),
                 run_info={**info, "student": student.config}, run_options=run_options)
     return student_result(config.out, "post")

@@ -100,9 +100,11 @@ IMAGENET512 = {
         lr=2e-4, lr_schedule="linear", warmup_steps=0,
         ema_beta=0.999,                         # --ema_beta=0.999
         dropout=0.0,                            # preset edm2-img512-xxl (dropout 0)
-        # The official distance is ELatentLPIPS (a latent VGG whose weights are not published); the
-        # nearest distance here is pseudo-Huber with cmt_512.py's --loss_c 0.06.
-        loss="huber", huber_c=0.06,
+        # --loss_metric=ELatentLPIPS (training/loss.py DPMSolverLoss: ELatentLPIPS2, aug_type "bgcfnc",
+        # p 1): E-LatentLPIPS with the authors' published SD-VAE (sd15) weights, since sony/cmt's own
+        # latent VGG (vgg.pt, from train_latent_vgg.py) is not published; of "bgcfnc" the transforms the
+        # package's augmentation has: blit, geometric, colour, noise, cutout (docs/recipes.md).
+        loss="elatentlpips", elatentlpips_augment="bgcno",
         batch_size=128, max_steps=100_000,      # --batch 128, --duration=12.8 (Mimg)
         mid_sigma=1.526,                        # --mid_t=1.526
         mixed_precision="no",                   # --fp16=0
@@ -115,6 +117,7 @@ IMAGENET512 = {
         "ecd": dict(_IMAGENET512_POST, teacher="edm2-img512-xxl-0939524-0.075.pkl", guidance=2.05,
                     guide_ckpt="edm2-img512-m-0268435-0.155.pkl"),
     },
+    "teacher": RECIPE_TEACHERS["imagenet512"],   # cmt-build --recipe imagenet512 builds from it
     "source": "sony/cmt imagenet512/ (run_cmt_512.sh, run_ect_512.sh, run_ecd_512.sh)",
 }
 
@@ -122,6 +125,8 @@ IMAGENET512 = {
 IMAGENET64_ECT = {
     "mid": None,
     "post": {"ect": dict(
+        init="edm2-img64-s-1073741-0.075.pkl",  # run_imgnet_ecm.sh --transfer: ECT starts from EDM2-S (EDM2's
+                                                # edm2-img64-s preset)
         optimizer="adam", betas=(0.9, 0.99),    # ct_train.py preset edm2-img64-s
         lr=1e-3, lr_schedule="invsqrt",         # preset lr 1e-3; EDM2's lr_ref / sqrt(max(n / (2000 batch), 1))
         lr_ref_steps=2000, warmup_steps=0,

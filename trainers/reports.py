@@ -24,8 +24,9 @@ def sample_and_score(net, out, step, *, sampling, num_samples, title, data=None,
     from `step`), scored by the built-in metric of the resolved data set `data` (None: no metric) as
     `{metric}{suffix}`, and drawn to `out/samples/step-NNNNNNN{suffix with - for _}.png` as
     `samples{suffix}` (`title` and the metric above it). draw: samples -> the picture's images
-    (None: no picture, e.g. latents without a decoder). grid: `(seeds, labels)` to draw instead of the
-    scored samples (a class-cycling grid); the scored ones are drawn when there are none (points)."""
+    (None, or a draw that returns None: no picture, e.g. latents whose VAE is not at hand). grid:
+    `(seeds, labels)` to draw instead of the scored samples (a class-cycling grid); the scored ones
+    are drawn when there are none (points)."""
     scalars, samples = {}, None
     if num_samples:
         seeds = list(range(REPORT_SEED, REPORT_SEED + num_samples))
@@ -47,6 +48,9 @@ def sample_and_score(net, out, step, *, sampling, num_samples, title, data=None,
     picture = Path(out) / "samples" / step_file_name("step", step, suffix.replace("_", "-") + ".png")
     reference = data.reference() if data is not None and shown.ndim == 2 else None
     metrics = {name[:len(name) - len(suffix)] if suffix else name: value for name, value in scalars.items()}
-    save_samples(draw(shown), picture, reference=reference, nrow=nrow,
+    shown = draw(shown)
+    if shown is None:   # the picture could not be made (a latent student's VAE is not at hand)
+        return scalars
+    save_samples(shown, picture, reference=reference, nrow=nrow,
                  title=metric_title(title, metrics))
     return {**scalars, f"samples{suffix}": picture}

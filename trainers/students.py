@@ -2,6 +2,7 @@
 consistency output and average velocity, its 1- and 2-step sampling report, and how it is saved."""
 import contextlib
 import inspect
+import warnings
 from pathlib import Path
 
 import torch
@@ -10,6 +11,8 @@ from cmt.checkpoint import init_student_from_teacher, save_network
 from cmt.datasets import one_hot_labels, resolve_data
 from cmt.edm import SIGMA_MAX, SIGMA_MIN, TWO_STEP_SIGMA, broadcast_sigma, sigma_to_t, t_to_sigma, x_to_z, z_to_x
 from cmt.errors import ArgumentError
+from cmt.images import MAX_GRID_IMAGES
+from cmt.latents import decode_latents
 from cmt.networks import build_network, family_of, network_config
 from cmt.outputs import write_torch
 from cmt.sampling import MEANFLOW_T_MAX, native_time, sampler_sigmas
@@ -220,15 +223,15 @@ def check_report_options(net, *, eval_data, mid_sigma, sigma_max=SIGMA_MAX, sigm
 # ---- reports and results ----------------------------------------------------------------------
 
 def sampling_report(net, out, step, *, sampler, eval_data=None, num_samples=1000, mid_sigma=TWO_STEP_SIGMA,
-                    sigma_max=SIGMA_MAX, progress=False, time="sigma", t_max=MEANFLOW_T_MAX):
+                    sigma_max=SIGMA_MAX, progress=False, time="sigma", t_max=MEANFLOW_T_MAX, encoder=None):
     """1- and 2-step samples of a student (`cmt.trainers.reports.sample_and_score`): the built-in
     metric of `eval_data` (toy:NAME, mnist) as scalars `{metric}_{steps}step` and a picture each in
-    `out/samples/` (as `samples_{steps}step`; points and pixels, not latents). sampler: the
-    student's kind (`cmt.sampling.STUDENT_SAMPLERS`; "consistency" re-noises between jumps to 0 even
-    for a flow-map network, as ECT / ECD students are sampled); time, t_max: its record's
-    (`cmt.sampling.generate`)."""
+    `out/samples/` (as `samples_{steps}step`): points and pixels as they are, latents decoded through
+    the VAE their `encoder` record names (a latent set's, a latent teacher's; `cmt.latents.decode_latents`;
+    no record: no picture). sampler: the student's kind (`cmt.sampling.STUDENT_SAMPLERS`; "consistency"
+    re-noises between jumps to 0 even for a flow-map network, as ECT / ECD students are sampled);
+    time, t_max: its record's (`cmt.sampling.generate`)."""
     data = resolve_data(eval_data) if eval_data is not None else None
-    pictured = len(net.data_shape) == 1 or net.data_shape[0] in (1, 3)
     scalars = {}
     for steps in (1, 2):
         scalars.update(sample_and_score(
@@ -236,9 +239,31 @@ def sampling_report(net, out, step, *, sampler, eval_data=None, num_samples=1000
                                           renoise=sampler == "consistency", time=time, t_max=t_max),
             num_samples=num_samples, data=data, suffix=f"_{steps}step",
             title=f"student at step {step}, {steps} step{'s' * (steps > 1)}",
-            draw=(lambda images: images) if pictured else None,
-            progress=progress))
+            draw=picture_of(net, encoder), progress=progress))
     return scalars
+
+
+def picture_of(net, encoder):
+    """What a student's sample grid shows of its samples (None: nothing): points and pixels as they
+    are; latents decoded through the recorded VAE (the first `MAX_GRID_IMAGES`). A VAE that cannot be
+    loaded (offline, not in the Hugging Face cache) costs the picture, with one warning, not the run."""
+    if len(net.data_shape) == 1 or net.data_shape[0] in (1, 3):
+        return lambda images: images
+    if not encoder or encoder.get("kind") != "stability_vae":
+        return None
+
+    def decode(latents):
+        try:
+            return decode_latents(latents[:MAX_GRID_IMAGES], encoder, device=latents.device)
+        except (FileNotFoundError, ImportError, OSError) as error:
+            if encoder.get("vae_name") not in _WARNED_VAES:
+                _WARNED_VAES.add(encoder.get("vae_name"))
+                warnings.warn(f"no pictures of the latent samples: {error}", stacklevel=2)
+            return None
+    return decode
+
+
+_WARNED_VAES = set()
 
 
 def save_student(out, name, ema, net, info):

@@ -182,6 +182,20 @@ def main():
     or post-train it with ECT / ECD / MeanFlow (post)."""
 
 
+def data_options(defaults):
+    """--xflip / --workers: how a streamed data set (image files, a latent set) is drawn."""
+    def decorate(function):
+        function = click.option(
+            "--workers", type=CountOrAuto(), default=defaults["workers"], show_default=True,
+            help="DataLoader workers decoding a streamed data set (images, latent sets); auto: every core of "
+                 "this rank but one (at most 8).")(function)
+        return click.option(
+            "--xflip/--no-xflip", default=None,
+            help="Random left-right mirroring of the training images [default: off for images (EDM's and ECT's "
+                 "runs), on for a latent set that stored both flips (MeanFlow's)].")(function)
+    return decorate
+
+
 DIFFUSION = defaults_of(train_diffusion)
 
 
@@ -190,6 +204,7 @@ DIFFUSION = defaults_of(train_diffusion)
               help=f"mnist, toy:NAME ({', '.join(TOY_NAMES)}), or a path to an image folder / .npz / EDM dataset .zip.")
 @click.option("--resolution", type=click.IntRange(min=4), default=DIFFUSION["resolution"],
               help="Resize images to this size (mnist: 16 by default).")
+@data_options(DIFFUSION)
 @click.option("--arch", type=click.Choice(PRETRAINING_ARCHITECTURES), default=DIFFUSION["arch"],
               help="edm2 U-Net (default for images) or mlp (default for 2-D data).")
 @click.option("--channels", type=click.IntRange(min=1), default=DIFFUSION["channels"],
@@ -236,12 +251,17 @@ MID = defaults_of(mid_train)
               help="endpoint: CMT-CM, jump to the trajectory's endpoint; flowmap: CMT-MF, average velocity "
                    "to a later state of the trajectory.")
 @click.option("--loss", type=click.Choice(DISTANCES), default=MID["loss"],
-              help="Distance (endpoint target). The official CMT runs use lpips on pixel data; flowmap "
-                   "takes l2 (the official code) or huber.")
+              help="Distance (endpoint target). The official CMT runs use lpips on pixel data and "
+                   "elatentlpips (E-LatentLPIPS, SD-VAE latents) on ImageNet-512; flowmap takes l2 (the "
+                   "official code) or huber.")
 @click.option("--huber-c", type=click.FloatRange(min=0), default=MID["huber_c"],
               help="Pseudo-Huber constant [default: 0.00054 sqrt(dim)].")
 @click.option("--lpips-resize", type=click.IntRange(min=16), default=MID["lpips_resize"],
               help="Upsample images to this side before LPIPS [default: their own size].")
+@click.option("--elatentlpips-augment", default=MID["elatentlpips_augment"],
+              help="Pair augmentation of --loss elatentlpips, letters of b (flip, 90-degree turns, integer shifts), "
+                   "g (scale, rotation, anisotropy, fractional shifts), c (brightness, contrast, saturation), "
+                   "n (noise), o (cutout); none: off [default: bg, the elatentlpips package's].")
 @click.option("--teacher", default=MID["teacher"],
               help="Teacher name or checkpoint giving the student's architecture and initial weights "
                    "[default: the one recorded in the dataset manifest].")
@@ -318,6 +338,7 @@ for _method in METHODS.values():
                    "ImageNet-64 presets: 16) [default: everywhere].")
 @click.option("--resolution", type=click.IntRange(min=4), default=POST["resolution"],
               help="Resize images [default: the network's].")
+@data_options(POST)
 @click.option("--eval-data", default=POST["eval_data"],
               help="Data set whose built-in metric scores samples [default: --data if built in].")
 @click.option("--num-samples", type=click.IntRange(min=1), default=POST["num_samples"],
