@@ -25,7 +25,7 @@ def pipeline(tmp_path_factory):
                         **TINY_TRAINING)
     post = cmt.post_train(init=mid["checkpoint"], method="ect", data=TOY, out=root / "post", stage=11,
                           num_samples=32, **TINY_TRAINING)
-    sampled = cmt.sample(ckpt=post["model"], out=root / "post.png", sampler="flowmap", steps=1, num=64,
+    sampled = cmt.sample(ckpt=post["model"], out=root / "post.png", sampler="flowmap", steps=1, num_samples=64,
                          npz=root / "post.npz")
     evaluated = cmt.evaluate(samples=sampled["npz"], data=TOY)
     return {"build": built, "mid": mid, "post": post, "sample": sampled, "evaluate": evaluated}
@@ -62,10 +62,10 @@ def test_sample_and_evaluate_return_files_and_finite_metrics(pipeline):
 
 
 def test_pre_training_returns_a_teacher_that_samples(tmp_path):
-    trained = cmt.train_diffusion(data=TOY, out=tmp_path / "teacher", eval_num=0, channels=16, num_blocks=1,
+    trained = cmt.train_diffusion(data=TOY, out=tmp_path / "teacher", num_samples=0, channels=16, num_blocks=1,
                                   **TINY_TRAINING)
     assert trained["model"].name == "teacher.safetensors"
-    sampled = cmt.sample(ckpt=trained["model"], out=tmp_path / "teacher.png", steps=2, num=8)
+    sampled = cmt.sample(ckpt=trained["model"], out=tmp_path / "teacher.png", steps=2, num_samples=8)
     assert sampled["samples"].shape == (8, 2) and bool(torch.isfinite(sampled["samples"]).all())
 
 

@@ -148,7 +148,7 @@ def test_bad_label_for_the_network(tmp_path, image_ckpt):
 
 
 def test_sample_entry_point_returns_what_it_wrote(tmp_path, points_ckpt):
-    written = cmt.sample(ckpt=points_ckpt, out=tmp_path / "p.png", npz=tmp_path / "p.npz", num=20, steps=3, seed=4)
+    written = cmt.sample(ckpt=points_ckpt, out=tmp_path / "p.png", npz=tmp_path / "p.npz", num_samples=20, steps=3, seed=4)
     assert written["out"] == tmp_path / "p.png" and written["out"].is_file()
     assert written["npz"] == tmp_path / "p.npz" and written["seeds"] == list(range(4, 24))
     saved = np.load(written["npz"])
@@ -171,7 +171,7 @@ def test_sample_entry_point_returns_what_it_wrote(tmp_path, points_ckpt):
     ({"labels": 12}, "labels"),
 ])
 def test_sample_errors_name_the_argument(tmp_path, image_ckpt, kwargs, argument):
-    options = {"ckpt": image_ckpt, "out": tmp_path / "grid.png", "num": 2, "steps": 1, **kwargs}
+    options = {"ckpt": image_ckpt, "out": tmp_path / "grid.png", "num_samples": 2, "steps": 1, **kwargs}
     with pytest.raises(ArgumentError) as error:
         cmt.sample(**options)
     assert error.value.argument == argument

@@ -26,7 +26,7 @@ from cmt.trainers.mid import MID_DEFAULTS, mid_train
 from cmt.trainers.post import METHODS, POST_DEFAULTS, post_train
 
 TINY_EDM2 = dict(data="mnist", resolution=8, channels=8, channel_mult=(1, 2), num_blocks=1, attn_res=(), batch_size=8,
-                 eval_num=0, progress=False)
+                 num_samples=0, progress=False)
 TINY_MLP = dict(channels=64, num_blocks=2, progress=False)
 
 
@@ -45,7 +45,7 @@ def fixed_batch_loss(net, data="8gaussians", n=4096):
 def test_loss_decreases_and_samples_improve_on_8gaussians(tmp_path):
     out = tmp_path / "run"
     result = train_diffusion(data="toy:8gaussians", out=out, **TINY_MLP, max_steps=300, batch_size=256, lr=3e-3,
-                             log_every=1, eval_num=2000)
+                             log_every=1, num_samples=2000)
     assert result["model"] == out / "teacher.safetensors" and result["log"] == out / run_files.LOG_FILE
     assert result["state"] == out / run_files.STATE_FILE and result["state"].is_file()
     assert result["metrics"] == run_files.read_log(out)[-1]
