@@ -7,7 +7,9 @@ For each data set (`toy:checkerboard`, `mnist`, each with its built-in teacher a
    in a snapshot every `max_steps / snapshots` steps (`--ema-std`, `--snapshot-every`);
 2. `cmt.reconstruct_ema` of a sweep of EMA stds from those snapshots, each sampled with the student's
    2-step sampler and scored with the data's built-in metric (`cmt-ema --eval`);
-3. the recipe's fixed-EMA model (`mid.safetensors`), sampled and scored from the same noise.
+3. the recipe's fixed-EMA model (`mid.safetensors`), sampled and scored from the same noise;
+4. the fixed EMA and the best std again on `--check-seeds` other noises (seeds `seed + k * num_samples`),
+   so the gain can be read against the metric's spread over evaluation noise.
 
     python benchmarks/bench_posthoc_ema.py --out runs/posthoc-ema --docs docs
     python benchmarks/bench_posthoc_ema.py --out /tmp/pe --quick
@@ -44,7 +46,14 @@ TRACKED = (0.05, 0.1)
 SWEEP = (0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.13, 0.17, 0.22)
 
 
-def run_data(out, data, *, trajectories, mid_steps, snapshots, stds, num_samples, seed):
+def scored(ckpt, out, data, metric, *, steps, num_samples, seed):
+    """The metric of `num_samples` samples of `ckpt` from seeds `seed`, `seed + 1`, ..."""
+    samples = sample(ckpt=str(ckpt), out=out, sampler="flowmap", steps=steps, num_samples=num_samples, seed=seed,
+                     progress=False)["samples"]
+    return float(evaluate(samples=samples, data=data)["metrics"][metric])
+
+
+def run_data(out, data, *, trajectories, mid_steps, snapshots, stds, num_samples, seed, check_seeds):
     """Build, mid-train with snapshots, reconstruct the sweep and score it and the fixed EMA."""
     root = out / data.replace(":", "-")
     log = lambda command: click.echo(f"[{data}] {command}", err=True)
@@ -68,11 +77,21 @@ def run_data(out, data, *, trajectories, mid_steps, snapshots, stds, num_samples
                         num_samples=num_samples, seed=seed, progress=False)
         log(f"reconstructed and scored {len(stds)} EMA lengths in {time.perf_counter() - started:.0f} s")
     sweep = json.loads(swept.read_text())
-    fixed = sample(ckpt=str(root / "mid" / "mid.safetensors"), out=root / "fixed.png", sampler="flowmap",
-                   steps=sweep["steps"], num_samples=num_samples, seed=seed, progress=False)
     metric = sweep["metric"]
-    fixed_value = float(evaluate(samples=fixed["samples"], data=data)["metrics"][metric])
+    fixed_model = root / "mid" / "mid.safetensors"
+    fixed_value = scored(fixed_model, root / "fixed.png", data, metric, steps=sweep["steps"], num_samples=num_samples,
+                         seed=seed)
     best = sweep["best"]
+    checks = root / "checks.json"
+    if not checks.is_file() or len(json.loads(checks.read_text())["seeds"]) != check_seeds:
+        best_model = root / "posthoc" / next(row["model"] for row in sweep["rows"] if row["std"] == best["std"])
+        seeds = [seed + k * num_samples for k in range(1, check_seeds + 1)]
+        checks.write_text(json.dumps({"seeds": seeds, "fixed_ema": [
+            scored(fixed_model, root / "check.png", data, metric, steps=sweep["steps"], num_samples=num_samples,
+                   seed=other) for other in seeds], "best": [
+            scored(best_model, root / "check.png", data, metric, steps=sweep["steps"], num_samples=num_samples,
+                   seed=other) for other in seeds]}) + "\n")
+    checked = json.loads(checks.read_text())
     run = json.loads((root / "mid" / "run.json").read_text())
     return {"data": data, "metric": metric, "steps": sweep["steps"], "num_samples": num_samples, "seed": seed,
             "mid_steps": steps, "snapshot_every": every, "tracked_stds": list(TRACKED),
@@ -81,7 +100,10 @@ def run_data(out, data, *, trajectories, mid_steps, snapshots, stds, num_samples
             "rows": [{"std": row["std"], metric: row[metric]} for row in sweep["rows"]],
             "best": {"std": best["std"], metric: best[metric]},
             "gain": fixed_value / best[metric] if best[metric] > 0 else math.inf,
-            "power_ema_cost": run.get("power_ema"), "mid_seconds": mid_seconds}
+            "power_ema_cost": run.get("power_ema"), "mid_seconds": mid_seconds,
+            "other_noise": {"seeds": checked["seeds"], "fixed_ema": checked["fixed_ema"], "best": checked["best"],
+                            "gains": [fixed / best_value if best_value > 0 else math.inf
+                                      for fixed, best_value in zip(checked["fixed_ema"], checked["best"])]}}
 
 
 def plot(results, path):
@@ -117,11 +139,13 @@ def plot(results, path):
 @click.option("--stds", default=",".join(map(str, SWEEP)), show_default=True)
 @click.option("--num-samples", type=int, default=2000, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--check-seeds", type=int, default=2, show_default=True,
+              help="Other evaluation noises on which the fixed EMA and the best std are scored again.")
 @click.option("--docs", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also copy the JSON and the plot into this docs folder.")
 @quick_option({"datasets": ("toy:moons",), "trajectories": 64, "mid_steps": 8, "snapshots": 4, "stds": "0.05,0.1",
-               "num_samples": 64})
-def main(out, datasets, trajectories, mid_steps, snapshots, stds, num_samples, seed, docs):
+               "num_samples": 64, "check_seeds": 1})
+def main(out, datasets, trajectories, mid_steps, snapshots, stds, num_samples, seed, check_seeds, docs):
     out = Path(tempfile.mkdtemp(prefix="cmt-posthoc-ema-")) if out is None else out
     out.mkdir(parents=True, exist_ok=True)
     stds = [float(value) for value in str(stds).split(",") if value.strip()]
@@ -129,11 +153,12 @@ def main(out, datasets, trajectories, mid_steps, snapshots, stds, num_samples, s
     for data in datasets:
         count = trajectories or (4000 if data.startswith("toy:") else 2000)
         result = run_data(out, data, trajectories=count, mid_steps=mid_steps, snapshots=snapshots, stds=stds,
-                          num_samples=num_samples, seed=seed)
+                          num_samples=num_samples, seed=seed, check_seeds=check_seeds)
         results.append(result)
         metric = result["metric"]
         click.echo(f"{data}: fixed EMA {metric} {result['fixed_ema'][metric]:.4g}; best post-hoc std "
-                   f"{result['best']['std']:.3g}: {result['best'][metric]:.4g} (gain {result['gain']:.3f}x)")
+                   f"{result['best']['std']:.3g}: {result['best'][metric]:.4g} (gain {result['gain']:.3f}x; on other "
+                   f"noise: {', '.join(f'{gain:.3f}x' for gain in result['other_noise']['gains'])})")
     (out / "posthoc_ema.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, out / "posthoc_ema.png")
     if docs is not None:
