@@ -5,6 +5,7 @@ on a latent set and cmt-sample of its student, flow-map teachers in the builder,
 build, and the refusals of bad input."""
 import io
 import json
+import math
 import warnings
 import zipfile
 
@@ -12,12 +13,14 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import MLP, context, invoke_command
+from conftest import FIXTURES, MLP, context, invoke_command
+from dinov2_formula import formula_weights
 
 import cmt
 from cmt.builders.build import build_trajectories
 from cmt.checkpoint import load_network, save_network
 from cmt.cli.build import main as build_main
+from cmt.cli.evaluate import main as eval_main
 from cmt.cli.sample import main as sample_main
 from cmt.cli.train import main as train_main
 from cmt.edm import sigma_grid, t_to_sigma, z_to_x
@@ -175,6 +178,15 @@ def test_imagenet256_meanflow_recipe_trains_a_sit_from_random_weights_and_cmt_sa
         expected = flow_map_sample_in_t(student, seed_noise([7, 8, 9], SHAPE), [1.0, 0.5, 0.0], one_hot([0, 1, 2]))
     torch.testing.assert_close(samples, expected, rtol=1e-5, atol=1e-5)
     assert PIL.Image.open(tmp_path / "mf.png").mode == "RGB"
+    # cmt-eval: the latents decoded through the set's VAE, FD-DINOv2 against the images they were encoded
+    # from (a tiny DINOv2-shaped network with formula weights).
+    weights = tmp_path / "dinov2_tiny.pth"
+    torch.save(formula_weights(json.loads((FIXTURES / "dinov2_tiny.json").read_text())["shapes"]), weights)
+    code, output = invoke_command(eval_main, "--samples", tmp_path / "mf.npz", "--data", latents / "latents",
+                                  "--fd-dinov2", "--dinov2", weights)
+    assert code == 0 and "fd_dinov2" in output, output
+    scored = cmt.evaluate(samples=tmp_path / "mf.npz", data=str(latents / "latents"), fd_dinov2=True, dinov2=str(weights))
+    assert scored["count"] == 3 and math.isfinite(scored["metrics"]["fd_dinov2"]) and scored["metrics"]["fd_dinov2"] > 0
     code, output = invoke_command(sample_main, "--ckpt", result["model"], "--sigma-max", 10, "--out",
                                   tmp_path / "x.png", "--no-progress")
     assert code == 2 and "--sigma-max" in output and "MeanFlow's time" in output
