@@ -17,6 +17,7 @@ refuses sizes and options it cannot honour, each with one line that names the fl
 """
 import errno
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -108,6 +109,8 @@ def test_paths_are_compared_resolved_and_the_data_by_content(world, tmp_path, mo
     mid_train(data=tmp_path / "grown", out=tmp_path / "moved", max_steps=6, resume=True, resume_new_data=True, **common)
     state = torch.load(tmp_path / "moved" / run_files.STATE_FILE, weights_only=True)
     assert state["step"] == 6 and state["run"]["inputs"]["data"]["count"] == 36
+    recorded = json.loads((tmp_path / "moved" / run_files.RUN_FILE).read_text())
+    assert recorded["inputs"]["data"]["count"] == 36 and recorded["new_data"][0]["step"] == 5
     with pytest.raises(ArgumentError, match="resume") as error:   # a flag that needs --resume
         mid_train(data=tmp_path / "grown", out=tmp_path / "fresh", resume_new_data=True, **common)
     assert error.value.argument == "resume_new_data" and not (tmp_path / "fresh").exists()

@@ -36,8 +36,8 @@ from cmt.seeds import derive_seed
 # The trainer options live in cmt.trainers.config; the phases reach them through the loop they configure.
 from cmt.trainers.config import (LR_SCHEDULES, MIXED_PRECISIONS, OPTIMIZERS, TRAIN_DEFAULTS, TrainConfig,  # noqa: F401
                                  check_choice, micro_batch_size, train_config)
-from cmt.trainers.run_files import (IMAGES_SEEN, SNAPSHOT_DIR, STATE_FILE, RunLog, evaluation_pending, read_state,
-                                    run_record, summary_writer, write_run_file, write_state)
+from cmt.trainers.run_files import (IMAGES_SEEN, SNAPSHOT_DIR, STATE_FILE, RunLog, evaluation_pending, note_new_data,
+                                    read_state, run_record, summary_writer, write_run_file, write_state)
 from cmt.trainers.precision import TF32Choice, apply_tf32, fixed_choice
 from cmt.trainers.schedules import ema_beta, learning_rate, update_ema
 from cmt.trainers.stops import (SIGNAL_EXIT_CODES, Interrupted, StopNow, StopSignals, allocation_failure, first_line,
@@ -236,6 +236,7 @@ class Trainer:
             if data_changes and self.is_main:
                 print(f"[cmt] resume: training on a changed data set (resume_new_data): {'; '.join(data_changes)}",
                       flush=True)
+                note_new_data(self.out, self.run_record["inputs"], start_step, data_changes)
 
         self.out.mkdir(parents=True, exist_ok=True)
         # A finished run resumed: its final sampling and last log line are pending when the log has no
@@ -247,7 +248,7 @@ class Trainer:
         if self.power_ema is not None:
             run_info = {**(run_info or {}), "power_ema": self._announce_power_ema(plain_net)}
         if self.is_main and run_info is not None and not config.resume:
-            write_run_file(self.out, config, run_info, self.num_processes)
+            write_run_file(self.out, config, {**run_info, "inputs": self.run_record["inputs"]}, self.num_processes)
 
         generator = torch.Generator(self.device)
         ctx = Context(step=start_step, max_steps=config.max_steps, generator=generator,

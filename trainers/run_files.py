@@ -89,6 +89,19 @@ def write_run_file(out: Path, config, run_info: dict, num_processes: int) -> Pat
     return write_text(Path(out) / RUN_FILE, json.dumps(info, indent=2, default=str) + "\n")
 
 
+def note_new_data(out: Path, inputs: dict, step: int, changes: list[str]) -> None:
+    """run.json after a resume on a changed data set (`resume_new_data`): the new inputs, and under
+    "new_data" the step and what changed (run.json is otherwise written once, at the start)."""
+    path = Path(out) / RUN_FILE
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return   # no readable run.json to amend; the state records the new inputs anyway
+    info["inputs"] = inputs
+    info.setdefault("new_data", []).append({"step": step, "changes": changes})
+    write_text(path, json.dumps(info, indent=2, default=str) + "\n")
+
+
 def read_state(out: Path, record: dict, lr_schedule: str, resume_new_data: bool = False) -> tuple[dict, list[str]]:
     """`(state, data changes)`: the saved training state of the run in `out`, checked to be one (a
     truncated or foreign file: FileFormatError) and to continue the run `record` describes
