@@ -15,8 +15,8 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from cmt.cli.common import (CONTEXT_SETTINGS, WithAliases, flag_for, run_summary, summary, table_options,
-                            translate_errors)
+from cmt.cli.common import (CONTEXT_SETTINGS, WithAliases, file_error_message, flag_for, run_summary, summary,
+                            table_options, translate_errors)
 from cmt.errors import ArgumentError, CmtError, PeerFailed
 from cmt.datasets import TOY_NAMES
 from cmt.manifest import VERIFY_MODES
@@ -86,10 +86,13 @@ def as_a_launched_process(command):
             return command(*args, **kwargs)
         except PeerFailed:
             raise SystemExit(1) from None
-        except (ArgumentError, CmtError) as error:
+        except (ArgumentError, CmtError, OSError) as error:
+            if isinstance(error, ArgumentError):
+                line = f"{flag_for(error.argument)}: {error.message}"
+            else:
+                line = file_error_message(error) if isinstance(error, OSError) else str(error)
             where = os.environ.get("TORCHELASTIC_ERROR_FILE")
-            if where:
-                line = f"{flag_for(error.argument)}: {error.message}" if isinstance(error, ArgumentError) else str(error)
+            if where and line:
                 try:
                     Path(where).write_text(json.dumps({"message": f"Error: {line}", "timestamp": int(time.time())}))
                 except OSError:
