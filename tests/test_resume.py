@@ -88,6 +88,9 @@ def test_paths_are_compared_resolved_and_the_data_by_content(world, tmp_path, mo
     # the run folder moved, the data named otherwise (./, absolute), from another directory
     shutil.move(tmp_path / "run", tmp_path / "moved")
     mid_train(data="./shards", out="moved", max_steps=3, resume=True, **common)
+    shutil.copytree(tmp_path / "moved", tmp_path / "copied")   # and a copy of it resumes too
+    mid_train(data=tmp_path / "shards", out="copied", max_steps=4, resume=True, **common)
+    assert torch.load(tmp_path / "copied" / run_files.STATE_FILE, weights_only=True)["step"] == 4
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     mid_train(data=tmp_path / "shards", out=tmp_path / "moved", max_steps=4, resume=True, **common)
