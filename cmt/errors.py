@@ -21,6 +21,16 @@ class ArgumentError(ValueError):
         self.message = message
 
 
+class InapplicableOption(ArgumentError):
+    """An option set to a value other than its default where it does not apply, `because` of the
+    value of another keyword (huber_c under loss lpips). A recipe's value of it is left out when the
+    caller chose `because` (`cmt.trainers.recipes.with_recipe`); one the caller gave is refused."""
+
+    def __init__(self, argument: str, message: str, because: str):
+        super().__init__(argument, message)
+        self.because = because
+
+
 class CmtError(Exception):
     """A failure that is not a bug: `str(error)` is the whole message; a command exits `exit_code`."""
     exit_code = 1
@@ -47,6 +57,11 @@ class TrainingStopped(CmtError, RuntimeError):
     def __init__(self, message: str, exit_code: int = 1):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class PeerFailed(CmtError, RuntimeError):
+    """Another process of a multi-process run failed (its own message says why): this one stops
+    quietly (the commands print nothing for it)."""
 
 
 class EvaluationFailed(CmtError, RuntimeError):

@@ -54,6 +54,12 @@ def config_hash(config):
     return hashlib.sha256(canonical_json(config).encode()).hexdigest()
 
 
+def shards_fingerprint(entries):
+    """The sha256 of the shard entries' names, checksums and counts: what a set holds, wherever it lies
+    (a rebuilt or extended set has another)."""
+    return config_hash([[entry["name"], entry["sha256"], entry["count"]] for entry in entries])
+
+
 def write_json(fs, path, value):
     """Write JSON through a temporary name and a rename, so a reader sees the old file or the new one."""
     write_atomic(fs, path, {"": (json.dumps(value, indent=2, sort_keys=True) + "\n").encode()})
@@ -201,6 +207,13 @@ class TrajectoryDataset:
 
     def __len__(self):
         return sum(entry["count"] for entry in self.shards)
+
+    def identity(self):
+        """What identifies the trajectories used (a resumed run checks it, `cmt.trainers.identity`): the
+        build's configuration hash, the count and a fingerprint of the shards (`max_trajectories`: of
+        the prefix used); not where the set lies."""
+        return {"kind": "trajectories", "config_hash": self.manifest.get("config_hash"), "count": len(self),
+                "fingerprint": shards_fingerprint(self.shards)}
 
     def shard_path(self, entry):
         return f"{self.root}/{entry['name']}"

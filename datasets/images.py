@@ -32,8 +32,10 @@ Damage the scan cannot see (a corrupt zip member: its CRC-32 is checked at every
 data does not decode) is a `FileFormatError` naming the file and member when the item is read,
 also inside a DataLoader worker (`__getitems__` hands the message back; the stream raises it).
 """
+import hashlib
 import io
 import json
+import os
 import re
 import zipfile
 from pathlib import Path
@@ -145,6 +147,7 @@ class ImageFiles(MapStyleSet):
             raise FileFormatError(f"{self.path}: no image array; found keys {sorted(keys)}, accepted: "
                                   f"{', '.join(NPZ_IMAGE_KEYS)}")
         array = _npz_member(self.path, members, keys[key])
+        self._npz_members = members.names.blob + members.size.tobytes() + members.crc.tobytes()
         if array.ndim == 3:
             array = array[:, None]
         if array.ndim != 4:
@@ -294,6 +297,23 @@ class ImageFiles(MapStyleSet):
         return (1 if gray else 3, side or height, side or width)
 
     # ---- reading ------------------------------------------------------------------------------
+    def identity(self):
+        """What identifies the set for a resumed run (`cmt.trainers.identity`): the item count and a
+        fingerprint of the names, sizes (a zip's and an .npz's members also their CRC-32s, from the
+        central directory) and labels; not where it lies. A folder costs one stat per image."""
+        digest = hashlib.sha256()
+        if self.files is None:
+            digest.update(self._npz_members)
+        else:
+            digest.update(self.files.names.blob)
+            if isinstance(self.files, ZipMembers):
+                digest.update(self.files.size.tobytes() + self.files.crc.tobytes())
+            else:
+                digest.update(np.array([os.stat(self.files.path / name).st_size for name in self.files.names],
+                                       np.int64).tobytes())
+        digest.update(np.ascontiguousarray(self.labels, np.int64).tobytes())
+        return {"kind": "images", "count": int(self.size), "fingerprint": digest.hexdigest()}
+
     def __len__(self):
         return self.size
 

@@ -27,7 +27,7 @@ from fsspec.implementations.local import LocalFileSystem
 from cmt.errors import FileFormatError
 from cmt.formats import ShardError, decode_zarr_direct, read_files
 from cmt.latents import decode_latents, read_latent_record
-from cmt.manifest import LatentManifest
+from cmt.manifest import LatentManifest, shards_fingerprint
 from .mapstyle import MapStyleSet
 
 
@@ -141,6 +141,12 @@ class LatentSet(MapStyleSet):
         if len(labels) != entry["count"]:
             raise ShardError(f"shard {path} holds {len(labels)} labels, the manifest says {entry['count']}")
         return np.asarray(labels, np.int64)
+
+    def identity(self):
+        """What identifies the set for a resumed run: its encoding's configuration hash, the count and
+        a fingerprint of its shards (`cmt.manifest.shards_fingerprint`), not where it lies."""
+        return {"kind": "latents", "config_hash": self.store.manifest.get("config_hash"), "count": int(self.size),
+                "fingerprint": shards_fingerprint(self.store.shards)}
 
     def __len__(self):
         return self.size

@@ -34,6 +34,10 @@ class ToyData:
         self.toy_name = toy_name
         self.name = f"toy:{toy_name}"
 
+    def identity(self):
+        """What identifies the set for a resumed run: its name (a built-in distribution)."""
+        return {"kind": "builtin", "name": self.name}
+
     def sample(self, n, generator=None):
         return sample_toy(self.toy_name, n, generator), torch.full((n,), -1, dtype=torch.int64)
 
@@ -61,6 +65,10 @@ class ImageData:
         self.label_dim = label_dim
         self.data_shape = tuple(images.shape[1:])
         self.size = len(images)
+
+    def identity(self):
+        """What identifies the set for a resumed run: its name and size (a built-in set)."""
+        return {"kind": "builtin", "name": self.name, "count": int(self.size)}
 
     def sample(self, n, generator=None):
         """`n` random rows (with replacement)."""

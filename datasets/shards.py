@@ -105,6 +105,14 @@ def check_same_seed(seed, world_size):
                          "one permutation that every rank must share (pass the run's seed, not a per-rank one)")
 
 
+def state_choices(num_states, pairs=False, exclude_endpoint=False):
+    """What one trajectory offers per epoch under states_per_trajectory "all": its stored states
+    (but the endpoint, when excluded and there are others), or with `pairs` its pairs of states."""
+    if pairs:
+        return num_states * (num_states - 1) // 2
+    return num_states - int(bool(exclude_endpoint) and num_states > 1)
+
+
 class DecodedShards:
     """Decoded shards kept in memory up to a byte budget: the first ones read stay (evicting would
     gain nothing, since every epoch walks all of them). `used` never exceeds `budget`."""
@@ -222,11 +230,9 @@ class ShardReader(torch.utils.data.IterableDataset):
 
     def _samples(self, count, rng):
         """`(row, position[, target_position])` columns of the samples of `count` trajectories."""
+        choices = state_choices(self.num_states, self.pairs, self.exclude_endpoint)
         if self.pairs:
             first, second = np.triu_indices(self.num_states, k=1)
-            choices = len(first)
-        else:
-            choices = self.num_states - int(self.exclude_endpoint)
         if self.states_per_trajectory == "all" or self.states_per_trajectory >= choices:
             picks = np.tile(np.arange(choices), (count, 1))
         else:

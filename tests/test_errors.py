@@ -382,13 +382,13 @@ def test_post_resume_keeps_the_curriculum_and_the_method(world, tmp_path):
     from cmt.trainers.post import post_train
 
     common = dict(init=world / "midrun" / "mid.pt", data="toy:moons", batch_size=8, progress=False, num_samples=16)
+    curriculum = dict(common, init="teacher", teacher=world / "toy.safetensors")   # ECT's curriculum, from a teacher
+    post_train(method="ect", out=tmp_path / "curriculum", max_steps=2, **curriculum)
+    with pytest.raises(ArgumentError, match="resolved_stage_every: saved 1, now 2"):   # max_steps / 8 moved
+        post_train(method="ect", out=tmp_path / "curriculum", max_steps=16, resume=True, **curriculum)
     out = tmp_path / "post"
     post_train(method="ect", out=out, max_steps=2, **common)
-    with pytest.raises(ArgumentError, match="resolved_stage_every: saved 1, now 2"):   # max_steps / 8 moved
-        post_train(method="ect", out=out, max_steps=16, resume=True, **common)
     with pytest.raises(ArgumentError, match="method: saved 'ect', now 'ecd'"):
         post_train(method="ecd", out=out, max_steps=2, resume=True, teacher=world / "toy.safetensors", **common)
-    fixed = tmp_path / "fixed"
-    post_train(method="ect", out=fixed, max_steps=2, stage=1, **common)
-    post_train(method="ect", out=fixed, max_steps=4, stage=1, resume=True, **common)   # a fixed stage: extends
-    assert torch.load(fixed / run_files.STATE_FILE, weights_only=True)["step"] == 4
+    post_train(method="ect", out=out, max_steps=4, resume=True, **common)   # from mid: CMT's fixed gap, extends
+    assert torch.load(out / run_files.STATE_FILE, weights_only=True)["step"] == 4

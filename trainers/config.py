@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,7 @@ class TrainConfig:
     sample_every: int = 0           # 0 = only at the end
     snapshot_every: int = 0         # EMA weights to snapshots/snapshot-NNNNNNN.safetensors; 0 = none
     resume: bool = False
+    resume_new_data: bool = False   # resume: go on training on a data set that changed (cmt.trainers.identity)
     tensorboard: bool = False
     progress: bool = True
     max_nonfinite_steps: int = 100  # stop after this many consecutive steps with a NaN/inf loss; 0: never
@@ -73,6 +75,8 @@ class TrainConfig:
             if not self.snapshot_every:
                 raise ArgumentError("snapshot_every", "the power-function EMAs (ema_std) live in the snapshots, from "
                                                       "which cmt-ema reconstructs any EMA length: give snapshot_every")
+        if self.resume_new_data and not self.resume:
+            raise ArgumentError("resume_new_data", "applies to a resumed run only: add resume (--resume)")
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
@@ -87,6 +91,12 @@ TRAIN_DEFAULTS = {field.name: field.default for field in dataclasses.fields(Trai
 def check_choice(argument: str, value, choices) -> None:
     if value not in choices:
         raise ArgumentError(argument, f"{value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def micro_batch_size(config: TrainConfig) -> int:
+    """The rows of one forward pass: batch_size over the launched processes (torchrun's WORLD_SIZE) and
+    grad_accum; what the Trainer will use, known before it is made."""
+    return config.batch_size // (max(1, int(os.environ.get("WORLD_SIZE", "1") or 1)) * config.grad_accum)
 
 
 def train_config(out, phase_defaults: dict, options: dict, *, default_lr: float | None = None) -> TrainConfig:

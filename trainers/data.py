@@ -79,6 +79,16 @@ def check_data_fits(data, net, argument="data"):
                       f"network takes shape {expected} with {net.label_dim} classes")
 
 
+def check_batch_fits(data, batch_size):
+    """A streamed set (images, latents: drawn in epochs without replacement) holds at least one batch:
+    a larger one would repeat items within itself, and one far above the set spends step 1 decoding it
+    over and over; an ArgumentError naming batch_size and the set's count before anything is made.
+    Built-in sets are drawn with replacement (toy: fresh points) and have no such bound."""
+    if isinstance(data, torch.utils.data.Dataset) and batch_size > len(data):
+        raise ArgumentError("batch_size", f"{batch_size} is more than the {len(data)} items of {data.name}: give "
+                                          f"at most {len(data)} (one batch, one epoch)")
+
+
 def default_arch(data):
     """mlp for points, edm2 for images."""
     return "mlp" if len(data.data_shape) == 1 else "edm2"

@@ -16,11 +16,11 @@ from cmt.flags import renamed_keywords
 from cmt.labels import pick_labels
 from cmt.images import MAX_GRID_IMAGES
 from cmt.solvers import SOLVERS
-from cmt.trainers import loop, precision, recipes, run_files
+from cmt.trainers import identity as identities, loop, precision, recipes, run_files
 from cmt.trainers.reports import sample_and_score
 from cmt.networks import family_of
-from cmt.trainers.data import (PRETRAINING_ARCHITECTURES, check_stream_options, data_batches, default_arch, network_for,
-                                 pictures, training_data)
+from cmt.trainers.data import (PRETRAINING_ARCHITECTURES, check_batch_fits, check_stream_options, data_batches,
+                               default_arch, network_for, pictures, training_data)
 
 P_MEAN, P_STD = -0.4, 1.0   # EDM2's training sigma distribution
 # num_samples=None: samples for the metric, per kind of data.
@@ -113,6 +113,7 @@ def train_diffusion(*, data, out, resolution=None, xflip=None, workers="auto", a
         if not 0 <= value <= 1:
             raise ArgumentError(name, f"must be in [0, 1], got {value}")
     config = loop.train_config(out, DIFFUSION_DEFAULTS, train_options, default_lr=family_of(arch).learning_rates["diffusion"])
+    check_batch_fits(data, config.batch_size)
     trainer = loop.Trainer(config, find_unused_parameters=not uncertainty)
     trainer.set_tf32(precision.fixed_choice(config.tf32, "EDM2's training loop runs without it "
                                                          "(training/training_loop.py)"))
@@ -138,6 +139,7 @@ def train_diffusion(*, data, out, resolution=None, xflip=None, workers="auto", a
                 run_info={"phase": "diffusion", "data": data.name, "network": net.config,
                           **(resolved_options or {"recipe": recipe})},
                 run_options={key: value for key, value in run_files.phase_options(train_diffusion, locals()).items()
-                             if key != "workers"})   # the DataLoader workers change no batch
+                             if key != "workers"},   # the DataLoader workers change no batch
+                inputs=identities.input_identities(data))
     return {"out": config.out, "model": model, "log": config.out / run_files.LOG_FILE,
             "state": config.out / run_files.STATE_FILE, "metrics": run_files.final_metrics(config.out)}

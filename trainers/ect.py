@@ -16,7 +16,7 @@ import functools
 import torch
 
 from cmt.edm import broadcast_sigma, sample_lognormal_sigmas
-from cmt.errors import ArgumentError
+from cmt.errors import ArgumentError, InapplicableOption
 from cmt.options import Option
 from cmt.solvers import heun_step
 from cmt.trainers import recipes
@@ -107,19 +107,20 @@ OPTIONS = {
 def keep_the_fixed_gap(options, init_record, max_steps):
     """Never restart ECT's curriculum on mid-trained weights: a mid checkpoint keeps CMT's fixed gap
     (`recipes.CMT_POST_STAGE`) unless a stage or a curriculum is asked for; the curriculum's default
-    pace is max_steps / 8."""
+    pace is max_steps / 8 (under a fixed stage there is no pace, so a longer max_steps extends the run
+    on resume, as in mid-training)."""
     options = dict(options)
     if options["stage"] is None and options["stage_every"] is None and init_record.get("phase") == "mid":
         options["stage"] = recipes.CMT_POST_STAGE
-    if options["stage_every"] is None:
+    if options["stage_every"] is None and options["stage"] is None:
         options["stage_every"] = max(1, -(-max_steps // 8))
     return options
 
 
 def check_distance(options, student):
     if options["loss"] != "huber" and options["huber_c"] is not None:
-        raise ArgumentError("huber_c", f"does not apply to loss {options['loss']} (only to huber) (got "
-                                       f"{options['huber_c']!r}); leave it out")
+        raise InapplicableOption("huber_c", f"does not apply to loss {options['loss']} (only to huber) (got "
+                                            f"{options['huber_c']!r}); leave it out", "loss")
 
 
 def build(setup: MethodSetup):

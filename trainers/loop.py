@@ -8,6 +8,9 @@ Randomness is derived, not carried: at every optimizer step the objective's gene
 global generator (dropout) are re-seeded from (seed, rank, step), so a resumed run repeats an
 uninterrupted one exactly as long as the data stream is restored too (its `state_dict`, or by
 replaying the batches it had yielded).
+
+(About 500 lines: the order of a step's saves, samplings, stops and log lines is the loop's whole
+contract, kept in one place; how a run stops is `cmt.trainers.stops`, its files `cmt.trainers.run_files`.)
 """
 from __future__ import annotations
 
@@ -15,7 +18,6 @@ import copy
 import json
 import os
 import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,20 +29,19 @@ from accelerate.utils import DistributedDataParallelKwargs, gather_object
 from tqdm.auto import tqdm
 
 from cmt.checkpoint import save_network
-from cmt.errors import ArgumentError, EvaluationFailed, TrainingStopped
+from cmt.errors import ArgumentError, EvaluationFailed, PeerFailed, TrainingStopped
 from cmt.outputs import step_file_name
 from cmt.phema import PowerFunctionEMA
 from cmt.seeds import derive_seed
 # The trainer options live in cmt.trainers.config; the phases reach them through the loop they configure.
 from cmt.trainers.config import (LR_SCHEDULES, MIXED_PRECISIONS, OPTIMIZERS, TRAIN_DEFAULTS, TrainConfig,  # noqa: F401
-                                 check_choice, train_config)
-from cmt.trainers.run_files import (IMAGES_SEEN, SNAPSHOT_DIR, STATE_FILE, RunLog, read_state, run_record,
-                                    summary_writer, write_run_file, write_state)
+                                 check_choice, micro_batch_size, train_config)
+from cmt.trainers.run_files import (IMAGES_SEEN, SNAPSHOT_DIR, STATE_FILE, RunLog, evaluation_pending, note_new_data,
+                                    read_state, run_record, summary_writer, write_run_file, write_state)
 from cmt.trainers.precision import TF32Choice, apply_tf32, fixed_choice
 from cmt.trainers.schedules import ema_beta, learning_rate, update_ema
-
-# Exit codes of a run stopped by a signal (after saving its state): the shell's 128 + signal number.
-SIGNAL_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+from cmt.trainers.stops import (SIGNAL_EXIT_CODES, Interrupted, StopNow, StopSignals, allocation_failure, first_line,
+                                peer_failure)
 
 
 @dataclass
@@ -90,30 +91,6 @@ class _Counted:
     def load_state_dict(self, state: dict) -> None:
         for _ in range(int(state["count"])):
             next(self)
-
-
-class _StopSignals:
-    """SIGINT / SIGTERM during training: remember the first (the loop saves its state and stops at
-    the end of the step); a second one of the same kind stops at once. Only in the main thread."""
-
-    def __init__(self):
-        self.signum, self.previous = None, {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for signum in SIGNAL_EXIT_CODES:
-                self.previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signum == signum:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-        return False
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -205,22 +182,27 @@ class Trainer:
         save_final: Callable[[torch.nn.Module, torch.nn.Module, Path], None] | None = None,
         run_info: dict | None = None,
         run_options: dict | None = None,
+        inputs: dict | None = None,
     ) -> torch.nn.Module:
         """Train; returns the EMA network. `sample_fn(ema, step, out)` runs on rank 0 every
         `sample_every` steps and at the end and returns scalars to log; `save_final(ema, net, out)`
         writes the phase's deliverable on rank 0. `run_options` (`phase_options`) and the config
-        (but `RESUMABLE_OPTIONS`) are saved with the state; `resume` refuses a run that differs.
+        (but `RESUMABLE_OPTIONS`) are saved with the state, and `inputs` (`identity.input_identities`:
+        the data set's and the loaded networks' identities); `resume` refuses a run that differs.
 
-        Nothing trained is lost: the final training state and `save_final` are written before the
-        final sampling; a failed sampling is raised as `EvaluationFailed` once everything is saved.
-        SIGINT / SIGTERM save the state and raise `TrainingStopped` (exit code 130 / 143);
-        `max_nonfinite_steps` consecutive steps with a non-finite loss raise `TrainingStopped`
-        without writing a model."""
+        Nothing trained is lost: the final training state (which says the final sampling is pending)
+        and `save_final` are written before the final sampling; a failed sampling is raised as
+        `EvaluationFailed` once everything is saved; a resume of a run whose final sampling or last
+        log line is missing (a kill, a full disk) writes them. SIGINT / SIGTERM save the state and
+        raise `TrainingStopped` (exit code 130 / 143; `cmt.trainers.stops`); `max_nonfinite_steps`
+        consecutive steps with a non-finite loss raise `TrainingStopped` without writing a model; an
+        allocation failure is an ArgumentError of batch_size; a collective that fails because another
+        process died raises `PeerFailed`."""
         config, acc = self.config, self.accelerator
         if getattr(self, "tf32", None) is None:   # a phase that chose nothing: the option as given, auto off
             self.set_tf32(fixed_choice(config.tf32, "the official training loops run without it"))
         run_info = {**(run_info or {}), "tf32": self.tf32.record()} if run_info is not None else None
-        self.run_record = run_record(config, (run_info or {}).get("phase"), run_options)
+        self.run_record = run_record(config, (run_info or {}).get("phase"), run_options, inputs)
         if not hasattr(batches, "state_dict"):
             batches = _Counted(iter(batches))
         ema = copy.deepcopy(net).float().eval().requires_grad_(False).to(self.device)
@@ -232,9 +214,9 @@ class Trainer:
         # EDM2's power-function EMAs (rank 0 keeps and writes them), averaged after every step
         self.power_ema = PowerFunctionEMA(plain_net, config.ema_std) if config.ema_std and self.is_main else None
 
-        start_step, skipped = 0, 0
+        start_step, skipped, final_record = 0, 0, None
         if config.resume:
-            state = read_state(self.out, self.run_record, config.lr_schedule)
+            state, data_changes = read_state(self.out, self.run_record, config.lr_schedule, config.resume_new_data)
             if state["config"] != getattr(plain_net, "config", None):
                 raise ArgumentError("resume", f"the network in {self.out / STATE_FILE} has another config")
             plain_net.load_state_dict(state["net"])
@@ -248,17 +230,25 @@ class Trainer:
                                               f"{self.num_processes}")
             batches.load_state_dict(data_states[self.rank])
             start_step, skipped = int(state["step"]), int(state["skipped"])
+            final_record = state.get("final_record")
             if self.power_ema is not None:
                 self.power_ema.load_state_dict(state["phema"])
+            if data_changes and self.is_main:
+                print(f"[cmt] resume: training on a changed data set (resume_new_data): {'; '.join(data_changes)}",
+                      flush=True)
+                note_new_data(self.out, self.run_record["inputs"], start_step, data_changes)
 
         self.out.mkdir(parents=True, exist_ok=True)
-        logger = RunLog(self.out, start_step, config.tensorboard) if self.is_main else None
+        # A finished run resumed: its final sampling and last log line are pending when the log has no
+        # record of that step, or one of a failed sampling (which is then dropped and written anew).
+        pending = start_step >= config.max_steps and evaluation_pending(self.out, start_step)
+        logger = RunLog(self.out, start_step - int(pending), config.tensorboard) if self.is_main else None
         # A snapshot carries what the final model carries (phase, data, ...), so cmt-sample reads it alike.
         self.snapshot_info = json.loads(json.dumps(run_info or {}, default=str))
         if self.power_ema is not None:
             run_info = {**(run_info or {}), "power_ema": self._announce_power_ema(plain_net)}
         if self.is_main and run_info is not None and not config.resume:
-            write_run_file(self.out, config, run_info, self.num_processes)
+            write_run_file(self.out, config, {**run_info, "inputs": self.run_record["inputs"]}, self.num_processes)
 
         generator = torch.Generator(self.device)
         ctx = Context(step=start_step, max_steps=config.max_steps, generator=generator,
@@ -266,12 +256,29 @@ class Trainer:
         bar = tqdm(range(start_step, config.max_steps), initial=start_step, total=config.max_steps,
                    disable=not (self.is_main and config.progress), dynamic_ncols=True)
         self.saved_step = start_step if config.resume else None
-        with _StopSignals() as signals:
+        # Steps and samplings may be cut short by a signal in a single process only: ranks stop together.
+        with StopSignals(interruptible_steps=self.num_processes == 1) as signals:
             try:
-                failure = self._steps(bar, net, plain_net, ema, optimizer, objective, batches, ctx, skipped,
-                                      sample_fn, save_final, logger, signals)
-                if start_step >= config.max_steps and self.is_main and save_final is not None:
-                    save_final(ema, plain_net, self.out)   # a finished run resumed: write its deliverable again
+                if start_step < config.max_steps:
+                    failure = self._steps(bar, net, plain_net, ema, optimizer, objective, batches, ctx, skipped,
+                                          sample_fn, save_final, logger, signals)
+                else:   # a finished run resumed: its deliverable again, and what of its end is pending
+                    if self.is_main and save_final is not None:
+                        save_final(ema, plain_net, self.out)
+                    failure = None
+                    if pending:
+                        failure = self._final_report(ema, start_step, final_record or {"step": start_step},
+                                                     sample_fn, logger, signals)
+            except StopNow as stop:
+                kept = (f"{self.out / STATE_FILE} holds step {self.saved_step}" if self.saved_step is not None
+                        else f"no {STATE_FILE} was written")
+                raise TrainingStopped(f"stopped at once by a second {signal.Signals(stop.signum).name}; {kept}",
+                                      exit_code=SIGNAL_EXIT_CODES.get(stop.signum, 128 + stop.signum)) from None
+            except RuntimeError as error:
+                if self.num_processes > 1 and peer_failure(error):
+                    raise PeerFailed(f"rank {self.rank} stopped: another process of the run failed "
+                                     f"({first_line(error)})") from None
+                raise
             finally:
                 if logger is not None:
                     logger.close()
@@ -280,6 +287,31 @@ class Trainer:
             raise EvaluationFailed(f"training finished and its model is saved in {self.out}, but sampling it "
                                    f"failed: {type(failure).__name__}: {failure}") from failure
         return ema
+
+    def _stopped(self, signum, message):
+        """`TrainingStopped` for a signal, its exit code the shell's."""
+        return TrainingStopped(f"stopped by {signal.Signals(signum).name} {message}: add --resume to the same "
+                               "command to continue", exit_code=SIGNAL_EXIT_CODES.get(signum, 128 + signum))
+
+    def _final_report(self, ema, done, record, sample_fn, logger, signals):
+        """The final sampling (rank 0; a signal may cut it short: the state and the model are saved and
+        a resume does it) merged into the last log record, which is then written; a failed sampling
+        marks the record `"evaluation": "failed"` (a resume tries again) and is returned."""
+        failure = None
+        if sample_fn is not None:
+            if self.is_main:
+                try:
+                    with signals.interruptible(), torch.no_grad():
+                        record = {**record, **sample_fn(ema, done, self.out)}
+                except Interrupted as stop:
+                    raise self._stopped(stop.signum, f"in the final sampling at step {done}; {self.out / STATE_FILE} "
+                                                     "and the model are saved, the sampling is not") from None
+                except Exception as error:   # raised by fit once all is saved
+                    failure, record = error, {**record, "evaluation": "failed"}
+            self.accelerator.wait_for_everyone()
+        if self.is_main:
+            logger.write(record)
+        return failure
 
     def _steps(self, bar, net, plain_net, ema, optimizer, objective, batches, ctx, skipped, sample_fn, save_final,
                logger, signals):
@@ -299,25 +331,39 @@ class Trainer:
                 group["lr"] = learning_rate(config, step)
             net.train()
             losses_finite = torch.ones((), dtype=torch.bool, device=self.device)
-            for _ in range(config.grad_accum):
-                batch = _to_device(next(batches), self.device)
-                with acc.accumulate(net):
-                    with acc.autocast():
-                        result = objective(net, batch, ctx)
-                    per_sample, logs = result if isinstance(result, tuple) else (result, {})
-                    loss = per_sample.float().mean()
-                    acc.backward(loss)
-                    losses_finite = losses_finite & torch.isfinite(loss.detach())
-                    if acc.sync_gradients:
-                        grad_norm = self._grad_norm(parameters)
-                        finite, loss_finite = torch.stack([torch.isfinite(grad_norm), losses_finite]).tolist()
-                        if finite or acc.scaler is not None:   # fp16: the scaler skips the step itself
-                            optimizer.step()
-                        skipped += int(not finite or acc.optimizer_step_was_skipped)
-                        optimizer.zero_grad(set_to_none=True)
-                for name, value in {"loss": loss, **logs}.items():
-                    value = torch.as_tensor(value).detach().to(self.device, torch.float32) / config.grad_accum
-                    sums[name] = sums[name] + value if name in sums else value
+            # What a signal inside the step saves: the weights are the last step's until the optimizer
+            # step, and the data stream as it was before this step's batches.
+            data_before, skipped_before = (batches.state_dict() if signals.allowed else None), skipped
+            try:
+                with signals.interruptible():
+                    for _ in range(config.grad_accum):
+                        batch = _to_device(next(batches), self.device)
+                        with acc.accumulate(net):
+                            with acc.autocast():
+                                result = objective(net, batch, ctx)
+                            per_sample, logs = result if isinstance(result, tuple) else (result, {})
+                            loss = per_sample.float().mean()
+                            acc.backward(loss)
+                            losses_finite = losses_finite & torch.isfinite(loss.detach())
+                            if acc.sync_gradients:
+                                signals.hold()
+                                grad_norm = self._grad_norm(parameters)
+                                finite, loss_finite = torch.stack([torch.isfinite(grad_norm), losses_finite]).tolist()
+                                if finite or acc.scaler is not None:   # fp16: the scaler skips the step itself
+                                    optimizer.step()
+                                skipped += int(not finite or acc.optimizer_step_was_skipped)
+                                optimizer.zero_grad(set_to_none=True)
+                        for name, value in {"loss": loss, **logs}.items():
+                            value = torch.as_tensor(value).detach().to(self.device, torch.float32) / config.grad_accum
+                            sums[name] = sums[name] + value if name in sums else value
+            except Interrupted as stop:
+                self._save_state(step, skipped_before, plain_net, ema, optimizer, data_before)
+                raise self._stopped(stop.signum, f"in step {step + 1} of {config.max_steps}; {self.out / STATE_FILE} "
+                                                 f"is saved at step {step}, which the resume takes again") from None
+            except Exception as error:
+                if not allocation_failure(error):
+                    raise
+                raise ArgumentError("batch_size", self._allocation_message(step, error)) from None
             update_ema(ema, plain_net, ema_beta(config, step))
             if self.power_ema is not None:
                 self.power_ema.update(plain_net, step + 1, config.batch_size)
@@ -325,6 +371,7 @@ class Trainer:
             sums["grad_norm"] = sums["grad_norm"] + norm if "grad_norm" in sums else norm
             count += 1
             done = step + 1
+            final = done == config.max_steps
             nonfinite = 0 if loss_finite else nonfinite + 1
             diverged = bool(config.max_nonfinite_steps) and nonfinite >= config.max_nonfinite_steps
             signum = signals.signum
@@ -332,7 +379,7 @@ class Trainer:
                 flags = acc.reduce(torch.tensor([float(signum or 0), float(diverged)], device=self.device), "max")
                 signum, diverged = int(flags[0]) or None, bool(flags[1])
 
-            if done % config.log_every == 0 or done == config.max_steps:
+            if done % config.log_every == 0 or final:
                 names = sorted(sums)
                 means = acc.reduce(torch.stack([sums[n] / count for n in names]), "mean").tolist()
                 if logger is not None:
@@ -355,31 +402,53 @@ class Trainer:
                     f"training diverged: the loss was not finite for {nonfinite} consecutive steps (steps "
                     f"{done - nonfinite + 1}..{done}, lr {learning_rate(config, step):.4g}); no model was written "
                     f"and {kept}; lower --lr (or --grad-clip), or raise --max-nonfinite-steps")
-            if done % config.ckpt_every == 0 or done == config.max_steps or signum:
-                self._save_state(done, skipped, plain_net, ema, optimizer, batches)
+            if done % config.ckpt_every == 0 or final or signum:
+                self._save_state(done, skipped, plain_net, ema, optimizer, batches.state_dict(),
+                                 final_record=record if final else None)
             if config.snapshot_every and done % config.snapshot_every == 0 and self.is_main:
                 self._save_snapshot(done, ema)
-            if done == config.max_steps and save_final is not None and self.is_main:
+            if final and save_final is not None and self.is_main:
                 save_final(ema, plain_net, self.out)   # the deliverable first, the final sampling after
             if signum:
+                if final:   # the last log line comes with the final sampling, which the resume does
+                    raise self._stopped(signum, f"at step {done} of {config.max_steps}; {self.out / STATE_FILE} and "
+                                                "the model are saved, the final sampling is not")
                 if self.is_main and record is not None:
                     logger.write(record)
-                raise TrainingStopped(
-                    f"stopped by {signal.Signals(signum).name} at step {done} of {config.max_steps}; "
-                    f"{self.out / STATE_FILE} is saved: add --resume to the same command to continue",
-                    exit_code=SIGNAL_EXIT_CODES.get(signum, 128 + signum))
-            if sample_fn is not None and failure is None and (
-                    done == config.max_steps or (config.sample_every and done % config.sample_every == 0)):
+                raise self._stopped(signum, f"at step {done} of {config.max_steps}; {self.out / STATE_FILE} is saved")
+            if final:
+                if failure is not None:   # an earlier sampling failed: none now, a resume tries again
+                    sample_fn, record = None, {**record, "evaluation": "failed"}
+                failure = self._final_report(ema, done, record, sample_fn, logger, signals) or failure
+            elif sample_fn is not None and failure is None and config.sample_every and done % config.sample_every == 0:
                 if self.is_main:
                     try:
-                        with torch.no_grad():
+                        with signals.interruptible(), torch.no_grad():
                             record = {**(record or {"step": done}), **sample_fn(ema, done, self.out)}
+                    except Interrupted as stop:
+                        if self.saved_step != done:
+                            self._save_state(done, skipped, plain_net, ema, optimizer, batches.state_dict())
+                        raise self._stopped(stop.signum, f"in the sampling at step {done}; {self.out / STATE_FILE} "
+                                                         f"is saved at step {done}") from None
                     except Exception as error:   # training goes on; fit raises it once all is saved
                         failure = error
                 acc.wait_for_everyone()
-            if self.is_main and record is not None:
+                if self.is_main and record is not None:
+                    logger.write(record)
+            elif self.is_main and record is not None:
                 logger.write(record)
         return failure
+
+    def _allocation_message(self, step, error):
+        """The one line of an allocation failure in step `step`: the sizes to lower."""
+        micro = self.micro_batch_size
+        per_step = f"micro-batches of {micro} rows" if self.config.grad_accum > 1 else f"a batch of {micro} rows"
+        per_step += f" per process ({self.num_processes} processes)" if self.num_processes > 1 else ""
+        kept = (f"{self.out / STATE_FILE} holds step {self.saved_step}" if self.saved_step is not None
+                else "nothing was trained yet")
+        return (f"{self.config.batch_size} does not fit in memory: step {step + 1} ran out with {per_step} "
+                f"({first_line(error, 120)}); lower --batch-size, or split each step into more micro-batches "
+                f"with --grad-accum (now {self.config.grad_accum}); {kept}")
 
     def _grad_norm(self, parameters) -> torch.Tensor:
         """The gradients' total norm, clipped to `grad_clip` when one is set. Without clipping only
@@ -413,8 +482,11 @@ class Trainer:
               f"(cmt-ema reconstructs any EMA length from them)", flush=True)
         return record
 
-    def _save_state(self, step, skipped, net, ema, optimizer, batches) -> None:
-        data_states = gather_object([batches.state_dict()])
+    def _save_state(self, step, skipped, net, ema, optimizer, data_state, final_record=None) -> None:
+        """`training-state.pt` at `step` (every rank's `data_state` gathered on rank 0); at the last
+        step it records that the final sampling follows and the last log record's training figures
+        (`final_record`), which a resume of an interrupted end writes."""
+        data_states = gather_object([data_state])
         if self.is_main:
             state = {
                 "step": step, "skipped": skipped, "config": getattr(net, "config", None),
@@ -423,6 +495,8 @@ class Trainer:
                 "data": data_states, "run": self.run_record,
                 "phema": self.power_ema.state_dict() if self.power_ema is not None else None,
             }
+            if step == self.config.max_steps:
+                state.update(evaluation="pending", final_record=final_record or {"step": step})
             write_state(self.out, state)
         self.saved_step = step
         self.accelerator.wait_for_everyone()

@@ -12,7 +12,7 @@ import functools
 import torch
 
 from cmt.edm import SIGMA_MAX, broadcast_sigma, t_to_sigma, z_to_x
-from cmt.errors import ArgumentError
+from cmt.errors import ArgumentError, InapplicableOption
 from cmt.options import Option
 from cmt.sampling import sampled_t_max
 from cmt.trainers.distances import squared_l2
@@ -145,8 +145,8 @@ def check(options, student):
     if options["velocity"] == "teacher":
         for name in GUIDANCE_OPTIONS:
             if options[name] != OPTIONS[name].default:
-                raise ArgumentError(name, f"does not apply to velocity 'teacher' (guide the teacher with guidance "
-                                          f"instead) (got {options[name]!r}); leave it out")
+                raise InapplicableOption(name, f"does not apply to velocity 'teacher' (guide the teacher with "
+                                               f"guidance instead) (got {options[name]!r}); leave it out", "velocity")
     if (options["cfg_omega"] is not None or options["label_dropout"]) and not student.label_dim:
         raise ArgumentError("cfg_omega" if options["cfg_omega"] is not None else "label_dropout",
                             "MeanFlow's guidance and label dropout need class-conditional data and network")

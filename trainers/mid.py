@@ -20,7 +20,7 @@ import json
 
 import torch
 
-from cmt.datasets.shards import ShardReader, auto_workers, local_processes
+from cmt.datasets.shards import ShardReader, auto_workers, local_processes, state_choices
 from cmt.edm import SIGMA_MAX, SIGMA_MIN, TWO_STEP_SIGMA, broadcast_sigma, sigma_to_t, x_to_z
 from cmt.elatentlpips import augment_ops
 from cmt.errors import ArgumentError
@@ -28,7 +28,7 @@ from cmt.guidance import apply_guidance
 from cmt.manifest import TrajectoryDataset, check_verify
 from cmt.sampling import student_sampler
 from cmt.teachers import teacher_label_dropout
-from cmt.trainers import loop, precision, recipes, run_files
+from cmt.trainers import identity as identities, loop, precision, recipes, run_files
 from cmt.trainers.distances import DISTANCES, make_distance, squared_l2
 from cmt.trainers.students import (STUDENT_INITS, average_velocity, build_student, check_report_options,
                                    consistency_output, consistency_student, network_labels, plain_network,
@@ -177,6 +177,31 @@ def cache_bytes_per_reader(cache_gb, workers):
     return int(cache_gb * 2**30) // max(1, workers)
 
 
+def check_batch_fits(config, dataset, states_per_trajectory, pairs, data):
+    """batch_size at most the samples of one epoch of the set (a larger batch repeats samples within
+    itself, and one far above it spends step 1 reading the set over and over): an ArgumentError
+    naming it and the set's count before anything is made."""
+    per_trajectory = state_choices(len(dataset.manifest["kept_states"]), pairs, exclude_endpoint=not pairs)
+    if states_per_trajectory != "all":
+        per_trajectory = min(per_trajectory, states_per_trajectory)
+    epoch = len(dataset) * per_trajectory
+    if config.batch_size > epoch:
+        raise ArgumentError("batch_size", f"{config.batch_size} is more than one epoch of {data}: {len(dataset)} "
+                                          f"trajectories x {per_trajectory} {'state pairs' if pairs else 'states'} = "
+                                          f"{epoch} samples; give at most {epoch} (or build more trajectories)")
+
+
+def check_velocity_rows(velocity_share, micro_batch, default):
+    """A flow-map batch's diagonal rows are int(micro-batch x velocity_share): a share that gives none
+    (below 1 / micro-batch) is refused rather than train no velocity row without a word."""
+    if velocity_share and int(micro_batch * velocity_share) == 0:
+        given = f"the default {velocity_share}" if default else f"{velocity_share}"
+        raise ArgumentError("velocity_share", f"{given} of a micro-batch of {micro_batch} rows is "
+                                              f"{micro_batch * velocity_share:.3g} rows, so none would train the "
+                                              f"velocity: give at least {1 / micro_batch:.4g} (1 row), or 0 for "
+                                              "pairs only (or a larger batch_size)")
+
+
 def builtin_teacher_recipe(given):
     """The implicit recipe of a mid-training run: the built-in teacher's (mnist, toy), if the dataset
     manifest names one and no other teacher is given."""
@@ -265,21 +290,20 @@ def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_re
     if max_trajectories is not None and max_trajectories > manifest["count"]:
         raise ArgumentError("max_trajectories", f"{data} holds {manifest['count']} trajectories, fewer than "
                                                 f"{max_trajectories}")
+    default_share = velocity_share is None
     if target != "flowmap":
-        refuse_inapplicable(mid_train, locals(), ("velocity_share",), f"to target {target} (only to flowmap)")
+        refuse_inapplicable(mid_train, locals(), ("velocity_share",), f"to target {target} (only to flowmap)", "target")
     elif velocity_share is None:
         velocity_share = FLOWMAP_VELOCITY_SHARE
     elif isinstance(velocity_share, bool) or not isinstance(velocity_share, (int, float)) or not 0 <= velocity_share < 1:
         raise ArgumentError("velocity_share", f"must be a number in [0, 1), got {velocity_share!r}")
     if loss != "huber":
-        refuse_inapplicable(mid_train, locals(), ("huber_c",), f"to loss {loss} (only to huber)")
+        refuse_inapplicable(mid_train, locals(), ("huber_c",), f"to loss {loss} (only to huber)", "loss")
     if loss != "lpips":
-        refuse_inapplicable(mid_train, locals(), ("lpips_resize",), f"to loss {loss} (only to lpips)")
-    recipe_values = ((resolved_options or {}).get("recipe") or {}).get("values") or {}
-    if loss != "elatentlpips" and "elatentlpips_augment" in recipe_values:
-        elatentlpips_augment = None   # the recipe's, for the distance it names, not the one given
+        refuse_inapplicable(mid_train, locals(), ("lpips_resize",), f"to loss {loss} (only to lpips)", "loss")
     if loss != "elatentlpips":
-        refuse_inapplicable(mid_train, locals(), ("elatentlpips_augment",), f"to loss {loss} (only to elatentlpips)")
+        refuse_inapplicable(mid_train, locals(), ("elatentlpips_augment",), f"to loss {loss} (only to elatentlpips)",
+                            "loss")
     else:
         try:
             augment_ops(elatentlpips_augment)
@@ -315,6 +339,9 @@ def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_re
         eval_data = identity.get("name")
     check_report_options(student, eval_data=eval_data, mid_sigma=mid_sigma,
                          sigma_max=float(manifest.get("sigma_max", SIGMA_MAX)))
+    check_batch_fits(config, dataset, states_per_trajectory, flow_map, data)
+    if flow_map:
+        check_velocity_rows(velocity_share, loop.micro_batch_size(config), default_share)
     trainer = loop.Trainer(config)
     # sony/cmt's pixel mid-training runs without TF32 (cmt_training_loop.py enable_tf32=False); its
     # ImageNet-512 recipe turns it on (tf32="on")
@@ -359,5 +386,5 @@ def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_re
                 save_final=lambda ema, net, out: save_student(out, "mid", ema, net, info),
                 run_info={**info, "student": student.config, "student_init": student_init,
                           "states_per_trajectory": states_per_trajectory, "trajectories": len(dataset)},
-                run_options=run_options)
+                run_options=run_options, inputs=identities.input_identities(dataset, teacher=identity))
     return student_result(config.out, "mid")

@@ -11,12 +11,12 @@ import torch
 
 from cmt.checkpoint import network_record
 from cmt.edm import TWO_STEP_SIGMA
-from cmt.errors import ArgumentError
+from cmt.errors import ArgumentError, InapplicableOption
 from cmt.sampling import native_time, student_sampler
 from cmt.teachers import BUILTIN_TEACHERS, resolve_teacher
-from cmt.trainers import loop, precision, recipes
-from cmt.trainers.data import (STUDENT_ARCHITECTURES, check_arch, check_data_fits, check_stream_options, data_batches,
-                               default_arch, network_for, training_data)
+from cmt.trainers import identity as identities, loop, precision, recipes
+from cmt.trainers.data import (STUDENT_ARCHITECTURES, check_arch, check_batch_fits, check_data_fits,
+                               check_stream_options, data_batches, default_arch, network_for, training_data)
 from cmt.trainers.ect import ECD, ECT
 from cmt.trainers.meanflow import MEANFLOW
 from cmt.trainers.methods import MethodSetup
@@ -46,8 +46,8 @@ def method_options(method, options):
     others = {name: [other.name for other in METHODS.values() if name in other.options] for name in options}
     for name, owners in others.items():
         if owners:
-            raise ArgumentError(name, f"does not apply to method {method.name} (only to {', '.join(owners)}) (got "
-                                      f"{options[name]!r}); leave it out")
+            raise InapplicableOption(name, f"does not apply to method {method.name} (only to {', '.join(owners)}) "
+                                           f"(got {options[name]!r}); leave it out", "method")
     unknown = sorted(set(options) - set(loop.TRAIN_DEFAULTS))
     if unknown:
         raise TypeError(f"post_train() got unexpected keyword argument{'s' * (len(unknown) > 1)}: {', '.join(unknown)}")
@@ -149,8 +149,8 @@ def teacher_guidance_of(guidance, guide_ckpt, init_record):
 
 
 def frozen_teacher(teacher, guidance, guide_ckpt, init_record, student, needed_by):
-    """`(denoiser, guidance record)`: the frozen teacher a method asked for (`PostMethod.teacher`),
-    guided as asked (`teacher_guidance_of`), checked against the student."""
+    """`(denoiser, guidance record, identity)`: the frozen teacher a method asked for
+    (`PostMethod.teacher`), guided as asked (`teacher_guidance_of`), checked against the student."""
     if teacher is None:
         raise ArgumentError("teacher", f"{needed_by} needs a diffusion teacher: name one")
     weight, guide = teacher_guidance_of(guidance, guide_ckpt, init_record)
@@ -163,7 +163,7 @@ def frozen_teacher(teacher, guidance, guide_ckpt, init_record, student, needed_b
     if tuple(net.data_shape) != tuple(student.data_shape) or net.label_dim != student.label_dim:
         raise ArgumentError("teacher", f"{teacher} does not take the student's data (shape "
                                        f"{tuple(student.data_shape)}, {student.label_dim} classes)")
-    return net.eval().requires_grad_(False), identity.get("guidance")
+    return net.eval().requires_grad_(False), identity.get("guidance"), identity
 
 
 def load_init(init, teacher, data, arch):
@@ -282,13 +282,13 @@ def post_train(*, init=None, method=None, data, out, teacher=None, arch=None, gu
         raise ArgumentError("guidance" if guidance is not None else "guide_ckpt",
                             f"guides the frozen teacher of a method that asks for one (ECD, MeanFlow's velocity "
                             f"'teacher'); method {chosen.name} with these options uses none")
-    teacher_net = guidance_record = None
+    teacher_net = guidance_record = teacher_identity = None
     if needed_by is not None:
         with recipe_teacher_errors(resolved_options):
             if guidance is None and chosen.follows_guidance and init_record.get("guidance"):
                 guidance = "manifest"   # the flow map mid-training fitted is the guided teacher's
-            teacher_net, guidance_record = frozen_teacher(teacher, guidance, guide_ckpt, init_record, student,
-                                                          needed_by)
+            teacher_net, guidance_record, teacher_identity = frozen_teacher(teacher, guidance, guide_ckpt, init_record,
+                                                                            student, needed_by)
     # A flow-map student with its own time (SiT) is sampled as MeanFlow samples, in t from t = 1.
     time = "t" if chosen.sampler == "flowmap" and native_time(student) else "sigma"
     if eval_data is None and (data.kind == "toy" or data.name == "mnist"):
@@ -302,6 +302,7 @@ def post_train(*, init=None, method=None, data, out, teacher=None, arch=None, gu
             "data": data.name, **chosen.record(prepared), "teacher_guidance": guidance_record, "sampler": sampler,
             **(resolved_options or {"recipe": recipe}),
             **({"encoder": data.encoder} if data.encoder else {})}   # a latent set's VAE: decodes samples
+    check_batch_fits(data, config.batch_size)
     trainer = loop.Trainer(config)
     tf32_for(chosen, setup, data, config.tf32, trainer)
     if teacher_net is not None:
@@ -323,7 +324,8 @@ def post_train(*, init=None, method=None, data, out, teacher=None, arch=None, gu
     trainer.fit(student, objective, data_batches(data, trainer.micro_batch_size, trainer.seed_for(0), workers=workers,
                                                  xflip=xflip),
                 sample_fn=sample_fn, save_final=lambda ema, net, out: save_student(out, "post", ema, net, info),
-                run_info={**info, "student": student.config}, run_options=run_options)
+                run_info={**info, "student": student.config}, run_options=run_options,
+                inputs=identities.input_identities(data, init=identity, teacher=teacher_identity))
     return student_result(config.out, "post")
 
 

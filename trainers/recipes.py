@@ -24,7 +24,7 @@ from pathlib import Path
 
 from cmt.checkpoint import reading_once
 from cmt.edm import TWO_STEP_SIGMA
-from cmt.errors import ArgumentError
+from cmt.errors import ArgumentError, InapplicableOption
 from cmt.teachers import RECIPE_TEACHERS
 from cmt.trainers.config import TRAIN_DEFAULTS
 
@@ -373,9 +373,36 @@ def with_recipe(phase, default_recipe=None, method_names=None, names_a_teacher=N
             announce(phase, name, from_recipe, given)
             values.pop("recipe", None)
             values.pop("resolved_options", None)
-            options = recorded_options({key: value for key, value in values.items() if key not in TRAIN_DEFAULTS})
-            record = {"options": options,
-                      "recipe": None if name is None else {"name": name, "values": recorded_options(from_recipe)}}
-            return function(**values, recipe=name, resolved_options=record)
+            for _ in range(len(from_recipe) + 1):
+                options = recorded_options({key: value for key, value in values.items() if key not in TRAIN_DEFAULTS})
+                record = {"options": options,
+                          "recipe": None if name is None else {"name": name, "values": recorded_options(from_recipe)}}
+                try:
+                    return function(**values, recipe=name, resolved_options=record)
+                except InapplicableOption as error:
+                    leave_out_or_name_the_recipe(error, phase, name, function, values, from_recipe, given)
+            raise AssertionError("unreachable: every retry leaves out one more of the recipe's values")
         return wrapper
     return decorate
+
+
+def leave_out_or_name_the_recipe(error, phase, name, function, values, from_recipe, given):
+    """A recipe's value that does not apply to what the caller chose (the recipe's huber_c under a
+    given loss lpips) is left out (back to the function's default), said on rank 0, and the call is
+    tried again; a value the caller gave that does not apply to the recipe's choice is refused naming
+    the recipe too. Anything else is raised as it is."""
+    if error.argument in from_recipe and error.argument not in given and error.because in given:
+        dropped = from_recipe.pop(error.argument)
+        default = inspect.signature(function).parameters.get(error.argument)
+        if default is not None and default.default is not inspect.Parameter.empty:
+            values[error.argument] = default.default
+        else:
+            values.pop(error.argument, None)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"[cmt] {phase}: recipe {name}'s {error.argument}={dropped} does not apply to the given "
+                  f"{error.because} {given[error.because]}: left out", flush=True)
+        return
+    if error.argument in given and error.because in from_recipe:
+        raise ArgumentError(error.argument, f"{error.message} (recipe {name} sets {error.because} "
+                                            f"{from_recipe[error.because]})") from None
+    raise error

@@ -24,7 +24,7 @@ from PIL import Image
 
 from cmt.checkpoint import read_torch_file
 from cmt.errors import ArgumentError
-from cmt.options import differences
+from cmt.trainers.identity import normalised_options, resume_differences
 from cmt.outputs import write_text, write_torch
 
 STATE_FILE = "training-state.pt"
@@ -39,8 +39,8 @@ TRAINING_FIGURES = ("loss", "grad_norm", "lr", "skipped", IMAGES_SEEN, "sec_per_
 # be the saved run's, or --resume is refused with the list of differences. max_steps may grow (the
 # run is extended, as if it had been asked for from the start), except under the linear lr
 # schedule, which max_steps defines; it may not fall below the saved step.
-RESUMABLE_OPTIONS = ("out", "resume", "log_every", "ckpt_every", "sample_every", "snapshot_every", "tensorboard",
-                     "progress", "max_nonfinite_steps")
+RESUMABLE_OPTIONS = ("out", "resume", "resume_new_data", "log_every", "ckpt_every", "sample_every", "snapshot_every",
+                     "tensorboard", "progress", "max_nonfinite_steps")
 # Exit codes of a run stopped by a signal (after saving its state): the shell's 128 + signal number.
 
 STATE_KEYS = ("step", "skipped", "config", "net", "ema", "optimizer", "data")
@@ -71,17 +71,14 @@ def phase_options(function: Callable, values: dict) -> dict:
     return {name: plain(values[name]) for name in names if name in values}
 
 
-def run_differences(saved: dict, current: dict) -> list[str]:
-    """`name: saved X, now Y` for every option whose value differs (nested dicts by dotted name)."""
-    return [f"{name}: saved {old!r}, now {new!r}" for name, old, new in differences(saved, current)]
-
-
-def run_record(config, phase: str | None, run_options: dict | None) -> dict:
+def run_record(config, phase: str | None, run_options: dict | None, inputs: dict | None = None) -> dict:
     """What defines a run and what a resume must repeat: the phase, max_steps, the trainer options and
-    the phase's options, but `RESUMABLE_OPTIONS` (plain JSON values)."""
+    the phase's options, but `RESUMABLE_OPTIONS`, its paths resolved (plain JSON values); and the
+    identities of its inputs (`cmt.trainers.identity.input_identities`), compared by content."""
     fixed = lambda values: {k: v for k, v in values.items() if k not in RESUMABLE_OPTIONS + ("max_steps",)}
     return json.loads(json.dumps({"phase": phase, "max_steps": config.max_steps,
-                                  "train": fixed(dataclasses.asdict(config)), "options": fixed(run_options or {})},
+                                  "train": fixed(dataclasses.asdict(config)),
+                                  "options": normalised_options(fixed(run_options or {})), "inputs": inputs or {}},
                                  default=str))
 
 
@@ -92,10 +89,25 @@ def write_run_file(out: Path, config, run_info: dict, num_processes: int) -> Pat
     return write_text(Path(out) / RUN_FILE, json.dumps(info, indent=2, default=str) + "\n")
 
 
-def read_state(out: Path, record: dict, lr_schedule: str) -> dict:
-    """The saved training state of the run in `out`, checked to be one (a truncated or foreign file:
-    FileFormatError) and to continue the run `record` describes (`run_record`): the same phase and
-    options, a max_steps not behind the saved step (and unchanged under the linear schedule)."""
+def note_new_data(out: Path, inputs: dict, step: int, changes: list[str]) -> None:
+    """run.json after a resume on a changed data set (`resume_new_data`): the new inputs, and under
+    "new_data" the step and what changed (run.json is otherwise written once, at the start)."""
+    path = Path(out) / RUN_FILE
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return   # no readable run.json to amend; the state records the new inputs anyway
+    info["inputs"] = inputs
+    info.setdefault("new_data", []).append({"step": step, "changes": changes})
+    write_text(path, json.dumps(info, indent=2, default=str) + "\n")
+
+
+def read_state(out: Path, record: dict, lr_schedule: str, resume_new_data: bool = False) -> tuple[dict, list[str]]:
+    """`(state, data changes)`: the saved training state of the run in `out`, checked to be one (a
+    truncated or foreign file: FileFormatError) and to continue the run `record` describes
+    (`run_record`, compared as `cmt.trainers.identity.resume_differences` says): the same phase and
+    options, a max_steps not behind the saved step (and unchanged under the linear schedule), the same
+    data set unless `resume_new_data` (then its changes are returned, to be said)."""
     path = Path(out) / STATE_FILE
     state = read_torch_file(path, "training state")
     if not isinstance(state, dict) or any(key not in state for key in STATE_KEYS):
@@ -113,12 +125,17 @@ def read_state(out: Path, record: dict, lr_schedule: str) -> dict:
         if steps != saved_steps and lr_schedule == "linear":
             raise ArgumentError("max_steps", f"{path} was saved by a run of {saved_steps} steps under the "
                                              f"linear lr schedule, which max_steps sets: keep {saved_steps}")
-        changed = run_differences({**saved, "max_steps": steps}, record)
+        changed, data = resume_differences({**saved, "max_steps": steps}, record)
         if changed:
             raise ArgumentError("resume", f"{path} was saved by a run with other options; only "
                                           f"{', '.join(RESUMABLE_OPTIONS[2:])} (and a larger max_steps) "
                                           "may change on resume: " + "; ".join(changed))
-    return state
+        if data and not resume_new_data:
+            raise ArgumentError("data", f"not the data set {path} was trained on ({'; '.join(data)}): give that "
+                                        "set (if moved, by its new path), or add --resume-new-data to go on "
+                                        "training on this one")
+        return state, data
+    return state, []
 
 
 def write_state(out: Path, state: dict) -> Path:
@@ -181,6 +198,22 @@ class RunLog:
         self.file.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def evaluation_pending(out: Path, step: int) -> bool:
+    """Whether the final sampling of a run that reached its last step `step` is still to do: its log
+    has no record of that step (a kill or a full disk after the final state), or one of a sampling
+    that failed (`"evaluation": "failed"`)."""
+    path = Path(out) / LOG_FILE
+    records = []
+    for line in (path.read_text().splitlines() if path.is_file() else []):
+        try:
+            record = json.loads(line)
+        except ValueError:   # a line a kill left half-written
+            continue
+        if isinstance(record, dict) and record.get("step") == step:
+            records.append(record)
+    return not records or records[-1].get("evaluation") == "failed"
 
 
 def read_log(out: Path) -> list[dict]:

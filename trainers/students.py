@@ -10,7 +10,7 @@ import torch
 from cmt.checkpoint import init_student_from_teacher, save_network
 from cmt.datasets import one_hot_labels, resolve_data
 from cmt.edm import SIGMA_MAX, SIGMA_MIN, TWO_STEP_SIGMA, broadcast_sigma, sigma_to_t, t_to_sigma, x_to_z, z_to_x
-from cmt.errors import ArgumentError
+from cmt.errors import ArgumentError, InapplicableOption
 from cmt.images import MAX_GRID_IMAGES
 from cmt.latents import decode_latents
 from cmt.networks import build_network, family_of, network_config
@@ -194,13 +194,14 @@ def recipe_teacher_errors(resolved_options):
 
 # ---- checks before training --------------------------------------------------------------------
 
-def refuse_inapplicable(function, values, names, reason):
-    """ArgumentError for the first of `names` whose value in `values` is not `function`'s default:
-    an option that does not apply (`reason`, e.g. "to method meanflow") was set, so it would be ignored."""
+def refuse_inapplicable(function, values, names, reason, because):
+    """InapplicableOption for the first of `names` whose value in `values` is not `function`'s default:
+    an option that does not apply (`reason`, e.g. "to loss l2") was set, so it would be ignored;
+    `because`: the keyword whose value makes it so (a recipe's value is then left out)."""
     defaults = {name: parameter.default for name, parameter in inspect.signature(function).parameters.items()}
     for name in names:
         if values[name] != defaults[name]:
-            raise ArgumentError(name, f"does not apply {reason} (got {values[name]!r}); leave it out")
+            raise InapplicableOption(name, f"does not apply {reason} (got {values[name]!r}); leave it out", because)
 
 
 def check_report_options(net, *, eval_data, mid_sigma, sigma_max=SIGMA_MAX, sigma_min=SIGMA_MIN):

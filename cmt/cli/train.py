@@ -5,13 +5,19 @@ Every default comes from the library: a phase option's from its function's signa
 option's from `loop.TRAIN_DEFAULTS` with the phase's overrides (`DIFFUSION_DEFAULTS`, ...), so
 `--help` shows what the function does when the option is left out.
 """
+import functools
 import inspect
+import json
+import os
+import time
 from pathlib import Path
 
 import click
 from click.core import ParameterSource
 
-from cmt.cli.common import CONTEXT_SETTINGS, WithAliases, run_summary, summary, table_options, translate_errors
+from cmt.cli.common import (CONTEXT_SETTINGS, WithAliases, file_error_message, flag_for, run_summary, summary,
+                            table_options, translate_errors)
+from cmt.errors import ArgumentError, CmtError, PeerFailed
 from cmt.datasets import TOY_NAMES
 from cmt.manifest import VERIFY_MODES
 from cmt.solvers import SOLVERS
@@ -66,6 +72,33 @@ class IntList(click.ParamType):
             return tuple(int(part) for part in value.split(",") if part.strip())
         except ValueError:
             self.fail(f"{value!r} is not a comma-separated list of integers", param, ctx)
+
+
+def as_a_launched_process(command):
+    """Inside `translate_errors`: a process that stops because another process of the run failed
+    (`PeerFailed`) exits 1 printing nothing, since the failing process's own line is the one to read;
+    a clean error of a launched process (accelerate launch, torchrun: `TORCHELASTIC_ERROR_FILE` is set)
+    is also written to the launcher's error file, so the launcher's failure report quotes that line
+    instead of pointing to a traceback."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except PeerFailed:
+            raise SystemExit(1) from None
+        except (ArgumentError, CmtError, OSError) as error:
+            if isinstance(error, ArgumentError):
+                line = f"{flag_for(error.argument)}: {error.message}"
+            else:
+                line = file_error_message(error) if isinstance(error, OSError) else str(error)
+            where = os.environ.get("TORCHELASTIC_ERROR_FILE")
+            if where and line:
+                try:
+                    Path(where).write_text(json.dumps({"message": f"Error: {line}", "timestamp": int(time.time())}))
+                except OSError:
+                    pass   # the report is a courtesy; the line itself is printed anyway
+            raise
+    return wrapper
 
 
 def defaults_of(function):
@@ -136,10 +169,15 @@ def trainer_options(phase_defaults, lr_by_arch):
                      help="Also keep the EMA weights every this many steps as --out/snapshots/snapshot-NNNNNNN."
                           "safetensors (cmt-sample --ckpt reads them); 0: none."),
         click.option("--resume", is_flag=True, default=defaults["resume"],
-                     help="Continue exactly from --out/training-state.pt (same data order and RNG); the other "
-                          "options must be the saved run's, but for --log-every, --ckpt-every, --sample-every, "
-                          "--tensorboard, --progress, --max-nonfinite-steps, and a larger --max-steps (not with "
-                          "--lr-schedule linear), which extends the run."),
+                     help="Continue exactly from --out/training-state.pt (same data order and RNG), or finish its "
+                          "final sampling; the other options must be the saved run's (paths compared resolved, the "
+                          "data set by content), but for --log-every, --ckpt-every, --sample-every, --tensorboard, "
+                          "--progress, --max-nonfinite-steps, and a larger --max-steps (not with --lr-schedule "
+                          "linear), which extends the run."),
+        click.option("--resume-new-data", is_flag=True, default=defaults["resume_new_data"],
+                     help="With --resume: go on training on a data set that is not the one the run was saved with "
+                          "(rebuilt or extended; the run's record says what changed). Without it such a resume is "
+                          "refused; a moved set is the same set."),
         click.option("--tensorboard", is_flag=True, default=defaults["tensorboard"],
                      help="Also log to --out/tensorboard."),
         click.option("--progress/--no-progress", default=defaults["progress"], help="tqdm progress bar on rank 0."),
@@ -237,6 +275,7 @@ DIFFUSION = defaults_of(train_diffusion)
 @recipe_option("diffusion")
 @trainer_options(DIFFUSION_DEFAULTS, learning_rates("diffusion"))
 @translate_errors
+@as_a_launched_process
 def diffusion(**options):
     """Pre-train a diffusion teacher (EDM2 objective); writes OUT/teacher.safetensors (EMA weights)."""
     summary(run_summary("cmt-train diffusion", train_diffusion(**given_options(options))))
@@ -294,6 +333,7 @@ MID = defaults_of(mid_train)
 @recipe_option("mid")
 @trainer_options(MID_DEFAULTS, learning_rates("mid"))
 @translate_errors
+@as_a_launched_process
 def mid(**options):
     """CMT mid-training: regress a student onto the stored teacher trajectories -> OUT/mid.pt."""
     summary(run_summary("cmt-train mid", mid_train(**given_options(options))))
@@ -349,6 +389,7 @@ for _method in METHODS.values():
 @recipe_option("post")
 @trainer_options(POST_DEFAULTS, learning_rates("post"))
 @translate_errors
+@as_a_launched_process
 def post(**options):
     """Post-train a student with a post-training method (ECT, ECD, MeanFlow) -> OUT/post.pt (1- and 2-step sampling)."""
     summary(run_summary("cmt-train post", post_train(**given_options(options))))
