@@ -29,6 +29,7 @@ import torch
 from cmt.networks import build_network
 from cmt.phema import DEFAULT_STDS, PowerFunctionEMA
 from cmt.trainers import loop, schedules
+from cmt.trainers.config import TRAIN_DEFAULTS
 from cmt.trainers.diffusion import diffusion_loss
 from quick import quick_option
 
@@ -50,7 +51,7 @@ class Contender:
     def __init__(self, net, phema):
         self.net = copy.deepcopy(net)
         self.ema = copy.deepcopy(net).eval().requires_grad_(False)
-        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=1e-3, betas=loop.TRAIN_DEFAULTS["betas"])
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=1e-3, betas=TRAIN_DEFAULTS["betas"])
         self.phema = PowerFunctionEMA(self.net) if phema else None
         self.objective = functools.partial(diffusion_loss, label_dim=net.label_dim)
         self.steps = 0

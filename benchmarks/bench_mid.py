@@ -54,6 +54,8 @@ from cmt.networks import build_network
 from cmt.solvers import sample_trajectory
 from cmt.teachers import builtin_teacher_path, resolve_teacher
 from cmt.trainers import loop, run_files
+from cmt.trainers.config import TRAIN_DEFAULTS, TrainConfig
+from cmt.trainers.batches import RandomBatches
 from cmt.trainers.distances import squared_l2
 from cmt.networks.sit import sit_config
 from cmt.trainers.meanflow import MF_T_MAX, meanflow_loss
@@ -66,7 +68,7 @@ MNIST_SIZED = dict(architecture="edm2", img_resolution=16, img_channels=1, label
                    channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[4], dropout=0.0)
 DEFAULT_WORKERS = inspect.signature(mid_train).parameters["workers"].default   # mid-training's reader workers
 QUICK = {"steps": 3, "warmup": 1, "num_trajectories": 64, "rounds": 2}
-ADAM_BETAS = loop.TRAIN_DEFAULTS["betas"]
+ADAM_BETAS = TRAIN_DEFAULTS["betas"]
 EMA_BETA = 0.999
 
 
@@ -149,7 +151,7 @@ def bare_steps(student, batch, steps, warmup, device, next_batch=None):
 def mid_steps(student, shards, batch_size, steps, warmup, workers, out):
     """Seconds per step of the trainer's loop on `ShardReader` batches (median of the log's
     sec_per_step after the warm-up)."""
-    config = loop.TrainConfig(out=out, max_steps=warmup + steps, batch_size=batch_size, lr=1e-4, log_every=1,
+    config = TrainConfig(out=out, max_steps=warmup + steps, batch_size=batch_size, lr=1e-4, log_every=1,
                               ckpt_every=10**9, progress=False, ema_beta=EMA_BETA)
     trainer = loop.Trainer(config)
     batches = ShardReader(shards, trainer.micro_batch_size, seed=trainer.shared_seed_for(0), num_workers=workers,
@@ -228,10 +230,10 @@ def bare_meanflow_steps(student, batch, steps, warmup, device, t_max):
 def meanflow_steps(student, batch_size, steps, warmup, out, t_max):
     """Seconds per step of MeanFlow post-training's objective through the trainer's loop (median of
     the log's sec_per_step after the warm-up), on fresh random latents each step."""
-    config = loop.TrainConfig(out=out, max_steps=warmup + steps, batch_size=batch_size, lr=1e-4, log_every=1,
+    config = TrainConfig(out=out, max_steps=warmup + steps, batch_size=batch_size, lr=1e-4, log_every=1,
                               ckpt_every=10**9, progress=False, ema_beta=EMA_BETA, mixed_precision="no")
     trainer = loop.Trainer(config)
-    batches = loop.RandomBatches(lambda n, generator: random_latents(n, generator, student.data_shape,
+    batches = RandomBatches(lambda n, generator: random_latents(n, generator, student.data_shape,
                                                                      student.label_dim),
                                  trainer.micro_batch_size, seed=0)
     trainer.fit(student, functools.partial(meanflow_loss, t_max=t_max, **MEANFLOW_OPTIONS), batches)

@@ -37,7 +37,8 @@ from cmt.latents import load_vae
 from cmt.networks import build_network
 from cmt.trainers.data import data_batches, training_data
 from cmt.trainers.distances import make_distance
-from cmt.trainers.loop import Context, _to_device
+from cmt.trainers.batches import to_device as _to_device
+from cmt.trainers.loop import Context
 from cmt.trainers.run_files import read_log
 from cmt.trainers.ect import consistency_training_loss
 from quick import quick_option

@@ -32,6 +32,7 @@ from cmt.labels import pick_labels
 from cmt.manifest import TrajectoryDataset, upgrade_manifest
 from cmt.networks import build_network
 from cmt.sampling import sample, save_samples, student_sampler
+from cmt.trainers.config import TRAIN_DEFAULTS
 from cmt.trainers.run_files import IMAGES_SEEN, read_log
 from conftest import TEACHER, TWO_CPU_ENV, TWO_CPU_PROCESSES, gmm_teacher, invoke_command
 
@@ -90,7 +91,7 @@ def test_command_options_are_the_library_keywords(command, function):
     keywords = inspect.signature(function).parameters
     for param in command.params:
         if param.name not in ("as_json", "help"):
-            assert param.name in keywords or param.name in cmt.trainers.loop.TRAIN_DEFAULTS, param.name
+            assert param.name in keywords or param.name in TRAIN_DEFAULTS, param.name
 
 
 def test_mid_sigma_defaults_to_the_two_step_sigma_everywhere():

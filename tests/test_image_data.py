@@ -17,7 +17,7 @@ from cmt.datasets.stream import BatchStream
 from cmt.errors import ArgumentError, FileFormatError
 from cmt.metrics import FeatureMoments, feature_statistics
 from cmt.trainers.data import check_data_fits, data_batches, training_data
-from cmt.trainers.loop import _to_device
+from cmt.trainers.batches import to_device as _to_device
 
 
 def png_bytes(array, mode=None):

@@ -21,6 +21,8 @@ from cmt.metrics import energy_distance
 from cmt.networks import build_network
 from cmt.sampling import generate
 from cmt.trainers import loop, run_files, schedules
+from cmt.trainers.config import TRAIN_DEFAULTS, TrainConfig
+from cmt.trainers.batches import RandomBatches
 from cmt.trainers.diffusion import DIFFUSION_DEFAULTS, diffusion_loss, train_diffusion
 from cmt.trainers.mid import MID_DEFAULTS, mid_train
 from cmt.trainers.post import METHODS, POST_DEFAULTS, post_train
@@ -137,8 +139,8 @@ def test_command_options_are_the_entry_point_keywords_with_its_defaults(command,
                 if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name != "resolved_options"}
     # post: each method's own options come from its table; left out, they are the chosen method's default
     methods = {name for method in METHODS.values() for name in method.options} if command == "post" else set()
-    assert set(params) == set(keywords) | set(loop.TRAIN_DEFAULTS) | {"out"} | methods
-    train_defaults = {**loop.TRAIN_DEFAULTS, **phase_defaults}
+    assert set(params) == set(keywords) | set(TRAIN_DEFAULTS) | {"out"} | methods
+    train_defaults = {**TRAIN_DEFAULTS, **phase_defaults}
     for name, param in params.items():
         if name in methods:
             assert param.default is None and not param.required, name
@@ -151,7 +153,7 @@ def test_command_options_are_the_entry_point_keywords_with_its_defaults(command,
 
 
 def test_schedules_and_ema():
-    config = loop.TrainConfig(out=Path("."), lr=1.0, max_steps=100, lr_schedule="invsqrt", lr_ref_steps=10,
+    config = TrainConfig(out=Path("."), lr=1.0, max_steps=100, lr_schedule="invsqrt", lr_ref_steps=10,
                               warmup_steps=4, batch_size=10, ema_halflife_images=100, ema_rampup_ratio=None)
     assert [schedules.learning_rate(config, step) for step in (0, 3, 10, 40)] == [0.25, 1.0, 1.0, 0.5]
     config.lr_schedule, config.warmup_steps = "linear", 0
@@ -178,7 +180,7 @@ def test_two_cpu_processes(tmp_path):
 
 def test_non_finite_steps_are_skipped_and_counted(tmp_path):
     """A custom objective over a custom stream: the loop's plug-in interface, and its guard."""
-    config = loop.TrainConfig(out=tmp_path / "guard", max_steps=6, batch_size=16, lr=1e-2, log_every=1,
+    config = TrainConfig(out=tmp_path / "guard", max_steps=6, batch_size=16, lr=1e-2, log_every=1,
                               ema_beta=0.0, progress=False)
     trainer = loop.Trainer(config)
     net = build_network(dict(architecture="mlp", data_shape=[2], width=16, num_blocks=1))
@@ -189,7 +191,7 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path):
         loss = (net(batch["data"], 1.0) - batch["data"]).square().mean(dim=1)
         return loss * (float("nan") if ctx.step in (2, 3) else 1.0), {"step_seen": torch.tensor(float(ctx.step))}
 
-    batches = loop.RandomBatches(lambda n, g: {"data": sample_toy("moons", n, g)}, trainer.micro_batch_size,
+    batches = RandomBatches(lambda n, g: {"data": sample_toy("moons", n, g)}, trainer.micro_batch_size,
                                  trainer.seed_for(0))
     ema = trainer.fit(net, objective, batches)
     records = run_files.read_log(tmp_path / "guard")

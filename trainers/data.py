@@ -19,7 +19,7 @@ from cmt.images import MAX_GRID_IMAGES
 from cmt.latents import decode_latents
 from cmt.networks import build_network
 from cmt.networks.sit import SIT_PRESETS, sit_config
-from cmt.trainers.loop import RandomBatches
+from cmt.trainers.batches import RandomBatches
 
 # The networks pre-training (and post-training from random weights) builds from scratch, sized for
 # a few minutes on a CPU where an option is left out.

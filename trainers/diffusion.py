@@ -17,6 +17,7 @@ from cmt.labels import pick_labels
 from cmt.images import MAX_GRID_IMAGES
 from cmt.solvers import SOLVERS
 from cmt.trainers import identity as identities, loop, precision, recipes, run_files
+from cmt.trainers.config import check_choice, train_config
 from cmt.trainers.reports import sample_and_score
 from cmt.networks import family_of
 from cmt.trainers.data import (PRETRAINING_ARCHITECTURES, check_batch_fits, check_stream_options, data_batches,
@@ -25,7 +26,7 @@ from cmt.trainers.data import (PRETRAINING_ARCHITECTURES, check_batch_fits, chec
 P_MEAN, P_STD = -0.4, 1.0   # EDM2's training sigma distribution
 # num_samples=None: samples for the metric, per kind of data.
 EVAL_NUM = {"images": 2000, "points": 4096}
-# The trainer options whose defaults differ from loop.TRAIN_DEFAULTS in this phase.
+# The trainer options whose defaults differ from TRAIN_DEFAULTS in this phase.
 DIFFUSION_DEFAULTS = {"max_steps": 2000, "batch_size": 128, "lr": None}
 
 # How the built-in teachers in cmt/assets/teachers were trained (see the README there), as keyword
@@ -99,7 +100,7 @@ def train_diffusion(*, data, out, resolution=None, xflip=None, workers="auto", a
     for the embedded metric at each `sample_every` and the end (None: `EVAL_NUM` of the data's kind;
     0: none; the old keyword eval_num still works).
     train_options: the shared trainer options, `TrainConfig`'s fields (max_steps, batch_size, lr, ...,
-    resume, tensorboard, progress), defaults `DIFFUSION_DEFAULTS` over `loop.TRAIN_DEFAULTS`;
+    resume, tensorboard, progress), defaults `DIFFUSION_DEFAULTS` over `TRAIN_DEFAULTS`;
     lr=None takes the architecture's pre-training rate (`cmt.networks.learning_rates("diffusion")`).
 
     Returns `{"out", "model", "log", "state": Path, "metrics": the last logged scalars}`.
@@ -107,12 +108,12 @@ def train_diffusion(*, data, out, resolution=None, xflip=None, workers="auto", a
     check_stream_options(xflip, workers)
     data = training_data(data, resolution)
     arch = default_arch(data) if arch is None else arch
-    loop.check_choice("arch", arch, PRETRAINING_ARCHITECTURES)
-    loop.check_choice("sample_solver", sample_solver, SOLVERS)
+    check_choice("arch", arch, PRETRAINING_ARCHITECTURES)
+    check_choice("sample_solver", sample_solver, SOLVERS)
     for name, value in (("dropout", dropout), ("label_dropout", label_dropout)):
         if not 0 <= value <= 1:
             raise ArgumentError(name, f"must be in [0, 1], got {value}")
-    config = loop.train_config(out, DIFFUSION_DEFAULTS, train_options, default_lr=family_of(arch).learning_rates["diffusion"])
+    config = train_config(out, DIFFUSION_DEFAULTS, train_options, default_lr=family_of(arch).learning_rates["diffusion"])
     check_batch_fits(data, config.batch_size)
     trainer = loop.Trainer(config, find_unused_parameters=not uncertainty)
     trainer.set_tf32(precision.fixed_choice(config.tf32, "EDM2's training loop runs without it "

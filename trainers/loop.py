@@ -9,8 +9,9 @@ global generator (dropout) are re-seeded from (seed, rank, step), so a resumed r
 uninterrupted one exactly as long as the data stream is restored too (its `state_dict`, or by
 replaying the batches it had yielded).
 
-(About 500 lines: the order of a step's saves, samplings, stops and log lines is the loop's whole
-contract, kept in one place; how a run stops is `cmt.trainers.stops`, its files `cmt.trainers.run_files`.)
+(About 450 lines: the order of a step's saves, samplings, stops and log lines is the loop's whole
+contract, kept in one place; how a run stops is `cmt.trainers.stops`, its files `cmt.trainers.run_files`,
+its batch streams `cmt.trainers.batches`.)
 """
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ from cmt.outputs import step_file_name
 from cmt.phema import PowerFunctionEMA
 from cmt.seeds import derive_seed
 # The trainer options live in cmt.trainers.config; the phases reach them through the loop they configure.
-from cmt.trainers.config import (LR_SCHEDULES, MIXED_PRECISIONS, OPTIMIZERS, TRAIN_DEFAULTS, TrainConfig,  # noqa: F401
-                                 check_choice, micro_batch_size, train_config)
+from cmt.trainers.batches import Counted, to_device
+from cmt.trainers.config import OPTIMIZERS, TrainConfig
 from cmt.trainers.run_files import (IMAGES_SEEN, SNAPSHOT_DIR, STATE_FILE, RunLog, evaluation_pending, note_new_data,
                                     read_state, run_record, summary_writer, write_run_file, write_state)
 from cmt.trainers.precision import TF32Choice, apply_tf32, fixed_choice
@@ -52,59 +53,6 @@ class Context:
     generator: torch.Generator      # on `device`; re-seeded from (seed, rank, step) every step
     device: torch.device
     accelerator: Accelerator
-
-
-class RandomBatches:
-    """An endless stream of batches drawn by `draw(n, generator) -> dict` (fresh samples of a toy
-    distribution, random indices into a data set); resumable through its generator's state."""
-
-    def __init__(self, draw: Callable[[int, torch.Generator], dict], batch_size: int, seed: int):
-        self.draw, self.batch_size = draw, batch_size
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        return self.draw(self.batch_size, self.generator)
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
-
-
-class _Counted:
-    """Wraps a plain iterator without state: resumes by replaying (skipping) the batches it yielded."""
-
-    def __init__(self, iterator: Iterator[dict]):
-        self.iterator, self.count = iterator, 0
-
-    def __next__(self) -> dict:
-        self.count += 1
-        return next(self.iterator)
-
-    def state_dict(self) -> dict:
-        return {"count": self.count}
-
-    def load_state_dict(self, state: dict) -> None:
-        for _ in range(int(state["count"])):
-            next(self)
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    """The batch on `device`; half-precision tensors (a shard reader's stored float16) cross in
-    their own dtype and are upcast there, so objectives see float32 data; uint8 tensors are images
-    (0..255, streamed from disk) and become [-1, 1] there (EDM2's StandardRGBEncoder: x / 127.5 - 1)."""
-    if isinstance(batch, torch.Tensor):
-        batch = batch.to(device, non_blocking=True)
-        if batch.dtype == torch.uint8:
-            return batch.float() / 127.5 - 1
-        return batch.float() if batch.dtype in (torch.float16, torch.bfloat16) else batch
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    return batch
 
 
 def _resolve_precision(mixed_precision: str) -> str:
@@ -204,7 +152,7 @@ class Trainer:
         run_info = {**(run_info or {}), "tf32": self.tf32.record()} if run_info is not None else None
         self.run_record = run_record(config, (run_info or {}).get("phase"), run_options, inputs)
         if not hasattr(batches, "state_dict"):
-            batches = _Counted(iter(batches))
+            batches = Counted(iter(batches))
         ema = copy.deepcopy(net).float().eval().requires_grad_(False).to(self.device)
         opt_class = OPTIMIZERS[config.optimizer]
         optimizer = opt_class(net.parameters(), lr=config.lr, betas=tuple(config.betas),
@@ -337,7 +285,7 @@ class Trainer:
             try:
                 with signals.interruptible():
                     for _ in range(config.grad_accum):
-                        batch = _to_device(next(batches), self.device)
+                        batch = to_device(next(batches), self.device)
                         with acc.accumulate(net):
                             with acc.autocast():
                                 result = objective(net, batch, ctx)

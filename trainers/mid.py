@@ -29,6 +29,7 @@ from cmt.manifest import TrajectoryDataset, check_verify
 from cmt.sampling import student_sampler
 from cmt.teachers import teacher_label_dropout
 from cmt.trainers import identity as identities, loop, precision, recipes, run_files
+from cmt.trainers.config import check_choice, micro_batch_size, train_config
 from cmt.trainers.distances import DISTANCES, make_distance, squared_l2
 from cmt.trainers.students import (STUDENT_INITS, average_velocity, build_student, check_report_options,
                                    consistency_output, consistency_student, network_labels, plain_network,
@@ -79,7 +80,7 @@ def flowmap_loss(net, batch, ctx, *, distance=squared_l2, clean_sigma=SIGMA_MIN,
 
 
 OBJECTIVES = {"endpoint": endpoint_loss, "flowmap": flowmap_loss}
-# The trainer options whose defaults differ from loop.TRAIN_DEFAULTS in this phase.
+# The trainer options whose defaults differ from TRAIN_DEFAULTS in this phase.
 MID_DEFAULTS = {"max_steps": 2000, "batch_size": 128, "lr": None}
 # The diagonal's share of a flow-map batch: 0.25 kept the toy's CMT weights under MeanFlow (2-step
 # 1.04x / 1.06x / 0.88x after 250 steps over 3 seeds, against 2.29x with none; 0.5: 1.16x on seed 0;
@@ -265,15 +266,15 @@ def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_re
     the teacher's built-in name, if any); num_samples: samples for the metric and pictures;
     mid_sigma: the intermediate sigma of 2-step sampling.
     train_options: the shared trainer options, `TrainConfig`'s fields (max_steps, batch_size, lr, ...,
-    resume, tensorboard, progress), defaults `MID_DEFAULTS` over `loop.TRAIN_DEFAULTS`; lr=None
+    resume, tensorboard, progress), defaults `MID_DEFAULTS` over `TRAIN_DEFAULTS`; lr=None
     takes the student's network family's mid-training rate (`cmt.networks.learning_rates("mid")`).
 
     Returns `{"out", "checkpoint" (mid.pt), "model" (mid.safetensors), "log", "state": Path,
     "metrics": the last logged scalars}`.
     """
-    loop.check_choice("target", target, OBJECTIVES)
-    loop.check_choice("loss", loss, DISTANCES)
-    loop.check_choice("student_init", student_init, STUDENT_INITS)
+    check_choice("target", target, OBJECTIVES)
+    check_choice("loss", loss, DISTANCES)
+    check_choice("student_init", student_init, STUDENT_INITS)
     states_per_trajectory = states_per_trajectory_count(states_per_trajectory)
     if workers != "auto":
         reader_workers(workers, None, 1)   # a bad count fails before anything is read or made
@@ -313,7 +314,7 @@ def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_re
     with recipe_teacher_errors(resolved_options):
         teacher_config, teacher_state, identity, denoiser = load_mid_teacher(
             manifest, teacher, student_init == "teacher", need_denoiser=bool(velocity_share))
-    config = loop.train_config(out, MID_DEFAULTS, train_options, default_lr=student_learning_rate(teacher_config, "mid"))
+    config = train_config(out, MID_DEFAULTS, train_options, default_lr=student_learning_rate(teacher_config, "mid"))
     flow_map = target == "flowmap"
     init_state = teacher_state if student_init == "teacher" else None   # the velocity rows may load it anyway
     # The endpoint target's student is its family's consistency form (EDM: sony/cmt's ECMPrecond); the
@@ -341,7 +342,7 @@ def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_re
                          sigma_max=float(manifest.get("sigma_max", SIGMA_MAX)))
     check_batch_fits(config, dataset, states_per_trajectory, flow_map, data)
     if flow_map:
-        check_velocity_rows(velocity_share, loop.micro_batch_size(config), default_share)
+        check_velocity_rows(velocity_share, micro_batch_size(config), default_share)
     trainer = loop.Trainer(config)
     # sony/cmt's pixel mid-training runs without TF32 (cmt_training_loop.py enable_tf32=False); its
     # ImageNet-512 recipe turns it on (tf32="on")

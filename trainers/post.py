@@ -15,6 +15,7 @@ from cmt.errors import ArgumentError, InapplicableOption
 from cmt.sampling import native_time, student_sampler
 from cmt.teachers import BUILTIN_TEACHERS, resolve_teacher
 from cmt.trainers import identity as identities, loop, precision, recipes
+from cmt.trainers.config import TRAIN_DEFAULTS, check_choice, train_config
 from cmt.trainers.data import (STUDENT_ARCHITECTURES, check_arch, check_batch_fits, check_data_fits,
                                check_stream_options, data_batches, default_arch, network_for, training_data)
 from cmt.trainers.ect import ECD, ECT
@@ -26,14 +27,14 @@ from cmt.trainers.students import (build_student, check_report_options, recipe_t
 
 # The post-training methods, one line each (`cmt.trainers.methods.PostMethod`).
 METHODS = {method.name: method for method in (ECT, ECD, MEANFLOW)}
-# The trainer options whose defaults differ from loop.TRAIN_DEFAULTS in this phase.
+# The trainer options whose defaults differ from TRAIN_DEFAULTS in this phase.
 POST_DEFAULTS = {"max_steps": 2000, "batch_size": 128, "lr": None}
 
 
 # ---- the method and its options ---------------------------------------------------------------
 
 def method_of(name):
-    loop.check_choice("method", name, METHODS)
+    check_choice("method", name, METHODS)
     return METHODS[name]
 
 
@@ -48,7 +49,7 @@ def method_options(method, options):
         if owners:
             raise InapplicableOption(name, f"does not apply to method {method.name} (only to {', '.join(owners)}) "
                                            f"(got {options[name]!r}); leave it out", "method")
-    unknown = sorted(set(options) - set(loop.TRAIN_DEFAULTS))
+    unknown = sorted(set(options) - set(TRAIN_DEFAULTS))
     if unknown:
         raise TypeError(f"post_train() got unexpected keyword argument{'s' * (len(unknown) > 1)}: {', '.join(unknown)}")
     return own, options
@@ -237,7 +238,7 @@ def post_train(*, init=None, method=None, data, out, teacher=None, arch=None, gu
     the intermediate sigma of 2-step sampling.
     options: the method's own options (below), and the shared trainer options, `TrainConfig`'s fields
     (max_steps, batch_size, lr, ..., resume, tensorboard, progress), defaults `POST_DEFAULTS` over
-    `loop.TRAIN_DEFAULTS`; lr=None takes the student's network family's post-training rate.
+    `TRAIN_DEFAULTS`; lr=None takes the student's network family's post-training rate.
 
     Returns `{"out", "checkpoint" (post.pt), "model" (post.safetensors), "log", "state": Path,
     "metrics": the last logged scalars}`.
@@ -259,7 +260,7 @@ def post_train(*, init=None, method=None, data, out, teacher=None, arch=None, gu
     train_options["mixed_precision"] = post_precision(train_options.get("mixed_precision", "auto"), chosen)
     # The network the student copies: the teacher's (init 'teacher' / 'random' with a teacher), else the init's.
     source = "teacher" if init in ("teacher", "random") and teacher is not None else "init"
-    config = loop.train_config(out, POST_DEFAULTS, train_options,
+    config = train_config(out, POST_DEFAULTS, train_options,
                                default_lr=student_learning_rate(init_config, "post", argument=source))
     prepared = chosen.prepare(own, init_record, config.max_steps)
     network = student_config(init_config, dropout=dropout, dropout_res=dropout_res, form=chosen.student,

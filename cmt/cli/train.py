@@ -2,7 +2,7 @@
 function (`cmt.train_diffusion`, `cmt.mid_train`, `cmt.post_train`).
 
 Every default comes from the library: a phase option's from its function's signature, a trainer
-option's from `loop.TRAIN_DEFAULTS` with the phase's overrides (`DIFFUSION_DEFAULTS`, ...), so
+option's from `TRAIN_DEFAULTS` with the phase's overrides (`DIFFUSION_DEFAULTS`, ...), so
 `--help` shows what the function does when the option is left out.
 """
 import functools
@@ -21,7 +21,8 @@ from cmt.errors import ArgumentError, CmtError, PeerFailed
 from cmt.datasets import TOY_NAMES
 from cmt.manifest import VERIFY_MODES
 from cmt.solvers import SOLVERS
-from cmt.trainers import loop, recipes
+from cmt.trainers import recipes
+from cmt.trainers.config import LR_SCHEDULES, MIXED_PRECISIONS, OPTIMIZERS, TRAIN_DEFAULTS
 from cmt.trainers.precision import TF32_SETTINGS
 from cmt.networks import learning_rates
 from cmt.trainers.data import DEFAULT_ARCH, PRETRAINING_ARCHITECTURES, STUDENT_ARCHITECTURES
@@ -113,9 +114,9 @@ def per_architecture(rates):
 
 def trainer_options(phase_defaults, lr_by_arch):
     """The click options every `cmt-train` command shares, one per `TrainConfig` field, with the
-    defaults of `loop.TRAIN_DEFAULTS` overridden by the phase's; an lr default of None means the
+    defaults of `TRAIN_DEFAULTS` overridden by the phase's; an lr default of None means the
     phase's rate per architecture, `lr_by_arch`."""
-    defaults = {**loop.TRAIN_DEFAULTS, **phase_defaults}
+    defaults = {**TRAIN_DEFAULTS, **phase_defaults}
     lr_help = "Peak learning rate" + (f" [default: per architecture: {per_architecture(lr_by_arch)}]."
                                       if defaults["lr"] is None else ".")
     options = [
@@ -126,14 +127,14 @@ def trainer_options(phase_defaults, lr_by_arch):
         click.option("--batch-size", type=click.IntRange(min=1), default=defaults["batch_size"],
                      help="Global batch per optimizer step (all processes and micro-batches)."),
         click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=defaults["lr"], help=lr_help),
-        click.option("--lr-schedule", type=click.Choice(loop.LR_SCHEDULES), default=defaults["lr_schedule"],
+        click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), default=defaults["lr_schedule"],
                      help="linear: decay to 0 at --max-steps; invsqrt: EDM2's lr / sqrt(max(step / "
                           "--lr-ref-steps, 1))."),
         click.option("--lr-ref-steps", type=click.IntRange(min=1), default=defaults["lr_ref_steps"],
                      help="Steps before the invsqrt decay starts."),
         click.option("--warmup-steps", type=click.IntRange(min=0), default=defaults["warmup_steps"],
                      help="Linear lr warm-up."),
-        click.option("--optimizer", type=click.Choice(list(loop.OPTIMIZERS)), default=defaults["optimizer"]),
+        click.option("--optimizer", type=click.Choice(list(OPTIMIZERS)), default=defaults["optimizer"]),
         click.option("--betas", type=(float, float), default=defaults["betas"], help="Adam betas (EDM2's)."),
         click.option("--weight-decay", type=click.FloatRange(min=0), default=defaults["weight_decay"]),
         click.option("--grad-clip", type=click.FloatRange(min=0, min_open=True), default=defaults["grad_clip"],
@@ -150,7 +151,7 @@ def trainer_options(phase_defaults, lr_by_arch):
                           "after training [default: none]."),
         click.option("--ema-beta", type=click.FloatRange(0, 1, max_open=True), default=defaults["ema_beta"],
                      help="A fixed per-step EMA decay instead of the half-life."),
-        click.option("--mixed-precision", type=click.Choice(loop.MIXED_PRECISIONS),
+        click.option("--mixed-precision", type=click.Choice(MIXED_PRECISIONS),
                      default=defaults["mixed_precision"], help="auto: bf16 (or fp16) on GPU, no on CPU."),
         click.option("--tf32", type=click.Choice(TF32_SETTINGS), default=defaults["tf32"],
                      help="TF32 matmuls and convolutions on CUDA. auto: off where its rounding reaches the residual the "
