@@ -33,7 +33,7 @@ from cmt.labels import parse_labels
 from cmt.manifest import (BUILD_CONFIG, DATASET_NAME, DATASET_VERSION, MANIFEST, TrajectoryDataset,
                           config_hash, dataset_compression, dataset_shuffle, read_json, sidecar_name, upgrade_manifest, write_json)
 from cmt.metrics import embedded_metric
-from cmt.options import differences
+from cmt.options import checked_keywords, differences
 from cmt.seeds import derive_seed
 from cmt.solvers import FLOW_MAP, SOLVERS, sample_trajectory
 from cmt.teachers import RECIPE_TEACHERS, resolve_teacher, teacher_label_dropout
@@ -77,6 +77,7 @@ class Teacher:
         self.device = torch.device(device)
 
 
+@checked_keywords
 def build_trajectories(*, teacher=None, out, recipe=None, teacher_ckpt=None, guidance=None, guide_ckpt=None,
                        solver=None, nfe=16, grid="logsnr", sigma_max=SIGMA_MAX, sigma_min=SIGMA_MIN, rho=RHO,
                        num_trajectories=1000, batch_size=256, seed=0, labels=None, format="zarr", shard_size=1000,

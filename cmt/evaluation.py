@@ -26,6 +26,7 @@ from cmt.sampling import torch_device
 from cmt.metrics import (INCEPTION_URL, FeatureMoments, InceptionFID, embedded_metric, feature_statistics,
                          frechet_distance, load_reference_statistics, mnist_features, mnist_reference_statistics,
                          save_reference_statistics)
+from cmt.options import checked_keywords
 
 # Images per feature batch when the ranks of `accelerate launch` share the detector's work (the
 # batch of `cmt.metrics.mnist_features`, so one process computes the same features).
@@ -168,6 +169,7 @@ def evaluate_samples(samples, data, fid=None, state=None, fd_dinov2=None):
     return results
 
 
+@checked_keywords
 def evaluate(*, samples=None, data, fid=False, detector=None, ref=None, fd_dinov2=False, dinov2=None, ref_stats=None,
              vae=None, device=None):
     """Score `samples` against `data`; the entry point behind `cmt-eval`.

@@ -22,6 +22,7 @@ from cmt.images import MAX_GRID_IMAGES, READABLE_CELL, save_image_grid, save_sca
 from cmt.labels import parse_labels, pick_labels
 from cmt.latents import LatentCodec
 from cmt.metrics import embedded_metric
+from cmt.options import checked_keywords
 from cmt.outputs import write_npz
 from cmt.seeds import derive_seed
 from cmt.solvers import SOLVERS, flow_map_step, sample as solve
@@ -311,6 +312,7 @@ def latent_decoder(identity, vae, device):
 
 
 @renamed_keywords(num="num_samples")
+@checked_keywords
 def sample(*, ckpt, out, sampler=None, solver=DEFAULT_SOLVER, steps=None, grid=DEFAULT_GRID,
            sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, mid_sigma=None, num_samples=64, seed=0, labels=None,
            npz=None, vae=None, batch_size=DEFAULT_BATCH_SIZE, device=None, progress=True):

@@ -19,6 +19,7 @@ from cmt.solvers import SOLVERS
 from cmt.trainers import loop, precision, recipes, run_files
 from cmt.trainers.reports import sample_and_score
 from cmt.networks import family_of
+from cmt.options import checked_keywords
 from cmt.trainers.data import (PRETRAINING_ARCHITECTURES, data_batches, default_arch, network_for, pictures,
                                  training_data)
 
@@ -73,6 +74,7 @@ def sample_and_measure(ema, step, out, *, data, solver, steps, num_samples, grid
 
 
 @renamed_keywords(eval_num="num_samples")
+@checked_keywords
 @recipes.with_recipe("diffusion")
 def train_diffusion(*, data, out, resolution=None, arch=None, channels=None, channel_mult=None, num_blocks=None,
                     attn_res=None, dropout=0.0, cond=True, label_dropout=0.0, p_mean=P_MEAN, p_std=P_STD,

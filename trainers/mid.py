@@ -25,6 +25,7 @@ from cmt.edm import SIGMA_MAX, SIGMA_MIN, TWO_STEP_SIGMA, broadcast_sigma, sigma
 from cmt.errors import ArgumentError
 from cmt.guidance import apply_guidance
 from cmt.manifest import TrajectoryDataset, check_verify
+from cmt.options import checked_keywords
 from cmt.sampling import student_sampler
 from cmt.teachers import teacher_label_dropout
 from cmt.trainers import loop, precision, recipes, run_files
@@ -198,6 +199,7 @@ def dataset_names_a_teacher(given):
     return recorded_teacher_spec(recorded) is not None
 
 
+@checked_keywords
 @recipes.with_recipe("mid", default_recipe=builtin_teacher_recipe, names_a_teacher=dataset_names_a_teacher)
 def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_resize=None, teacher=None,
               student_init="teacher", velocity_share=None, states_per_trajectory="all", max_trajectories=None,
