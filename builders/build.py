@@ -32,7 +32,7 @@ from cmt.formats import (DEFAULT_COMPRESSION, DEFAULT_SHUFFLE, LEGACY_COMPRESSIO
 from cmt.labels import parse_labels
 from cmt.manifest import (BUILD_CONFIG, DATASET_NAME, DATASET_VERSION, MANIFEST, TrajectoryDataset,
                           config_hash, dataset_compression, dataset_shuffle, read_json, sidecar_name, upgrade_manifest, write_json)
-from cmt.metrics import embedded_metric
+from cmt.metrics import embedded_metric, metric_sample_count
 from cmt.options import checked_keywords, differences
 from cmt.seeds import derive_seed
 from cmt.solvers import FLOW_MAP, SOLVERS, sample_trajectory
@@ -566,11 +566,13 @@ def build(out, teacher, config, *, eval_data=None, progress=True, log=print, on_
 
 
 def evaluate_endpoints(out, data):
-    """The embedded-data metric (`cmt.metrics.embedded_metric`) of every endpoint in the dataset."""
+    """The embedded-data metric (`cmt.metrics.embedded_metric`) of the endpoints in the dataset (`scored`:
+    how many, `cmt.metrics.metric_sample_count`)."""
     dataset = TrajectoryDataset(out)
     endpoints = torch.cat([torch.from_numpy(dataset.read_shard(entry)["endpoint"].astype(np.float32))
                            for entry in dataset.shards])
     metrics = embedded_metric(data, endpoints)
     if not metrics:
         raise ArgumentError("eval_data", f"no built-in metric for data {data!r} (toy:NAME and mnist have one)")
-    return {"data": str(data), "count": len(endpoints), "metrics": {key: float(value) for key, value in metrics.items()}}
+    return {"data": str(data), "count": len(endpoints), "scored": metric_sample_count(data, len(endpoints)),
+            "metrics": {key: float(value) for key, value in metrics.items()}}

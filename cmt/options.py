@@ -108,7 +108,7 @@ _NON_NEGATIVE_NUMBERS = ("cache_gb", "weight_decay", "guidance", "ema_halflife_i
 _SHARES = ("dropout", "label_dropout", "velocity_share")
 _PATHS = ("out", "npz", "ckpt", "teacher_ckpt", "guide_ckpt", "detector", "ref", "ref_stats")
 _SWITCHES = ("resume", "tensorboard", "progress", "cond", "uncertainty", "flips", "fid", "fd_dinov2", "stats",
-             "eval_teacher")
+             "eval_teacher", "metric")
 
 # keyword -> its type and range wherever it appears (a function may narrow the range further).
 KEYWORDS = {

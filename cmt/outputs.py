@@ -54,8 +54,8 @@ def naming(path):
     try:
         yield
     except OSError as error:
-        if error.filename is None:
-            raise OSError(error.errno, error.strerror or str(error), str(path)) from error
+        if error.filename is None and error.errno is not None:   # OSError() picks the subclass of the errno
+            raise OSError(error.errno, error.strerror or os.strerror(error.errno), str(path)) from error
         raise
 
 
