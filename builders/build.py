@@ -27,7 +27,8 @@ from cmt.errors import ArgumentError
 from cmt.formats import (DEFAULT_COMPRESSION, DEFAULT_SHUFFLE, LEGACY_COMPRESSION, LEGACY_SHUFFLE, SHARD_FORMATS, SHUFFLES, encode_shard, open_location, shard_format)
 from cmt.labels import parse_labels
 from cmt.manifest import (BUILD_CONFIG, DATASET_NAME, DATASET_VERSION, MANIFEST, TrajectoryDataset, dataset_compression, dataset_shuffle, read_json, upgrade_manifest, write_json)
-from cmt.metrics import embedded_metric
+from cmt.metrics import embedded_metric, metric_sample_count
+from cmt.options import checked_keywords
 from cmt.solvers import FLOW_MAP, SOLVERS, sample_trajectory
 from cmt.teachers import RECIPE_TEACHERS
 from cmt.builders.plan import (CONFIG_OPTIONS, DEFAULT_SOLVER, STORAGE_DTYPES, build_config_hash, check_output, draw_inputs, parse_states, shard_plan, solver_steps)
@@ -42,6 +43,7 @@ class NonFiniteTrajectories(RuntimeError):
     """The teacher produced NaN or inf; the message names the trajectory indices."""
 
 
+@checked_keywords
 def build_trajectories(*, teacher=None, out, recipe=None, teacher_ckpt=None, guidance=None, guide_ckpt=None,
                        solver=None, nfe=16, grid="logsnr", sigma_max=SIGMA_MAX, sigma_min=SIGMA_MIN, rho=RHO,
                        num_trajectories=1000, batch_size=256, seed=0, labels=None, format="zarr", shard_size=1000,
@@ -321,11 +323,13 @@ def build(out, teacher, config, *, eval_data=None, progress=True, log=print, on_
 
 
 def evaluate_endpoints(out, data):
-    """The embedded-data metric (`cmt.metrics.embedded_metric`) of every endpoint in the dataset."""
+    """The embedded-data metric (`cmt.metrics.embedded_metric`) of the endpoints in the dataset (`scored`:
+    how many, `cmt.metrics.metric_sample_count`)."""
     dataset = TrajectoryDataset(out)
     endpoints = torch.cat([torch.from_numpy(dataset.read_shard(entry)["endpoint"].astype(np.float32))
                            for entry in dataset.shards])
     metrics = embedded_metric(data, endpoints)
     if not metrics:
         raise ArgumentError("eval_data", f"no built-in metric for data {data!r} (toy:NAME and mnist have one)")
-    return {"data": str(data), "count": len(endpoints), "metrics": {key: float(value) for key, value in metrics.items()}}
+    return {"data": str(data), "count": len(endpoints), "scored": metric_sample_count(data, len(endpoints)),
+            "metrics": {key: float(value) for key, value in metrics.items()}}

@@ -45,9 +45,10 @@ from cmt.latents import EDM2_VAE, LATENT_DATASET, SCALINGS, LatentCodec, load_va
 from cmt.manifest import BUILD_CONFIG, LATENT_VERSION, MANIFEST, config_hash, latent_fields, read_json, write_json
 from cmt.builders.sharding import write_shards
 from cmt.builders.plan import STORAGE_DTYPES
-from cmt.options import differences
+from cmt.options import checked_keywords, differences
 
 
+@checked_keywords
 def encode_dataset(*, source, out, vae=EDM2_VAE, scaling="edm2", resolution=None, resize="center-crop", flips=False,
                    batch_size=32, shard_size=4096, dtype="float32", compression="none", workers="auto", device=None,
                    progress=True, log=print):

@@ -22,10 +22,12 @@ from cmt.formats import ShardError, checksum, read_files
 from cmt.images import READABLE_CELL, save_image_grid, save_scatter, save_trajectory_grid, sigma_label
 from cmt.latents import EDM2_VAE, LatentCodec, decode_latents, read_latent_record
 from cmt.manifest import BUILD_CONFIG, MANIFEST, LatentManifest, TrajectoryDataset, sidecar_name
+from cmt.options import checked_keywords
 
 ITEM_BYTES = {"float16": 2, "float32": 4}
 
 
+@checked_keywords
 def inspect_trajectories(path, *, verify=False, stats=False, preview=None, preview_count=8, vae=None):
     """The report on the trajectory dataset at `path` (a directory or fsspec URL) as a dict.
 

@@ -25,11 +25,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from cmt.errors import FileFormatError
 
-from cmt.outputs import atomic_path, write_text
+from cmt.outputs import write_safetensors, write_text
 from cmt.networks import ARCHITECTURES, build_network, load_state_dict_strict_or_explain, network_config
 from cmt.networks.nvlabs_pickle import load_nvlabs_pickle
 from cmt.networks.sit import is_sit_state_dict
@@ -55,9 +54,8 @@ def save_weights(path, state_dict, config, extra_config=None):
     config = dict(config)
     extra = dict(extra_config or {})
     tensors = {key: value.detach().to("cpu").contiguous() for key, value in state_dict.items()}
-    with atomic_path(path) as temporary:
-        save_file(tensors, str(temporary), metadata={"format": "cmt", "config": json.dumps(config),
-                                                     "extra": json.dumps(extra)})
+    write_safetensors(path, tensors, metadata={"format": "cmt", "config": json.dumps(config),
+                                               "extra": json.dumps(extra)})
     write_text(path.with_suffix(".json"), json.dumps({"config": config, "extra": extra}, indent=2) + "\n")
     return path
 

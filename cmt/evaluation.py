@@ -24,8 +24,9 @@ from cmt.errors import ArgumentError, FileFormatError, local_path_only
 from cmt.latents import LatentCodec, read_latent_record
 from cmt.sampling import torch_device
 from cmt.metrics import (INCEPTION_URL, FeatureMoments, InceptionFID, embedded_metric, feature_statistics,
-                         frechet_distance, load_reference_statistics, mnist_features, mnist_reference_statistics,
-                         save_reference_statistics)
+                         frechet_distance, load_reference_statistics, metric_note, mnist_features,
+                         mnist_reference_statistics, save_reference_statistics, too_few_for_a_metric)
+from cmt.options import checked_keywords
 
 # Images per feature batch when the ranks of `accelerate launch` share the detector's work (the
 # batch of `cmt.metrics.mnist_features`, so one process computes the same features).
@@ -41,9 +42,9 @@ def read_samples_array(path):
     if labels is not None and labels.dtype.kind not in "iu":
         raise ValueError(f"{path}: 'labels' must be integers, found dtype {labels.dtype}")
     labels = None if labels is None else labels.astype(np.int64)
-    if samples.ndim == 0 or len(samples) < 2:
-        raise ValueError(f"{path}: 'samples' holds {len(samples) if samples.ndim else 0} item(s); metrics need at "
-                         "least 2")
+    too_few = too_few_for_a_metric(len(samples) if samples.ndim else 0)
+    if too_few:
+        raise ValueError(f"{path}: 'samples' holds {too_few}")
     return samples, labels
 
 
@@ -168,6 +169,7 @@ def evaluate_samples(samples, data, fid=None, state=None, fd_dinov2=None):
     return results
 
 
+@checked_keywords
 def evaluate(*, samples=None, data, fid=False, detector=None, ref=None, fd_dinov2=False, dinov2=None, ref_stats=None,
              vae=None, device=None):
     """Score `samples` against `data`; the entry point behind `cmt-eval`.
@@ -198,7 +200,8 @@ def evaluate(*, samples=None, data, fid=False, detector=None, ref=None, fd_dinov
     (`samples_in_range`).
 
     Returns `{"samples": Path or None, "data": name, "count": int, "metrics": {name: float}, "rank": int,
-    "conversion": str or None}`, with `ref_stats` `{"ref_stats": Path, "data", "count", "metrics": [names],
+    "conversion": str or None, "metric_note": str or None (the point metrics scored a subset:
+    `cmt.metrics.metric_note`)}`, with `ref_stats` `{"ref_stats": Path, "data", "count", "metrics": [names],
     "rank"}`.
     """
     if ref_stats is not None:
@@ -241,13 +244,15 @@ def evaluate(*, samples=None, data, fid=False, detector=None, ref=None, fd_dinov
         values, conversion = samples_in_range(values, data, str(samples_path or "samples"))
     except ValueError as error:
         raise ArgumentError("samples", str(error)) from None
+    if too_few_for_a_metric(len(values)):   # samples given as an array (a file was checked when read)
+        raise ArgumentError("samples", f"the samples hold {too_few_for_a_metric(len(values))}")
     device = _detector_device(device)
     scorer = _inception(detector, device, ref) if fid else None
     dinov2_scorer = _dinov2(dinov2, device, ref) if fd_dinov2 else None
     state = distributed_state()
     metrics = evaluate_samples(values, data, fid=scorer, state=state, fd_dinov2=dinov2_scorer)
     return {"samples": samples_path, "data": data.name, "count": len(values), "metrics": metrics,
-            "rank": state.process_index, "conversion": conversion}
+            "rank": state.process_index, "conversion": conversion, "metric_note": metric_note(data, len(values))}
 
 
 def reference_statistics(*, data, out, fid=False, detector=None, fd_dinov2=False, dinov2=None, device=None,

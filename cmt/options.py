@@ -4,9 +4,17 @@ A library function whose options live in a table (a post-training method's, `cmt
 declares each as an `Option`; the library checks a value with `Option.check` (an `ArgumentError`
 naming the keyword, before anything is written), and the command builds its click option from the
 same record (`cmt.cli.common.click_option`), so the prose and the limits are written once.
+
+The keywords every entry point shares (`max_steps`, `lr`, `seed`, `out`, `nfe`, ...) mean the same
+everywhere, so their types and ranges are declared once too (`KEYWORDS`); `checked_keywords`
+checks a call's keywords against that table before the function runs, so a call that is refused
+writes nothing (`build_trajectories(num_trajectories=16.5)` used to record 16.5 first).
 """
 import dataclasses
+import functools
 import math
+import numbers
+import os
 from typing import Any
 
 from cmt.errors import ArgumentError
@@ -16,7 +24,8 @@ from cmt.errors import ArgumentError
 class Option:
     """One keyword: `default`, `help` (one or two sentences, as `--help` shows them), `type` (float,
     int, str or bool), `choices` (for str), bounds `low` / `high` (open when `low_open` /
-    `high_open`); `None` is a valid value when the default is None."""
+    `high_open`); `None` is a valid value when the default is None. type `os.PathLike`: a path, a
+    `str` or an `os.PathLike` (kept as given). Numbers must be finite (numpy scalars are numbers)."""
     default: Any
     help: str
     type: type = float
@@ -43,9 +52,13 @@ class Option:
             if not isinstance(value, str):
                 raise ArgumentError(name, f"must be a string, got {value!r}")
             return value
+        if self.type is os.PathLike:
+            if not isinstance(value, (str, os.PathLike)):
+                raise ArgumentError(name, f"must be a path (a str or pathlib.Path), got {value!r}")
+            return value
         wanted = "an integer" if self.type is int else "a number"
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-                (self.type is int and not float(value).is_integer()) or math.isnan(value):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or \
+                (self.type is int and not float(value).is_integer()):
             raise ArgumentError(name, f"must be {wanted}{self.range_text()}, got {value!r}")
         value = self.type(value)
         below = self.low is not None and (value <= self.low if self.low_open else value < self.low)
@@ -77,3 +90,51 @@ def differences(old, new, prefix="", missing="(not set)"):
         elif before != after:
             found.append((f"{prefix}{name}", before, after))
     return found
+
+
+# ---- the keywords the entry points share ------------------------------------------------------
+
+def _keyword(kind, low=None, high=None, low_open=False, high_open=False):
+    return Option(None, "", kind, low=low, high=high, low_open=low_open, high_open=high_open)
+
+
+_COUNTS = ("max_steps", "batch_size", "lr_ref_steps", "grad_accum", "log_every", "ckpt_every", "nfe",
+           "num_trajectories", "shard_size", "steps", "sample_steps", "eval_steps", "preview_count", "channels",
+           "num_blocks", "resolution", "max_trajectories", "stage_every")
+_NON_NEGATIVE_INTEGERS = ("seed", "warmup_steps", "sample_every", "snapshot_every", "max_nonfinite_steps",
+                          "num_samples", "step", "stage")
+_POSITIVE_NUMBERS = ("lr", "sigma_min", "sigma_max", "rho", "mid_sigma", "p_std", "grad_clip")
+_NON_NEGATIVE_NUMBERS = ("cache_gb", "weight_decay", "guidance", "ema_halflife_images", "ema_rampup_ratio")
+_SHARES = ("dropout", "label_dropout", "velocity_share")
+_PATHS = ("out", "npz", "ckpt", "teacher_ckpt", "guide_ckpt", "detector", "ref", "ref_stats")
+_SWITCHES = ("resume", "tensorboard", "progress", "cond", "uncertainty", "flips", "fid", "fd_dinov2", "stats",
+             "eval_teacher", "metric")
+
+# keyword -> its type and range wherever it appears (a function may narrow the range further).
+KEYWORDS = {
+    **{name: _keyword(int, low=1) for name in _COUNTS},
+    **{name: _keyword(int, low=0) for name in _NON_NEGATIVE_INTEGERS},
+    **{name: _keyword(float, low=0, low_open=True) for name in _POSITIVE_NUMBERS},
+    **{name: _keyword(float, low=0) for name in _NON_NEGATIVE_NUMBERS},
+    **{name: _keyword(float, low=0, high=1) for name in _SHARES},
+    "ema_beta": _keyword(float, low=0, high=1, high_open=True),
+    "p_mean": _keyword(float),
+    **{name: _keyword(os.PathLike) for name in _PATHS},
+    **{name: _keyword(bool) for name in _SWITCHES},
+}
+
+
+def check_keywords(values):
+    """`values` (keyword -> value) with each keyword of `KEYWORDS` checked and converted (`Option.check`:
+    2.0 for an integer is 2); None passes (it means "the default" throughout); an ArgumentError
+    names the first keyword that is wrong."""
+    return {name: value if value is None or name not in KEYWORDS else KEYWORDS[name].check(name, value)
+            for name, value in values.items()}
+
+
+def checked_keywords(function):
+    """Decorator for an entry point: its keyword arguments go through `check_keywords` before it runs."""
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        return function(*args, **check_keywords(kwargs))
+    return wrapper

@@ -25,6 +25,7 @@ from cmt.edm import TWO_STEP_SIGMA
 from cmt.errors import ArgumentError, FileFormatError, local_path_only
 from cmt.evaluation import evaluate
 from cmt.networks import build_network
+from cmt.options import checked_keywords
 from cmt.outputs import STEP_DIGITS, atomic_path, write_text
 from cmt.phema import SNAPSHOT_PREFIX, check_stds, p_dot_p, solve_posthoc_coefficients, std_to_exp
 from cmt.sampling import DEFAULT_STEPS, sample
@@ -85,6 +86,7 @@ def fit_error(coefficients, in_times, in_stds, out_time, out_stds):
     return np.maximum(residual, 0.0) / norms
 
 
+@checked_keywords
 def reconstruct_ema(*, snapshots, std, out, step=None, eval_data=None, eval_steps=None, mid_sigma=TWO_STEP_SIGMA,
                     num_samples=2000, seed=0, device=None, progress=True):
     """Reconstruct the power-function EMA of each `std` from a run's snapshots; `cmt-ema`.

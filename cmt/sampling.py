@@ -21,7 +21,8 @@ from cmt.flags import renamed_keywords
 from cmt.images import MAX_GRID_IMAGES, READABLE_CELL, save_image_grid, save_scatter
 from cmt.labels import parse_labels, pick_labels
 from cmt.latents import LatentCodec
-from cmt.metrics import embedded_metric
+from cmt.metrics import embedded_metric, metric_note, too_few_for_a_metric
+from cmt.options import checked_keywords
 from cmt.outputs import write_npz
 from cmt.seeds import derive_seed
 from cmt.solvers import SOLVERS, flow_map_step, sample as solve
@@ -311,9 +312,10 @@ def latent_decoder(identity, vae, device):
 
 
 @renamed_keywords(num="num_samples")
+@checked_keywords
 def sample(*, ckpt, out, sampler=None, solver=DEFAULT_SOLVER, steps=None, grid=DEFAULT_GRID,
            sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, mid_sigma=None, num_samples=64, seed=0, labels=None,
-           npz=None, vae=None, batch_size=DEFAULT_BATCH_SIZE, device=None, progress=True):
+           npz=None, vae=None, batch_size=DEFAULT_BATCH_SIZE, device=None, progress=True, metric=True):
     """Sample a teacher or a student checkpoint to a PNG (and optionally an .npz); `cmt-sample`.
 
     ckpt: a checkpoint (.safetensors, training .pt, EDM2 .pkl, a training snapshot), a built-in
@@ -330,12 +332,16 @@ def sample(*, ckpt, out, sampler=None, solver=DEFAULT_SOLVER, steps=None, grid=D
     all samples, labels and seeds there (written before the picture). vae: for a latent network
     (EDM2 img512), the diffusers AutoencoderKL (directory or hub id) that decodes the picture; the
     .npz keeps the latents. device: default cuda if available, else cpu. progress: a tqdm bar.
+    metric: score 2-D samples of a built-in toy with its metric (of the first
+    `cmt.metrics.POINT_METRIC_MAX_SAMPLES`; none for fewer than `cmt.metrics.MIN_METRIC_SAMPLES`:
+    `metric_note` says why); False skips it.
     Under `accelerate launch` the ranks share the batches and rank 0 writes (same samples as one
     process).
 
     Returns `{"out": Path, "npz": Path or None, "seeds": [...], "labels": tensor [num_samples],
-    "samples": tensor, "metrics": the toy metric of 2-D samples ({} otherwise), "identity": the
-    checkpoint's record (cmt.teachers.resolve_teacher), "rank": this process's (0 wrote the files)}`.
+    "samples": tensor, "metrics": the toy metric of 2-D samples ({} otherwise), "metric_note": a line
+    when the metric was skipped or scored a subset (else None), "identity": the checkpoint's record
+    (cmt.teachers.resolve_teacher), "rank": this process's (0 wrote the files)}`.
     """
     local_path_only("out", out)
     if npz is not None:
@@ -391,9 +397,11 @@ def sample(*, ckpt, out, sampler=None, solver=DEFAULT_SOLVER, steps=None, grid=D
     bar.close()
     check_finite(samples, f"{identity.get('path') or ckpt}")
     toy = toy_data_name(net) if samples.ndim == 2 else None
+    skipped = None if toy is None else "--no-metric" if not metric else too_few_for_a_metric(num_samples)
+    note = f"metric skipped: {skipped}" if skipped else metric_note(toy, num_samples) if toy is not None else None
     metrics = {}
     if state.is_main_process:
-        metrics = embedded_metric(toy, samples) if toy is not None else {}
+        metrics = embedded_metric(toy, samples) if toy is not None and not skipped else {}
         if npz is not None:   # the samples first: a picture that fails to draw loses nothing
             write_npz(npz, samples=samples.numpy(), labels=sample_labels.numpy(),
                       seeds=np.array(seeds, dtype=np.int64))
@@ -403,4 +411,5 @@ def sample(*, ckpt, out, sampler=None, solver=DEFAULT_SOLVER, steps=None, grid=D
                      title=metric_title(what, metrics))
     state.wait_for_everyone()
     return {"out": out, "npz": npz, "seeds": seeds, "labels": sample_labels, "samples": samples, "metrics": metrics,
-            "identity": identity, "sampler": sampler, "steps": steps, "rank": state.process_index}
+            "metric_note": note, "identity": identity, "sampler": sampler, "steps": steps,
+            "rank": state.process_index}

@@ -23,14 +23,16 @@ official EDM or EDM2 pickle into our `.safetensors`.
 """
 import hashlib
 import pickle
+import zipfile
 from pathlib import Path
 
 from cmt.checkpoint import (OfficialSiTCheckpoint, load_network, load_official_pickle, network_record,
-                            read_nvlabs_pickle, read_once, save_network)
+                            read_nvlabs_pickle, read_once, read_safetensors, save_network)
 from cmt.download import DownloadError, fetch, is_url
-from cmt.errors import ArgumentError
+from cmt.errors import ArgumentError, FileFormatError
 from cmt.guidance import apply_guidance
 from cmt.networks.sit import SIT_PRESETS
+from cmt.options import checked_keywords
 from cmt.sit_checkpoint import (MEANFLOW_PORT_ENCODER, SIT_ENCODER, SIT_LABEL_DROPOUT, SIT_XL2_256_FILE,
                                 SIT_XL2_256_URL, load_sit_checkpoint, size_name)
 
@@ -267,6 +269,7 @@ def teacher_label_dropout(identity, net):
     return network_record(net).get("label_dropout")
 
 
+@checked_keywords
 def load_teacher(teacher, ckpt=None, device="cpu"):
     """The teacher's network alone: a `torch.nn.Module` denoiser `net(x, sigma, labels=None) -> D(x; sigma)`
     (eval mode, float32), for every teacher the commands accept (see `resolve_teacher`): a built-in
@@ -310,6 +313,18 @@ def _resolve(name, ckpt, device):
     raise ValueError(f"unknown teacher {name!r}; accepted: {_accepted()}")
 
 
+def needs_no_conversion(path):
+    """What a file that cmt reads as it is holds ("already a cmt network (.safetensors)", "a torch.save
+    checkpoint (.pt)"), or None (an official pickle, or something else `read_nvlabs_pickle` judges)."""
+    if zipfile.is_zipfile(path):   # torch.save writes a zip archive; EDM / EDM2 pickles are bare pickles
+        return "a torch.save checkpoint (.pt: a cmt training checkpoint or an official SiT / MeanFlow file)"
+    try:
+        read_safetensors(path, tensors=False)
+    except FileFormatError:
+        return None
+    return "already a cmt network (.safetensors)"
+
+
 def convert_checkpoint(*, source, out, overwrite=False):
     """Convert an official EDM or EDM2 network pickle to our `.safetensors` (the `cmt-convert` command).
 
@@ -329,6 +344,10 @@ def convert_checkpoint(*, source, out, overwrite=False):
         raise ArgumentError("source", str(error)) from None
     if not path.is_file():
         raise ArgumentError("source", f"file not found: {path}")
+    ours = needs_no_conversion(path)
+    if ours is not None:
+        raise ArgumentError("source", f"{path} is {ours}, not an EDM / EDM2 network pickle: nothing to convert; "
+                                      "cmt-sample --ckpt, cmt-build --teacher and cmt-train take it as it is")
     try:
         loaded = read_nvlabs_pickle(path)
     except (pickle.UnpicklingError, EOFError, ValueError) as error:

@@ -119,7 +119,11 @@ def _images_from_array(array, path, key):
     if not np.issubdtype(array.dtype, np.floating):
         raise ValueError(f"{path}: array {key!r} has dtype {array.dtype}; expected uint8 (0-255) or float in [-1, 1]")
     x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-    low, high = float(x.min()), float(x.max())
+    low, high = float(x.min()), float(x.max())   # NaN if any is NaN
+    if not (np.isfinite(low) and np.isfinite(high)):
+        first = int(torch.nonzero(~torch.isfinite(x.flatten(1)).all(dim=1))[0])
+        raise ValueError(f"{path}: float array {key!r} holds NaN or inf (image {first} first); expected values in "
+                         "[-1, 1]")
     if low < -1.01 or high > 1.01:
         raise ValueError(f"{path}: float array {key!r} has values in [{low:.3g}, {high:.3g}]; expected [-1, 1] (or store uint8)")
     return x.clamp(-1, 1)

@@ -24,7 +24,8 @@ header is read without decoding pixels (a PNG's IHDR chunk; other formats throug
 `Image.open` of the first 4 KiB), its size and colour compared with the first one's, and a stored
 PNG's last 12 bytes must be its IEND chunk (a truncated file fails there). Cost: two small reads per
 image (~10 us from the page cache: 2 s for 200 k images, see docs/benchmarks.md, "Image data"),
-no pixel decoding. A float `.npz` is range-checked in one pass over its values. Without
+no pixel decoding. A float `.npz` is range-checked in one pass over its values (NaN and inf
+refused; decoded PNG / JPEG pixels are uint8, finite by construction). Without
 `resolution`, every image must have the first one's size and colour (grayscale or colour); with
 it, each is center-cropped to a square and resized (`resize`), and a set holding any colour image
 is read as RGB (grayscale images converted), as EDM2's dataset_tool converts everything to RGB.
@@ -167,8 +168,13 @@ class ImageFiles(MapStyleSet):
             low, high = np.inf, -np.inf
             for start in range(0, len(array), 4096):   # one pass, a few MB at a time
                 part = np.asarray(array[start:start + 4096])
-                low, high = min(low, float(part.min())), max(high, float(part.max()))
-            if not (np.isfinite(low) and np.isfinite(high)) or low < -1.01 or high > 1.01:
+                part_low, part_high = float(part.min()), float(part.max())   # NaN if any is NaN
+                if not (np.isfinite(part_low) and np.isfinite(part_high)):
+                    rows = ~np.isfinite(part.reshape(len(part), -1)).all(axis=1)
+                    raise FileFormatError(f"{self.path}: float array {key!r} holds NaN or inf (image "
+                                          f"{start + int(np.flatnonzero(rows)[0])} first); expected values in [-1, 1]")
+                low, high = min(low, part_low), max(high, part_high)
+            if low < -1.01 or high > 1.01:
                 raise FileFormatError(f"{self.path}: float array {key!r} has values in [{low:.3g}, {high:.3g}]; "
                                       "expected [-1, 1] (or store uint8)")
         self.array, self.dtype = array, (np.uint8 if array.dtype == np.uint8 else np.float32)

@@ -12,7 +12,8 @@ flip picks the mirrored moments (zhuyu-cs/MeanFlow `dataset.py`, flip_prob 0.5).
 
 Checks: at open, the manifest's fields (`cmt.manifest.LatentManifest`) and that every shard exists
 with its recorded size; each shard file's index crc32c at a process's first read, and each row's
-size (and Blosc's own checks, when compressed) at every read. The shards' sha256 are checked by
+size (and Blosc's own checks, when compressed) at every read; every batch drawn is free of NaN and
+inf (an error naming the shard and item). The shards' sha256 are checked by
 `cmt-inspect --verify` (reading every byte: not at every start of training).
 """
 import json
@@ -151,10 +152,25 @@ class LatentSet(MapStyleSet):
     def __len__(self):
         return self.size
 
+    def _shard_row(self, index):
+        shard = int(np.searchsorted(self.firsts, index, side="right")) - 1
+        return shard, index - int(self.firsts[shard])
+
+    def _nonfinite(self, items, indices):
+        """The error message for the first of `items` `[B, ...]` (of items `indices`) holding NaN or
+        inf, naming its shard, or None. One pass over the batch as it is drawn (~1 ms for 256 latents
+        of 4 x 32 x 32: well below their reads)."""
+        bad = ~np.isfinite(items.reshape(len(items), -1)).all(axis=1)
+        if not bad.any():
+            return None
+        index = int(indices[int(np.flatnonzero(bad)[0])])
+        shard, row = self._shard_row(index)
+        return (f"shard {self.store.shard_path(self.store.shards[shard])}: item {index} (row {row}) holds NaN or inf "
+                "in its stored moments (mean / std); re-encode the set (cmt-encode)")
+
     def moments(self, index, flip=False):
         """`(mean, std)` of item `index` (of its mirrored image with `flip`), as stored."""
-        shard = int(np.searchsorted(self.firsts, index, side="right")) - 1
-        row = index - int(self.firsts[shard])
+        shard, row = self._shard_row(index)
         suffix = "_flip" if flip else ""
         if flip and not self.flips:
             raise FileFormatError(f"{self.path}: holds no mirrored moments (encode it with flips to draw them)")
@@ -174,7 +190,11 @@ class LatentSet(MapStyleSet):
         return out
 
     def __getitem__(self, index):
-        return self.read(index), int(self.labels[index])
+        item = self.read(index)
+        message = self._nonfinite(item[None], [index])
+        if message is not None:
+            raise FileFormatError(message)
+        return item, int(self.labels[index])
 
     def __getitems__(self, keys):
         keys = np.asarray(keys, np.int64).reshape(len(keys), -1)
@@ -185,6 +205,9 @@ class LatentSet(MapStyleSet):
                 self.read(int(key[0]), bool(flip), int(epoch), int(seed), out=batch[row])
         except FileFormatError as error:
             return {"error": str(error)}
+        message = self._nonfinite(batch, keys[:, 0])
+        if message is not None:
+            return {"error": message}
         return {"data": torch.from_numpy(batch), "label": torch.from_numpy(self.labels[keys[:, 0]])}
 
     def decode(self, latents, vae=None, device="cpu"):

@@ -29,8 +29,8 @@ import os
 import numpy as np
 import torch
 
-from cmt.errors import ArgumentError
-from cmt.formats import ShardBuffers
+from cmt.errors import ArgumentError, FileFormatError
+from cmt.formats import ShardBuffers, ShardError
 from cmt.manifest import TrajectoryDataset, check_verify
 
 # The arrays a batch is gathered from (a shard's noise is never read by the reader).
@@ -341,9 +341,33 @@ class ShardReader(torch.utils.data.IterableDataset):
         worker = torch.utils.data.get_worker_info()
         if worker is not None:
             workers = worker.num_workers
-            return self._stream(self.rank * workers + worker.id, self.world_size * workers)
+            stream = self._stream(self.rank * workers + worker.id, self.world_size * workers)
+            return self._handed_back(stream) if self._errors_as_data else stream
         if self.num_workers > 0:
-            return iter(torch.utils.data.DataLoader(self, batch_size=None, num_workers=self.num_workers,
-                                                    persistent_workers=False,
-                                                    pin_memory=torch.cuda.is_available()))
+            return self._from_workers()
         return self._stream(self.rank, self.world_size)
+
+    # A damaged shard read by one of this reader's own worker processes: the worker hands the
+    # ShardError's message back as a batch `{"error": message}` and the reader raises it here, so
+    # the user reads one line naming the shard (torch would re-raise it with the worker's traceback
+    # in its message). A DataLoader of the user's own gets the exception as torch passes it.
+    _errors_as_data = False
+
+    def _from_workers(self):
+        self._errors_as_data = True   # copied into the workers when the loader starts them
+        try:
+            loader = iter(torch.utils.data.DataLoader(self, batch_size=None, num_workers=self.num_workers,
+                                                      persistent_workers=False, pin_memory=torch.cuda.is_available()))
+        finally:
+            self._errors_as_data = False
+        for batch in loader:
+            if "error" in batch:
+                raise ShardError(batch["error"])
+            yield batch
+
+    @staticmethod
+    def _handed_back(stream):
+        try:
+            yield from stream
+        except FileFormatError as error:
+            yield {"error": str(error)}

@@ -15,13 +15,14 @@ from click.testing import CliRunner
 diffusers = pytest.importorskip("diffusers")
 
 import cmt  # noqa: E402
+import cmt.cli.train  # noqa: E402
 from cmt.builders.encode import encode_dataset  # noqa: E402
 from cmt.cli.encode import main as encode_main  # noqa: E402
 from cmt.cli.evaluate import main as eval_main  # noqa: E402
 from cmt.cli.inspect import main as inspect_main  # noqa: E402
 from cmt.datasets.latents import LatentSet  # noqa: E402
 from cmt.datasets.stream import BatchStream  # noqa: E402
-from cmt.errors import ArgumentError  # noqa: E402
+from cmt.errors import ArgumentError, FileFormatError  # noqa: E402
 from cmt.latents import edm2_latent_scaling, load_vae  # noqa: E402
 from cmt.metrics import InceptionFID, feature_statistics, frechet_distance  # noqa: E402
 from cmt.trainers.data import check_data_fits, data_batches, training_data  # noqa: E402
@@ -174,6 +175,30 @@ def test_latent_sets_as_training_data(setup, tmp_path):
     assert json.loads(run["model"].with_suffix(".json").read_text())["extra"]["encoder"]["vae_name"] == str(vae_dir)
     grid = PIL.Image.open(tmp_path / "teacher" / "samples" / "step-0000002.png")
     assert grid.mode == "RGB"
+
+
+def test_a_nan_in_a_latent_set_stops_training_naming_its_shard(setup, tmp_path):
+    import shutil
+    root, _, _ = setup
+    shutil.copytree(root / "edm2", tmp_path / "edm2")
+    rows = LatentSet(tmp_path / "edm2").rows["mean"][1]   # shard 1 holds items 4..7
+    rows.read(2)
+    offset = int(rows.index[2][0])
+    with open(rows.path, "r+b") as file:   # item 6's stored mean (uncompressed float32): a NaN
+        file.seek(offset)
+        file.write(np.float32(np.nan).tobytes())
+    latents = LatentSet(tmp_path / "edm2")
+    assert "error" not in latents.__getitems__(np.array([[5, 0, 0, 0], [7, 0, 0, 0]]))
+    drawn = latents.__getitems__(np.array([[5, 0, 0, 0], [6, 0, 0, 0]]))
+    assert "shard-000001" in drawn["error"] and "item 6" in drawn["error"] and "NaN or inf" in drawn["error"]
+    with pytest.raises(FileFormatError, match="item 6"):
+        latents[6]
+    result = CliRunner().invoke(cmt.cli.train.main, ["diffusion", "--data", str(tmp_path / "edm2"), "--max-steps", "4",
+                                                     "--batch-size", "10", "--channels", "8", "--channel-mult", "1",
+                                                     "--num-blocks", "1", "--attn-res", "", "--num-samples", "0",
+                                                     "--no-progress", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "shard-000001" in result.output and "item 6" in result.output
 
 
 def test_inspect_and_eval_read_a_latent_set(setup, tmp_path):

@@ -121,9 +121,35 @@ def world(tmp_path_factory):
     np.savez(root / "points.npz", samples=np.random.default_rng(0).normal(size=(50, 2)).astype(np.float32))
     np.savez(root / "nan.npz", samples=np.full((50, 2), np.nan, dtype=np.float32))
     np.savez(root / "nokey.npz", other=np.zeros((4, 2)))
+    np.savez(root / "one-point.npz", samples=np.zeros((1, 2), np.float32))
+    pixels = np.random.default_rng(0).uniform(-1, 1, (8, 1, 8, 8)).astype(np.float32)
+    pixels[5, 0, 2, 3] = np.nan
+    np.savez(root / "nan-pixel.npz", x=pixels)
+    np.savez(root / "square.npz", x=np.zeros((8, 1, 8, 8), np.uint8))
+    np.savez(root / "not-square.npz", x=np.zeros((8, 1, 8, 12), np.uint8))
+    nan_shards(root / "nan-shards", teacher)
     (root / "text.npz").write_text("not an npz\n")
     (root / "a-file").write_text("a file, not a folder\n")
     return root
+
+
+def nan_shards(out, teacher):
+    """A trajectory set whose every shard holds a NaN state, with checksums that match (written past
+    cmt-build's own refusal of a NaN teacher, as other code could write it)."""
+    from cmt.builders import build as builder
+
+    real = builder.make_shard
+
+    def poisoned(*args, **kwargs):
+        arrays = real(*args, **kwargs)
+        arrays["states"][1, 1] = np.nan
+        return arrays
+    builder.make_shard = poisoned
+    try:
+        builder.build_trajectories(teacher=str(teacher), out=out, nfe=4, num_trajectories=24, batch_size=8,
+                                   shard_size=12, labels=None, progress=False, log=lambda message: None)
+    finally:
+        builder.make_shard = real
 
 
 MID = ["train", "mid", "--data", "{root}/toy-shards", "--max-steps", "2", "--batch-size", "8", "--no-progress",
@@ -165,6 +191,10 @@ BAD = [
     ("post-ecd-teacher-unsafe", POST + ["--out", "{root}/new-post", "--method", "ecd", "--teacher", "{root}/unsafe.pt"],
      None, ["unsafe.pt", "refused"]),
     ("convert-empty-pkl", ["convert", "{root}/empty.pkl", "{root}/new.safetensors"], 2, ["empty.pkl"]),
+    ("convert-our-safetensors", ["convert", "{root}/toy.safetensors", "{root}/new.safetensors"], 2,
+     ["toy.safetensors", "already a cmt network", "nothing to convert"]),
+    ("convert-our-pt", ["convert", "{root}/midrun/mid.pt", "{root}/new.safetensors"], 2,
+     ["mid.pt", "torch.save checkpoint", "nothing to convert"]),
     # manifests and shards
     ("inspect-no-shape", ["inspect", "{root}/no-shape"], 1, ["manifest.json", "data_shape"]),
     ("inspect-text-count", ["inspect", "{root}/text-count"], 1, ["manifest.json", "'count'"]),
@@ -177,7 +207,25 @@ BAD = [
      ["shard-000001.zarr", "missing"]),
     ("mid-short-shard", MID[:3] + ["{root}/short-shard"] + MID[4:] + ["--out", "{root}/new-mid"], 1,
      ["shard-000000.zarr", "bytes"]),
+    ("mid-nan-shard", MID[:3] + ["{root}/nan-shards"] + MID[4:] + ["--out", "{root}/new-mid"], 1,
+     ["nan-shards/shard-00000", "NaN or inf", "trajectory"]),
+    # users' data: non-finite, not square
+    ("diffusion-nan-pixel", DIFFUSION[:3] + ["{root}/nan-pixel.npz"] + DIFFUSION[6:] + ["--out", "{root}/new-run"],
+     2, ["--data", "nan-pixel.npz", "NaN or inf", "image 5"]),
+    ("diffusion-not-square", DIFFUSION[:3] + ["{root}/not-square.npz"] + DIFFUSION[6:] + ["--out", "{root}/new-run"],
+     2, ["--data", "not-square.npz", "8 x 12", "not square"]),
     # values that make no sense, options that do not apply
+    ("diffusion-attn-res-absent", DIFFUSION[:3] + ["{root}/square.npz"] + DIFFUSION[6:] +
+     ["--attn-res", "3", "--out", "{root}/new-run"], 2, ["--attn-res", "3", "8, 4, 2"]),
+    ("diffusion-attn-res-mlp", DIFFUSION + ["--attn-res", "4", "--out", "{root}/new-run"], 2, ["--attn-res", "mlp"]),
+    ("sample-labels-none-no-dropout", SAMPLE + ["--ckpt", "mnist", "--labels", "none"], 2,
+     ["--labels", "without label dropout"]),
+    ("sample-labels-unconditional", SAMPLE + ["--ckpt", "{root}/toy.safetensors", "--labels", "3"], 2,
+     ["--labels", "unconditional"]),
+    ("build-labels-none-no-dropout", ["build", "--teacher", "mnist", "--labels", "none", "--out", "{root}/new-shards"],
+     2, ["--labels", "without label dropout"]),
+    ("build-labels-unconditional", ["build", "--teacher", "{root}/toy.safetensors", "--labels", "random", "--out",
+                                    "{root}/new-shards"], 2, ["--labels", "unconditional"]),
     ("mid-eval-data-shape", MID + ["--out", "{root}/new-mid", "--eval-data", "mnist"], 2, ["--eval-data", "shape"]),
     ("mid-mid-sigma-outside", MID + ["--out", "{root}/new-mid", "--mid-sigma", "500"], 2, ["--mid-sigma"]),
     ("mid-huber-c-with-l2", MID + ["--out", "{root}/new-mid", "--huber-c", "0.1"], 2, ["--huber-c", "huber"]),
@@ -217,6 +265,8 @@ BAD = [
     ("eval-unit-range", ["eval", "--samples", "{root}/unit.npz", "--data", "mnist"], 2, ["--samples", "[0, 1]"]),
     ("eval-255-floats", ["eval", "--samples", "{root}/bytes255.npz", "--data", "mnist"], 2, ["--samples", "[-1, 1]"]),
     ("eval-nan", ["eval", "--samples", "{root}/nan.npz", "--data", "toy:moons"], 2, ["--samples", "NaN"]),
+    ("eval-one-sample", ["eval", "--samples", "{root}/one-point.npz", "--data", "toy:moons"], 2,
+     ["--samples", "one-point.npz", "1 sample", "at least 2"]),
     ("eval-no-key", ["eval", "--samples", "{root}/nokey.npz", "--data", "toy:moons"], 2, ["--samples", "'samples'"]),
     ("eval-text-npz", ["eval", "--samples", "{root}/text.npz", "--data", "toy:moons"], 2, ["--samples", "text.npz"]),
     ("eval-bad-device", ["eval", "--samples", "{root}/points.npz", "--data", "toy:moons", "--device", "tpu"], 2,
@@ -299,6 +349,97 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary(tmp_path, monkeypatch):
     assert not list(out.rglob("*partial*")) and not (out / run_files.STATE_FILE).exists()
 
 
+class FullDisk:
+    """A disk that fills up: writes to the files `which(path)` picks raise ENOSPC, as the OS does, once
+    `room` bytes went in. `builtins.open` / `io.open` are patched (torch.save's handle, numpy's zip,
+    PIL, matplotlib and pathlib open through them); safetensors writes from native code, so its
+    `save_file` is made to fail the way it does on a full disk (a SafetensorError, the file begun)."""
+
+    def __init__(self, monkeypatch, which, room=0):
+        import builtins
+        import io
+
+        from safetensors import SafetensorError
+
+        import cmt.outputs
+
+        real_open, real_save_file = io.open, cmt.outputs.save_file
+        disk = self
+
+        class FillingFile:
+            def __init__(self, handle):
+                self.handle, self.written = handle, 0
+
+            def write(self, data):
+                self.written += len(data)
+                if self.written > room:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                return self.handle.write(data)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self.handle.close()
+
+            def __getattr__(self, name):
+                return getattr(self.handle, name)
+
+        def filling_open(file, mode="r", *args, **kwargs):
+            handle = real_open(file, mode, *args, **kwargs)
+            if isinstance(file, (str, os.PathLike)) and set(mode) & set("wax+") and which(Path(file)):
+                disk.hits += 1
+                return FillingFile(handle)
+            return handle
+
+        def filling_save_file(tensors, filename, metadata=None):
+            if not which(Path(filename)):
+                return real_save_file(tensors, filename, metadata=metadata)
+            disk.hits += 1
+            Path(filename).write_bytes(b"\0" * 64)
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+        self.hits = 0
+        monkeypatch.setattr(io, "open", filling_open)
+        monkeypatch.setattr(builtins, "open", filling_open)
+        monkeypatch.setattr(cmt.outputs, "save_file", filling_save_file)
+
+
+def named(word):
+    return lambda path: word in path.name
+
+
+# (what fills the disk, the command line with OUT for the output folder, the file named)
+FULL_DISK = [
+    ("training-state", DIFFUSION[1:] + ["--out", "{out}"], named("training-state"), "training-state.pt"),
+    ("teacher-safetensors", DIFFUSION[1:] + ["--out", "{out}"], named("teacher"), "teacher.safetensors"),
+    ("log-jsonl", DIFFUSION[1:] + ["--out", "{out}"], named("log.jsonl"), "log.jsonl"),
+    ("mid-pt", [arg for arg in MID[1:]] + ["--out", "{out}"], named("mid"), "mid.pt"),
+    ("sample-npz", SAMPLE[1:2] + ["{out}/x.png", "--npz", "{out}/x.npz", "--ckpt", "{root}/toy.safetensors",
+                                  "--steps", "2"], named(".npz"), "x.npz"),
+    ("sample-png", SAMPLE[1:2] + ["{out}/x.png", "--ckpt", "{root}/toy.safetensors", "--steps", "2"], named(".png"),
+     "x.png"),
+    ("build-shard", ["--teacher", "{root}/toy.safetensors", "--out", "{out}", "--nfe", "4", "--num-trajectories", "8",
+                     "--batch-size", "8", "--no-progress"], lambda path: "shard-000000.zarr" in str(path),
+     "shard-000000.zarr"),
+    ("build-manifest", ["--teacher", "{root}/toy.safetensors", "--out", "{out}", "--nfe", "4", "--num-trajectories",
+                        "8", "--batch-size", "8", "--no-progress"], named("manifest"), "manifest.json"),
+]
+
+
+@pytest.mark.parametrize("args, which, file", [row[1:] for row in FULL_DISK], ids=[row[0] for row in FULL_DISK])
+def test_a_full_disk_names_the_file_and_leaves_no_temporary(world, tmp_path, monkeypatch, args, which, file):
+    out = tmp_path / "out"
+    command = "build" if "--teacher" in args else "sample" if "--ckpt" in args else "train"
+    disk = FullDisk(monkeypatch, lambda path: str(out) in str(path) and which(path))
+    result = run(command, [arg.format(root=world, out=out) for arg in args])
+    monkeypatch.undo()
+    assert disk.hits and result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert f"Error: no space left on device: {out}" in result.output and file in result.output, result.output
+    assert len([line for line in result.output.splitlines() if line.startswith("Error")]) == 1
+    assert not [path for path in out.rglob("*") if "partial" in path.name or ".tmp-" in path.name]
+
+
 def test_a_diverging_run_stops_with_the_step_and_lr_and_writes_no_model(tmp_path, monkeypatch):
     from cmt.trainers import diffusion
 
@@ -320,6 +461,14 @@ def test_a_diverging_run_stops_with_the_step_and_lr_and_writes_no_model(tmp_path
                                              "--num-blocks", "1", "--max-steps", "50", "--batch-size", "16",
                                              "--max-nonfinite-steps", "2", "--no-progress", "--out", str(tmp_path / "cli")])
     assert result.exit_code == 1 and "diverged" in result.output and "Traceback" not in result.output
+
+
+def test_a_nan_shard_read_by_reader_workers_is_one_line_naming_it(world, tmp_path):
+    result = run("train", ["mid", "--data", world / "nan-shards", "--max-steps", "2", "--batch-size", "8",
+                           "--no-progress", "--workers", "2", "--out", tmp_path / "mid"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "nan-shards/shard-00000" in result.output and "NaN or inf" in result.output
+    assert len([line for line in result.output.splitlines() if line.startswith("Error")]) == 1
 
 
 def test_cmt_debug_keeps_the_traceback(world, monkeypatch):
@@ -350,6 +499,18 @@ def test_resume_refuses_other_options_and_lists_them(tmp_path):
     with pytest.raises(ArgumentError, match="linear") as refused:
         train_diffusion(out=tmp_path / "linear", max_steps=4, resume=True, **linear)
     assert refused.value.argument == "max_steps"
+
+
+def test_cmt_sample_reports_no_metric_of_one_sample_and_skips_it_when_asked(world, tmp_path):
+    common = ["--ckpt", "toy:moons", "--steps", "2", "--no-progress"]
+    one = run("sample", common + ["--num-samples", "1", "--out", tmp_path / "one.png"])
+    assert one.exit_code == 0 and "metric skipped: 1 sample" in one.output and "energy_distance" not in one.output
+    assert (tmp_path / "one.png").is_file()
+    asked = run("sample", common + ["--num-samples", "64", "--no-metric", "--out", tmp_path / "skip.png"])
+    assert asked.exit_code == 0 and "metric skipped: --no-metric" in asked.output
+    assert "energy_distance" not in asked.output
+    scored = run("sample", common + ["--num-samples", "64", "--out", tmp_path / "scored.png"])
+    assert scored.exit_code == 0 and "energy_distance" in scored.output and "skipped" not in scored.output
 
 
 def test_cmt_eval_converts_uint8_and_scores_them_as_floats(tmp_path):
@@ -392,3 +553,121 @@ def test_post_resume_keeps_the_curriculum_and_the_method(world, tmp_path):
         post_train(method="ecd", out=out, max_steps=2, resume=True, teacher=world / "toy.safetensors", **common)
     post_train(method="ect", out=out, max_steps=4, resume=True, **common)   # from mid: CMT's fixed gap, extends
     assert torch.load(out / run_files.STATE_FILE, weights_only=True)["step"] == 4
+
+
+# ---- the Python API: every keyword's type and range checked before anything is written -------------
+
+def _diffusion(world, tmp, **bad):
+    return train_diffusion(**{**TINY_DIFFUSION, "out": tmp / "run", "max_steps": 2, **bad})
+
+
+def _mid(world, tmp, **bad):
+    return mid_train(**{"data": world / "toy-shards", "out": tmp / "mid", "max_steps": 2, "workers": 0,
+                        "progress": False, **bad})
+
+
+def _post(world, tmp, **bad):
+    from cmt.trainers.post import post_train
+    return post_train(**{"init": world / "midrun" / "mid.pt", "method": "ect", "data": "toy:moons",
+                         "out": tmp / "post", "max_steps": 2, "progress": False, **bad})
+
+
+def _build(world, tmp, **bad):
+    from cmt.builders.build import build_trajectories
+    return build_trajectories(**{"teacher": str(world / "toy.safetensors"), "out": tmp / "shards", "nfe": 4,
+                                 "num_trajectories": 8, "batch_size": 8, "progress": False, **bad})
+
+
+def _sample(world, tmp, **bad):
+    from cmt.sampling import sample
+    return sample(**{"ckpt": world / "toy.safetensors", "out": tmp / "x.png", "num_samples": 4, "steps": 2,
+                     "progress": False, **bad})
+
+
+def _evaluate(world, tmp, **bad):
+    from cmt.evaluation import evaluate
+    return evaluate(**{"samples": world / "points.npz", "data": "toy:moons", **bad})
+
+
+def _reconstruct(world, tmp, **bad):
+    from cmt.posthoc_ema import reconstruct_ema
+    return reconstruct_ema(**{"snapshots": tmp, "std": 0.1, "out": tmp / "ema", **bad})
+
+
+# (entry point, the bad keyword and its value)
+BAD_KEYWORDS = [
+    (_diffusion, "max_steps", "10"), (_diffusion, "max_steps", 2.7), (_diffusion, "out", 123),
+    (_diffusion, "lr", "fast"), (_diffusion, "seed", "0"), (_diffusion, "progress", "no"),
+    (_mid, "max_steps", "10"), (_mid, "mid_sigma", "0.8"), (_mid, "cache_gb", float("inf")),
+    (_mid, "lr", float("nan")), (_post, "mid_sigma", "0.8"), (_post, "max_steps", 2.7),
+    (_build, "nfe", "16"), (_build, "num_trajectories", 16.5), (_build, "seed", "0"), (_build, "out", 123),
+    (_sample, "steps", "16"), (_sample, "seed", "0"), (_sample, "out", 123), (_sample, "mid_sigma", "0.8"),
+    (_evaluate, "fid", "yes"), (_reconstruct, "num_samples", -1),
+]
+
+
+@pytest.mark.parametrize("entry, argument, value", BAD_KEYWORDS,
+                         ids=[f"{entry.__name__[1:]}-{argument}-{value!r}" for entry, argument, value in BAD_KEYWORDS])
+def test_a_bad_keyword_is_an_argument_error_naming_it_and_writes_nothing(world, tmp_path, monkeypatch, entry, argument,
+                                                                        value):
+    monkeypatch.chdir(tmp_path)   # where a stray `out=123` would go
+    work = tmp_path / "work"
+    work.mkdir()
+    before = file_hashes(world)
+    with pytest.raises(ArgumentError) as refused:
+        entry(world, work, **{argument: value})
+    assert refused.value.argument == argument, refused.value
+    assert [path.name for path in tmp_path.rglob("*")] == ["work"]
+    assert file_hashes(world) == before
+
+
+def test_a_refused_build_leaves_the_folder_free_for_a_valid_one(world, tmp_path):
+    with pytest.raises(ArgumentError, match="num_trajectories"):
+        _build(world, tmp_path, num_trajectories=16.5)
+    assert not (tmp_path / "shards").exists()
+    assert _build(world, tmp_path, num_trajectories=16.0, log=lambda message: None)["count"] == 16   # a whole float
+
+
+# ---- object storage: the client's errors are the setup's, said as such ----------------------------
+
+@pytest.fixture
+def bare_s3(tmp_path, monkeypatch):
+    """s3fs with no credentials anywhere (no environment, no files, no instance metadata) and one try
+    per request (s3fs retries 5 times with back-off)."""
+    s3fs = pytest.importorskip("s3fs", minversion="2024.1")   # older s3fs swallowed these errors
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    for name in ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
+        monkeypatch.setenv(name, str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield monkeypatch
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def closed_port():
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("setup, said", [("no-credentials", "NoCredentialsError"),
+                                         ("no-endpoint", "Could not connect to the endpoint")])
+def test_object_storage_client_errors_are_one_line_naming_object_storage(world, tmp_path, bare_s3, setup, said):
+    if setup == "no-endpoint":
+        for name, value in (("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed_port()}"), ("AWS_ACCESS_KEY_ID", "key"),
+                            ("AWS_SECRET_ACCESS_KEY", "secret"), ("AWS_DEFAULT_REGION", "us-east-1")):
+            bare_s3.setenv(name, value)
+    for command, args in (("inspect", ["s3://cmt-bucket/shards"]),
+                          ("train", ["mid", "--data", "s3://cmt-bucket/shards", "--out", tmp_path / "mid"]),
+                          ("build", ["--teacher", world / "toy.safetensors", "--out", "s3://cmt-bucket/shards",
+                                     "--num-trajectories", "4", "--no-progress"])):
+        result = run(command, args)
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert "Error: object storage: " in result.output and said in result.output, result.output
+        assert "not a finished" not in result.output   # what s3fs 0.4 made of them: "no manifest.json; ..."
+    assert not (tmp_path / "mid").exists()

@@ -282,3 +282,18 @@ def test_evaluate_errors_name_the_argument(tmp_path, kwargs, argument):
     with pytest.raises(ArgumentError) as error:
         cmt.evaluate(**options)
     assert error.value.argument == argument
+
+
+def test_the_point_metrics_score_at_most_their_cap_and_say_so(monkeypatch):
+    monkeypatch.setattr(metrics, "POINT_METRIC_MAX_SAMPLES", 64)
+    points = sample_toy("moons", 200, torch.Generator().manual_seed(0))
+    capped = metrics.embedded_metric("toy:moons", points)
+    assert capped == metrics.embedded_metric("toy:moons", points[:64])   # the first 64: work flat in the count
+    assert capped != metrics.embedded_metric("toy:moons", points[:63])
+    assert metrics.metric_note("toy:moons", 200).startswith("metrics of the first 64 of the 200 samples")
+    assert metrics.metric_note("toy:moons", 64) is None and metrics.metric_note("mnist", 10**6) is None
+    assert metrics.too_few_for_a_metric(1) == "1 sample; a metric compares distributions and needs at least 2"
+    assert metrics.too_few_for_a_metric(2) is None
+    with pytest.raises(ArgumentError, match="the samples hold 1 sample"):
+        cmt.evaluate(samples=points[:1], data="toy:moons")
+    assert cmt.evaluate(samples=points, data="toy:moons")["metric_note"].startswith("metrics of the first 64")

@@ -100,6 +100,9 @@ def network_for(data, arch, channels=None, channel_mult=None, num_blocks=None, a
     a SiT of the size `arch` names (`STUDENT_ARCHITECTURES`) for the data's shape and classes."""
     label_dim = data.label_dim if cond else 0
     if arch in SIT_PRESETS:
+        if attn_res:
+            raise ArgumentError("attn_res", f"{', '.join(map(str, attn_res))}: a SiT attends in every block; leave "
+                                            "it out")
         try:
             config = sit_config(arch, data_shape=tuple(data.data_shape), label_dim=label_dim, dropout=dropout,
                                 time_convention="meanflow")
@@ -112,16 +115,28 @@ def network_for(data, arch, channels=None, channel_mult=None, num_blocks=None, a
     channels = channels or defaults["channels"]
     num_blocks = num_blocks or defaults["num_blocks"]
     if arch == "mlp":
+        if attn_res:
+            raise ArgumentError("attn_res", f"{', '.join(map(str, attn_res))}: the mlp network has no attention "
+                                            "layers; leave it out")
         return build_network(dict(architecture="mlp", data_shape=list(data.data_shape), label_dim=label_dim,
                                   width=channels, num_blocks=num_blocks, dropout=dropout))
-    if len(data.data_shape) != 3 or data.data_shape[1] != data.data_shape[2]:
-        raise ArgumentError("arch", f"edm2 needs square images [C, H, W]; {data.name} has shape "
+    if len(data.data_shape) != 3:
+        raise ArgumentError("arch", f"edm2 needs images [C, H, W]; {data.name} holds data of shape "
                                     f"{list(data.data_shape)} (use mlp)")
+    if data.data_shape[1] != data.data_shape[2]:   # the data's doing, not the network's
+        raise ArgumentError("data", f"{data.name}: its images are {data.data_shape[1]} x {data.data_shape[2]} (H x W), "
+                                    "not square; the image networks take square images (--resolution N "
+                                    "center-crops each to N x N)")
     channel_mult = channel_mult or defaults["channel_mult"]
     attn_res = defaults["attn_res"] if attn_res is None else attn_res
     if data.data_shape[1] % 2 ** (len(channel_mult) - 1):
         raise ArgumentError("channel_mult", f"{len(channel_mult)} levels halve the resolution {data.data_shape[1]} "
                                             "to a non-integer size")
+    levels = [data.data_shape[1] >> level for level in range(len(channel_mult))]
+    missing = [resolution for resolution in attn_res if resolution not in levels]
+    if missing:   # EDM2's UNet would build no attention there, without a word
+        raise ArgumentError("attn_res", f"{', '.join(map(str, missing))}: not a resolution of this network; its "
+                                        f"levels are {', '.join(map(str, levels))} ('' for no attention)")
     return build_network(dict(architecture="edm2", img_resolution=data.data_shape[1],
                               img_channels=data.data_shape[0], label_dim=label_dim, model_channels=channels,
                               channel_mult=list(channel_mult), num_blocks=num_blocks,

@@ -20,6 +20,7 @@ from cmt.trainers import identity as identities, loop, precision, recipes, run_f
 from cmt.trainers.config import check_choice, train_config
 from cmt.trainers.reports import sample_and_score
 from cmt.networks import family_of
+from cmt.options import checked_keywords
 from cmt.trainers.data import (PRETRAINING_ARCHITECTURES, check_batch_fits, check_stream_options, data_batches,
                                default_arch, network_for, pictures, training_data)
 
@@ -74,6 +75,7 @@ def sample_and_measure(ema, step, out, *, data, solver, steps, num_samples, grid
 
 
 @renamed_keywords(eval_num="num_samples")
+@checked_keywords
 @recipes.with_recipe("diffusion")
 def train_diffusion(*, data, out, resolution=None, xflip=None, workers="auto", arch=None, channels=None,
                     channel_mult=None, num_blocks=None,

@@ -26,6 +26,7 @@ from cmt.elatentlpips import augment_ops
 from cmt.errors import ArgumentError
 from cmt.guidance import apply_guidance
 from cmt.manifest import TrajectoryDataset, check_verify
+from cmt.options import checked_keywords
 from cmt.sampling import student_sampler
 from cmt.teachers import teacher_label_dropout
 from cmt.trainers import identity as identities, loop, precision, recipes, run_files
@@ -225,6 +226,7 @@ def dataset_names_a_teacher(given):
     return recorded_teacher_spec(recorded) is not None
 
 
+@checked_keywords
 @recipes.with_recipe("mid", default_recipe=builtin_teacher_recipe, names_a_teacher=dataset_names_a_teacher)
 def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_resize=None,
               elatentlpips_augment=None, teacher=None,

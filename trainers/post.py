@@ -12,6 +12,7 @@ import torch
 from cmt.checkpoint import network_record
 from cmt.edm import TWO_STEP_SIGMA
 from cmt.errors import ArgumentError, InapplicableOption
+from cmt.options import checked_keywords
 from cmt.sampling import native_time, student_sampler
 from cmt.teachers import BUILTIN_TEACHERS, resolve_teacher
 from cmt.trainers import identity as identities, loop, precision, recipes
@@ -198,6 +199,7 @@ def load_init(init, teacher, data, arch):
 
 # ---- post_train -------------------------------------------------------------------------------
 
+@checked_keywords
 @recipes.with_recipe("post", default_recipe=builtin_teacher_recipe, method_names=lambda: list(METHODS),
                      names_a_teacher=init_names_a_teacher)
 def post_train(*, init=None, method=None, data, out, teacher=None, arch=None, guidance=None, guide_ckpt=None,

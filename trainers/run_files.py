@@ -25,7 +25,7 @@ from PIL import Image
 from cmt.checkpoint import read_torch_file
 from cmt.errors import ArgumentError
 from cmt.trainers.identity import normalised_options, resume_differences
-from cmt.outputs import write_text, write_torch
+from cmt.outputs import naming, write_text, write_torch
 
 STATE_FILE = "training-state.pt"
 LOG_FILE = "log.jsonl"
@@ -168,8 +168,10 @@ class RunLog:
         kept = []
         if start_step > 0 and path.exists():
             kept = [line for line in path.read_text().splitlines() if _logged_step(line) <= start_step]
-        path.write_text("".join(line + "\n" for line in kept))
-        self.file = path.open("a")
+        self.path = path
+        with naming(path):
+            path.write_text("".join(line + "\n" for line in kept))
+            self.file = path.open("a")
         self.training_names: set[str] = set()   # the objective's own figures (set by the loop)
         self.writer = None
         if tensorboard:
@@ -181,8 +183,9 @@ class RunLog:
         metrics under metrics/."""
         pictures = {name: value for name, value in record.items() if isinstance(value, Path)}
         scalars = {name: value for name, value in record.items() if name not in pictures}
-        self.file.write(json.dumps(scalars) + "\n")
-        self.file.flush()
+        with naming(self.path):   # a full disk: "no space left on device: .../log.jsonl"
+            self.file.write(json.dumps(scalars) + "\n")
+            self.file.flush()
         if self.writer is not None:
             step = record["step"]
             for name, value in scalars.items():

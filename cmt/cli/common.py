@@ -35,12 +35,13 @@ _FILE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quo
 
 
 def file_error_message(error: OSError) -> str | None:
-    """One line for an OSError that names its file (or is a full disk), else None (a bug)."""
-    if error.errno not in _FILE_ERRNOS or (error.filename is None and error.errno not in (errno.ENOSPC,
-                                                                                         errno.EDQUOT)):
+    """One line for an OSError that names its file (or is a full disk), else None (a bug). Errors
+    outside `_FILE_ERRNOS` that name a file (an I/O error of the disk, ...) read as the OS says them."""
+    if error.errno is None or (error.filename is None and error.errno not in (errno.ENOSPC, errno.EDQUOT)):
         return None
+    what = _FILE_ERRNOS.get(error.errno) or (error.strerror or os.strerror(error.errno)).lower()
     where = f": {error.filename}" if error.filename is not None else ""
-    return f"{_FILE_ERRNOS[error.errno]}{where}"
+    return f"{what}{where}"
 
 
 def translate_errors(command):

@@ -66,6 +66,8 @@ def main(as_json, **options):
         return
     if result.get("conversion"):
         click.echo(f"cmt-eval: {result['conversion']}", err=True)
+    if result.get("metric_note"):
+        click.echo(f"cmt-eval: {result['metric_note']}", err=True)
     if as_json:
         click.echo(json.dumps({"samples": str(result["samples"]), "data": result["data"], "count": result["count"],
                                **result["metrics"]}))

@@ -15,6 +15,7 @@ from cmt.cli.common import CONTEXT_SETTINGS, WithAliases, summary, translate_err
 from cmt.edm import SIGMA_GRIDS
 from cmt.images import MAX_GRID_IMAGES, READABLE_CELL
 from cmt.labels import LABELS_HELP
+from cmt.metrics import POINT_METRIC_MAX_SAMPLES
 from cmt.sampling import SAMPLERS, sample
 from cmt.solvers import SOLVERS
 
@@ -56,6 +57,9 @@ def _format_seeds(seeds):
               help="Samples per network batch.")
 @click.option("--device", default=DEFAULTS["device"], help="torch device [default: cuda if available, else cpu].")
 @click.option("--progress/--no-progress", default=DEFAULTS["progress"], help="tqdm progress bar.")
+@click.option("--metric/--no-metric", default=DEFAULTS["metric"],
+              help=f"2-D samples of a built-in toy: score them with its metric (of the first "
+                   f"{POINT_METRIC_MAX_SAMPLES} samples).")
 @translate_errors
 def main(**options):
     written = sample(**options)
@@ -65,6 +69,8 @@ def main(**options):
              f"{_format_seeds(written['seeds'])})"]
     lines += [f"  wrote {path}" for path in (written["npz"], written["out"]) if path is not None]
     lines += [f"  {name}: {value:.6g}" for name, value in written["metrics"].items()]
+    if written["metric_note"]:
+        lines.append(f"  ({written['metric_note']})")
     summary(lines)
 
 

@@ -3,6 +3,7 @@ written under a temporary name, fsync'ed and renamed into place (a reader never 
 two processes never write the same file), and read back whole or by file, into reused memory
 (`ShardBuffers`) for local files.
 """
+import contextlib
 import os
 import uuid
 
@@ -11,6 +12,7 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from cmt.errors import MissingDependency, ShardError
+from cmt.outputs import naming
 
 
 def open_location(url):
@@ -96,7 +98,7 @@ def _rename(fs, source, destination):
 def write_atomic(fs, path, files):
     """Write `files` as `path` (a file for the key "", else a directory): temporary name, fsync, rename."""
     temporary = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
-    try:
+    with naming(path), _removed_on_failure(fs, temporary):
         if set(files) == {""}:
             _write_file(fs, temporary, files[""])
         else:
@@ -107,6 +109,12 @@ def write_atomic(fs, path, files):
         if fs.exists(path):  # an unverified leftover of an earlier run
             fs.rm(path, recursive=True)
         _rename(fs, temporary, path)
+
+
+@contextlib.contextmanager
+def _removed_on_failure(fs, temporary):
+    try:
+        yield
     except BaseException:
         if fs.exists(temporary):
             fs.rm(temporary, recursive=True)
