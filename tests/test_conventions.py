@@ -32,7 +32,7 @@ from cmt.labels import pick_labels
 from cmt.manifest import TrajectoryDataset, upgrade_manifest
 from cmt.networks import build_network
 from cmt.sampling import sample, save_samples, student_sampler
-from cmt.trainers.config import TRAIN_DEFAULTS
+from cmt.trainers.config import TRAIN_DEFAULTS, TRAIN_HELP
 from cmt.trainers.run_files import IMAGES_SEEN, read_log
 from conftest import TEACHER, TWO_CPU_ENV, TWO_CPU_PROCESSES, gmm_teacher, invoke_command
 
@@ -92,6 +92,16 @@ def test_command_options_are_the_library_keywords(command, function):
     for param in command.params:
         if param.name not in ("as_json", "help"):
             assert param.name in keywords or param.name in TRAIN_DEFAULTS, param.name
+
+
+@pytest.mark.parametrize("phase", ["diffusion", "mid", "post"])
+def test_the_shared_trainer_options_are_documented_once(phase):
+    """TrainConfig's fields are described in TRAIN_HELP only, and every cmt-train command shows that text."""
+    assert set(TRAIN_HELP) == set(TRAIN_DEFAULTS) | {"out"}
+    shown = {param.name: param.help for param in train_main.commands[phase].params}
+    for name, text in TRAIN_HELP.items():
+        assert shown[name].startswith(text), name
+    assert "per architecture" in shown["lr"] or phase == "diffusion"
 
 
 def test_mid_sigma_defaults_to_the_two_step_sigma_everywhere():

@@ -18,39 +18,86 @@ OPTIMIZERS = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
 
 
+# What each shared option means, written once: this is the documentation of `TrainConfig`'s fields
+# (the phases' `**train_options`) and the `cmt-train` commands' help (cmt.cli.train).
+TRAIN_HELP = {
+    "out": "Run folder: log.jsonl, training-state.pt, samples/, the final model.",
+    "max_steps": "Optimizer steps.",
+    "batch_size": "Global batch per optimizer step (all processes and micro-batches).",
+    "lr": "Peak learning rate.",
+    "lr_schedule": "constant; linear: decay to 0 at --max-steps; invsqrt: EDM2's lr / sqrt(max(step / --lr-ref-steps, "
+                   "1)).",
+    "lr_ref_steps": "Steps before the invsqrt decay starts.",
+    "warmup_steps": "Linear lr warm-up.",
+    "optimizer": "adam or radam.",
+    "betas": "Adam betas (EDM2's).",
+    "weight_decay": "The optimizer's weight decay (torch Adam's: an L2 term in the gradient); 0: none.",
+    "grad_clip": "Clip the global gradient norm to this value [default: no clipping].",
+    "ema_halflife_images": "EMA half-life in training images (ramped up, see --ema-rampup-ratio); none: off.",
+    "ema_rampup_ratio": "EDM's ramp-up: the half-life is at most this share of the images seen so far.",
+    "ema_beta": "A fixed per-step EMA decay instead of the half-life.",
+    "ema_std": "Also keep EDM2's power-function EMAs of these lengths (sigma_rel; EDM2's 0.050,0.100) in every "
+               "snapshot (needs --snapshot-every), from which cmt-ema reconstructs any EMA length after training "
+               "[default: none].",
+    "mixed_precision": "auto: bf16 (or fp16) on GPU, no on CPU.",
+    "tf32": "TF32 matmuls and convolutions on CUDA. auto: off where its rounding reaches the residual the loss "
+            "resolves (ECT / ECD at fine gaps, measured at the start), off in pre- and mid-training as the official "
+            "loops, on otherwise; the choice is printed and recorded in run.json (cmt.trainers.precision).",
+    "grad_accum": "Micro-batches per optimizer step.",
+    "seed": "Seeds the network init, the data stream and every step's noise.",
+    "log_every": "Log a line (log.jsonl, the console) every this many steps.",
+    "ckpt_every": "Write training-state.pt every this many steps (and at the end).",
+    "sample_every": "Sample a grid (and the metric) every this many steps; 0: at the end only.",
+    "snapshot_every": "Also keep the EMA weights every this many steps as --out/snapshots/snapshot-NNNNNNN.safetensors "
+                      "(cmt-sample --ckpt reads them); 0: none.",
+    "resume": "Continue exactly from --out/training-state.pt (same data order and RNG), or finish its final "
+              "sampling; the other options must be the saved run's (paths compared resolved, the data set by "
+              "content), but for --log-every, --ckpt-every, --sample-every, --tensorboard, --progress, "
+              "--max-nonfinite-steps, and a larger --max-steps (not with --lr-schedule linear), which extends the "
+              "run (cmt.trainers.identity).",
+    "resume_new_data": "With --resume: go on training on a data set that is not the one the run was saved with "
+                       "(rebuilt or extended; the run's record says what changed). Without it such a resume is "
+                       "refused; a moved set is the same set.",
+    "tensorboard": "Also log to --out/tensorboard.",
+    "progress": "tqdm progress bar on rank 0.",
+    "max_nonfinite_steps": "Stop (exit 1, no model written) after this many consecutive steps with a NaN/inf loss; "
+                           "0: never.",
+}
+
+
 @dataclass
 class TrainConfig:
     """The options every phase shares. Its field defaults are the one source of the trainer's
-    defaults (`TRAIN_DEFAULTS`); a phase overrides a few (`MID_DEFAULTS` etc.), the commands read both."""
+    defaults (`TRAIN_DEFAULTS`); a phase overrides a few (`MID_DEFAULTS` etc.), the commands read both.
+    What each field means: `TRAIN_HELP`."""
     out: Path
     max_steps: int = 1000
-    batch_size: int = 256           # global: images per optimizer step over all ranks and micro-batches
+    batch_size: int = 256
     lr: float = 1e-3
-    lr_schedule: str = "constant"   # constant | linear | invsqrt
-    lr_ref_steps: int = 1000        # invsqrt: lr / sqrt(max(step / lr_ref_steps, 1))
+    lr_schedule: str = "constant"
+    lr_ref_steps: int = 1000
     warmup_steps: int = 0
-    optimizer: str = "adam"         # adam | radam
+    optimizer: str = "adam"
     betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = 0.0
     grad_clip: float | None = None
     ema_halflife_images: float | None = 500_000.0
     ema_rampup_ratio: float | None = 0.05
-    ema_beta: float | None = None   # a fixed per-step beta; overrides the half-life
-    ema_std: tuple | None = None    # EDM2's power-function EMAs (sigma_rel, e.g. 0.050, 0.100) in the snapshots
-    mixed_precision: str = "auto"   # auto | no | bf16 | fp16
-    tf32: str = "auto"              # auto | on | off: TF32 matmuls and convolutions on CUDA (cmt.trainers.precision)
+    ema_beta: float | None = None
+    ema_std: tuple | None = None
+    mixed_precision: str = "auto"
+    tf32: str = "auto"
     grad_accum: int = 1
     seed: int = 0
     log_every: int = 100
     ckpt_every: int = 1000
-    sample_every: int = 0           # 0 = only at the end
-    snapshot_every: int = 0         # EMA weights to snapshots/snapshot-NNNNNNN.safetensors; 0 = none
+    sample_every: int = 0
+    snapshot_every: int = 0
     resume: bool = False
-    resume_new_data: bool = False   # resume: go on training on a data set that changed (cmt.trainers.identity)
+    resume_new_data: bool = False
     tensorboard: bool = False
     progress: bool = True
-    max_nonfinite_steps: int = 100  # stop after this many consecutive steps with a NaN/inf loss; 0: never
-
+    max_nonfinite_steps: int = 100
 
     def __post_init__(self):
         local_path_only("out", self.out)

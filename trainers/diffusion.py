@@ -101,7 +101,7 @@ def train_diffusion(*, data, out, resolution=None, xflip=None, workers="auto", a
     sample_solver, sample_steps: the sampler of the sample grids and the metric; num_samples: samples
     for the embedded metric at each `sample_every` and the end (None: `EVAL_NUM` of the data's kind;
     0: none; the old keyword eval_num still works).
-    train_options: the shared trainer options, `TrainConfig`'s fields (max_steps, batch_size, lr, ...,
+    train_options: the shared trainer options, `TrainConfig`'s fields as `TRAIN_HELP` describes them (max_steps, lr, ...,
     resume, tensorboard, progress), defaults `DIFFUSION_DEFAULTS` over `TRAIN_DEFAULTS`;
     lr=None takes the architecture's pre-training rate (`cmt.networks.learning_rates("diffusion")`).
 

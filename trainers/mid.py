@@ -267,7 +267,7 @@ def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_re
     eval_data: data set whose built-in metric scores 1- and 2-step samples (toy:NAME, mnist; None:
     the teacher's built-in name, if any); num_samples: samples for the metric and pictures;
     mid_sigma: the intermediate sigma of 2-step sampling.
-    train_options: the shared trainer options, `TrainConfig`'s fields (max_steps, batch_size, lr, ...,
+    train_options: the shared trainer options, `TrainConfig`'s fields as `TRAIN_HELP` describes them (max_steps, lr, ...,
     resume, tensorboard, progress), defaults `MID_DEFAULTS` over `TRAIN_DEFAULTS`; lr=None
     takes the student's network family's mid-training rate (`cmt.networks.learning_rates("mid")`).
 

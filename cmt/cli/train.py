@@ -22,7 +22,7 @@ from cmt.datasets import TOY_NAMES
 from cmt.manifest import VERIFY_MODES
 from cmt.solvers import SOLVERS
 from cmt.trainers import recipes
-from cmt.trainers.config import LR_SCHEDULES, MIXED_PRECISIONS, OPTIMIZERS, TRAIN_DEFAULTS
+from cmt.trainers.config import LR_SCHEDULES, MIXED_PRECISIONS, OPTIMIZERS, TRAIN_DEFAULTS, TRAIN_HELP
 from cmt.trainers.precision import TF32_SETTINGS
 from cmt.networks import learning_rates
 from cmt.trainers.data import DEFAULT_ARCH, PRETRAINING_ARCHITECTURES, STUDENT_ARCHITECTURES
@@ -114,77 +114,48 @@ def per_architecture(rates):
 
 def trainer_options(phase_defaults, lr_by_arch):
     """The click options every `cmt-train` command shares, one per `TrainConfig` field, with the
-    defaults of `TRAIN_DEFAULTS` overridden by the phase's; an lr default of None means the
-    phase's rate per architecture, `lr_by_arch`."""
+    defaults of `TRAIN_DEFAULTS` overridden by the phase's and the help of `TRAIN_HELP`; an lr
+    default of None means the phase's rate per architecture, `lr_by_arch`."""
     defaults = {**TRAIN_DEFAULTS, **phase_defaults}
-    lr_help = "Peak learning rate" + (f" [default: per architecture: {per_architecture(lr_by_arch)}]."
-                                      if defaults["lr"] is None else ".")
+
+    def option(name, kind=None, *aliases, help_suffix="", **settings):
+        flag = "--" + name.replace("_", "-")
+        if kind is not None:
+            settings["type"] = kind
+        if name != "out":
+            settings.setdefault("default", defaults[name])
+        return click.option(flag, *aliases, name, help=TRAIN_HELP[name] + help_suffix, **settings)
+
+    lr_default = (f" [default: per architecture: {per_architecture(lr_by_arch)}]" if defaults["lr"] is None else "")
     options = [
-        click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
-                     help="Run folder: log.jsonl, training-state.pt, samples/, the final model."),
-        click.option("--max-steps", type=click.IntRange(min=1), default=defaults["max_steps"],
-                     help="Optimizer steps."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=defaults["batch_size"],
-                     help="Global batch per optimizer step (all processes and micro-batches)."),
-        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=defaults["lr"], help=lr_help),
-        click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), default=defaults["lr_schedule"],
-                     help="linear: decay to 0 at --max-steps; invsqrt: EDM2's lr / sqrt(max(step / "
-                          "--lr-ref-steps, 1))."),
-        click.option("--lr-ref-steps", type=click.IntRange(min=1), default=defaults["lr_ref_steps"],
-                     help="Steps before the invsqrt decay starts."),
-        click.option("--warmup-steps", type=click.IntRange(min=0), default=defaults["warmup_steps"],
-                     help="Linear lr warm-up."),
-        click.option("--optimizer", type=click.Choice(list(OPTIMIZERS)), default=defaults["optimizer"]),
-        click.option("--betas", type=(float, float), default=defaults["betas"], help="Adam betas (EDM2's)."),
-        click.option("--weight-decay", type=click.FloatRange(min=0), default=defaults["weight_decay"]),
-        click.option("--grad-clip", type=click.FloatRange(min=0, min_open=True), default=defaults["grad_clip"],
-                     help="Clip the global gradient norm to this value [default: no clipping]."),
-        click.option("--ema-halflife-images", "--ema-halflife", "ema_halflife_images", type=click.FloatRange(min=0),
-                     default=defaults["ema_halflife_images"],
-                     help="EMA half-life in training images (ramped up, see --ema-rampup-ratio)."),
-        click.option("--ema-rampup-ratio", type=click.FloatRange(min=0, min_open=True),
-                     default=defaults["ema_rampup_ratio"],
-                     help="EDM's ramp-up: the half-life is at most this share of the images seen so far."),
-        click.option("--ema-std", type=FloatList(), default=defaults["ema_std"],
-                     help="Also keep EDM2's power-function EMAs of these lengths (sigma_rel; EDM2's 0.050,0.100) in "
-                          "every snapshot (needs --snapshot-every), from which cmt-ema reconstructs any EMA length "
-                          "after training [default: none]."),
-        click.option("--ema-beta", type=click.FloatRange(0, 1, max_open=True), default=defaults["ema_beta"],
-                     help="A fixed per-step EMA decay instead of the half-life."),
-        click.option("--mixed-precision", type=click.Choice(MIXED_PRECISIONS),
-                     default=defaults["mixed_precision"], help="auto: bf16 (or fp16) on GPU, no on CPU."),
-        click.option("--tf32", type=click.Choice(TF32_SETTINGS), default=defaults["tf32"],
-                     help="TF32 matmuls and convolutions on CUDA. auto: off where its rounding reaches the residual the "
-                          "loss resolves (ECT / ECD at fine gaps, measured at the start), off in pre- and mid-training "
-                          "as the official loops, on otherwise; the choice is printed and recorded in run.json."),
-        click.option("--grad-accum", type=click.IntRange(min=1), default=defaults["grad_accum"],
-                     help="Micro-batches per optimizer step."),
-        click.option("--seed", type=click.IntRange(min=0), default=defaults["seed"],
-                     help="Seeds the network init, the data stream and every step's noise."),
-        click.option("--log-every", type=click.IntRange(min=1), default=defaults["log_every"]),
-        click.option("--ckpt-every", type=click.IntRange(min=1), default=defaults["ckpt_every"],
-                     help="Write training-state.pt every this many steps (and at the end)."),
-        click.option("--sample-every", type=click.IntRange(min=0), default=defaults["sample_every"],
-                     help="Sample a grid (and the metric) every this many steps; 0: at the end only."),
-        click.option("--snapshot-every", type=click.IntRange(min=0), default=defaults["snapshot_every"],
-                     help="Also keep the EMA weights every this many steps as --out/snapshots/snapshot-NNNNNNN."
-                          "safetensors (cmt-sample --ckpt reads them); 0: none."),
-        click.option("--resume", is_flag=True, default=defaults["resume"],
-                     help="Continue exactly from --out/training-state.pt (same data order and RNG), or finish its "
-                          "final sampling; the other options must be the saved run's (paths compared resolved, the "
-                          "data set by content), but for --log-every, --ckpt-every, --sample-every, --tensorboard, "
-                          "--progress, --max-nonfinite-steps, and a larger --max-steps (not with --lr-schedule "
-                          "linear), which extends the run."),
-        click.option("--resume-new-data", is_flag=True, default=defaults["resume_new_data"],
-                     help="With --resume: go on training on a data set that is not the one the run was saved with "
-                          "(rebuilt or extended; the run's record says what changed). Without it such a resume is "
-                          "refused; a moved set is the same set."),
-        click.option("--tensorboard", is_flag=True, default=defaults["tensorboard"],
-                     help="Also log to --out/tensorboard."),
-        click.option("--progress/--no-progress", default=defaults["progress"], help="tqdm progress bar on rank 0."),
-        click.option("--max-nonfinite-steps", type=click.IntRange(min=0), default=defaults["max_nonfinite_steps"],
-                     help="Stop (exit 1, no model written) after this many consecutive steps with a NaN/inf "
-                          "loss; 0: never."),
+        option("out", click.Path(file_okay=False, path_type=Path), required=True),
+        option("max_steps", click.IntRange(min=1)),
+        option("batch_size", click.IntRange(min=1)),
+        option("lr", click.FloatRange(min=0, min_open=True), help_suffix=lr_default),
+        option("lr_schedule", click.Choice(LR_SCHEDULES)),
+        option("lr_ref_steps", click.IntRange(min=1)),
+        option("warmup_steps", click.IntRange(min=0)),
+        option("optimizer", click.Choice(list(OPTIMIZERS))),
+        option("betas", (float, float)),
+        option("weight_decay", click.FloatRange(min=0)),
+        option("grad_clip", click.FloatRange(min=0, min_open=True)),
+        option("ema_halflife_images", click.FloatRange(min=0), "--ema-halflife"),
+        option("ema_rampup_ratio", click.FloatRange(min=0, min_open=True)),
+        option("ema_std", FloatList()),
+        option("ema_beta", click.FloatRange(0, 1, max_open=True)),
+        option("mixed_precision", click.Choice(MIXED_PRECISIONS)),
+        option("tf32", click.Choice(TF32_SETTINGS)),
+        option("grad_accum", click.IntRange(min=1)),
+        option("seed", click.IntRange(min=0)),
+        option("log_every", click.IntRange(min=1)),
+        option("ckpt_every", click.IntRange(min=1)),
+        option("sample_every", click.IntRange(min=0)),
+        option("snapshot_every", click.IntRange(min=0)),
+        option("resume", is_flag=True),
+        option("resume_new_data", is_flag=True),
+        option("tensorboard", is_flag=True),
+        click.option("--progress/--no-progress", default=defaults["progress"], help=TRAIN_HELP["progress"]),
+        option("max_nonfinite_steps", click.IntRange(min=0)),
     ]
 
     def decorate(command):
