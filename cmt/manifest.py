@@ -9,6 +9,8 @@
 A dataset is complete when its manifest exists; readers use nothing else. A latent set made by
 cmt-encode (`cmt.builders.encode`) has the same files, its manifest says "dataset": "cmt-latents"
 (`LatentManifest` opens it; `LATENT_FIELDS` are its shards' arrays).
+
+One module of ~410 lines: the two kinds of manifest share their fields, checks and upgrades.
 """
 import hashlib
 import itertools

@@ -4,6 +4,9 @@
 entry point behind `cmt-sample`. Sample `i` starts from the noise of seed `seed + i` (EDM's
 convention), so one image can be re-made alone. Images go to a PNG grid, 2-D points to a scatter
 plot, and everything to an optional `.npz` (`samples`, `labels`, `seeds`).
+
+One module of ~410 lines: the samplers of each kind of network and the entry point that picks
+among them by the model's record change together.
 """
 from pathlib import Path
 
