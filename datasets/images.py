@@ -32,6 +32,7 @@ is read as RGB (grayscale images converted), as EDM2's dataset_tool converts eve
 Damage the scan cannot see (a corrupt zip member: its CRC-32 is checked at every read; a PNG whose
 data does not decode) is a `FileFormatError` naming the file and member when the item is read,
 also inside a DataLoader worker (`__getitems__` hands the message back; the stream raises it).
+
 One module of ~410 lines: the three layouts share one index, one decoder and one error path.
 """
 import hashlib

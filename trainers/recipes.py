@@ -16,6 +16,7 @@ Sources (docs/recipes.md has every value with its file): sony/cmt (`run_cmt_{cif
 `ct_train_512.py`, `cd_train_512.py`), locuslab/ect (branch `imgnet`: `run_imgnet_ecm.sh`,
 `ct_train.py`), Gsunshine/meanflow (`configs/default.py`, `configs/run_b4.yml`, `meanflow.py`),
 NVlabs/edm2 (`train_edm2.py`, `generate_images.py`).
+
 One module of ~410 lines: a table of values, each with its source; the length is the citations.
 """
 import functools
