@@ -88,6 +88,7 @@ from cmt.trainers.run_files import SNAPSHOT_DIR, read_log
 from cmt.trainers.students import build_student
 
 NFE = 16                                   # the build's teacher evaluations per trajectory (DPM-Solver++(3M))
+CKPT_GRID = 5                              # post-training runs save their training state every 5 grid steps
 
 # Budgets per data kind; batch sizes and every setting but the lr come from the recipe (unless set here).
 # default: the protocol, hours on a 2-core CPU with --workers 2 (docs/claim.md, "Runtime"): baselines
@@ -103,8 +104,8 @@ BUDGETS = {
                       baseline_factor=10, eval_every=40, num_samples=500),
     },
     "quick": {
-        "toy": dict(seeds=[0], tuning_seed=100, lr_factors=[0.1, 1.0, 10.0], max_extensions=1, num_trajectories=256,
-                    mid_steps=100, post_steps=20, baseline_factor=4, eval_every=20, num_samples=1000),
+        "toy": dict(seeds=[0], tuning_seed=100, lr_factors=[0.3, 3.0], max_extensions=0, num_trajectories=256,
+                    mid_steps=100, post_steps=10, baseline_factor=4, eval_every=10, num_samples=500),
         "mnist": dict(seeds=[0], tuning_seed=100, lr_factors=[0.3, 3.0], max_extensions=0, num_trajectories=64,
                       mid_steps=6, post_steps=2, baseline_factor=4, eval_every=2, num_samples=100, batch_size=32),
     },
@@ -318,7 +319,9 @@ def post_run(root, folder, data, name, seed, budget, factor, post_args, snapshot
                   recipe=recipe_for("post", data, method), max_steps=steps, seed=seed,
                   lr=recipe_lr(data, method) * factor, log_every=budget["eval_every"],
                   snapshot_every=budget["eval_every"] if snapshots else 0,
-                  ckpt_every=budget["eval_every"],   # an interrupted run resumes from its last grid step
+                  # a training state every CKPT_GRID grid steps: an interrupted run resumes from there (saving
+                  # one, fsync'd, took seconds on the loaded 2-core machine: every grid step doubled a toy run)
+                  ckpt_every=budget["eval_every"] * CKPT_GRID,
                   num_samples=min(budget["num_samples"], 256), out=str(folder), progress=False, **batch, **extra)
     run = train_stage(folder, "cmt-train post", post_train, kwargs, "post", {"lr_factor": factor})
     return run, init_arg, steps
@@ -390,26 +393,33 @@ def evaluation_run(out, data, name, seed, budget, post_args):
 # ---- jobs ---------------------------------------------------------------------------------------
 
 def job_list(datas, budgets, starts):
-    """`[(name, spec, needs)]` in the order they are started when ready: per data set, its setups,
-    sweeps, choices and evaluation runs."""
+    """`[(name, spec, needs)]` in the order they are started when ready: every data set's setups, then
+    per data set the sweeps, choices and evaluation runs of the teacher and CMT starts, then those of
+    the random starts (in every earlier run the furthest from the teacher, so what a long run leaves
+    for last)."""
     jobs = []
     for data in datas:
         budget = budgets[data]
-        tuning_setup = f"setup {data} tuning-seed{budget['tuning_seed']}"
-        jobs.append((tuning_setup, dict(kind="setup", data=data, seed=budget["tuning_seed"], tuning=True), []))
+        jobs.append((f"setup {data} tuning-seed{budget['tuning_seed']}",
+                     dict(kind="setup", data=data, seed=budget["tuning_seed"], tuning=True), []))
         for seed in budget["seeds"]:
             jobs.append((f"setup {data} seed{seed}", dict(kind="setup", data=data, seed=seed), []))
-        for name in starts:
-            needs = [tuning_setup] if STARTS[name][1].startswith("mid-") else []
-            sweeps = [(f"sweep {data} {name} {factor_name(f)}", dict(kind="sweep", data=data, start=name, factor=f),
-                       needs) for f in budget["lr_factors"]]
-            jobs += sweeps + [(f"choose {data} {name}", dict(kind="choose", data=data, start=name),
-                               [job[0] for job in sweeps])]
-        for name in starts:
-            for seed in budget["seeds"]:
-                needs = [f"choose {data} {name}"] + ([f"setup {data} seed{seed}"] if STARTS[name][1].startswith("mid-")
-                                                     else [])
-                jobs.append((f"run {data} {name} seed{seed}", dict(kind="run", data=data, start=name, seed=seed), needs))
+    for group in ([name for name in starts if STARTS[name][1] != "random"],
+                  [name for name in starts if STARTS[name][1] == "random"]):
+        for data in datas:
+            budget = budgets[data]
+            for name in group:
+                needs = [f"setup {data} tuning-seed{budget['tuning_seed']}"] if STARTS[name][1].startswith("mid-") else []
+                sweeps = [(f"sweep {data} {name} {factor_name(f)}", dict(kind="sweep", data=data, start=name, factor=f),
+                           needs) for f in budget["lr_factors"]]
+                jobs += sweeps + [(f"choose {data} {name}", dict(kind="choose", data=data, start=name),
+                                   [job[0] for job in sweeps])]
+            for name in group:
+                for seed in budget["seeds"]:
+                    needs = [f"choose {data} {name}"] + ([f"setup {data} seed{seed}"]
+                                                         if STARTS[name][1].startswith("mid-") else [])
+                    jobs.append((f"run {data} {name} seed{seed}", dict(kind="run", data=data, start=name, seed=seed),
+                                 needs))
     return jobs
 
 
