@@ -12,30 +12,59 @@ from conftest import TWO_CPU_ENV
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 import bench_claim  # noqa: E402
+import claim_report  # noqa: E402
 from cmt.trainers.mid import FLOWMAP_VELOCITY_SHARE  # noqa: E402
 
 
 def curve(values, batch=10, setup=0.0):
-    """Points every 10 steps with the given 2-step metrics."""
+    """Points every 10 steps with the given 2-step metrics (None: no weights, after a divergence)."""
     return {"curve": [{"step": 10 * i, "passes": setup + 10 * i * batch, "wall_s": setup / 100 + i,
                        "metric_2step": value} for i, value in enumerate(values)]}
 
 
-def test_cost_ratio_counts_a_baseline_that_never_reaches_with_its_whole_budget():
+def test_cost_ratio_counts_a_baseline_that_never_reaches_with_its_whole_budget_and_says_it_is_a_bound():
     cmt = curve([3.0, 1.4, 1.0], setup=500.0)           # reaches 1.5 at step 10: 500 + 100 passes
     slow = curve([9.0, 5.0, 2.0, 1.45, 1.2])             # reaches 1.5 at step 30: 300 passes
     never = curve([9.0, 8.0, 7.0, 6.0, 5.0])             # never: its whole budget, 400 passes
-    assert bench_claim.first_reach(cmt["curve"], 1.5)["step"] == 10
-    ratio, best = bench_claim.seed_ratio(cmt, [slow, never], 1.5, "passes")
-    assert best == 300 and ratio == pytest.approx(600 / 300)
-    ratio, best = bench_claim.seed_ratio(cmt, [never], 1.5, "passes")
-    assert best == 400 and ratio == pytest.approx(600 / 400)
-    assert bench_claim.seed_ratio(cmt, [slow], 0.5, "passes") == (None, None)   # the CMT start never gets there
-    assert bench_claim.median_ratio([0.5, None, 0.25]) == 0.5
-    assert bench_claim.median_ratio([0.5, None, None]) is None
-    assert bench_claim.cumulative_wall([{"step": 5, "sec_per_step": 2.0}, {"step": 10, "sec_per_step": 1.0}]) == \
+    short = curve([9.0, 8.0, 7.0])                       # never, and a smaller budget than slow's cost: 200
+    assert claim_report.first_reach(cmt["curve"], 1.5)["step"] == 10
+    assert claim_report.first_reach(curve([None, 1.0])["curve"], 1.5)["step"] == 10   # a missing metric reaches nothing
+    ratio = claim_report.seed_ratio(cmt, {"slow": slow, "never": never}, 1.5, "passes")
+    assert ratio == {"ratio": pytest.approx(600 / 300), "kind": "measured", "best_baseline": "slow",
+                     "best_baseline_cost": 300}
+    # The cheapest counted baseline did not get there: its true cost is higher, the ratio only a bound.
+    ratio = claim_report.seed_ratio(cmt, {"never": never}, 1.5, "passes")
+    assert ratio["ratio"] == pytest.approx(600 / 400) and ratio["kind"] == "upper bound"
+    ratio = claim_report.seed_ratio(cmt, {"slow": slow, "short": short}, 1.5, "passes")
+    assert ratio["best_baseline"] == "short" and ratio["kind"] == "upper bound" and ratio["ratio"] == pytest.approx(3.0)
+    missed = claim_report.seed_ratio(cmt, {"slow": slow}, 0.5, "passes")   # the CMT start never gets there
+    assert missed["ratio"] is None and missed["kind"] == "CMT start not reached"
+    assert claim_report.median_ratio([0.5, None, 0.25]) == 0.5
+    assert claim_report.median_ratio([0.5, None, None]) is None
+    # Over seeds: measured only when every seed's ratio is; one bound makes the median a bound.
+    assert claim_report.combined_kind(["measured"] * 3) == "measured"
+    assert claim_report.combined_kind(["measured", "upper bound", "measured"]) == "upper bound"
+    assert claim_report.combined_kind(["measured", "CMT start not reached", "upper bound"]) == \
+        "CMT start not reached on 1 of 3 seeds"
+    assert claim_report.ratio_text(0.4567, "upper bound") == "<= 0.457"
+    assert claim_report.ratio_text(0.4567, "measured") == "0.457"
+    assert claim_report.cumulative_wall([{"step": 5, "sec_per_step": 2.0}, {"step": 10, "sec_per_step": 1.0}]) == \
         [[0, 0.0], [5, 10.0], [10, 15.0]]
-    assert bench_claim.wall_at([[0, 0.0], [5, 10.0], [10, 15.0]], 7) == pytest.approx(12.0)
+    assert claim_report.wall_at([[0, 0.0], [5, 10.0], [10, 15.0]], 7) == pytest.approx(12.0)
+
+
+def test_lr_rule_takes_the_best_final_metric_and_extends_a_grid_whose_best_is_at_its_edge():
+    initial = [0.1, 0.3, 1.0, 3.0, 10.0]
+    choose = lambda scores, extensions=3: claim_report.choose_factor(scores, extensions, initial)
+    assert choose({0.1: 5.0, 0.3: 2.0, 1.0: 3.0, 3.0: 4.0, 10.0: None}) == (0.3, None)   # interior: done
+    assert choose({0.1: 5.0, 0.3: 4.0, 1.0: 3.0, 3.0: 2.0, 10.0: 1.0}) == (10.0, 30.0)   # best at the top: go up
+    assert choose({0.1: 1.0, 0.3: 4.0, 1.0: 3.0, 3.0: 2.0, 10.0: 5.0}) == (0.1, 0.03)    # at the bottom: go down
+    up = {0.1: 5.0, 0.3: 4.0, 1.0: 3.0, 3.0: 2.0, 10.0: 1.5, 30.0: 1.2, 100.0: 1.1, 300.0: 1.0}
+    assert choose(up) == (300.0, None)                 # three extensions used: the best stays at the edge
+    assert choose(up, extensions=4) == (300.0, 1000.0)
+    assert choose({0.1: None, 0.3: None, 1.0: None, 3.0: None, 10.0: None}) == (1.0, 0.03)   # all diverged: lower
+    assert choose({0.1: 2.0, 0.3: 1.0, 1.0: 1.0, 3.0: 1.0, 10.0: 2.0}) == (1.0, None)        # a tie: nearer x1
+    assert choose({0.1: float("nan"), 10.0: 1.0}) == (10.0, 30.0)   # a non-finite score ranks last
 
 
 def run_script(script, out, *args):
@@ -45,10 +74,11 @@ def run_script(script, out, *args):
     return result.stdout + result.stderr
 
 
-def test_claim_smoke_writes_the_summary_schema_curves_and_figures(tmp_path):
+def test_claim_smoke_tunes_every_start_then_writes_the_summary_schema_curves_and_figures(tmp_path):
     out = tmp_path / "claim"
     run_script("bench_claim.py", out, "--docs", tmp_path / "docs")
     claim = json.loads((tmp_path / "docs" / "claim.json").read_text())
+    budget = bench_claim.BUDGETS["smoke"]["toy"]
     assert set(claim) == {"toy"} and set(claim["toy"]) == {"ect", "meanflow"}
     for method, entry in claim["toy"].items():
         for key in ("cost_ratio_q1", "cost_ratio_q2", "final_2step_over_teacher"):
@@ -66,6 +96,33 @@ def test_claim_smoke_writes_the_summary_schema_curves_and_figures(tmp_path):
         assert baseline["curve"][0]["passes"] == 0
         assert cmt["curve"][-1]["passes"] - cmt["curve"][0]["passes"] == pytest.approx(2 * cmt["batch_size"])
         assert all(math.isfinite(p["metric_2step"]) for p in cmt["curve"] + baseline["curve"])
+        # Every start was tuned the same way: the budget's factors (and any extension the rule asked
+        # for) on the tuning seed, at the start's own steps; the chosen lr is the rule's, and the
+        # evaluation runs ran at it.
+        assert set(entry["tuning"]) == set(entry["curves"]) and entry["tuning_seed"] == budget["tuning_seed"]
+        for name, choice in entry["tuning"].items():
+            scores = {float(f): r["final_2step"] for f, r in choice["factors"].items()}
+            assert set(budget["lr_factors"]) <= set(scores) and len(scores) <= len(budget["lr_factors"]) + 1
+            assert all(r["steps"] == entry["curves"][name]["0"]["steps"] for r in choice["factors"].values())
+            assert choice["chosen_factor"] == claim_report.choose_factor(scores, 0, budget["lr_factors"])[0]
+            assert choice["chosen_factor"] == min(scores, key=lambda f: scores[f] if scores[f] is not None else math.inf)
+            for f, result in choice["factors"].items():
+                assert result["lr"] == pytest.approx(choice["base_lr"] * float(f))
+            assert entry["curves"][name]["0"]["lr"] == pytest.approx(choice["chosen_lr"])
+            assert entry["curves"][name]["0"]["lr_factor"] == choice["chosen_factor"]
+        # Per seed and over seeds, each ratio says whether it is measured or a bound.
+        for key in ("q1", "q2", "q1_wall", "q2_wall"):
+            kinds = [row[f"cost_ratio_{key}_kind"] for row in entry["seeds"].values()]
+            assert set(kinds) <= {"measured", "upper bound", "CMT start not reached"}
+            assert entry[f"cost_ratio_{key}_kind"] == claim_report.combined_kind(kinds)
+    # The tuning ran on its own seed, its own build and its own evaluation noise.
+    tuning = out / "checkerboard" / f"tuning-seed{budget['tuning_seed']}"
+    assert json.loads((tuning / "teacher.json").read_text())["noise"] == "tuning"
+    assert json.loads((out / "checkerboard" / "seed0" / "teacher.json").read_text())["noise"] == "evaluation"
+    assert json.loads((tuning / "ect-cmt" / "lr-x0.1" / "run.json").read_text())["train"]["seed"] == budget["tuning_seed"]
+    assert (tuning / "trajectories").is_dir() and (tuning / "mid-endpoint" / "mid.safetensors").is_file()
+    assert claim_report.NOISE["tuning"][0] >= claim_report.NOISE["evaluation"][0] + 10**6   # no shared noise seeds
+    assert "Tuning (seed 100" in (out / "claim.md").read_text()
     for name in ("claim.md", "claim_cost_checkerboard.png", "claim_cost_checkerboard_samples.png"):
         assert (out / name).stat().st_size > 0
     assert (tmp_path / "docs" / "img" / "claim_cost_checkerboard.png").is_file()
