@@ -198,7 +198,7 @@ def student_metrics(net, data, num_samples, consistency, mid_sigma=TWO_STEP_SIGM
 
 
 @torch.no_grad()
-def teacher_metric(data, num_samples, noise):
+def teacher_metric(data, num_samples, noise="evaluation"):
     net, _ = resolve_teacher(data)
     net = net.to(device()).eval()
     seeds, labels = evaluation_inputs(net.label_dim, num_samples, noise)
