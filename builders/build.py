@@ -88,6 +88,8 @@ def build_trajectories(*, teacher=None, out, recipe=None, teacher_ckpt=None, gui
         raise ArgumentError("out", "give an output directory or fsspec URL")
     if solver is not None and solver not in SOLVERS and solver != FLOW_MAP:
         raise ArgumentError("solver", f"unknown solver {solver!r}; valid: {', '.join(SOLVERS)}, {FLOW_MAP}")
+    if isinstance(guidance, str):   # KEYWORDS lets post_train's words through
+        raise ArgumentError("guidance", f"a weight (a number >= 0; None: unguided), got {guidance!r}")
     state = distributed_state()
     teacher = recipe_teacher(recipe, teacher, dict(solver=solver, nfe=nfe, grid=grid, sigma_max=sigma_max,
                                                    sigma_min=sigma_min), log if state.is_main_process else None)

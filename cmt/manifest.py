@@ -274,11 +274,12 @@ class TrajectoryDataset:
                                             for key, data in files.items()}
         return files
 
-    def read_shard(self, entry, verify=True, fields=FIELDS, buffers=None):
+    def read_shard(self, entry, verify=True, fields=FIELDS, buffers=None, check_finite=True):
         """The arrays `fields` of one shard (see `cmt.formats`), checked against the manifest
-        (`verify` as in `read_files`). Arrays may be read-only views of the files' bytes. buffers:
-        a `cmt.formats.ShardBuffers` to read and decode into: the arrays then view it, valid
-        until its next use."""
+        (`verify` as in `read_files`) and for NaN / inf (`check_finite`; False for a caller that
+        scans them itself, as `cmt-inspect --verify` does to list every one). Arrays may be read-only
+        views of the files' bytes. buffers: a `cmt.formats.ShardBuffers` to read and decode into:
+        the arrays then view it, valid until its next use."""
         path = self.shard_path(entry)
         fields = tuple(dict.fromkeys((*fields, "index")))   # the count check needs the indices
         files = self.read_files(entry, verify, fields=fields if set(fields) != set(FIELDS) else None,
@@ -292,7 +293,8 @@ class TrajectoryDataset:
             arrays = {key: value if key == "sigmas" else value[keep] for key, value in arrays.items()}
         if len(arrays["index"]) != entry["count"]:
             raise ShardError(f"shard {path} holds {len(arrays['index'])} trajectories, the manifest says {entry['count']}")
-        self._check_finite(entry, arrays)
+        if check_finite:
+            self._check_finite(entry, arrays)
         return arrays
 
     def _check_finite(self, entry, arrays):

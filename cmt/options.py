@@ -25,7 +25,8 @@ class Option:
     """One keyword: `default`, `help` (one or two sentences, as `--help` shows them), `type` (float,
     int, str or bool), `choices` (for str), bounds `low` / `high` (open when `low_open` /
     `high_open`); `None` is a valid value when the default is None. type `os.PathLike`: a path, a
-    `str` or an `os.PathLike` (kept as given). Numbers must be finite (numpy scalars are numbers)."""
+    `str` or an `os.PathLike` (kept as given). Numbers must be finite (numpy scalars are numbers).
+    `words`: strings a number option also takes (guidance's "none" and "manifest")."""
     default: Any
     help: str
     type: type = float
@@ -34,12 +35,15 @@ class Option:
     high: float = None
     low_open: bool = False
     high_open: bool = False
+    words: tuple = ()
 
     def check(self, name, value):
         """`value` as this option's type (an int given for a float is converted), or an
         ArgumentError naming `name` that says what is expected."""
         if value is None and self.default is None:
             return None
+        if isinstance(value, str) and value in self.words:
+            return value
         if self.choices is not None:
             if value not in self.choices:
                 raise ArgumentError(name, f"{value!r} is not one of {', '.join(map(str, self.choices))}")
@@ -56,15 +60,16 @@ class Option:
             if not isinstance(value, (str, os.PathLike)):
                 raise ArgumentError(name, f"must be a path (a str or pathlib.Path), got {value!r}")
             return value
-        wanted = "an integer" if self.type is int else "a number"
+        wanted = ("an integer" if self.type is int else "a number") + self.range_text() + \
+            (f" or one of {', '.join(map(repr, self.words))}" if self.words else "")
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or \
                 (self.type is int and not float(value).is_integer()):
-            raise ArgumentError(name, f"must be {wanted}{self.range_text()}, got {value!r}")
+            raise ArgumentError(name, f"must be {wanted}, got {value!r}")
         value = self.type(value)
         below = self.low is not None and (value <= self.low if self.low_open else value < self.low)
         above = self.high is not None and (value >= self.high if self.high_open else value > self.high)
         if below or above:
-            raise ArgumentError(name, f"must be {wanted}{self.range_text()}, got {value!r}")
+            raise ArgumentError(name, f"must be {wanted}, got {value!r}")
         return value
 
     def range_text(self):
@@ -104,7 +109,7 @@ _COUNTS = ("max_steps", "batch_size", "lr_ref_steps", "grad_accum", "log_every",
 _NON_NEGATIVE_INTEGERS = ("seed", "warmup_steps", "sample_every", "snapshot_every", "max_nonfinite_steps",
                           "num_samples", "step", "stage")
 _POSITIVE_NUMBERS = ("lr", "sigma_min", "sigma_max", "rho", "mid_sigma", "p_std", "grad_clip")
-_NON_NEGATIVE_NUMBERS = ("cache_gb", "weight_decay", "guidance", "ema_halflife_images", "ema_rampup_ratio")
+_NON_NEGATIVE_NUMBERS = ("cache_gb", "weight_decay", "ema_halflife_images", "ema_rampup_ratio")
 _SHARES = ("dropout", "label_dropout", "velocity_share")
 _PATHS = ("out", "npz", "ckpt", "teacher_ckpt", "guide_ckpt", "detector", "ref", "ref_stats")
 _SWITCHES = ("resume", "tensorboard", "progress", "cond", "uncertainty", "flips", "fid", "fd_dinov2", "stats",
@@ -119,6 +124,8 @@ KEYWORDS = {
     **{name: _keyword(float, low=0, high=1) for name in _SHARES},
     "ema_beta": _keyword(float, low=0, high=1, high_open=True),
     "p_mean": _keyword(float),
+    # a weight, or post_train's words for the frozen teacher's: unguided, or as the mid checkpoint records
+    "guidance": dataclasses.replace(_keyword(float, low=0), words=("none", "manifest")),
     **{name: _keyword(os.PathLike) for name in _PATHS},
     **{name: _keyword(bool) for name in _SWITCHES},
 }

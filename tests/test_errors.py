@@ -603,6 +603,7 @@ BAD_KEYWORDS = [
     (_build, "nfe", "16"), (_build, "num_trajectories", 16.5), (_build, "seed", "0"), (_build, "out", 123),
     (_sample, "steps", "16"), (_sample, "seed", "0"), (_sample, "out", 123), (_sample, "mid_sigma", "0.8"),
     (_evaluate, "fid", "yes"), (_reconstruct, "num_samples", -1),
+    (_post, "guidance", "fast"), (_build, "guidance", "manifest"),   # post_train's words are not a build's
 ]
 
 
