@@ -569,11 +569,14 @@ def parse_ints(value):
 
 def report(out, settings, docs=None):
     """claim.json, claim.md and the figures, from whatever the stages under `out` have finished."""
-    claim = read_json(out / "claim.json") or {}
+    claim = {kind: methods for kind, methods in (read_json(out / "claim.json") or {}).items() if methods}
     tables = []
     for data, budget in settings["budgets"].items():
         kind = data_kind(data)
-        claim[kind] = {**claim.get(kind, {}), **summarize(out, data, budget)}   # methods run here replace theirs
+        summary = summarize(out, data, budget)
+        if not summary and not claim.get(kind):   # a data set with no finished run yet: nothing to report
+            continue
+        claim[kind] = {**claim.get(kind, {}), **summary}   # methods run here replace theirs
         tables.append(markdown_tables(claim[kind], data))
         plot(claim[kind], data, out / f"claim_cost_{slug(data)}.png")
         sample_figure(out, data, budget["seeds"][0], out / f"claim_cost_{slug(data)}_samples.png")
