@@ -126,17 +126,16 @@ def online_batch(teacher, nfe, batch_size, device, generator):
             "endpoint": endpoint.repeat(nfe, *[1] * (endpoint.ndim - 1)), "label": labels.repeat(nfe)}
 
 
-def bare_steps(student, batch, steps, warmup, device, next_batch=None):
-    """Seconds per step of a plain loop: forward, backward, Adam, EMA update (a batch already on
-    the device, or `next_batch()` for each step: the official design's online targets)."""
+def timed_steps(student, loss_of_step, steps, warmup, device):
+    """Median seconds per step of a plain loop: `loss_of_step()`, backward, Adam, EMA update (the
+    first `warmup` steps not counted)."""
     ema = copy.deepcopy(student).eval().requires_grad_(False)
     optimizer = torch.optim.Adam(student.parameters(), lr=1e-4, betas=ADAM_BETAS)
     times = []
     for step in range(warmup + steps):
         synchronize(device)
         start = time.perf_counter()
-        step_batch = batch if next_batch is None else next_batch()
-        loss = endpoint_loss(student, step_batch, Context(), distance=squared_l2).mean()
+        loss = loss_of_step()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -146,6 +145,13 @@ def bare_steps(student, batch, steps, warmup, device, next_batch=None):
         synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times[warmup:])
+
+
+def bare_steps(student, batch, steps, warmup, device, next_batch=None):
+    """Seconds per step of the plain endpoint loop (a batch already on the device, or `next_batch()`
+    for each step: the official design's online targets)."""
+    return timed_steps(student, lambda: endpoint_loss(student, batch if next_batch is None else next_batch(), Context(),
+                                                      distance=squared_l2).mean(), steps, warmup, device)
 
 
 def mid_steps(student, shards, batch_size, steps, warmup, workers, out):
@@ -206,25 +212,13 @@ def random_latents(n, generator, data_shape, label_dim, device="cpu"):
 
 def bare_meanflow_steps(student, batch, steps, warmup, device, t_max):
     """Seconds per step of a plain MeanFlow loop: the loss above, backward, Adam, EMA update."""
-    ema = copy.deepcopy(student).eval().requires_grad_(False)
-    optimizer = torch.optim.Adam(student.parameters(), lr=1e-4, betas=ADAM_BETAS)
     labels = torch.nn.functional.one_hot(batch["label"], student.label_dim).float() if student.label_dim else None
     generator = torch.Generator(device).manual_seed(0)
-    times = []
-    for step in range(warmup + steps):
-        synchronize(device)
-        start = time.perf_counter()
+
+    def loss():
         with frozen_weight_norm(student):   # EDM2 normalises its weights in place, which a JVP refuses
-            loss = bare_meanflow_loss(student, batch["data"], labels, generator, t_max=t_max, **MEANFLOW_OPTIONS)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), student.parameters()):
-                p_ema.lerp_(p, 1 - EMA_BETA)
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[warmup:])
+            return bare_meanflow_loss(student, batch["data"], labels, generator, t_max=t_max, **MEANFLOW_OPTIONS)
+    return timed_steps(student, loss, steps, warmup, device)
 
 
 def meanflow_steps(student, batch_size, steps, warmup, out, t_max):
