@@ -51,28 +51,21 @@ class CountOrAuto(click.ParamType):
         return count
 
 
-class FloatList(click.ParamType):
-    name = "X,X,..."
+class NumberList(click.ParamType):
+    """Comma-separated numbers of one kind (float or int), as a tuple."""
+
+    def __init__(self, kind):
+        self.kind = kind
+        self.name = "X,X,..." if kind is float else "N,N,..."
 
     def convert(self, value, param, ctx):
         if isinstance(value, (tuple, list)):
             return tuple(value)
         try:
-            return tuple(float(part) for part in value.split(",") if part.strip())
+            return tuple(self.kind(part) for part in value.split(",") if part.strip())
         except ValueError:
-            self.fail(f"{value!r} is not a comma-separated list of numbers", param, ctx)
-
-
-class IntList(click.ParamType):
-    name = "N,N,..."
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, (tuple, list)):
-            return tuple(value)
-        try:
-            return tuple(int(part) for part in value.split(",") if part.strip())
-        except ValueError:
-            self.fail(f"{value!r} is not a comma-separated list of integers", param, ctx)
+            self.fail(f"{value!r} is not a comma-separated list of "
+                      f"{'numbers' if self.kind is float else 'integers'}", param, ctx)
 
 
 def as_a_launched_process(command):
@@ -141,7 +134,7 @@ def trainer_options(phase_defaults, lr_by_arch):
         option("grad_clip", click.FloatRange(min=0, min_open=True)),
         option("ema_halflife_images", click.FloatRange(min=0), "--ema-halflife"),
         option("ema_rampup_ratio", click.FloatRange(min=0, min_open=True)),
-        option("ema_std", FloatList()),
+        option("ema_std", NumberList(float)),
         option("ema_beta", click.FloatRange(0, 1, max_open=True)),
         option("mixed_precision", click.Choice(MIXED_PRECISIONS)),
         option("tf32", click.Choice(TF32_SETTINGS)),
@@ -220,12 +213,12 @@ DIFFUSION = defaults_of(train_diffusion)
 @click.option("--channels", type=click.IntRange(min=1), default=DIFFUSION["channels"],
               help=f"edm2: model_channels (default {DEFAULT_ARCH['edm2']['channels']}); mlp: width "
                    f"(default {DEFAULT_ARCH['mlp']['channels']}).")
-@click.option("--channel-mult", type=IntList(), default=DIFFUSION["channel_mult"],
+@click.option("--channel-mult", type=NumberList(int), default=DIFFUSION["channel_mult"],
               help=f"edm2: per-level multipliers [default: {','.join(map(str, DEFAULT_ARCH['edm2']['channel_mult']))}].")
 @click.option("--num-blocks", type=click.IntRange(min=1), default=DIFFUSION["num_blocks"],
               help=f"edm2: blocks per level (default {DEFAULT_ARCH['edm2']['num_blocks']}); mlp: residual blocks "
                    f"(default {DEFAULT_ARCH['mlp']['num_blocks']}).")
-@click.option("--attn-res", type=IntList(), default=DIFFUSION["attn_res"],
+@click.option("--attn-res", type=NumberList(int), default=DIFFUSION["attn_res"],
               help=f"edm2: resolutions with self-attention [default: "
                    f"{','.join(map(str, DEFAULT_ARCH['edm2']['attn_res']))}]; '' for none.")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=DIFFUSION["dropout"])
