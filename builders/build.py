@@ -24,11 +24,11 @@ from cmt.datasets import TOY_NAMES
 from cmt.distributed import distributed_state
 from cmt.edm import RHO, SIGMA_GRIDS, SIGMA_MAX, SIGMA_MIN, sigma_grid
 from cmt.errors import ArgumentError
-from cmt.formats import (DEFAULT_COMPRESSION, DEFAULT_SHUFFLE, LEGACY_COMPRESSION, LEGACY_SHUFFLE, SHARD_FORMATS, SHUFFLES, encode_shard, open_location, shard_format)
-from cmt.labels import parse_labels
+from cmt.formats import (COMPRESSIONS, DEFAULT_COMPRESSION, DEFAULT_SHUFFLE, LEGACY_COMPRESSION, LEGACY_SHUFFLE, SHARD_FORMATS, SHUFFLES, encode_shard, open_location, shard_format)
+from cmt.labels import LABELS_HELP, parse_labels
 from cmt.manifest import (BUILD_CONFIG, DATASET_NAME, DATASET_VERSION, MANIFEST, TrajectoryDataset, dataset_compression, dataset_shuffle, read_json, upgrade_manifest, write_json)
 from cmt.metrics import embedded_metric, metric_sample_count
-from cmt.options import checked_keywords
+from cmt.options import checked_keywords, document_keywords
 from cmt.solvers import FLOW_MAP, SOLVERS, sample_trajectory
 from cmt.teachers import RECIPE_TEACHERS
 from cmt.builders.plan import (CONFIG_OPTIONS, DEFAULT_SOLVER, STORAGE_DTYPES, build_config_hash, check_output, draw_inputs, parse_states, shard_plan, solver_steps)
@@ -43,6 +43,50 @@ class NonFiniteTrajectories(RuntimeError):
     """The teacher produced NaN or inf; the message names the trajectory indices."""
 
 
+# What each keyword of `build_trajectories` means: its docstring and cmt-build's help
+# (`cmt.options.document_keywords`).
+BUILD_HELP = {
+    "teacher": "A checkpoint of ours (path), a built-in name (mnist, toy:NAME), 'edm2' or 'edm' with --teacher-ckpt, "
+               "an EDM2 or EDM preset, an official .pkl, a SiT size with --teacher-ckpt, or a flow-map student (a CMT "
+               "flow-map or MeanFlow checkpoint, a MeanFlow-port .pt) sampled by its own --nfe jumps; in Python also "
+               "a `Teacher` (an in-memory denoiser with its shape and identity, then no teacher_ckpt / guidance / "
+               "guide_ckpt) [default: the --recipe's].",
+    "out": "Output directory or fsspec URL (file://, memory://, s3:// ...).",
+    "recipe": "A recipe of docs/recipes.md: its official teacher when --teacher is not given ("
+              + ", ".join(f"{name}: {teacher}" for name, teacher in RECIPE_TEACHERS.items())
+              + ", downloaded once into the cache); the defaults are its solver settings.",
+    "teacher_ckpt": "For --teacher edm2 / edm: an official .pkl, its .safetensors export or a preset.",
+    "guidance": "Guidance weight: autoguidance with --guide-ckpt, else classifier-free (conditional teachers); 1 is "
+                "no guidance (cmt.guidance.apply_guidance) [default: unguided].",
+    "guide_ckpt": "The guiding network for autoguidance (path, preset or built-in name).",
+    "solver": f"ODE solver of a diffusion teacher ({', '.join(SOLVERS)}); {FLOW_MAP}: a flow-map teacher's own "
+              f"jumps along the grid [default: {DEFAULT_SOLVER}, or {FLOW_MAP} for a flow-map teacher].",
+    "nfe": "Denoiser calls per trajectory.",
+    "grid": "Sigma grid: logsnr (geometric, the official CMT grid) or karras (EDM, ends at 0).",
+    "sigma_max": "The grid's first sigma (the noise's).",
+    "sigma_min": "The grid's last nonzero sigma.",
+    "rho": "Karras grid exponent.",
+    "num_trajectories": "Trajectories in the set; a larger number into an existing set adds the new ones.",
+    "batch_size": "Trajectories per teacher batch (part of the configuration).",
+    "seed": "Trajectory i depends on (seed, i) only.",
+    "labels": LABELS_HELP + " random is drawn per trajectory.",
+    "format": f"Shard format: {', '.join(SHARD_FORMATS)} (zarr: v3 groups; wds: WebDataset .tar.gz, gzip'ed always).",
+    "shard_size": "Trajectories per shard.",
+    "dtype": f"Stored states: {', '.join(STORAGE_DTYPES)}.",
+    "states": "Solver states to keep: all, or grid indices like 0,4,8,12,16 (noise and endpoint are always kept).",
+    "compression": f"Blosc codec of zarr shards ({', '.join(COMPRESSIONS)}; lz4, byte shuffle: the fastest to read; "
+                   "zstd, bit shuffle: ~15% smaller on noise-like states, ~2x slower to read) [default: the one --out "
+                   f"was built with (zstd for sets built before the option), else {DEFAULT_COMPRESSION}].",
+    "eval_teacher": "Score the endpoints with the embedded-data metric of --eval-data (stored in the manifest).",
+    "eval_data": f"Data set for --eval-teacher ({', '.join(EVAL_DATA)}) [default: the built-in teacher's name].",
+    "progress": "tqdm progress bar.",
+    "log": "(Python) Where the summary lines go.",
+    "on_shard_written": "(Python) on_shard_written(shard) is called (from the writer thread) once shard number "
+                        "`shard` is in place, before its sidecar is written.",
+}
+
+
+@document_keywords(BUILD_HELP)
 @checked_keywords
 def build_trajectories(*, teacher=None, out, recipe=None, teacher_ckpt=None, guidance=None, guide_ckpt=None,
                        solver=None, nfe=16, grid="logsnr", sigma_max=SIGMA_MAX, sigma_min=SIGMA_MIN, rho=RHO,
@@ -51,33 +95,14 @@ def build_trajectories(*, teacher=None, out, recipe=None, teacher_ckpt=None, gui
                        progress=True, log=print, on_shard_written=None):
     """Build (or resume) a dataset of teacher ODE trajectories at `out`; the `cmt-build` options as keywords.
 
-    teacher: a checkpoint path, a built-in name (mnist, toy:NAME), 'edm2' / 'edm' with `teacher_ckpt`,
-        an EDM2 or EDM preset, or a `Teacher` (an in-memory denoiser with its shape and identity; then
-        no teacher_ckpt / guidance / guide_ckpt). None: the recipe's. A flow-map student (a CMT
-        flow-map or MeanFlow checkpoint of any family, an official MeanFlow-port .pt) is a teacher too:
-        its trajectory is its own `nfe`-step flow-map sampler along the grid (solver "flowmap": each
-        stored state is the network's jump from the previous one), as the CMT paper's ImageNet-256 run
-        used a small MeanFlow model as the multi-step teacher of MF-XL/2.
-    recipe: a named recipe (`RECIPE_TEACHERS`: cifar10, ffhq64, afhq64, imagenet512): without `teacher`, its official
-        teacher (an EDM or EDM2 preset, downloaded once into the cache); the solver settings it builds with
-        are this function's defaults (`RECIPE_TARGETS`). One line says what it set and which given
-        settings differ from the recipe's.
-    solver: an ODE solver of `cmt.solvers.SOLVERS` for a diffusion teacher, "flowmap" for a flow-map
-        one; None: dpm++3m, or flowmap for a flow-map teacher.
-    guidance, guide_ckpt: `cmt.guidance.apply_guidance` (autoguidance by guide_ckpt, else
-        classifier-free; weight 1 is no guidance).
-    labels: `cmt.labels` ("random", drawn per trajectory; "cycle"; a class; "none"); None: random for
-        a conditional teacher, else none.
-    format: "zarr" or "wds". states: "all" or grid indices "0,4,8" (noise and endpoint are always kept).
-    compression: of zarr shards, one of `cmt.formats.COMPRESSIONS`; None: the one `out` was built
-        with when it holds a dataset (zstd for sets built before the option), else
-        `DEFAULT_COMPRESSION` (WebDataset shards are gzip'ed, always). Its Blosc shuffle filter is
-        the one `out` was built with when it holds a set of this compression (bit shuffle for sets
-        that record none), else the compression's `cmt.formats.DEFAULT_SHUFFLE`.
-    eval_teacher: score the endpoints with the embedded-data metric of `eval_data` (default: the
-        built-in teacher's name) into the manifest.
-    log: where the summary lines go. on_shard_written(shard): called (from the writer thread) once
-        shard number `shard` is in place, before its sidecar is written.
+    A flow-map student as the teacher (a CMT flow-map or MeanFlow checkpoint of any family, an
+    official MeanFlow-port .pt) is sampled by its own `nfe`-step jumps along the grid (solver
+    "flowmap": each stored state is the network's jump from the previous one), as the CMT paper's
+    ImageNet-256 run used a small MeanFlow model as the multi-step teacher of MF-XL/2. A recipe's
+    solver settings are `RECIPE_TARGETS`; one line says what it set and which given settings differ.
+    A zarr set's Blosc shuffle filter is the one `out` was built with when it holds a set of this
+    compression (bit shuffle for sets that record none), else the compression's
+    `cmt.formats.DEFAULT_SHUFFLE`.
 
     Returns `{"out", "manifest", "build_config", "shards" (locations), "count", "teacher_eval"}`:
     `Path`s for a local `out`, URL strings otherwise; `teacher_eval` (rank 0) is the figure stored

@@ -45,26 +45,38 @@ from cmt.latents import EDM2_VAE, LATENT_DATASET, SCALINGS, LatentCodec, load_va
 from cmt.manifest import BUILD_CONFIG, LATENT_VERSION, MANIFEST, config_hash, latent_fields, read_json, write_json
 from cmt.builders.sharding import write_shards
 from cmt.builders.plan import STORAGE_DTYPES
-from cmt.options import checked_keywords, differences
+from cmt.options import checked_keywords, differences, document_keywords
 
 
+# What each keyword of `encode_dataset` means: its docstring and cmt-encode's help
+# (`cmt.options.document_keywords`).
+ENCODE_HELP = {
+    "source": "The images: a folder, an EDM dataset .zip or an .npz (as --data takes them).",
+    "out": "Output directory (resumable: re-run the same command after a crash).",
+    "vae": "The diffusers AutoencoderKL: a local directory or a hub id (SD's VAE stabilityai/sd-vae-ft-mse is EDM2's "
+           "and MeanFlow's); in Python also an `AutoencoderKL` object.",
+    "scaling": "edm2: EDM2's per-channel statistics, the VAE on [0, 1] pixels; sd: x 0.18215, the VAE on [-1, 1] "
+               "pixels (MeanFlow's).",
+    "resolution": "Bring every image to this size first [default: as they are].",
+    "resize": "How --resolution is reached: center-crop (EDM's dataset tool) or adm (ADM's, ImageNet).",
+    "flips": "Also encode every image mirrored left-right (training draws one of the two at random).",
+    "batch_size": "Images per VAE call (part of the configuration: it can change the last bits).",
+    "shard_size": "Images per shard.",
+    "dtype": "Stored moments: float32 (as EDM2 stores them) or float16.",
+    "compression": "Blosc codec of the shards (the moments are noise-like: lz4 saves ~5%).",
+    "workers": "Image decoding processes: auto (every core but one) or a number.",
+    "device": "The VAE's device [default: this rank's accelerator, cuda if available, else cpu].",
+    "progress": "tqdm progress bar.",
+    "log": "(Python) Where the summary lines go.",
+}
+
+
+@document_keywords(ENCODE_HELP)
 @checked_keywords
 def encode_dataset(*, source, out, vae=EDM2_VAE, scaling="edm2", resolution=None, resize="center-crop", flips=False,
                    batch_size=32, shard_size=4096, dtype="float32", compression="none", workers="auto", device=None,
                    progress=True, log=print):
     """Encode the images at `source` into a latent set at `out`; the `cmt-encode` options as keywords.
-
-    source: an image folder, an EDM dataset zip or an .npz (as `--data` takes them); resolution,
-        resize: bring every image to that size first (`cmt.datasets.images.RESIZES`; None: as they are).
-    vae: a diffusers AutoencoderKL directory or hub id (SD's VAE: stabilityai/sd-vae-ft-mse, EDM2's
-        and MeanFlow's), or an `AutoencoderKL` object. scaling: `cmt.latents.SCALINGS` (edm2: EDM2's
-        per-channel statistics, VAE on [0, 1] pixels; sd: x 0.18215, VAE on [-1, 1] pixels).
-    flips: also store the moments of every image mirrored left-right (drawn at random in training).
-    batch_size: images per VAE call (part of the configuration: it can change the last bits);
-    shard_size: items per shard; dtype: of the stored moments (float32 as EDM2 stores them, or
-    float16); compression: zarr's Blosc codec (`cmt.formats.COMPRESSIONS`; none by default: the
-    moments are noise-like, lz4 saves ~5%); workers: image decoding processes ("auto": every core
-    but one); device: the VAE's (default: this rank's accelerator device, else cpu).
 
     Returns `{"out", "manifest", "count", "shards", "data_shape", "encoder"}`. Bad options and a VAE
     whose latents do not fit raise `ArgumentError` naming the keyword; a damaged image raises

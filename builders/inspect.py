@@ -22,20 +22,33 @@ from cmt.formats import ShardError, checksum, read_files
 from cmt.images import READABLE_CELL, save_image_grid, save_scatter, save_trajectory_grid, sigma_label
 from cmt.latents import EDM2_VAE, LatentCodec, decode_latents, read_latent_record
 from cmt.manifest import BUILD_CONFIG, MANIFEST, LatentManifest, TrajectoryDataset, sidecar_name
-from cmt.options import checked_keywords
+from cmt.options import checked_keywords, document_keywords
 
 ITEM_BYTES = {"float16": 2, "float32": 4}
 
 
+# What each keyword of `inspect_trajectories` means: its docstring and cmt-inspect's help
+# (`cmt.options.document_keywords`).
+INSPECT_HELP = {
+    "path": "A trajectory dataset (cmt-build) or latent set (cmt-encode): a directory or fsspec URL.",
+    "verify": "Check every checksum, decode every shard and scan for NaN/inf; the command exits 1 on any fault.",
+    "stats": "Per state mean and std against what its sigma predicts.",
+    "preview": "Write a PNG of some trajectories (rows; a scatter for 2-D points).",
+    "preview_count": "Trajectories (rows) in an image preview.",
+    "vae": "Latent datasets (EDM2 img512 teachers): the diffusers AutoencoderKL that decodes the preview, a local "
+           "directory or a hub id such as stabilityai/sd-vae-ft-mse.",
+}
+
+
+@document_keywords(INSPECT_HELP)
 @checked_keywords
 def inspect_trajectories(path, *, verify=False, stats=False, preview=None, preview_count=8, vae=None):
-    """The report on the trajectory dataset at `path` (a directory or fsspec URL) as a dict.
+    """The report on the trajectory dataset (or cmt-encode latent set) at `path` as a dict.
 
     Always `{"summary": {...}}` (see `summary`); with `stats`, `"stats"`: per kept state its mean and
-    std against the prediction; with `preview` (a .png path), `"preview"`: the `Path` written, with
-    `preview_count` trajectories as rows (images) or a scatter of 2-D points; latent datasets decode
-    through `vae` (a diffusers AutoencoderKL directory or hub id); with `verify`, `"verify"`:
-    `{"ok", "faults", "shards"}` after every checksum, decode and NaN/inf scan.
+    std against the prediction; with `preview`, `"preview"`: the `Path` written (rows are
+    trajectories of images, or a scatter of 2-D points); with `verify`, `"verify"`: `{"ok",
+    "faults", "shards"}`.
 
     Raises `ArgumentError` naming `path` (not a finished dataset), `preview`, `preview_count` or
     `vae`; `cmt.formats.ShardError` when a shard that stats or preview reads is broken (verify

@@ -37,6 +37,7 @@ from cmt.errors import ArgumentError
 from cmt.evaluation import evaluate, load_samples
 from cmt.flags import command_words, renamed_keywords
 from cmt.metrics import embedded_metric
+from cmt.options import document_keywords
 from cmt.outputs import write_text
 from cmt.sampling import metric_title, sample, save_samples
 from cmt.stages import Call
@@ -355,18 +356,37 @@ def run_stages(run, stages=None):
     return run
 
 
+def _per_data(field):
+    values = ", ".join(f"{kind} {getattr(settings, field)}" for kind, settings in SETTINGS.items())
+    return f"[default: per data: {values}]"
+
+
+# What each keyword of `run_demo` means: its docstring and the demo command's help
+# (`cmt.options.document_keywords`).
+DEMO_HELP = {
+    "out": "Demo folder: shards/, mid/, post/, samples/, report.md.",
+    "data": f"A built-in data set with a built-in teacher ({', '.join(DATA_CHOICES)}).",
+    "train_teacher": "Pre-train the teacher here with the built-in one's recipe instead of reusing it (MNIST: ~12 CPU "
+                     "minutes).",
+    "num_trajectories": f"Teacher trajectories {_per_data('trajectories')}.",
+    "mid_steps": f"Mid-training steps {_per_data('mid_steps')}.",
+    "post_steps": f"Post-training steps {_per_data('post_steps')}.",
+    "batch_size": f"Mid- and post-training batch {_per_data('mid_batch')}.",
+    "num_samples": f"Samples per model for the metrics (at least {MIN_EVAL_NUM}) {_per_data('eval_num')}.",
+    "seed": "Seeds every stage (the build's trajectories, the trainers, the samples).",
+    "threads": "torch threads [default: torch's, one per core].",
+    "fresh": "Start over: remove the stages of an earlier run in --out.",
+    "progress": "tqdm progress bars.",
+    "log": "(Python) Where progress lines go.",
+}
+
+
+@document_keywords(DEMO_HELP)
 @renamed_keywords(trajectories="num_trajectories", eval_num="num_samples")
 def run_demo(*, out="runs/demo", data="mnist", train_teacher=False, num_trajectories=None, mid_steps=None,
              post_steps=None, batch_size=None, num_samples=None, seed=0, threads=None, fresh=False, progress=True,
              log=print):
     """Run the whole pipeline on built-in data and write OUT/report.md; `python -m cmt.cli.demo`.
-
-    out: the demo folder (shards/, mid/, post/, samples/, report.md). data: a built-in data set with a
-    built-in teacher (`DATA_CHOICES`). train_teacher: pre-train the teacher with the built-in one's
-    recipe instead of reusing it (MNIST: ~12 CPU minutes). num_trajectories, mid_steps, post_steps,
-    batch_size (mid- and post-training), num_samples (samples per model for the metrics, at least 20):
-    None takes `SETTINGS` of the data kind. threads: torch threads (None: torch's). fresh: remove
-    the stages of an earlier run in `out` first. log: where progress lines go.
 
     Returns `{"out", "report", "stages", "metrics" (file), "figures": [Path, ...], "values":
     {sample set: {metric: value}}, "wall_s", "cpu_s"}`.

@@ -26,7 +26,7 @@ from cmt.sampling import torch_device
 from cmt.metrics import (INCEPTION_URL, FeatureMoments, InceptionFID, embedded_metric, feature_statistics,
                          frechet_distance, load_reference_statistics, metric_note, mnist_features,
                          mnist_reference_statistics, save_reference_statistics, too_few_for_a_metric)
-from cmt.options import checked_keywords
+from cmt.options import checked_keywords, document_keywords
 
 # Images per feature batch when the ranks of `accelerate launch` share the detector's work (the
 # batch of `cmt.metrics.mnist_features`, so one process computes the same features).
@@ -169,28 +169,38 @@ def evaluate_samples(samples, data, fid=None, state=None, fd_dinov2=None):
     return results
 
 
+# What each keyword of `evaluate` means: its docstring and cmt-eval's help (`cmt.options.document_keywords`).
+EVALUATE_HELP = {
+    "samples": "Samples .npz (key 'samples', optional 'labels'), e.g. from cmt-sample (not with --ref-stats); in "
+               "Python also the samples themselves (a tensor or array).",
+    "data": "mnist | toy:NAME | PATH (image folder, .npz, EDM dataset .zip, cmt-encode latent set).",
+    "fid": "Also compute Inception FID (needs --detector).",
+    "detector": f"TorchScript inception-2015-12-05.pt: a path, or its URL {INCEPTION_URL}.",
+    "ref": "Reference statistics .npz, path or URL: EDM's fid-refs (mu, sigma; fd_dinov2_mu, fd_dinov2_sigma for "
+           "FD-DINOv2) or one written by --ref-stats [default: computed from the --data images].",
+    "fd_dinov2": "Also compute EDM2's FD-DINOv2 (DINOv2 ViT-L/14 features).",
+    "dinov2": f"DINOv2 weights (.pth), a path or URL [default: {DINOV2_URL}, downloaded once into the cmt cache].",
+    "ref_stats": "Write the reference statistics of the --data images for --fid / --fd-dinov2 to this .npz instead "
+                 "of scoring samples.",
+    "vae": "A latent set as --data: the AutoencoderKL that decodes the samples, a directory or hub id [default: the "
+           "one it records].",
+    "device": "Device for the detectors and the VAE [default: cuda if available, else cpu].",
+}
+
+
+@document_keywords(EVALUATE_HELP)
 @checked_keywords
 def evaluate(*, samples=None, data, fid=False, detector=None, ref=None, fd_dinov2=False, dinov2=None, ref_stats=None,
              vae=None, device=None):
     """Score `samples` against `data`; the entry point behind `cmt-eval`.
 
-    samples: an .npz from cmt-sample (key `samples`, optional `labels`), or the samples themselves
-    (a tensor or array). data: mnist | toy:NAME | PATH (image folder, .npz, EDM dataset .zip).
     Toy data get energy distance and sliced Wasserstein against the fixed reference sample; mnist
-    gets FD-MNIST (features of a small MNIST classifier, not Inception FID). fid: also Inception
-    FID with `detector` (the TorchScript inception-2015-12-05.pt, path or URL). fd_dinov2: also
-    EDM2's FD-DINOv2 (`cmt.dinov2`: DINOv2 ViT-L/14 features of the images resized to 224), with
-    the weights `dinov2` (a path or URL; default the official dinov2_vitl14_pretrain.pth, downloaded
-    once into `$CMT_CACHE/dinov2`). Both against the `ref` statistics (an .npz, path or URL: EDM's
-    fid-refs `mu`, `sigma` for FID, `fd_dinov2_mu`, `fd_dinov2_sigma` for FD-DINOv2, as `ref_stats`
-    writes them), or against statistics of the `data` images when `ref` is None. data may also be a
-    latent set (cmt-encode's folder): the samples are then its latents, decoded for the detectors
-    through the VAE it records (or `vae`, a diffusers AutoencoderKL directory or hub id), and the
-    reference is `ref` or the images it was encoded from. device: for the detectors and the VAE
-    (default cuda if available, else cpu).
-
-    ref_stats: instead of scoring samples, write the reference statistics of the `data` images for
-    `fid` and/or `fd_dinov2` to this .npz, in one streamed pass (`reference_statistics`).
+    gets FD-MNIST (features of a small MNIST classifier, not Inception FID); `fid` and `fd_dinov2`
+    add the Frechet distances (`cmt.dinov2`: DINOv2 ViT-L/14 features of the images resized to 224)
+    against `ref` or the `data` images' statistics. A latent set (cmt-encode's folder) as data: the
+    samples are its latents, decoded for the detectors through the VAE it records (or `vae`), and
+    the reference is `ref` or the images it was encoded from. With `ref_stats`, the statistics are
+    written in one streamed pass instead (`reference_statistics`).
 
     Under `accelerate launch` the ranks share the feature extraction (same figures as one process);
     every rank returns the figures, rank 0 reports them.

@@ -12,9 +12,11 @@ writes nothing (`build_trajectories(num_trajectories=16.5)` used to record 16.5 
 """
 import dataclasses
 import functools
+import inspect
 import math
 import numbers
 import os
+import textwrap
 from typing import Any
 
 from cmt.errors import ArgumentError
@@ -145,3 +147,37 @@ def checked_keywords(function):
     def wrapper(*args, **kwargs):
         return function(*args, **check_keywords(kwargs))
     return wrapper
+
+
+# ---- keyword prose written once ------------------------------------------------------------------
+
+KEYWORDS_HEADING = "Keywords (the command's flags are these names with - for _; the same text is their --help):"
+
+
+def document_keywords(table, *more):
+    """Decorator: append `table` (keyword -> one or two sentences) to the function's docstring with
+    each keyword's default from the signature, then each of `more`, `(heading, table, defaults)`
+    (the shared trainer options behind `**train_options`). The tables are also what the command's
+    click options show as their help (`cmt.cli`), so an option's prose is written once and
+    `help(cmt.mid_train)` says what `cmt-train mid --help` says."""
+    def decorate(function):
+        signature_defaults = {name: parameter.default for name, parameter in
+                              inspect.signature(function).parameters.items()
+                              if parameter.default is not inspect.Parameter.empty}
+        lines, said = [], set()
+        for heading, texts, defaults in ((KEYWORDS_HEADING, table, signature_defaults), *more):
+            lines += ["", f"    {heading}"]
+            lines += [textwrap.fill(text, 100, initial_indent=f"      {name}"
+                                    f"{f'={defaults[name]!r}' if name in defaults else ''}: ",
+                                    subsequent_indent=" " * 8, break_on_hyphens=False)
+                      for name, text in texts.items() if name not in said]
+            said |= set(texts)
+        function.__doc__ = (function.__doc__ or "").rstrip() + "\n" + "\n".join(lines) + "\n"
+        return function
+    return decorate
+
+
+def written_docstring(function):
+    """The hand-written part of a docstring that `document_keywords` extended (what a test reads to
+    hold the prose to one place)."""
+    return (function.__doc__ or "").split(KEYWORDS_HEADING)[0]

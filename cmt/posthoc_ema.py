@@ -25,7 +25,7 @@ from cmt.edm import TWO_STEP_SIGMA
 from cmt.errors import ArgumentError, FileFormatError, local_path_only
 from cmt.evaluation import evaluate
 from cmt.networks import build_network
-from cmt.options import checked_keywords
+from cmt.options import checked_keywords, document_keywords
 from cmt.outputs import STEP_DIGITS, atomic_path, write_text
 from cmt.phema import SNAPSHOT_PREFIX, check_stds, p_dot_p, solve_posthoc_coefficients, std_to_exp
 from cmt.sampling import DEFAULT_STEPS, sample
@@ -86,23 +86,37 @@ def fit_error(coefficients, in_times, in_stds, out_time, out_stds):
     return np.maximum(residual, 0.0) / norms
 
 
+# What each keyword of `reconstruct_ema` means: its docstring and cmt-ema's help (`cmt.options.document_keywords`).
+EMA_HELP = {
+    "snapshots": "A run's snapshot folder (phema-NNNNNNN-STD.safetensors files) or one snapshot file; in Python also "
+                 "a list of such files.",
+    "std": "Target EMA std(s), EDM2's sigma_rel, comma-separated (in Python a number or a list), each in (0, 0.289).",
+    "out": "Folder for the reconstructed networks ema-NNNNNNN-STD.safetensors.",
+    "step": "Reconstruct at this snapshot step; later snapshots are not used [default: the last].",
+    "eval_data": f"Sample and score each reconstruction on this built-in data set (mnist, toy:NAME: "
+                 f"{', '.join(TOY_NAMES)}).",
+    "eval_steps": f"Sampler steps for --eval [default: 2 flow-map steps for a student, {DEFAULT_STEPS} ODE steps "
+                  "otherwise].",
+    "mid_sigma": "A student's 2-step intermediate sigma.",
+    "num_samples": "Samples per reconstruction for --eval.",
+    "seed": "Sample i uses seed + i.",
+    "device": "torch device [default: cuda if available, else cpu].",
+    "progress": "tqdm progress bars while sampling.",
+}
+
+
+@document_keywords(EMA_HELP)
 @checked_keywords
 def reconstruct_ema(*, snapshots, std, out, step=None, eval_data=None, eval_steps=None, mid_sigma=TWO_STEP_SIGMA,
                     num_samples=2000, seed=0, device=None, progress=True):
     """Reconstruct the power-function EMA of each `std` from a run's snapshots; `cmt-ema`.
 
-    snapshots: a folder holding `phema-NNNNNNN-STD.safetensors` files (a run's `snapshots/`) or a list
-    of such files. std: the target EMA std (EDM2's sigma_rel) or a list of them, each in (0, 0.289).
-    out: the folder for `ema-NNNNNNN-STD.safetensors` (the network config and the snapshot's run
-    record kept; `"posthoc_ema"` in the metadata holds the std, the step, the coefficients and the
-    fit error). step: the training step to reconstruct at, one of the snapshots' (default: the last);
-    snapshots after it are not used.
-
-    eval_data: a built-in data set (toy:NAME, mnist): sample each reconstruction (`num_samples`,
-    seeds `seed + i`) and score it with the data's metric (lower is better): flow-map / consistency
-    students with `eval_steps` (default 2; 2 goes via `mid_sigma`) flow-map steps, diffusion
-    networks with the default ODE sampler (`eval_steps` default 16); the sweep goes to
-    `out/ema-eval.json` and `out/ema-eval.png` (metric against std), the pictures to `out/eval/`.
+    Each reconstruction keeps the network config and the snapshot's run record; `"posthoc_ema"` in
+    its metadata holds the std, the step, the coefficients and the fit error. With `eval_data`, each
+    is sampled (seeds `seed + i`) and scored with the data's metric (lower is better): flow-map /
+    consistency students by flow-map steps, diffusion networks by the default ODE sampler; the
+    sweep goes to `out/ema-eval.json` and `out/ema-eval.png` (metric against std), the pictures to
+    `out/eval/`.
 
     Returns `{"out", "models": [Path per std], "stds", "step", "nimg", "snapshots": [Path],
     "coefficients": [[per snapshot] per std], "fit_error": [per std], "eval": None or {"data",

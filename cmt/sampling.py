@@ -22,10 +22,10 @@ from cmt.edm import SIGMA_GRIDS, SIGMA_MAX, SIGMA_MIN, TWO_STEP_SIGMA, sigma_gri
 from cmt.errors import ArgumentError, NonFiniteSamples, local_path_only
 from cmt.flags import renamed_keywords
 from cmt.images import MAX_GRID_IMAGES, READABLE_CELL, save_image_grid, save_scatter
-from cmt.labels import parse_labels, pick_labels
+from cmt.labels import LABELS_HELP, parse_labels, pick_labels
 from cmt.latents import LatentCodec
-from cmt.metrics import embedded_metric, metric_note, too_few_for_a_metric
-from cmt.options import checked_keywords
+from cmt.metrics import POINT_METRIC_MAX_SAMPLES, embedded_metric, metric_note, too_few_for_a_metric
+from cmt.options import checked_keywords, document_keywords
 from cmt.outputs import write_npz
 from cmt.seeds import derive_seed
 from cmt.solvers import SOLVERS, flow_map_step, sample as solve
@@ -314,6 +314,36 @@ def latent_decoder(identity, vae, device):
         raise ArgumentError("vae", str(error)) from None
 
 
+# What each keyword of `sample` means: its docstring and cmt-sample's help (`cmt.options.document_keywords`).
+SAMPLE_HELP = {
+    "ckpt": "A checkpoint (.safetensors, training .pt, EDM2 .pkl, a run's snapshots/*.safetensors), a built-in "
+            f"teacher ({', '.join(['mnist'] + [f'toy:{name}' for name in TOY_NAMES])}) or an EDM2 preset.",
+    "out": f"PNG: a grid of the first {MAX_GRID_IMAGES} images (cells of at least {READABLE_CELL} px), or a scatter "
+           "plot of 2-D data with the toy metric in its title.",
+    "sampler": "ode: solve the teacher's ODE; flowmap: 1-/2-step jumps of a student, as its record says [default: "
+               "the model's own, flowmap for a student, ode for a teacher].",
+    "solver": "ODE solver.",
+    "steps": f"Solver steps (flowmap: 1 or 2) [default: {DEFAULT_STEPS} ODE steps, 2 flow-map steps].",
+    "grid": "Sigma grid of the ODE solver (logsnr: the CMT trajectories' grid).",
+    "sigma_min": "The ODE grid's last nonzero sigma.",
+    "sigma_max": "The ODE grid's first sigma (the noise's).",
+    "mid_sigma": "Flowmap 2-step: the intermediate sigma [default: the student's recorded one, as it was trained "
+                 f"and reported with, else {TWO_STEP_SIGMA}].",
+    "num_samples": f"Number of samples (the grid shows the first {MAX_GRID_IMAGES}).",
+    "seed": "Sample i uses seed + i.",
+    "labels": LABELS_HELP,
+    "npz": "Also save all samples, labels and seeds here (before the picture; latent networks: the latents).",
+    "vae": "Latent networks (EDM2 img512): the diffusers AutoencoderKL that decodes the picture, a local directory "
+           "or a hub id such as stabilityai/sd-vae-ft-mse.",
+    "batch_size": "Samples per network batch.",
+    "device": "torch device [default: cuda if available, else cpu].",
+    "progress": "tqdm progress bar.",
+    "metric": f"2-D samples of a built-in toy: score them with its metric (of the first {POINT_METRIC_MAX_SAMPLES} "
+              "samples).",
+}
+
+
+@document_keywords(SAMPLE_HELP)
 @renamed_keywords(num="num_samples")
 @checked_keywords
 def sample(*, ckpt, out, sampler=None, solver=DEFAULT_SOLVER, steps=None, grid=DEFAULT_GRID,
@@ -321,24 +351,12 @@ def sample(*, ckpt, out, sampler=None, solver=DEFAULT_SOLVER, steps=None, grid=D
            npz=None, vae=None, batch_size=DEFAULT_BATCH_SIZE, device=None, progress=True, metric=True):
     """Sample a teacher or a student checkpoint to a PNG (and optionally an .npz); `cmt-sample`.
 
-    ckpt: a checkpoint (.safetensors, training .pt, EDM2 .pkl, a training snapshot), a built-in
-    teacher (mnist, toy:checkerboard, toy:8gaussians, toy:moons) or an EDM2 preset. out: the PNG
-    (a grid of the first `MAX_GRID_IMAGES` images, enlarged to `READABLE_CELL` px, or a scatter plot
-    of 2-D data with the toy metric in its title). sampler "ode" solves the teacher's ODE with
-    `solver` over `steps` steps (default `DEFAULT_STEPS`) of the `grid` sigmas; "flowmap" makes 1
-    or 2 (default) jumps of a student as its record says (`recorded_sampler`: re-noising between
-    consistency jumps, or flow-map jumps; 2 steps via `mid_sigma`, default the record's, else
-    `cmt.edm.TWO_STEP_SIGMA`; a record with time "t", MeanFlow students of SiT, jumps in t from
-    t = 1 through t(mid_sigma), `flow_map_sample_in_t`). None: the model's own, "flowmap" for a
-    student and "ode" for a teacher. Sample i uses seed `seed + i`; labels: `cmt.labels` ("random",
-    "cycle", a class id K, "none"; None: random for a class-conditional network, else none). npz: also save
-    all samples, labels and seeds there (written before the picture). vae: for a latent network
-    (EDM2 img512), the diffusers AutoencoderKL (directory or hub id) that decodes the picture; the
-    .npz keeps the latents. device: default cuda if available, else cpu. progress: a tqdm bar.
-    metric: score 2-D samples of a built-in toy with its metric (of the first
-    `cmt.metrics.POINT_METRIC_MAX_SAMPLES`; none for fewer than `cmt.metrics.MIN_METRIC_SAMPLES`:
-    `metric_note` says why); False skips it.
-    Under `accelerate launch` the ranks share the batches and rank 0 writes (same samples as one
+    "ode" solves the teacher's ODE over the `grid` sigmas; "flowmap" makes the jumps a student's
+    record says (`recorded_sampler`: re-noising between consistency jumps, or flow-map jumps; a
+    record with time "t", MeanFlow students of SiT, jumps in t from t = 1 through t(mid_sigma),
+    `flow_map_sample_in_t`). A 2-D toy's metric scores at most `cmt.metrics.POINT_METRIC_MAX_SAMPLES`
+    and none below `cmt.metrics.MIN_METRIC_SAMPLES` (`metric_note` says why). Under
+    `accelerate launch` the ranks share the batches and rank 0 writes (the same samples as one
     process).
 
     Returns `{"out": Path, "npz": Path or None, "seeds": [...], "labels": tensor [num_samples],

@@ -32,7 +32,7 @@ from cmt.download import DownloadError, fetch, is_url
 from cmt.errors import ArgumentError, FileFormatError
 from cmt.guidance import apply_guidance
 from cmt.networks.sit import SIT_PRESETS
-from cmt.options import checked_keywords
+from cmt.options import checked_keywords, document_keywords
 from cmt.sit_checkpoint import (MEANFLOW_PORT_ENCODER, SIT_ENCODER, SIT_LABEL_DROPOUT, SIT_XL2_256_FILE,
                                 SIT_XL2_256_URL, load_sit_checkpoint, size_name)
 
@@ -325,13 +325,24 @@ def needs_no_conversion(path):
     return "already a cmt network (.safetensors)"
 
 
-def convert_checkpoint(*, source, out, overwrite=False):
-    """Convert an official EDM or EDM2 network pickle to our `.safetensors` (the `cmt-convert` command).
+# What each keyword of `convert_checkpoint` means: its docstring and cmt-convert's help
+# (`cmt.options.document_keywords`).
+CONVERT_HELP = {
+    "source": "An official EDM or EDM2 network pickle: a .pkl path, a URL or a preset name (EDM2's or EDM's, "
+              "downloaded into $CMT_CACHE/edm2 or $CMT_CACHE/edm, default ~/.cache/cmt/...). It is read with a "
+              "restricted unpickler: no code from the file runs; EDM or EDM2 is told from its network's pickled class.",
+    "out": "The .safetensors file to write.",
+    "overwrite": "Replace OUT if it exists.",
+}
 
-    `source`: a `.pkl` path, a URL or a preset name (EDM2's or EDM's; fetched into the cache). The
-    pickle is read with the restricted unpickler of `cmt.networks.nvlabs_pickle`: no code from the
-    file runs; its family comes from the pickled class of its network. Returns `{"out": Path,
-    "source": Path, "parameters": int, "encoder": {...}, "kind": "edm" | "edm2", "official_class"}`.
+
+@document_keywords(CONVERT_HELP)
+def convert_checkpoint(*, source, out, overwrite=False):
+    """Convert an official EDM or EDM2 network pickle to our `.safetensors` (the `cmt-convert` command),
+    with the restricted unpickler of `cmt.networks.nvlabs_pickle`.
+
+    Returns `{"out": Path, "source": Path, "parameters": int, "encoder": {...}, "kind": "edm" | "edm2",
+    "official_class"}`.
     """
     out = Path(out)
     if out.suffix != ".safetensors":

@@ -3,9 +3,11 @@ pictures, EMA snapshots, growing trajectory sets, rank-split sampling and evalua
 import inspect
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
+import click
 import numpy as np
 import pytest
 import torch
@@ -32,7 +34,19 @@ from cmt.labels import pick_labels
 from cmt.manifest import TrajectoryDataset, upgrade_manifest
 from cmt.networks import build_network
 from cmt.sampling import sample, save_samples, student_sampler
+from cmt.builders.encode import ENCODE_HELP
+from cmt.builders.build import BUILD_HELP
+from cmt.builders.inspect import INSPECT_HELP, inspect_trajectories
+from cmt.demo import DEMO_HELP
+from cmt.evaluation import EVALUATE_HELP
+from cmt.options import written_docstring
+from cmt.posthoc_ema import EMA_HELP
+from cmt.sampling import SAMPLE_HELP
+from cmt.teachers import CONVERT_HELP, convert_checkpoint
 from cmt.trainers.config import TRAIN_DEFAULTS, TRAIN_HELP
+from cmt.trainers.diffusion import DIFFUSION_HELP
+from cmt.trainers.mid import MID_HELP
+from cmt.trainers.post import POST_HELP
 from cmt.trainers.run_files import IMAGES_SEEN, read_log
 from conftest import TEACHER, TWO_CPU_ENV, TWO_CPU_PROCESSES, gmm_teacher, invoke_command
 
@@ -102,6 +116,38 @@ def test_the_shared_trainer_options_are_documented_once(phase):
     for name, text in TRAIN_HELP.items():
         assert shown[name].startswith(text), name
     assert "per architecture" in shown["lr"] or phase == "diffusion"
+
+
+# (command, its library function, the table that describes the function's keywords)
+DOCUMENTED = [(sample_main, cmt.sample, SAMPLE_HELP), (build_main, cmt.build_trajectories, BUILD_HELP),
+              (eval_main, cmt.evaluate, EVALUATE_HELP), (ema_main, cmt.reconstruct_ema, EMA_HELP),
+              (encode_main, cmt.encode_dataset, ENCODE_HELP), (inspect_main, inspect_trajectories, INSPECT_HELP),
+              (convert_main, convert_checkpoint, CONVERT_HELP), (demo_main, cmt.demo.run_demo, DEMO_HELP),
+              (train_main.commands["diffusion"], cmt.train_diffusion, DIFFUSION_HELP),
+              (train_main.commands["mid"], cmt.mid_train, MID_HELP),
+              (train_main.commands["post"], cmt.post_train, POST_HELP)]
+
+
+@pytest.mark.parametrize("command, function, table", DOCUMENTED,
+                         ids=[function.__name__ for _, function, _ in DOCUMENTED])
+def test_each_keyword_is_described_once_for_the_library_and_the_command(command, function, table):
+    """Every keyword of an entry point is described in its table only: the docstring lists the table
+    (and its hand-written part does not describe a keyword again), the command's help is the table's text."""
+    keywords = [name for name, parameter in inspect.signature(function).parameters.items()
+                if parameter.kind is not inspect.Parameter.VAR_KEYWORD]
+    assert set(table) == set(keywords)
+    written = written_docstring(function)
+    assert written != function.__doc__
+    for name, text in table.items():
+        assert not re.search(rf"(^\s*|\.\s+)`?{name}`?(, `?[a-z_]+`?)*: ", written, re.M), name
+        assert " ".join(text.split())[:60] in " ".join(function.__doc__.split()), name
+    options = [param for param in command.params if isinstance(param, click.Option) and param.name in table]
+    assert options
+    for param in options:
+        assert param.help == table[param.name], param.name
+    for param in command.params:
+        if isinstance(param, click.Argument):
+            assert table[param.name] in " ".join(command.help.split()) or param.name == "path", param.name
 
 
 def test_mid_sigma_defaults_to_the_two_step_sigma_everywhere():

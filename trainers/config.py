@@ -65,6 +65,9 @@ TRAIN_HELP = {
 }
 
 
+TRAIN_HEADING = "Shared trainer options (`**train_options`: `TrainConfig`'s fields, `TRAIN_HELP`):"
+
+
 @dataclass
 class TrainConfig:
     """The options every phase shares. Its field defaults are the one source of the trainer's

@@ -151,6 +151,16 @@ def pictures(data, samples, count=MAX_GRID_IMAGES):
     return decode_latents(samples[:count], data.encoder, device=samples.device)
 
 
+# How a streamed data set (image files, a latent set) is drawn: the keywords of the phases that
+# read one (diffusion, post), described once for their docstrings and commands.
+STREAM_HELP = {
+    "xflip": "Random left-right mirroring of the training images [default: off for images (EDM's, ECT's and "
+             "sony/cmt's runs), on for a latent set that stored both flips (MeanFlow's)].",
+    "workers": "DataLoader workers decoding a streamed data set (images, latent sets); auto: every core of this rank "
+               "but one (at most 8).",
+}
+
+
 def check_stream_options(xflip, workers):
     """ArgumentError naming `xflip` / `workers` unless they are None / a bool and 'auto' / a count >= 0."""
     if xflip is not None and not isinstance(xflip, bool):

@@ -9,7 +9,7 @@ import functools
 import torch
 
 from cmt.checkpoint import save_network
-from cmt.datasets import one_hot_labels
+from cmt.datasets import TOY_NAMES, one_hot_labels
 from cmt.edm import SIGMA_DATA, sample_lognormal_sigmas
 from cmt.errors import ArgumentError
 from cmt.flags import renamed_keywords
@@ -17,11 +17,12 @@ from cmt.labels import pick_labels
 from cmt.images import MAX_GRID_IMAGES
 from cmt.solvers import SOLVERS
 from cmt.trainers import identity as identities, loop, precision, recipes, run_files
-from cmt.trainers.config import check_choice, train_config
+from cmt.trainers.config import TRAIN_DEFAULTS, TRAIN_HEADING, TRAIN_HELP, check_choice, train_config
 from cmt.trainers.reports import sample_and_score
 from cmt.networks import family_of
-from cmt.options import checked_keywords
-from cmt.trainers.data import (PRETRAINING_ARCHITECTURES, check_batch_fits, check_stream_options, data_batches,
+from cmt.options import checked_keywords, document_keywords
+from cmt.trainers.data import (DEFAULT_ARCH, PRETRAINING_ARCHITECTURES, STREAM_HELP, check_batch_fits,
+                               check_stream_options, data_batches,
                                default_arch, network_for, pictures, training_data)
 
 P_MEAN, P_STD = -0.4, 1.0   # EDM2's training sigma distribution
@@ -74,6 +75,40 @@ def sample_and_measure(ema, step, out, *, data, solver, steps, num_samples, grid
                             nrow=10 if label_dim == 10 else None, progress=progress)
 
 
+# What each keyword of `train_diffusion` means: its docstring and `cmt-train diffusion --help`
+# (`cmt.options.document_keywords`); the shared trainer options are `TRAIN_HELP`'s.
+DIFFUSION_HELP = {
+    "data": f"mnist, toy:NAME ({', '.join(TOY_NAMES)}), a path to an image folder / .npz / EDM dataset .zip, or a "
+            "cmt-encode latent set.",
+    "out": TRAIN_HELP["out"],
+    "resolution": "Resize images to this size [default: mnist 16, else as they are].",
+    **STREAM_HELP,
+    "arch": f"{' or '.join(PRETRAINING_ARCHITECTURES)}: edm2 U-Net (default for images) or mlp (default for 2-D data).",
+    "channels": f"edm2: model_channels (default {DEFAULT_ARCH['edm2']['channels']}); mlp: width (default "
+                f"{DEFAULT_ARCH['mlp']['channels']}).",
+    "channel_mult": "edm2: per-level multipliers [default: "
+                    f"{','.join(map(str, DEFAULT_ARCH['edm2']['channel_mult']))}].",
+    "num_blocks": f"edm2: blocks per level (default {DEFAULT_ARCH['edm2']['num_blocks']}); mlp: residual blocks "
+                  f"(default {DEFAULT_ARCH['mlp']['num_blocks']}).",
+    "attn_res": "edm2: resolutions with self-attention [default: "
+                f"{','.join(map(str, DEFAULT_ARCH['edm2']['attn_res']))}]; "
+                "'' (in Python ()) for none.",
+    "dropout": "Dropout probability of the network.",
+    "cond": "Class-conditional when the data has labels.",
+    "label_dropout": "Drop labels with this probability (unconditional training share, for guidance).",
+    "p_mean": "Training sigmas: log(sigma) ~ N(p_mean, p_std^2) (EDM2's).",
+    "p_std": "Training sigmas: the spread of log(sigma) (EDM2's).",
+    "uncertainty": "EDM2's learned loss weighting: loss / exp(logvar(sigma)) + logvar(sigma).",
+    "sample_solver": "Solver of the sample grids and the metric.",
+    "sample_steps": "Solver steps of the sample grids and the metric.",
+    "num_samples": f"Samples for the embedded metric at each --sample-every and the end (default: {EVAL_NUM['images']} "
+                   f"for images, {EVAL_NUM['points']} for 2-D; 0: no metric; the old keyword eval_num still works).",
+    "recipe": recipes.recipe_help("diffusion"),
+    "resolved_options": "(Filled in by the recipe layer) what run.json and the model record.",
+}
+
+
+@document_keywords(DIFFUSION_HELP, (TRAIN_HEADING, TRAIN_HELP, {**TRAIN_DEFAULTS, **DIFFUSION_DEFAULTS}))
 @renamed_keywords(eval_num="num_samples")
 @checked_keywords
 @recipes.with_recipe("diffusion")
@@ -83,26 +118,6 @@ def train_diffusion(*, data, out, resolution=None, xflip=None, workers="auto", a
                     uncertainty=True, sample_solver="dpm++3m", sample_steps=16, num_samples=None, recipe=None,
                     resolved_options=None, **train_options):
     """Pre-train a diffusion teacher (EDM2 objective); writes `out/teacher.safetensors` (EMA weights).
-
-    recipe: one of EDM2's presets (`cmt.trainers.recipes.DIFFUSION_RECIPES`, from NVlabs/edm2
-    train_edm2.py: edm2-img512-xs ... edm2-img64-xl); arguments given explicitly override it.
-
-    data: mnist, toy:NAME (checkerboard, 8gaussians, moons, swissroll, rings), or a path to an image
-    folder / .npz / EDM dataset .zip, or a cmt-encode latent set; resolution resizes images (mnist: 16
-    by default); xflip: random left-right mirroring (None: off for images, as EDM2's training runs
-    without augmentation; on for a latent set that stored both flips); workers: DataLoader workers
-    decoding a streamed set ("auto": every core of the rank but one).
-    arch: edm2 (U-Net, the default for images) or mlp (the default for 2-D data); channels (edm2:
-    model_channels, mlp: width), channel_mult, num_blocks, attn_res (edm2: resolutions with
-    self-attention, () for none) default to `DEFAULT_ARCH` of `cmt.trainers.data`; dropout.
-    cond: class-conditional when the data has labels; label_dropout: the unconditional share (guidance).
-    p_mean, p_std: training sigmas, log(sigma) ~ N(p_mean, p_std^2); uncertainty: EDM2's learned
-    weighting, loss / exp(logvar(sigma)) + logvar(sigma).
-    sample_solver, sample_steps: the sampler of the sample grids and the metric; num_samples: samples
-    for the embedded metric at each `sample_every` and the end (None: `EVAL_NUM` of the data's kind;
-    0: none; the old keyword eval_num still works).
-    train_options: the shared trainer options, `TrainConfig`'s fields as `TRAIN_HELP` describes them (max_steps, lr, ...,
-    resume, tensorboard, progress), defaults `DIFFUSION_DEFAULTS` over `TRAIN_DEFAULTS`;
     lr=None takes the architecture's pre-training rate (`cmt.networks.learning_rates("diffusion")`).
 
     Returns `{"out", "model", "log", "state": Path, "metrics": the last logged scalars}`.

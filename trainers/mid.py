@@ -26,13 +26,14 @@ from cmt.elatentlpips import augment_ops
 from cmt.errors import ArgumentError
 from cmt.guidance import apply_guidance
 from cmt.manifest import TrajectoryDataset, check_verify
-from cmt.options import checked_keywords
+from cmt.options import checked_keywords, document_keywords
 from cmt.sampling import student_sampler
 from cmt.teachers import teacher_label_dropout
 from cmt.trainers import identity as identities, loop, precision, recipes, run_files
-from cmt.trainers.config import check_choice, micro_batch_size, train_config
+from cmt.trainers.config import (TRAIN_DEFAULTS, TRAIN_HEADING, TRAIN_HELP, check_choice, micro_batch_size,
+                                 train_config)
 from cmt.trainers.distances import DISTANCES, make_distance, squared_l2
-from cmt.trainers.students import (STUDENT_INITS, average_velocity, build_student, check_report_options,
+from cmt.trainers.students import (REPORT_HELP, STUDENT_INITS, average_velocity, build_student, check_report_options,
                                    consistency_output, consistency_student, network_labels, plain_network,
                                    recipe_teacher_errors, recorded_teacher_spec, refuse_inapplicable,
                                    resolve_teacher_or_fail, sampling_report, save_student, student_config,
@@ -226,6 +227,45 @@ def dataset_names_a_teacher(given):
     return recorded_teacher_spec(recorded) is not None
 
 
+# What each keyword of `mid_train` means: its docstring and `cmt-train mid --help`
+# (`cmt.options.document_keywords`); the shared trainer options are `TRAIN_HELP`'s.
+MID_HELP = {
+    "data": "A cmt-build trajectory dataset (folder or fsspec URL).",
+    "out": TRAIN_HELP["out"],
+    "target": "endpoint: CMT-CM, jump to the trajectory's endpoint; flowmap: CMT-MF, average velocity to a later "
+              "state of the trajectory.",
+    "loss": f"Distance ({', '.join(DISTANCES)}). The official CMT runs use lpips on pixel data and elatentlpips "
+            "(E-LatentLPIPS, SD-VAE latents) on ImageNet-512; flowmap takes l2 (the official code's) or huber.",
+    "huber_c": "Pseudo-Huber constant [default: 0.00054 sqrt(dim)].",
+    "lpips_resize": "Upsample images to this side before LPIPS [default: their own size].",
+    "elatentlpips_augment": "Pair augmentation of --loss elatentlpips, letters of b (flip, 90-degree turns, integer "
+                            "shifts), g (scale, rotation, anisotropy, fractional shifts), c (brightness, contrast, "
+                            "saturation), n (noise), o (cutout); none: off [default: bg, the elatentlpips package's; "
+                            "the imagenet512 recipe: bgcno].",
+    "teacher": "Teacher name or checkpoint giving the student's architecture and initial weights [default: the one "
+               "recorded in the dataset manifest, else the recipe's official teacher].",
+    "student_init": "teacher (its weights) or random.",
+    "velocity_share": "flowmap: share of each batch that trains the diagonal u(z, t, t) onto the teacher's velocity at "
+                      "the stored state (one teacher forward per such row, in float32; the teacher recorded, guided "
+                      f"as recorded); 0: pairs only [default: {FLOWMAP_VELOCITY_SHARE}].",
+    "states_per_trajectory": "States (flowmap: state pairs) drawn per trajectory and epoch: all, or K.",
+    "max_trajectories": "Train on the first N trajectories of the set only (by index) [default: all].",
+    "dropout": "Student dropout [default: the teacher's].",
+    "workers": "Shard reader processes per rank; auto: 2 when each rank has 4 cores or more, else 0, where they only "
+               "add inter-process copies (cmt.datasets.shards.auto_workers; on --resume: the run's own count).",
+    "cache_gb": "GiB of decoded shards each rank keeps in memory, shared by its reader processes; 0: read from "
+                "storage every epoch [default: a quarter of the machine's memory over its reader processes].",
+    "verify": "How the reader checks shards: the sha256 at each reader process's first read of a shard, then once: "
+              "the files' sizes on re-reads; crc32c: sizes and crc32c; sha256: the sha256 on every read.",
+    "eval_data": "Data set whose built-in metric scores 1- and 2-step samples (toy:NAME, mnist) [default: the "
+                 "teacher's built-in name, if any].",
+    **REPORT_HELP,
+    "recipe": recipes.recipe_help("mid"),
+    "resolved_options": "(Filled in by the recipe layer) what run.json and mid.pt record.",
+}
+
+
+@document_keywords(MID_HELP, (TRAIN_HEADING, TRAIN_HELP, {**TRAIN_DEFAULTS, **MID_DEFAULTS}))
 @checked_keywords
 @recipes.with_recipe("mid", default_recipe=builtin_teacher_recipe, names_a_teacher=dataset_names_a_teacher)
 def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_resize=None,
@@ -234,42 +274,7 @@ def mid_train(*, data, out, target="endpoint", loss="l2", huber_c=None, lpips_re
               dropout=None, workers="auto", cache_gb=None, verify="once", eval_data=None, num_samples=1000,
               mid_sigma=TWO_STEP_SIGMA, recipe=None, resolved_options=None, **train_options):
     """CMT mid-training: regress a student onto the stored teacher trajectories -> `out/mid.pt`.
-
-    recipe: a named set of every setting (`cmt.trainers.recipes.RECIPES`: cifar10, ffhq64, afhq64,
-    imagenet512, mnist, toy); arguments given explicitly override it. None: the built-in teacher's
-    recipe (mnist, toy) when the dataset was built by one, else the defaults below.
-    resolved_options: filled in by the recipe layer (what run.json and mid.pt record).
-
-    data: a `cmt-build` trajectory dataset (folder or fsspec URL).
-    target: endpoint (CMT-CM, jump to the trajectory's endpoint) or flowmap (CMT-MF, average
-    velocity to a later state of the trajectory).
-    loss: the distance, one of `DISTANCES` (the official CMT runs use lpips on pixel data; flowmap
-    takes l2, the official code's, or huber); huber_c: the pseudo-Huber constant (None: 0.00054
-    sqrt(dim)); lpips_resize: upsample images to this side before LPIPS (None: their own size);
-    elatentlpips_augment: the pair augmentation of loss elatentlpips (letters of
-    `cmt.elatentlpips.AUGMENT_OPS`; None: the package's "bg"; the imagenet512 recipe: "bgcno").
-    teacher: name or checkpoint giving the student's architecture and initial weights (None: the
-    one recorded in the dataset manifest, else the recipe's official teacher); student_init: teacher
-    (its weights) or random.
-    velocity_share: flowmap: the share of each batch that trains the diagonal u(z_i, t_i, t_i) onto
-    the teacher's velocity at the stored state (one teacher forward per such row, in float32; the
-    teacher is the one recorded, guided as recorded). None: `FLOWMAP_VELOCITY_SHARE`; 0: pairs only.
-    states_per_trajectory: states (flowmap: state pairs) drawn per trajectory and epoch, 'all' or K.
-    max_trajectories: train on the first N trajectories of the set only (by index; None: all).
-    dropout: the student's (None: the teacher's); workers: shard reader processes per rank ("auto":
-    `cmt.datasets.shards.auto_workers`, none on a machine of few cores, where they only add
-    inter-process copies; on --resume the run's own count); cache_gb: GiB of decoded shards each
-    rank keeps in memory, over its reader processes (0: read from storage every epoch; None:
-    `cmt.datasets.shards.default_cache_bytes`, a quarter of the machine's memory over its readers).
-    verify: how the reader checks shards (`cmt.manifest.VERIFY_MODES`): the sha256 at each reader
-    process's first read of a shard, then "once" the files' sizes, "crc32c" sizes and crc32c,
-    "sha256" the sha256 on every read.
-    eval_data: data set whose built-in metric scores 1- and 2-step samples (toy:NAME, mnist; None:
-    the teacher's built-in name, if any); num_samples: samples for the metric and pictures;
-    mid_sigma: the intermediate sigma of 2-step sampling.
-    train_options: the shared trainer options, `TrainConfig`'s fields as `TRAIN_HELP` describes them (max_steps, lr, ...,
-    resume, tensorboard, progress), defaults `MID_DEFAULTS` over `TRAIN_DEFAULTS`; lr=None
-    takes the student's network family's mid-training rate (`cmt.networks.learning_rates("mid")`).
+    lr=None takes the student's network family's mid-training rate (`cmt.networks.learning_rates("mid")`).
 
     Returns `{"out", "checkpoint" (mid.pt), "model" (mid.safetensors), "log", "state": Path,
     "metrics": the last logged scalars}`.

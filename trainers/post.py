@@ -12,17 +12,17 @@ import torch
 from cmt.checkpoint import network_record
 from cmt.edm import TWO_STEP_SIGMA
 from cmt.errors import ArgumentError, InapplicableOption
-from cmt.options import checked_keywords
+from cmt.options import checked_keywords, document_keywords
 from cmt.sampling import native_time, student_sampler
 from cmt.teachers import BUILTIN_TEACHERS, resolve_teacher
 from cmt.trainers import identity as identities, loop, precision, recipes
-from cmt.trainers.config import TRAIN_DEFAULTS, check_choice, train_config
-from cmt.trainers.data import (STUDENT_ARCHITECTURES, check_arch, check_batch_fits, check_data_fits,
+from cmt.trainers.config import TRAIN_DEFAULTS, TRAIN_HEADING, TRAIN_HELP, check_choice, train_config
+from cmt.trainers.data import (STREAM_HELP, STUDENT_ARCHITECTURES, check_arch, check_batch_fits, check_data_fits,
                                check_stream_options, data_batches, default_arch, network_for, training_data)
 from cmt.trainers.ect import ECD, ECT
 from cmt.trainers.meanflow import MEANFLOW
 from cmt.trainers.methods import MethodSetup
-from cmt.trainers.students import (build_student, check_report_options, recipe_teacher_errors,
+from cmt.trainers.students import (REPORT_HELP, build_student, check_report_options, recipe_teacher_errors,
                                    recorded_teacher_spec, resolve_teacher_or_fail, sampling_report, save_student,
                                    student_config, student_learning_rate, student_result)
 
@@ -199,6 +199,42 @@ def load_init(init, teacher, data, arch):
 
 # ---- post_train -------------------------------------------------------------------------------
 
+# What each keyword of `post_train` means: its docstring and `cmt-train post --help`
+# (`cmt.options.document_keywords`); the shared trainer options are `TRAIN_HELP`'s, the methods' own
+# their tables' (`cmt.trainers.methods.PostMethod.options`).
+POST_HELP = {
+    "init": "mid.pt (or another checkpoint of ours, a built-in teacher name, or an official MeanFlow-port .pt: a SiT "
+            "flow-map student), 'teacher' (the --teacher weights) or 'random'. Required unless --recipe names it "
+            "(imagenet256-meanflow: random).",
+    "method": "; ".join(f"{method.name}: {method.summary.rstrip('.')}" for method in METHODS.values())
+              + " Required, unless --recipe has one method (imagenet256-meanflow).",
+    "data": "mnist, toy:NAME, an image folder / .npz / EDM .zip, or a cmt-encode latent set.",
+    "out": TRAIN_HELP["out"],
+    "teacher": "Diffusion teacher (name or checkpoint): the frozen teacher a method asks for (ECD's solver, MeanFlow's "
+               "--velocity teacher), and what 'teacher' / 'random' inits copy [default: the teacher recorded in "
+               "--init, else the init itself when it is a diffusion model, else the recipe's official teacher: "
+               "cifar10, ffhq64, afhq64 name EDM's].",
+    "arch": f"--init random without --teacher: the diffusion command's default network of this kind, or a SiT / DiT "
+            f"of this size ({', '.join(STUDENT_ARCHITECTURES)}) for the data's shape and classes.",
+    "guidance": "Guide the frozen teacher of ECD or of MeanFlow's --velocity teacher with this weight (autoguidance "
+                "with --guide-ckpt, else classifier-free; cmt.guidance.apply_guidance); 'manifest': the guidance "
+                "recorded in --init's dataset manifest; 'none': unguided [default: MeanFlow's --velocity teacher "
+                "follows the manifest (the flow map mid-training fitted), ECD unguided].",
+    "guide_ckpt": "The guide network of --guidance (EDM2's autoguidance: a smaller or less trained model; an "
+                  "unconditional model: classifier-free guidance against it).",
+    "dropout": "Student dropout [default: the init's].",
+    "dropout_res": "EDM2 students: dropout only in the blocks at feature resolutions up to this one (ECT's ImageNet-64 "
+                   "presets: 16) [default: everywhere].",
+    "resolution": "Resize images [default: the student's; another is refused].",
+    **STREAM_HELP,
+    "eval_data": "Data set whose built-in metric scores samples [default: --data if built in].",
+    **REPORT_HELP,
+    "recipe": recipes.recipe_help("post"),
+    "resolved_options": "(Filled in by the recipe layer) what run.json and post.pt record.",
+}
+
+
+@document_keywords(POST_HELP, (TRAIN_HEADING, TRAIN_HELP, {**TRAIN_DEFAULTS, **POST_DEFAULTS}))
 @checked_keywords
 @recipes.with_recipe("post", default_recipe=builtin_teacher_recipe, method_names=lambda: list(METHODS),
                      names_a_teacher=init_names_a_teacher)
@@ -210,37 +246,11 @@ def post_train(*, init=None, method=None, data, out, teacher=None, arch=None, gu
     """Post-train a student with a post-training method (`METHODS`: ECT, ECD, MeanFlow) -> `out/post.pt`
     (1- and 2-step sampling).
 
-    recipe: a named set of every setting (`cmt.trainers.recipes.RECIPES`: cifar10, ffhq64, afhq64,
-    imagenet512, imagenet64-ect, imagenet256-meanflow, mnist, toy); arguments given explicitly
-    override it. None: the built-in teacher's recipe (mnist, toy) when the teacher is built in.
     Precision: the loss path runs in float32; mixed_precision 'auto' means that, and bf16 / fp16 are
     refused (`cmt.trainers.students.full_precision`); TF32 is `tf32`'s ('auto': measured against the
-    method's residual at the run's gap, `cmt.trainers.precision`).
-
-    init: mid.pt (or another checkpoint of ours, or a built-in teacher name, or an official
-    MeanFlow-port .pt: a SiT flow-map student), 'teacher' (the teacher's weights) or 'random'
-    (required, unless the recipe names it). method: a name of `METHODS` (required unless the recipe has one).
-    data: mnist, toy:NAME, or an image folder / .npz / EDM .zip; resolution resizes images (None:
-    the student's; another than the student's is refused); xflip: random left-right mirroring (None: off
-    for images, as ECT's and sony/cmt's runs; on for a latent set that stored both flips, MeanFlow's);
-    workers: DataLoader workers decoding a streamed set ("auto": every core of the rank but one). teacher: diffusion teacher (name or
-    checkpoint): the frozen teacher a method asks for (ECD's solver, MeanFlow's velocity 'teacher'),
-    and what 'teacher' / 'random' inits copy
-    (None: the teacher recorded in init, else the init itself when it is a diffusion model, else the
-    recipe's official teacher: cifar10, ffhq64, afhq64 name EDM's). arch: with init 'random' and no
-    teacher, the diffusion phase's default network of this kind (edm2 or mlp), or a SiT of this size
-    (sit-s/2 ... sit-xl/8, `cmt.trainers.data.STUDENT_ARCHITECTURES`) for the data's shape and
-    classes. guidance, guide_ckpt: guide that frozen teacher (`cmt.guidance.apply_guidance`:
-    autoguidance by guide_ckpt, else classifier-free); guidance='manifest' takes the guidance the mid
-    checkpoint's dataset manifest records, which a method that `follows_guidance` (MeanFlow's velocity
-    'teacher') takes by default; 'none': unguided. dropout: the student's (None: the init's);
-    dropout_res: dropout only in the blocks at feature resolutions up to this one (EDM2 U-Nets; ECT's
-    ImageNet-64 presets: 16; None: everywhere). eval_data: data set whose built-in metric scores
-    samples (None: data, if built in); num_samples: samples for the metric and pictures; mid_sigma:
-    the intermediate sigma of 2-step sampling.
-    options: the method's own options (below), and the shared trainer options, `TrainConfig`'s fields
-    (max_steps, batch_size, lr, ..., resume, tensorboard, progress), defaults `POST_DEFAULTS` over
-    `TRAIN_DEFAULTS`; lr=None takes the student's network family's post-training rate.
+    method's residual at the run's gap, `cmt.trainers.precision`). `options`: the method's own
+    options (below) and the shared trainer options; lr=None takes the student's network family's
+    post-training rate (`cmt.networks.learning_rates("post")`).
 
     Returns `{"out", "checkpoint" (post.pt), "model" (post.safetensors), "log", "state": Path,
     "metrics": the last logged scalars}`.

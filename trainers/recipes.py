@@ -255,6 +255,19 @@ def recipe_names(phase):
     return tuple(name for name, recipe in RECIPES.items() if recipe.get(phase))
 
 
+def recipe_help(phase):
+    """What the `recipe` keyword of `phase` means (its docstring and the command's --recipe help)."""
+    names = recipe_names(phase)
+    default = ("none (EDM2's presets, NVlabs/edm2 train_edm2.py)" if phase == "diffusion" else
+               "the built-in teacher's recipe (mnist, toy) when the teacher is built in, else the defaults shown here")
+    return ("A named set of every setting of this phase, from the official code (docs/recipes.md): "
+            f"{', '.join(names)}. "
+            "Arguments given explicitly override it; the resolved values are printed and recorded in run.json and "
+            "the checkpoint." + ("" if phase == "diffusion" else " cifar10, ffhq64 and afhq64 also name EDM's official "
+                                 "teacher, used when neither --teacher nor the input names one.")
+            + f" Default: {default}.")
+
+
 def builtin_recipe(teacher_name):
     """The project's recipe for a built-in teacher's name (mnist, toy:NAME), else None."""
     if teacher_name == "mnist":

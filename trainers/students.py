@@ -204,6 +204,14 @@ def refuse_inapplicable(function, values, names, reason, because):
             raise InapplicableOption(name, f"does not apply {reason} (got {values[name]!r}); leave it out", because)
 
 
+# The students' sample-and-score report: the keywords of the phases that train a student (mid,
+# post), described once for their docstrings and commands.
+REPORT_HELP = {
+    "num_samples": "Samples for the metric and pictures.",
+    "mid_sigma": "Intermediate sigma of 2-step sampling (the CMT setting).",
+}
+
+
 def check_report_options(net, *, eval_data, mid_sigma, sigma_max=SIGMA_MAX, sigma_min=SIGMA_MIN):
     """What `sampling_report` will need, checked before training: `eval_data` names a data set of the
     student's shape, `mid_sigma` lies in (sigma_min, sigma_max). Returns the resolved data set or None."""

@@ -17,7 +17,7 @@ import click
 
 from cmt.cli.common import CONTEXT_SETTINGS, summary, translate_errors
 from cmt.errors import ArgumentError
-from cmt.posthoc_ema import reconstruct_ema
+from cmt.posthoc_ema import EMA_HELP as HELP, reconstruct_ema
 
 DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(reconstruct_ema).parameters.items()}
 
@@ -31,24 +31,18 @@ def parse_stds(text):
 
 
 @click.command(help=__doc__, context_settings=CONTEXT_SETTINGS)
-@click.option("--snapshots", required=True, type=click.Path(exists=True, path_type=Path),
-              help="A run's snapshot folder (phema-NNNNNNN-STD.safetensors files) or one snapshot file.")
-@click.option("--std", required=True, help="Target EMA std(s), EDM2's sigma_rel, comma-separated, each in (0, 0.289).")
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Folder for the reconstructed networks ema-NNNNNNN-STD.safetensors.")
-@click.option("--step", type=click.IntRange(min=1), default=DEFAULTS["step"],
-              help="Reconstruct at this snapshot step [default: the last].")
-@click.option("--eval-data", "--eval", "eval_data", default=DEFAULTS["eval_data"],
-              help="Sample and score each reconstruction on this built-in data set (mnist, toy:NAME).")
-@click.option("--eval-steps", type=click.IntRange(min=1), default=DEFAULTS["eval_steps"],
-              help="Sampler steps for --eval [default: 2 flow-map steps for a student, 16 ODE steps otherwise].")
+@click.option("--snapshots", required=True, type=click.Path(exists=True, path_type=Path), help=HELP["snapshots"])
+@click.option("--std", required=True, help=HELP["std"])
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help=HELP["out"])
+@click.option("--step", type=click.IntRange(min=1), default=DEFAULTS["step"], help=HELP["step"])
+@click.option("--eval-data", "--eval", "eval_data", default=DEFAULTS["eval_data"], help=HELP["eval_data"])
+@click.option("--eval-steps", type=click.IntRange(min=1), default=DEFAULTS["eval_steps"], help=HELP["eval_steps"])
 @click.option("--mid-sigma", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS["mid_sigma"],
-              help="A student's 2-step intermediate sigma.")
-@click.option("--num-samples", type=click.IntRange(min=2), default=DEFAULTS["num_samples"],
-              help="Samples per reconstruction for --eval.")
-@click.option("--seed", type=click.IntRange(min=0), default=DEFAULTS["seed"], help="Sample i uses seed + i.")
-@click.option("--device", default=DEFAULTS["device"], help="torch device [default: cuda if available, else cpu].")
-@click.option("--progress/--no-progress", default=DEFAULTS["progress"], help="tqdm progress bars while sampling.")
+              help=HELP["mid_sigma"])
+@click.option("--num-samples", type=click.IntRange(min=2), default=DEFAULTS["num_samples"], help=HELP["num_samples"])
+@click.option("--seed", type=click.IntRange(min=0), default=DEFAULTS["seed"], help=HELP["seed"])
+@click.option("--device", default=DEFAULTS["device"], help=HELP["device"])
+@click.option("--progress/--no-progress", default=DEFAULTS["progress"], help=HELP["progress"])
 @translate_errors
 def main(std, **options):
     result = reconstruct_ema(std=parse_stds(std), **options)

@@ -22,34 +22,23 @@ import json
 import click
 
 from cmt.cli.common import CONTEXT_SETTINGS, summary, translate_errors
-from cmt.dinov2 import DINOV2_URL
-from cmt.evaluation import evaluate
-from cmt.metrics import INCEPTION_URL
+from cmt.evaluation import EVALUATE_HELP as HELP, evaluate
 
 DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(evaluate).parameters.items()}
 
 
 @click.command(help=__doc__, context_settings=CONTEXT_SETTINGS)
 @click.option("--samples", default=DEFAULTS["samples"], type=click.Path(exists=True, dir_okay=False),
-              help="Samples .npz (key 'samples', optional 'labels'), e.g. from cmt-sample (not with --ref-stats).")
-@click.option("--data", required=True,
-              help="mnist | toy:NAME | PATH (image folder, .npz, EDM dataset .zip, cmt-encode latent set).")
-@click.option("--fid", is_flag=True, default=DEFAULTS["fid"], help="Also compute Inception FID (needs --detector).")
-@click.option("--detector", default=DEFAULTS["detector"],
-              help=f"TorchScript inception-2015-12-05.pt: a path, or its URL {INCEPTION_URL}.")
-@click.option("--ref", default=DEFAULTS["ref"],
-              help="Reference statistics .npz, path or URL: EDM's fid-refs (mu, sigma) or one written by --ref-stats; "
-                   "default: computed from --data.")
-@click.option("--fd-dinov2", is_flag=True, default=DEFAULTS["fd_dinov2"],
-              help="Also compute EDM2's FD-DINOv2 (DINOv2 ViT-L/14 features).")
-@click.option("--dinov2", default=DEFAULTS["dinov2"],
-              help=f"DINOv2 weights (.pth), a path or URL [default: {DINOV2_URL}, downloaded once into the cmt cache].")
-@click.option("--ref-stats", type=click.Path(dir_okay=False), default=DEFAULTS["ref_stats"],
-              help="Write the reference statistics of the --data images for --fid / --fd-dinov2 to this .npz instead.")
-@click.option("--vae", default=DEFAULTS["vae"], metavar="DIR_OR_HUB_ID",
-              help="A latent set as --data: the AutoencoderKL that decodes the samples [default: the one it records].")
-@click.option("--device", default=DEFAULTS["device"],
-              help="Device for the detectors [default: cuda if available, else cpu].")
+              help=HELP["samples"])
+@click.option("--data", required=True, help=HELP["data"])
+@click.option("--fid", is_flag=True, default=DEFAULTS["fid"], help=HELP["fid"])
+@click.option("--detector", default=DEFAULTS["detector"], help=HELP["detector"])
+@click.option("--ref", default=DEFAULTS["ref"], help=HELP["ref"])
+@click.option("--fd-dinov2", is_flag=True, default=DEFAULTS["fd_dinov2"], help=HELP["fd_dinov2"])
+@click.option("--dinov2", default=DEFAULTS["dinov2"], help=HELP["dinov2"])
+@click.option("--ref-stats", type=click.Path(dir_okay=False), default=DEFAULTS["ref_stats"], help=HELP["ref_stats"])
+@click.option("--vae", default=DEFAULTS["vae"], metavar="DIR_OR_HUB_ID", help=HELP["vae"])
+@click.option("--device", default=DEFAULTS["device"], help=HELP["device"])
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @translate_errors
 def main(as_json, **options):

@@ -15,7 +15,7 @@ import sys
 
 import click
 
-from cmt.builders.inspect import inspect_trajectories
+from cmt.builders.inspect import INSPECT_HELP as HELP, inspect_trajectories
 from cmt.cli.common import CONTEXT_SETTINGS, translate_errors
 from cmt.errors import ArgumentError
 from cmt.formats import ShardError
@@ -84,17 +84,12 @@ def _print_tail(report, ok):
 
 @click.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("path")
-@click.option("--verify", is_flag=True, default=DEFAULTS["verify"],
-              help="Check every checksum and scan for NaN/inf; exit 1 on any fault.")
-@click.option("--stats", is_flag=True, default=DEFAULTS["stats"],
-              help="Per state mean and std against what its sigma predicts.")
-@click.option("--preview", type=click.Path(dir_okay=False), default=DEFAULTS["preview"],
-              help="Write a PNG of some trajectories.")
+@click.option("--verify", is_flag=True, default=DEFAULTS["verify"], help=HELP["verify"])
+@click.option("--stats", is_flag=True, default=DEFAULTS["stats"], help=HELP["stats"])
+@click.option("--preview", type=click.Path(dir_okay=False), default=DEFAULTS["preview"], help=HELP["preview"])
 @click.option("--preview-count", type=int, default=DEFAULTS["preview_count"], show_default=True,
-              help="Trajectories (rows) in an image preview.")
-@click.option("--vae", default=DEFAULTS["vae"], metavar="DIR_OR_HUB_ID",
-              help="Latent datasets (EDM2 img512 teachers): the diffusers AutoencoderKL that decodes the preview, "
-                   "a local directory or a hub id such as stabilityai/sd-vae-ft-mse.")
+              help=HELP["preview_count"])
+@click.option("--vae", default=DEFAULTS["vae"], metavar="DIR_OR_HUB_ID", help=HELP["vae"])
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
 @translate_errors
 def main(path, verify, stats, preview, preview_count, vae, as_json):

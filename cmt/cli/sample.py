@@ -13,10 +13,7 @@ import click
 
 from cmt.cli.common import CONTEXT_SETTINGS, WithAliases, summary, translate_errors
 from cmt.edm import SIGMA_GRIDS
-from cmt.images import MAX_GRID_IMAGES, READABLE_CELL
-from cmt.labels import LABELS_HELP
-from cmt.metrics import POINT_METRIC_MAX_SAMPLES
-from cmt.sampling import SAMPLERS, sample
+from cmt.sampling import SAMPLE_HELP as HELP, SAMPLERS, sample
 from cmt.solvers import SOLVERS
 
 DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(sample).parameters.items()}
@@ -29,37 +26,28 @@ def _format_seeds(seeds):
 
 
 @click.command(help=__doc__, context_settings=CONTEXT_SETTINGS)
-@click.option("--ckpt", required=True,
-              help="A checkpoint (.safetensors, training .pt, EDM2 .pkl, a run's snapshots/*.safetensors), a "
-                   "built-in teacher (mnist, toy:checkerboard, toy:8gaussians, toy:moons) or an EDM2 preset.")
-@click.option("--sampler", type=click.Choice(SAMPLERS), default=DEFAULTS["sampler"],
-              help="ode: solve the teacher's ODE; flowmap: 1-/2-step jumps of a student.")
-@click.option("--solver", type=click.Choice(sorted(SOLVERS)), default=DEFAULTS["solver"], help="ODE solver.")
-@click.option("--steps", type=click.IntRange(min=1), default=DEFAULTS["steps"], help="Solver steps (flowmap: 1 or 2).")
-@click.option("--grid", type=click.Choice(SIGMA_GRIDS), default=DEFAULTS["grid"],
-              help="Sigma grid of the ODE solver (logsnr: the CMT trajectories' grid).")
-@click.option("--sigma-min", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS["sigma_min"])
-@click.option("--sigma-max", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS["sigma_max"])
+@click.option("--ckpt", required=True, help=HELP["ckpt"])
+@click.option("--sampler", type=click.Choice(SAMPLERS), default=DEFAULTS["sampler"], help=HELP["sampler"])
+@click.option("--solver", type=click.Choice(sorted(SOLVERS)), default=DEFAULTS["solver"], help=HELP["solver"])
+@click.option("--steps", type=click.IntRange(min=1), default=DEFAULTS["steps"], help=HELP["steps"])
+@click.option("--grid", type=click.Choice(SIGMA_GRIDS), default=DEFAULTS["grid"], help=HELP["grid"])
+@click.option("--sigma-min", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS["sigma_min"],
+              help=HELP["sigma_min"])
+@click.option("--sigma-max", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS["sigma_max"],
+              help=HELP["sigma_max"])
 @click.option("--mid-sigma", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS["mid_sigma"],
-              help="Flowmap 2-step: the intermediate sigma (the CMT setting, as in training).")
+              help=HELP["mid_sigma"])
 @click.option("--num-samples", "--num", "num_samples", cls=WithAliases, type=click.IntRange(min=1),
-              default=DEFAULTS["num_samples"], help=f"Number of samples (the grid shows the first {MAX_GRID_IMAGES}).")
-@click.option("--seed", type=click.IntRange(min=0), default=DEFAULTS["seed"], help="Sample i uses seed + i.")
-@click.option("--labels", default=DEFAULTS["labels"], help=LABELS_HELP)
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help=f"PNG: image grid (cells of at least {READABLE_CELL} px), or scatter plot for 2-D data.")
-@click.option("--npz", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULTS["npz"],
-              help="Also save all samples, labels and seeds here (before the picture).")
-@click.option("--vae", default=DEFAULTS["vae"], metavar="DIR_OR_HUB_ID",
-              help="Latent networks (EDM2 img512): the diffusers AutoencoderKL that decodes the picture, a local "
-                   "directory or a hub id such as stabilityai/sd-vae-ft-mse.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULTS["batch_size"],
-              help="Samples per network batch.")
-@click.option("--device", default=DEFAULTS["device"], help="torch device [default: cuda if available, else cpu].")
-@click.option("--progress/--no-progress", default=DEFAULTS["progress"], help="tqdm progress bar.")
-@click.option("--metric/--no-metric", default=DEFAULTS["metric"],
-              help=f"2-D samples of a built-in toy: score them with its metric (of the first "
-                   f"{POINT_METRIC_MAX_SAMPLES} samples).")
+              default=DEFAULTS["num_samples"], help=HELP["num_samples"])
+@click.option("--seed", type=click.IntRange(min=0), default=DEFAULTS["seed"], help=HELP["seed"])
+@click.option("--labels", default=DEFAULTS["labels"], help=HELP["labels"])
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help=HELP["out"])
+@click.option("--npz", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULTS["npz"], help=HELP["npz"])
+@click.option("--vae", default=DEFAULTS["vae"], metavar="DIR_OR_HUB_ID", help=HELP["vae"])
+@click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULTS["batch_size"], help=HELP["batch_size"])
+@click.option("--device", default=DEFAULTS["device"], help=HELP["device"])
+@click.option("--progress/--no-progress", default=DEFAULTS["progress"], help=HELP["progress"])
+@click.option("--metric/--no-metric", default=DEFAULTS["metric"], help=HELP["metric"])
 @translate_errors
 def main(**options):
     written = sample(**options)

@@ -18,18 +18,17 @@ from click.core import ParameterSource
 from cmt.cli.common import (CONTEXT_SETTINGS, WithAliases, file_error_message, flag_for, run_summary, summary,
                             table_options, translate_errors)
 from cmt.errors import ArgumentError, CmtError, PeerFailed
-from cmt.datasets import TOY_NAMES
 from cmt.manifest import VERIFY_MODES
 from cmt.solvers import SOLVERS
 from cmt.trainers import recipes
 from cmt.trainers.config import LR_SCHEDULES, MIXED_PRECISIONS, OPTIMIZERS, TRAIN_DEFAULTS, TRAIN_HELP
 from cmt.trainers.precision import TF32_SETTINGS
 from cmt.networks import learning_rates
-from cmt.trainers.data import DEFAULT_ARCH, PRETRAINING_ARCHITECTURES, STUDENT_ARCHITECTURES
-from cmt.trainers.diffusion import DIFFUSION_DEFAULTS, EVAL_NUM, train_diffusion
+from cmt.trainers.data import PRETRAINING_ARCHITECTURES, STREAM_HELP, STUDENT_ARCHITECTURES
+from cmt.trainers.diffusion import DIFFUSION_DEFAULTS, DIFFUSION_HELP, train_diffusion
 from cmt.trainers.distances import DISTANCES
-from cmt.trainers.mid import FLOWMAP_VELOCITY_SHARE, MID_DEFAULTS, OBJECTIVES as MID_TARGETS, mid_train
-from cmt.trainers.post import METHODS, POST_DEFAULTS, post_train
+from cmt.trainers.mid import MID_DEFAULTS, MID_HELP, OBJECTIVES as MID_TARGETS, mid_train
+from cmt.trainers.post import METHODS, POST_DEFAULTS, POST_HELP, post_train
 from cmt.trainers.students import STUDENT_INITS
 
 COMMAND_SETTINGS = CONTEXT_SETTINGS
@@ -167,16 +166,8 @@ def given_options(options):
 
 
 def recipe_option(phase):
-    names = recipes.recipe_names(phase)
-    default = ("none (EDM2's presets, NVlabs/edm2 train_edm2.py)" if phase == "diffusion" else
-               "the built-in teacher's recipe (mnist, toy) when the teacher is built in, else the defaults shown here")
-    return click.option(
-        "--recipe", type=click.Choice(names), default=None,
-        help=f"A named set of every setting of this phase, from the official code (docs/recipes.md): "
-             f"{', '.join(names)}. Flags given explicitly override it; the resolved values are printed "
-             f"and recorded in run.json and the checkpoint."
-             + ("" if phase == "diffusion" else " cifar10, ffhq64 and afhq64 also name EDM's official teacher, used "
-                "when neither --teacher nor the input names one.") + f" Default: {default}.")
+    return click.option("--recipe", type=click.Choice(recipes.recipe_names(phase)), default=None,
+                        help=recipes.recipe_help(phase))
 
 
 @click.group(context_settings=CONTEXT_SETTINGS)
@@ -188,14 +179,9 @@ def main():
 def data_options(defaults):
     """--xflip / --workers: how a streamed data set (image files, a latent set) is drawn."""
     def decorate(function):
-        function = click.option(
-            "--workers", type=CountOrAuto(), default=defaults["workers"], show_default=True,
-            help="DataLoader workers decoding a streamed data set (images, latent sets); auto: every core of "
-                 "this rank but one (at most 8).")(function)
-        return click.option(
-            "--xflip/--no-xflip", default=None,
-            help="Random left-right mirroring of the training images [default: off for images (EDM's and ECT's "
-                 "runs), on for a latent set that stored both flips (MeanFlow's)].")(function)
+        function = click.option("--workers", type=CountOrAuto(), default=defaults["workers"], show_default=True,
+                                help=STREAM_HELP["workers"])(function)
+        return click.option("--xflip/--no-xflip", default=None, help=STREAM_HELP["xflip"])(function)
     return decorate
 
 
@@ -203,40 +189,33 @@ DIFFUSION = defaults_of(train_diffusion)
 
 
 @main.command("diffusion", context_settings=COMMAND_SETTINGS)
-@click.option("--data", required=True,
-              help=f"mnist, toy:NAME ({', '.join(TOY_NAMES)}), or a path to an image folder / .npz / EDM dataset .zip.")
+@click.option("--data", required=True, help=DIFFUSION_HELP["data"])
 @click.option("--resolution", type=click.IntRange(min=4), default=DIFFUSION["resolution"],
-              help="Resize images to this size (mnist: 16 by default).")
+              help=DIFFUSION_HELP["resolution"])
 @data_options(DIFFUSION)
 @click.option("--arch", type=click.Choice(PRETRAINING_ARCHITECTURES), default=DIFFUSION["arch"],
-              help="edm2 U-Net (default for images) or mlp (default for 2-D data).")
-@click.option("--channels", type=click.IntRange(min=1), default=DIFFUSION["channels"],
-              help=f"edm2: model_channels (default {DEFAULT_ARCH['edm2']['channels']}); mlp: width "
-                   f"(default {DEFAULT_ARCH['mlp']['channels']}).")
+              help=DIFFUSION_HELP["arch"])
+@click.option("--channels", type=click.IntRange(min=1), default=DIFFUSION["channels"], help=DIFFUSION_HELP["channels"])
 @click.option("--channel-mult", type=NumberList(int), default=DIFFUSION["channel_mult"],
-              help=f"edm2: per-level multipliers [default: {','.join(map(str, DEFAULT_ARCH['edm2']['channel_mult']))}].")
+              help=DIFFUSION_HELP["channel_mult"])
 @click.option("--num-blocks", type=click.IntRange(min=1), default=DIFFUSION["num_blocks"],
-              help=f"edm2: blocks per level (default {DEFAULT_ARCH['edm2']['num_blocks']}); mlp: residual blocks "
-                   f"(default {DEFAULT_ARCH['mlp']['num_blocks']}).")
-@click.option("--attn-res", type=NumberList(int), default=DIFFUSION["attn_res"],
-              help=f"edm2: resolutions with self-attention [default: "
-                   f"{','.join(map(str, DEFAULT_ARCH['edm2']['attn_res']))}]; '' for none.")
-@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=DIFFUSION["dropout"])
-@click.option("--cond/--uncond", default=DIFFUSION["cond"], help="Class-conditional when the data has labels.")
+              help=DIFFUSION_HELP["num_blocks"])
+@click.option("--attn-res", type=NumberList(int), default=DIFFUSION["attn_res"], help=DIFFUSION_HELP["attn_res"])
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=DIFFUSION["dropout"],
+              help=DIFFUSION_HELP["dropout"])
+@click.option("--cond/--uncond", default=DIFFUSION["cond"], help=DIFFUSION_HELP["cond"])
 @click.option("--label-dropout", type=click.FloatRange(0, 1), default=DIFFUSION["label_dropout"],
-              help="Drop labels with this probability (unconditional training share, for guidance).")
-@click.option("--p-mean", type=float, default=DIFFUSION["p_mean"],
-              help="Training sigmas: log(sigma) ~ N(p_mean, p_std^2).")
-@click.option("--p-std", type=click.FloatRange(min=0, min_open=True), default=DIFFUSION["p_std"])
-@click.option("--uncertainty/--no-uncertainty", default=DIFFUSION["uncertainty"],
-              help="EDM2's learned loss weighting: loss / exp(logvar(sigma)) + logvar(sigma).")
+              help=DIFFUSION_HELP["label_dropout"])
+@click.option("--p-mean", type=float, default=DIFFUSION["p_mean"], help=DIFFUSION_HELP["p_mean"])
+@click.option("--p-std", type=click.FloatRange(min=0, min_open=True), default=DIFFUSION["p_std"],
+              help=DIFFUSION_HELP["p_std"])
+@click.option("--uncertainty/--no-uncertainty", default=DIFFUSION["uncertainty"], help=DIFFUSION_HELP["uncertainty"])
 @click.option("--sample-solver", type=click.Choice(sorted(SOLVERS)), default=DIFFUSION["sample_solver"],
-              help="Solver of the sample grids and the metric.")
-@click.option("--sample-steps", type=click.IntRange(min=1), default=DIFFUSION["sample_steps"])
+              help=DIFFUSION_HELP["sample_solver"])
+@click.option("--sample-steps", type=click.IntRange(min=1), default=DIFFUSION["sample_steps"],
+              help=DIFFUSION_HELP["sample_steps"])
 @click.option("--num-samples", "--eval-num", "num_samples", cls=WithAliases, type=click.IntRange(min=0),
-              default=DIFFUSION["num_samples"],
-              help=f"Samples for the embedded metric at each --sample-every and the end (default: "
-                   f"{EVAL_NUM['images']} for images, {EVAL_NUM['points']} for 2-D; 0: no metric).")
+              default=DIFFUSION["num_samples"], help=DIFFUSION_HELP["num_samples"])
 @recipe_option("diffusion")
 @trainer_options(DIFFUSION_DEFAULTS, learning_rates("diffusion"))
 @translate_errors
@@ -250,51 +229,29 @@ MID = defaults_of(mid_train)
 
 
 @main.command("mid", context_settings=COMMAND_SETTINGS)
-@click.option("--data", required=True, help="A cmt-build trajectory dataset (folder or fsspec URL).")
-@click.option("--target", type=click.Choice(list(MID_TARGETS)), default=MID["target"],
-              help="endpoint: CMT-CM, jump to the trajectory's endpoint; flowmap: CMT-MF, average velocity "
-                   "to a later state of the trajectory.")
-@click.option("--loss", type=click.Choice(DISTANCES), default=MID["loss"],
-              help="Distance (endpoint target). The official CMT runs use lpips on pixel data and "
-                   "elatentlpips (E-LatentLPIPS, SD-VAE latents) on ImageNet-512; flowmap takes l2 (the "
-                   "official code) or huber.")
-@click.option("--huber-c", type=click.FloatRange(min=0), default=MID["huber_c"],
-              help="Pseudo-Huber constant [default: 0.00054 sqrt(dim)].")
-@click.option("--lpips-resize", type=click.IntRange(min=16), default=MID["lpips_resize"],
-              help="Upsample images to this side before LPIPS [default: their own size].")
-@click.option("--elatentlpips-augment", default=MID["elatentlpips_augment"],
-              help="Pair augmentation of --loss elatentlpips, letters of b (flip, 90-degree turns, integer shifts), "
-                   "g (scale, rotation, anisotropy, fractional shifts), c (brightness, contrast, saturation), "
-                   "n (noise), o (cutout); none: off [default: bg, the elatentlpips package's].")
-@click.option("--teacher", default=MID["teacher"],
-              help="Teacher name or checkpoint giving the student's architecture and initial weights "
-                   "[default: the one recorded in the dataset manifest].")
-@click.option("--student-init", type=click.Choice(STUDENT_INITS), default=MID["student_init"])
+@click.option("--data", required=True, help=MID_HELP["data"])
+@click.option("--target", type=click.Choice(list(MID_TARGETS)), default=MID["target"], help=MID_HELP["target"])
+@click.option("--loss", type=click.Choice(DISTANCES), default=MID["loss"], help=MID_HELP["loss"])
+@click.option("--huber-c", type=click.FloatRange(min=0), default=MID["huber_c"], help=MID_HELP["huber_c"])
+@click.option("--lpips-resize", type=click.IntRange(min=16), default=MID["lpips_resize"], help=MID_HELP["lpips_resize"])
+@click.option("--elatentlpips-augment", default=MID["elatentlpips_augment"], help=MID_HELP["elatentlpips_augment"])
+@click.option("--teacher", default=MID["teacher"], help=MID_HELP["teacher"])
+@click.option("--student-init", type=click.Choice(STUDENT_INITS), default=MID["student_init"],
+              help=MID_HELP["student_init"])
 @click.option("--velocity-share", type=click.FloatRange(0, 1, max_open=True), default=MID["velocity_share"],
-              help=f"flowmap: share of each batch that trains u(z, t, t) onto the teacher's velocity at the stored "
-                   f"state (one teacher forward each) [default: {FLOWMAP_VELOCITY_SHARE}].")
-@click.option("--states-per-trajectory", default=MID["states_per_trajectory"],
-              help="States (flowmap: state pairs) drawn per trajectory and epoch: all, or K.")
+              help=MID_HELP["velocity_share"])
+@click.option("--states-per-trajectory", default=MID["states_per_trajectory"], help=MID_HELP["states_per_trajectory"])
 @click.option("--max-trajectories", type=click.IntRange(min=1), default=MID["max_trajectories"],
-              help="Train on the first N trajectories of the set only (by index) [default: all].")
-@click.option("--dropout", type=click.FloatRange(0, 1), default=MID["dropout"],
-              help="Student dropout [default: the teacher's].")
-@click.option("--workers", type=CountOrAuto(), default=MID["workers"],
-              help="Shard reader processes per rank; auto: 2 when each rank has 4 cores or more, else 0 "
-                   "(on --resume: the run's own count).")
-@click.option("--cache-gb", type=click.FloatRange(min=0), default=MID["cache_gb"],
-              help="GiB of decoded shards each rank keeps in memory, shared by its reader processes; 0: read "
-                   "from storage every epoch [default: a quarter of the machine's memory over its reader processes].")
+              help=MID_HELP["max_trajectories"])
+@click.option("--dropout", type=click.FloatRange(0, 1), default=MID["dropout"], help=MID_HELP["dropout"])
+@click.option("--workers", type=CountOrAuto(), default=MID["workers"], help=MID_HELP["workers"])
+@click.option("--cache-gb", type=click.FloatRange(min=0), default=MID["cache_gb"], help=MID_HELP["cache_gb"])
 @click.option("--verify", type=click.Choice(VERIFY_MODES), default=MID["verify"], show_default=True,
-              help="How the reader checks shards: the sha256 at each reader process's first read of a shard, "
-                   "then once: the files' sizes on re-reads; crc32c: sizes and crc32c; sha256: the sha256 on every read.")
-@click.option("--eval-data", default=MID["eval_data"],
-              help="Data set whose built-in metric scores 1- and 2-step samples (toy:NAME, mnist) "
-                   "[default: the teacher's built-in name, if any].")
-@click.option("--num-samples", type=click.IntRange(min=1), default=MID["num_samples"],
-              help="Samples for the metric and pictures.")
+              help=MID_HELP["verify"])
+@click.option("--eval-data", default=MID["eval_data"], help=MID_HELP["eval_data"])
+@click.option("--num-samples", type=click.IntRange(min=1), default=MID["num_samples"], help=MID_HELP["num_samples"])
 @click.option("--mid-sigma", type=click.FloatRange(min=0, min_open=True), default=MID["mid_sigma"],
-              help="Intermediate sigma of 2-step sampling.")
+              help=MID_HELP["mid_sigma"])
 @recipe_option("mid")
 @trainer_options(MID_DEFAULTS, learning_rates("mid"))
 @translate_errors
@@ -313,43 +270,22 @@ for _method in METHODS.values():
 
 
 @main.command("post", context_settings=COMMAND_SETTINGS)
-@click.option("--init", default=POST["init"],
-              help="mid.pt (or another checkpoint of ours, a built-in teacher name, or an official MeanFlow-port .pt), "
-                   "'teacher' (the --teacher weights) or 'random'. Required unless --recipe names it "
-                   "(imagenet256-meanflow: random).")
-@click.option("--method", type=click.Choice(list(METHODS)), default=None,
-              help="; ".join(f"{method.name}: {method.summary}" for method in METHODS.values())
-                   + " Required, unless --recipe has one method (imagenet256-meanflow).")
-@click.option("--data", required=True, help="mnist, toy:NAME, or an image folder / .npz / EDM .zip.")
-@click.option("--teacher", default=POST["teacher"],
-              help="Diffusion teacher (name or checkpoint): the frozen teacher a method asks for (ECD's solver, "
-                   "MeanFlow's --velocity teacher), and what 'teacher' / 'random' inits copy [default: the teacher "
-                   "recorded in --init].")
-@click.option("--arch", type=click.Choice(STUDENT_ARCHITECTURES), default=POST["arch"],
-              help="--init random without --teacher: the diffusion command's default network of this kind, or a "
-                   "SiT / DiT of this size for the data's shape and classes.")
-@click.option("--guidance", default=POST["guidance"],
-              help="Guide the frozen teacher of ECD or of MeanFlow's --velocity teacher with this weight "
-                   "(autoguidance with --guide-ckpt, else classifier-free); 'manifest': the guidance recorded in "
-                   "--init's dataset manifest; 'none': unguided [default: MeanFlow's --velocity teacher follows the "
-                   "manifest (the flow map mid-training fitted), ECD unguided].")
-@click.option("--guide-ckpt", default=POST["guide_ckpt"],
-              help="The guide network of --guidance (EDM2's autoguidance: a smaller or less trained model; an "
-                   "unconditional model: classifier-free guidance against it).")
-@click.option("--dropout", type=click.FloatRange(0, 1), default=POST["dropout"],
-              help="Student dropout [default: the init's].")
-@click.option("--dropout-res", type=click.IntRange(min=1), default=POST["dropout_res"],
-              help="EDM2 students: dropout only in the blocks at feature resolutions up to this one (ECT's "
-                   "ImageNet-64 presets: 16) [default: everywhere].")
+@click.option("--init", default=POST["init"], help=POST_HELP["init"])
+@click.option("--method", type=click.Choice(list(METHODS)), default=None, help=POST_HELP["method"])
+@click.option("--data", required=True, help=POST_HELP["data"])
+@click.option("--teacher", default=POST["teacher"], help=POST_HELP["teacher"])
+@click.option("--arch", type=click.Choice(STUDENT_ARCHITECTURES), default=POST["arch"], help=POST_HELP["arch"])
+@click.option("--guidance", default=POST["guidance"], help=POST_HELP["guidance"])
+@click.option("--guide-ckpt", default=POST["guide_ckpt"], help=POST_HELP["guide_ckpt"])
+@click.option("--dropout", type=click.FloatRange(0, 1), default=POST["dropout"], help=POST_HELP["dropout"])
+@click.option("--dropout-res", type=click.IntRange(min=1), default=POST["dropout_res"], help=POST_HELP["dropout_res"])
 @click.option("--resolution", type=click.IntRange(min=4), default=POST["resolution"],
-              help="Resize images [default: the network's].")
+              help=POST_HELP["resolution"])
 @data_options(POST)
-@click.option("--eval-data", default=POST["eval_data"],
-              help="Data set whose built-in metric scores samples [default: --data if built in].")
-@click.option("--num-samples", type=click.IntRange(min=1), default=POST["num_samples"],
-              help="Samples for the metric and pictures.")
+@click.option("--eval-data", default=POST["eval_data"], help=POST_HELP["eval_data"])
+@click.option("--num-samples", type=click.IntRange(min=1), default=POST["num_samples"], help=POST_HELP["num_samples"])
 @click.option("--mid-sigma", type=click.FloatRange(min=0, min_open=True), default=POST["mid_sigma"],
-              help="Intermediate sigma of 2-step sampling.")
+              help=POST_HELP["mid_sigma"])
 @table_options(METHOD_OPTIONS)
 @recipe_option("post")
 @trainer_options(POST_DEFAULTS, learning_rates("post"))
