@@ -398,9 +398,9 @@ def evaluation_run(out, data, name, seed, budget, post_args):
 
 def job_list(datas, budgets, starts):
     """`[(name, spec, needs)]` in the order they are started when ready: every data set's setups, then
-    per data set the sweeps, choices and evaluation runs of the teacher and CMT starts, then those of
-    the random starts (in every earlier run the furthest from the teacher, so what a long run leaves
-    for last)."""
+    method by method (so a run stopped early leaves whole comparisons, not every method's half), per
+    data set the sweeps and choices of its teacher and CMT starts, then of its random start (in every
+    earlier run the furthest from the teacher), then their evaluation runs."""
     jobs = []
     for data in datas:
         budget = budgets[data]
@@ -408,8 +408,8 @@ def job_list(datas, budgets, starts):
                      dict(kind="setup", data=data, seed=budget["tuning_seed"], tuning=True), []))
         for seed in budget["seeds"]:
             jobs.append((f"setup {data} seed{seed}", dict(kind="setup", data=data, seed=seed), []))
-    for group in ([name for name in starts if STARTS[name][1] != "random"],
-                  [name for name in starts if STARTS[name][1] == "random"]):
+    for method in dict.fromkeys(STARTS[name][0] for name in starts):
+        group = sorted((name for name in starts if STARTS[name][0] == method), key=lambda name: STARTS[name][1] == "random")
         for data in datas:
             budget = budgets[data]
             for name in group:
