@@ -17,7 +17,7 @@ from cmt.sampling import native_time, student_sampler
 from cmt.teachers import BUILTIN_TEACHERS, resolve_teacher
 from cmt.trainers import identity as identities, loop, precision, recipes
 from cmt.trainers.config import TRAIN_DEFAULTS, TRAIN_HEADING, TRAIN_HELP, check_choice, train_config
-from cmt.trainers.data import (STREAM_HELP, STUDENT_ARCHITECTURES, check_arch, check_batch_fits, check_data_fits,
+from cmt.trainers.data import (PRETRAINING_ARCHITECTURES, STREAM_HELP, STUDENT_ARCHITECTURES, check_arch, check_batch_fits, check_data_fits,
                                check_stream_options, data_batches, default_arch, network_for, training_data)
 from cmt.trainers.ect import ECD, ECT
 from cmt.trainers.meanflow import MEANFLOW
@@ -207,15 +207,16 @@ POST_HELP = {
             "flow-map student), 'teacher' (the --teacher weights) or 'random'. Required unless --recipe names it "
             "(imagenet256-meanflow: random).",
     "method": "; ".join(f"{method.name}: {method.summary.rstrip('.')}" for method in METHODS.values())
-              + " Required, unless --recipe has one method (imagenet256-meanflow).",
+              + ". Required, unless --recipe has one method (imagenet256-meanflow).",
     "data": "mnist, toy:NAME, an image folder / .npz / EDM .zip, or a cmt-encode latent set.",
     "out": TRAIN_HELP["out"],
     "teacher": "Diffusion teacher (name or checkpoint): the frozen teacher a method asks for (ECD's solver, MeanFlow's "
                "--velocity teacher), and what 'teacher' / 'random' inits copy [default: the teacher recorded in "
                "--init, else the init itself when it is a diffusion model, else the recipe's official teacher: "
                "cifar10, ffhq64, afhq64 name EDM's].",
-    "arch": f"--init random without --teacher: the diffusion command's default network of this kind, or a SiT / DiT "
-            f"of this size ({', '.join(STUDENT_ARCHITECTURES)}) for the data's shape and classes.",
+    "arch": "--init random without --teacher: the diffusion command's default network of this kind, or a SiT / DiT "
+            f"of this size ({STUDENT_ARCHITECTURES[len(PRETRAINING_ARCHITECTURES)]} ... {STUDENT_ARCHITECTURES[-1]}) "
+            "for the data's shape and classes.",
     "guidance": "Guide the frozen teacher of ECD or of MeanFlow's --velocity teacher with this weight (autoguidance "
                 "with --guide-ckpt, else classifier-free; cmt.guidance.apply_guidance); 'manifest': the guidance "
                 "recorded in --init's dataset manifest; 'none': unguided [default: MeanFlow's --velocity teacher "
