@@ -7,6 +7,9 @@ streamed a batch at a time (`cmt.metrics.FeatureMoments`: memory does not grow w
 `reference_statistics` writes a data set's statistics of both in one pass. A latent set (cmt-encode)
 as data: the samples are latents, decoded through the VAE the set records (or `vae`) before the
 detectors see them; the reference is `ref`, or the images the set was encoded from.
+
+One module of ~420 lines: scoring samples and writing reference statistics share the data set's
+reading, the detectors and the ranks' split of the work.
 """
 from pathlib import Path
 
