@@ -229,3 +229,14 @@ def test_function_level_imports_are_not_of_project_modules(graph_and_imports):
                         for name, line, top in names
                         if not top and deepest_module(name, graph) not in (None, module)})
     assert not offenders, "function-level imports of project modules:\n" + "\n".join(offenders)
+
+
+def test_a_module_over_400_lines_says_why_at_its_top():
+    """Issue 23's bar: a library module grows past ~400 lines only with its reason in its docstring
+    (a figure of its length and why its parts belong together)."""
+    for module, (path, _) in project_files().items():
+        text = path.read_text()
+        if text.count("\n") > 400:
+            docstring = ast.get_docstring(ast.parse(text)) or ""
+            assert any(phrase in docstring.lower() for phrase in (" lines", "over 400")), \
+                f"{module} ({text.count(chr(10))} lines) does not say why it is that long"
