@@ -65,7 +65,7 @@ from pathlib import Path
 import click
 import torch
 
-from claim_report import (CMT_START, LR_RULE, METRICS, NOISE, STARTS, TEACHER_STEPS, THRESHOLDS, choose_factor,
+from claim_report import (LR_RULE, METRICS, NOISE, STARTS, TEACHER_STEPS, THRESHOLDS, choose_factor,
                           cumulative_wall, data_kind, device, factor_name, finite, markdown_tables, plot, read_json,
                           sample_figure, slug, summarize, write_json, _fmt, ratio_text)
 from cmt.builders.build import build_trajectories
@@ -573,7 +573,7 @@ def report(out, settings, docs=None):
     tables = []
     for data, budget in settings["budgets"].items():
         kind = data_kind(data)
-        summary = summarize(out, data, budget)
+        summary = summarize(out, data, budget, settings["starts"])
         if not summary and not claim.get(kind):   # a data set with no finished run yet: nothing to report
             continue
         claim[kind] = {**claim.get(kind, {}), **summary}   # methods run here replace theirs

@@ -214,10 +214,13 @@ def tuning_summary(out, data, budget, names):
     return result
 
 
-def summarize(out, data, budget):
+def summarize(out, data, budget, starts=tuple(STARTS)):
     """One data set's summary: per method, the cost ratios at Q1 and Q2 (median over seeds, with
     what kind of figure it is), every seed's ratios and kinds, the CMT start's final 2-step metric
-    over the teacher's, the tuning stage's choices, and every start's per-seed raw curves."""
+    over the teacher's, the tuning stage's choices, and every start's per-seed raw curves. A seed
+    counts once every start of the method in `starts` has finished on it, so a run stopped early
+    never compares the CMT start with only some of its baselines; a method with no such seed is
+    left out."""
     seeds = {}
     for seed in budget["seeds"]:
         root = out / slug(data) / f"seed{seed}"
@@ -229,12 +232,14 @@ def summarize(out, data, budget):
     summary = {}
     for method in METHODS:
         cmt_name = CMT_START[method]
-        names = [name for name in STARTS if STARTS[name][0] == method]
+        names = [name for name in STARTS if STARTS[name][0] == method and name in starts]
+        if cmt_name not in names:
+            continue
         entry = {"cost_ratio_q1": None, "cost_ratio_q2": None, "final_2step_over_teacher": None}
         per_seed, finals = {}, []
         for seed, node in seeds.items():
             cmt = node["starts"].get(cmt_name)
-            if cmt is None:
+            if cmt is None or any(name not in node["starts"] for name in names):
                 continue
             baselines = {name: r for name, r in node["starts"].items() if r["method"] == method and name != cmt_name}
             row = {"teacher_16step": node["teacher"],
@@ -258,21 +263,19 @@ def summarize(out, data, budget):
                             {"step": point["step"], "passes": point["passes"], "wall_s": point["wall_s"]})
             per_seed[str(seed)] = row
         tuning = tuning_summary(out, data, budget, names)
-        if not per_seed and not tuning and not any(r["method"] == method for node in seeds.values()
-                                                   for r in node["starts"].values()):
-            continue   # no run of this method under OUT: report() keeps what OUT/claim.json holds for it
-        if per_seed:
-            for key in THRESHOLDS:
-                for suffix in ("", "_wall"):
-                    field = f"cost_ratio_{key}{suffix}"
-                    entry[field] = median_ratio([row[field] for row in per_seed.values()])
-                    entry[f"{field}_kind"] = combined_kind([row[f"{field}_kind"] for row in per_seed.values()])
-            entry["final_2step_over_teacher"] = (statistics.mean(finals) if all(finite(f) for f in finals) else None)
-            best_finals = [min(finals_of) / node["teacher"] for node in seeds.values()
-                           if (finals_of := [r["curve"][-1]["metric_2step"] for name, r in node["starts"].items()
-                                             if r["method"] == method and name != cmt_name
-                                             and finite(r["curve"][-1]["metric_2step"])])]
-            entry["best_baseline_final_2step_over_teacher"] = statistics.mean(best_finals) if best_finals else None
+        if not per_seed:
+            continue   # no seed finished for this method: report() keeps what OUT/claim.json holds for it
+        for key in THRESHOLDS:
+            for suffix in ("", "_wall"):
+                field = f"cost_ratio_{key}{suffix}"
+                entry[field] = median_ratio([row[field] for row in per_seed.values()])
+                entry[f"{field}_kind"] = combined_kind([row[f"{field}_kind"] for row in per_seed.values()])
+        entry["final_2step_over_teacher"] = (statistics.mean(finals) if all(finite(f) for f in finals) else None)
+        best_finals = [min(finals_of) / node["teacher"] for node in seeds.values()
+                       if (finals_of := [r["curve"][-1]["metric_2step"] for name, r in node["starts"].items()
+                                         if r["method"] == method and name != cmt_name
+                                         and finite(r["curve"][-1]["metric_2step"])])]
+        entry["best_baseline_final_2step_over_teacher"] = statistics.mean(best_finals) if best_finals else None
         entry.update({
             "cost_unit": "network passes: images through a student forward+backward, plus the teacher's forward "
                          "evaluations (the build's, flow-map mid-training's velocity rows) at 1/3 each; "

@@ -84,7 +84,7 @@ def test_claim_smoke_tunes_every_start_then_writes_the_summary_schema_curves_and
         for key in ("cost_ratio_q1", "cost_ratio_q2", "final_2step_over_teacher"):
             assert key in entry
         assert entry["final_2step_over_teacher"] > 0 and "whole budget" in entry["not_reached"]
-        cmt_start = bench_claim.CMT_START[method]
+        cmt_start = claim_report.CMT_START[method]
         assert set(entry["curves"]) == {name for name, (m, _) in bench_claim.STARTS.items() if m == method}
         cmt, baseline = entry["curves"][cmt_start]["0"], entry["curves"][entry["baselines"][0]]["0"]
         assert baseline["steps"] == 4 * cmt["steps"]                       # baselines run 4x the CMT start
@@ -136,6 +136,13 @@ def test_claim_smoke_tunes_every_start_then_writes_the_summary_schema_curves_and
     assert "$ cmt-train" not in output and (seed_folder / "ect-random.json").stat().st_mtime_ns == before
     assert json.loads((seed_folder / "ect-cmt" / "curve.json").read_text())[-1][0] == 2
     assert json.loads((out / "claim.json").read_text())["toy"]["ect"]["curves"]["ect-cmt"]["0"]["steps"] == 2
+    # A run stopped before a baseline finished compares nothing for that method (never the CMT start
+    # against some of its baselines); a run made without that start compares the ones it has.
+    (seed_folder / "ect-random.json").unlink()
+    partial = claim_report.summarize(out, "toy:checkerboard", budget)
+    assert set(partial) == {"meanflow"}
+    without = claim_report.summarize(out, "toy:checkerboard", budget, ["ect-teacher", "ect-cmt"])
+    assert set(without) == {"ect"} and without["ect"]["baselines"] == ["ect-teacher"]
 
 
 def test_trajectories_smoke_writes_rows_for_every_size(tmp_path):
