@@ -83,7 +83,7 @@ DIFFUSION_HELP = {
     "out": TRAIN_HELP["out"],
     "resolution": "Resize images to this size [default: mnist 16, else as they are].",
     **STREAM_HELP,
-    "arch": f"{' or '.join(PRETRAINING_ARCHITECTURES)}: edm2 U-Net (default for images) or mlp (default for 2-D data).",
+    "arch": "edm2: EDM2's U-Net (the default for images); mlp: a residual MLP (the default for 2-D data).",
     "channels": f"edm2: model_channels (default {DEFAULT_ARCH['edm2']['channels']}); mlp: width (default "
                 f"{DEFAULT_ARCH['mlp']['channels']}).",
     "channel_mult": "edm2: per-level multipliers [default: "
@@ -102,7 +102,7 @@ DIFFUSION_HELP = {
     "sample_solver": "Solver of the sample grids and the metric.",
     "sample_steps": "Solver steps of the sample grids and the metric.",
     "num_samples": f"Samples for the embedded metric at each --sample-every and the end (default: {EVAL_NUM['images']} "
-                   f"for images, {EVAL_NUM['points']} for 2-D; 0: no metric; the old keyword eval_num still works).",
+                   f"for images, {EVAL_NUM['points']} for 2-D; 0: no metric; also spelled eval_num).",
     "recipe": recipes.recipe_help("diffusion"),
     "resolved_options": "(Filled in by the recipe layer) what run.json and the model record.",
 }

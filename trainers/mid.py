@@ -234,8 +234,9 @@ MID_HELP = {
     "out": TRAIN_HELP["out"],
     "target": "endpoint: CMT-CM, jump to the trajectory's endpoint; flowmap: CMT-MF, average velocity to a later "
               "state of the trajectory.",
-    "loss": f"Distance ({', '.join(DISTANCES)}). The official CMT runs use lpips on pixel data and elatentlpips "
-            "(E-LatentLPIPS, SD-VAE latents) on ImageNet-512; flowmap takes l2 (the official code's) or huber.",
+    "loss": f"The distance to the target, one of {', '.join(DISTANCES)}. The official CMT runs use lpips on pixel "
+            "data and elatentlpips (E-LatentLPIPS, SD-VAE latents) on ImageNet-512; flowmap takes l2 (the official "
+            "code's) or huber.",
     "huber_c": "Pseudo-Huber constant [default: 0.00054 sqrt(dim)].",
     "lpips_resize": "Upsample images to this side before LPIPS [default: their own size].",
     "elatentlpips_augment": "Pair augmentation of --loss elatentlpips, letters of b (flip, 90-degree turns, integer "
