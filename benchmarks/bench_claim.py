@@ -400,7 +400,7 @@ def job_list(datas, budgets, starts):
     """`[(name, spec, needs)]` in the order they are started when ready: every data set's setups, then
     method by method (so a run stopped early leaves whole comparisons, not every method's half), per
     data set the sweeps and choices of its teacher and CMT starts, then of its random start (in every
-    earlier run the furthest from the teacher), then their evaluation runs."""
+    earlier run the furthest from the teacher), then their evaluation runs seed by seed."""
     jobs = []
     for data in datas:
         budget = budgets[data]
@@ -418,8 +418,8 @@ def job_list(datas, budgets, starts):
                            needs) for f in budget["lr_factors"]]
                 jobs += sweeps + [(f"choose {data} {name}", dict(kind="choose", data=data, start=name),
                                    [job[0] for job in sweeps])]
-            for name in group:
-                for seed in budget["seeds"]:
+            for seed in budget["seeds"]:   # seed by seed: a run stopped early leaves whole seeds
+                for name in group:
                     needs = [f"choose {data} {name}"] + ([f"setup {data} seed{seed}"]
                                                          if STARTS[name][1].startswith("mid-") else [])
                     jobs.append((f"run {data} {name} seed{seed}", dict(kind="run", data=data, start=name, seed=seed),
