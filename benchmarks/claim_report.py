@@ -271,7 +271,8 @@ def summarize(out, data, budget, starts=tuple(STARTS)):
                 entry[field] = median_ratio([row[field] for row in per_seed.values()])
                 entry[f"{field}_kind"] = combined_kind([row[f"{field}_kind"] for row in per_seed.values()])
         entry["final_2step_over_teacher"] = (statistics.mean(finals) if all(finite(f) for f in finals) else None)
-        best_finals = [min(finals_of) / node["teacher"] for node in seeds.values()
+        counted = {seed: node for seed, node in seeds.items() if str(seed) in per_seed}   # what the ratios rest on
+        best_finals = [min(finals_of) / node["teacher"] for node in counted.values()
                        if (finals_of := [r["curve"][-1]["metric_2step"] for name, r in node["starts"].items()
                                          if r["method"] == method and name != cmt_name
                                          and finite(r["curve"][-1]["metric_2step"])])]
@@ -291,9 +292,8 @@ def summarize(out, data, budget, starts=tuple(STARTS)):
             "baselines": [name for name in names if name != cmt_name],
             "lr_rule": LR_RULE, "tuning_seed": budget.get("tuning_seed"), "tuning": tuning,
             "seeds": per_seed,
-            "teacher_16step": {str(seed): node["teacher"] for seed, node in seeds.items()},
-            "curves": {name: {str(seed): node["starts"][name] for seed, node in seeds.items() if name in node["starts"]}
-                       for name in names},
+            "teacher_16step": {str(seed): node["teacher"] for seed, node in counted.items()},
+            "curves": {name: {str(seed): node["starts"][name] for seed, node in counted.items()} for name in names},
         })
         summary[method] = entry
     return summary
