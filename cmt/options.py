@@ -164,14 +164,13 @@ def document_keywords(table, *more):
         signature_defaults = {name: parameter.default for name, parameter in
                               inspect.signature(function).parameters.items()
                               if parameter.default is not inspect.Parameter.empty}
-        lines, said = [], set()
+        lines = []
         for heading, texts, defaults in ((KEYWORDS_HEADING, table, signature_defaults), *more):
             lines += ["", f"    {heading}"]
             lines += [textwrap.fill(text, 100, initial_indent=f"      {name}"
                                     f"{f'={defaults[name]!r}' if name in defaults else ''}: ",
                                     subsequent_indent=" " * 8, break_on_hyphens=False)
-                      for name, text in texts.items() if name not in said]
-            said |= set(texts)
+                      for name, text in texts.items() if texts is table or name not in table]
         function.__doc__ = (function.__doc__ or "").rstrip() + "\n" + "\n".join(lines) + "\n"
         return function
     return decorate

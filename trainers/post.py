@@ -235,7 +235,10 @@ POST_HELP = {
 }
 
 
-@document_keywords(POST_HELP, (TRAIN_HEADING, TRAIN_HELP, {**TRAIN_DEFAULTS, **POST_DEFAULTS}))
+@document_keywords(POST_HELP, (TRAIN_HEADING, TRAIN_HELP, {**TRAIN_DEFAULTS, **POST_DEFAULTS}),
+                   *((f"The {method.name} method's own options ({method.summary.rstrip('.')})",
+                      {name: option.help for name, option in method.options.items()},
+                      {name: option.default for name, option in method.options.items()}) for method in METHODS.values()))
 @checked_keywords
 @recipes.with_recipe("post", default_recipe=builtin_teacher_recipe, method_names=lambda: list(METHODS),
                      names_a_teacher=init_names_a_teacher)
@@ -341,14 +344,3 @@ def post_train(*, init=None, method=None, data, out, teacher=None, arch=None, gu
                 run_info={**info, "student": student.config}, run_options=run_options,
                 inputs=identities.input_identities(data, init=identity, teacher=teacher_identity))
     return student_result(config.out, "post")
-
-
-def _method_options_doc():
-    lines = ["", "    The methods' own options (keyword: default, help):"]
-    for method in METHODS.values():
-        lines.append(f"    {method.name}: {method.summary}")
-        lines += [f"      {name}={option.default!r}: {option.help}" for name, option in method.options.items()]
-    return "\n".join(lines) + "\n"
-
-
-post_train.__doc__ += _method_options_doc()
